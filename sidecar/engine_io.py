@@ -1,0 +1,123 @@
+"""What the serving layer hands the engine, and what the engine streams back.
+
+The HTTP side (protocol.py, serving.py, app.py) only speaks these types; the engine
+(engine.py, sessions.py) only speaks these types. Neither imports the other's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, Union
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat message, normalised: content is plain text, tool calls in OpenAI shape."""
+
+    role: Role
+    content: str = ""
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatJob:
+    """One chat completion to run in a session."""
+
+    session_key: str
+    messages: tuple[ChatMessage, ...]
+    max_tokens: int
+    tools: tuple[dict[str, Any], ...] = ()
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    snippets: tuple[str, ...] = ()
+    delta_enabled: bool = True
+
+
+@dataclass(frozen=True)
+class PromptDone:
+    """Sent once, when the prompt is in the cache and decoding starts."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    snippets_written: int
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text (already cut at a stop string; may be empty for a held-back token)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a job."""
+
+    finish_reason: Literal["stop", "length", "cancelled"]
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job could not run; `message` is safe to show to the client."""
+
+    message: str
+    code: str = "engine_error"
+    status: int = 500
+
+
+EngineEvent = Union[PromptDone, TextDelta, Finished, Failed]
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """How the model writes tool calls in its text (from mlx-lm's tool parsers)."""
+
+    start: str
+    end: str
+
+
+@dataclass
+class EngineInfo:
+    """Static facts for /health and /v1/models."""
+
+    model_id: str
+    context_window: int
+    adapter: dict[str, Any] | None
+    backend: dict[str, Any]
+    tool_call_format: ToolCallFormat | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class JobStream(Protocol):
+    """A submitted job: iterate its events; cancel it when the client goes away."""
+
+    def __aiter__(self) -> "JobStream": ...
+
+    async def __anext__(self) -> EngineEvent: ...
+
+    def cancel(self) -> None: ...
+
+
+class EngineLike(Protocol):
+    """What the serving layer needs from the engine."""
+
+    info: EngineInfo
+
+    def submit(self, job: ChatJob) -> JobStream: ...
+
+    async def health(self) -> dict[str, Any]: ...
+
+    async def reset_session(self, session_key: str) -> bool: ...
+
+    async def session_stats(self, session_key: str) -> dict[str, Any] | None: ...
+
+    async def save_session(self, session_key: str) -> dict[str, Any]: ...
+
+    async def load_session(self, session_key: str) -> dict[str, Any]: ...
