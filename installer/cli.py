@@ -1,0 +1,31 @@
+"""The `delta-mem-mlx` command line. This module only assembles the command modules."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="delta-mem-mlx",
+    help="Install, run and supervise the δ-mem MLX sidecar for OpenClaw agents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Each command module exposes register(app); add new modules to this list.
+_COMMAND_MODULES: list[str] = []
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"installer.commands.{name}").register(app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,61 @@
+"""One place that turns known failures into one-line messages for the CLI (exit code 1)."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+from typing import Callable, ParamSpec, TypeVar
+
+import typer
+
+from sidecar.config import SettingsError
+from sidecar.delta.config import AdapterConfigError
+
+DEBUG_ENV = "DELTA_MEM_MLX_DEBUG"
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _os_error(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"the disk is full ({exc.filename or 'while writing'}): free some space and run the command again"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {exc.filename}. Choose a root you can write to (--root)."
+    return str(exc)
+
+
+# Ordered: the first matching type wins, so subclasses go before their bases.
+ERROR_MESSAGES: list[tuple[type[BaseException], Callable[[BaseException], str]]] = [
+    (SettingsError, str),
+    (AdapterConfigError, lambda exc: f"adapter config: {exc}"),
+    (OSError, _os_error),  # type: ignore[arg-type]
+]
+
+
+def describe(exc: BaseException) -> str | None:
+    """The message for a known failure, or None for a bug that deserves a traceback."""
+    for exc_type, render in ERROR_MESSAGES:
+        if isinstance(exc, exc_type):
+            return render(exc)
+    return None
+
+
+def cli_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a Typer command so known failures print one line and exit 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:
+            message = describe(exc)
+            if message is None or os.environ.get(DEBUG_ENV):
+                raise
+            typer.secho(f"Error: {message}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from exc
+
+    return wrapper
