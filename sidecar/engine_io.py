@@ -75,12 +75,24 @@ class Failed:
 EngineEvent = Union[PromptDone, TextDelta, Finished, Failed]
 
 
+class EngineError(Exception):
+    """A session call that failed for a reason safe to show the client (message, status, code)."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "session_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
 @dataclass(frozen=True)
 class ToolCallFormat:
     """How the model writes tool calls in its text (from mlx-lm's tool parsers)."""
 
     start: str
     end: str
+    # The module under mlx_lm.tool_parsers whose parse_tool_call reads a block's inside
+    # (mlx-lm's tokenizer wrapper: tokenizer.tool_parser.__module__ ends with it).
+    parser: str = "json_tools"
 
 
 @dataclass
@@ -121,3 +133,6 @@ class EngineLike(Protocol):
     async def save_session(self, session_key: str) -> dict[str, Any]: ...
 
     async def load_session(self, session_key: str) -> dict[str, Any]: ...
+
+    async def close(self) -> None:
+        """Stop the worker and persist sessions; called once when the server shuts down."""
