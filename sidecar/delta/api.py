@@ -1,0 +1,186 @@
+"""Public δ-mem API: attach an adapter to an mlx-lm model, read and control its memory state."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.cache import KVCache
+
+from sidecar.delta.adapter_files import ModelDims, load_adapter, model_dims, validate_adapter
+from sidecar.delta.attention import DeltaAttention
+from sidecar.delta.cache import DeltaControls, DeltaKVCache
+from sidecar.delta.config import AdapterConfigError, DeltaMemConfig, tensor_key
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2")
+
+
+@dataclass(frozen=True)
+class DeltaMemInfo:
+    """What was attached: the adapter config, where it came from, and which layers carry δ."""
+
+    config: DeltaMemConfig
+    layers: tuple[int, ...]
+    source: str
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready summary for /health and status output."""
+        return {
+            "variant": self.config.variant,
+            "rank": self.config.rank,
+            "state_heads": self.config.num_state_heads,
+            "layers": len(self.layers),
+            "state_update_mode": self.config.state_update_mode,
+            "delta_heads": list(self.config.delta_heads),
+            "source": self.source,
+        }
+
+
+def attach_delta_mem(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Load, validate and attach a δ-mem adapter in place; returns the model."""
+    adapter = load_adapter(Path(adapter_dir))
+    validate_adapter(adapter, _dims_of(model))
+    return attach_tensors(model, adapter.config, adapter.tensors, source=str(adapter.path))
+
+
+def attach_tensors(
+    model: nn.Module, config: DeltaMemConfig, tensors: dict[str, np.ndarray], source: str = "tensors"
+) -> nn.Module:
+    """Attach already-loaded adapter tensors (keys `model.layers.{i}.self_attn.{name}`)."""
+    if getattr(model, "delta_mem", None) is not None:
+        raise AdapterConfigError("a δ-mem adapter is already attached to this model")
+    model_type = getattr(getattr(model, "args", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise AdapterConfigError(
+            f"δ-mem supports {', '.join(SUPPORTED_MODEL_TYPES)} models, not {model_type!r}"
+        )
+    layers = config.targets(len(model.layers))
+    for i in layers:
+        prefix = tensor_key(i, "")
+        layer_tensors = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        block = model.layers[i]
+        block.self_attn = DeltaAttention(block.self_attn, config, layer_tensors)
+    model.delta_mem = DeltaMemInfo(config, tuple(layers), source)
+    model.make_cache = lambda: _make_cache(model)
+    return model
+
+
+def delta_info(model: nn.Module) -> DeltaMemInfo | None:
+    """The attached adapter's description, or None for a plain model."""
+    return getattr(model, "delta_mem", None)
+
+
+def delta_states(model: nn.Module, cache: list[Any]) -> list[mx.array]:
+    """The current δ-state of each δ layer, in layer order ([B, r, r], or [B, heads, r, r])."""
+    return [cache[i].current_state() for i in _layers(model)]
+
+
+def set_delta_states(model: nn.Module, cache: list[Any], states: list[mx.array]) -> None:
+    """Replace the current δ-state of each δ layer (same order and shapes as delta_states)."""
+    layers = _layers(model)
+    if len(states) != len(layers):
+        raise ValueError(f"expected {len(layers)} layer states, got {len(states)}")
+    for i, state in zip(layers, states):
+        expected = (state.shape[0], *cache[i].state_shape)
+        if tuple(state.shape) != expected:
+            raise ValueError(f"layer {i}: state shape {tuple(state.shape)} is not {expected}")
+        cache[i].set_current_state(state)
+
+
+def delta_state_stats(model: nn.Module, cache: list[Any]) -> list[dict[str, Any]]:
+    """Per δ layer: Frobenius norm, largest magnitude and non-zero count of the current state."""
+    states = delta_states(model, cache)
+    mx.eval(states)
+    return [
+        {
+            "layer": layer,
+            "norm": float(mx.sqrt(mx.sum(s * s))),
+            "max_abs": float(mx.max(mx.abs(s))),
+            "nonzero": int(mx.sum(s != 0)),
+        }
+        for layer, s in zip(_layers(model), states)
+    ]
+
+
+def set_delta_controls(
+    cache: list[Any],
+    *,
+    enabled: bool = True,
+    write: bool = True,
+    message_ids: np.ndarray | None = None,
+) -> None:
+    """Switch δ on/off, writes on/off, and set message ids (SSW) for the next calls on `cache`."""
+    controls = _controls(cache)
+    controls.enabled = enabled
+    controls.write = write
+    controls.message_ids = None if message_ids is None else np.asarray(message_ids)
+
+
+@contextmanager
+def delta_controls(cache: list[Any], **settings: Any) -> Iterator[None]:
+    """Apply set_delta_controls for the duration of a block, then restore the previous switches."""
+    controls = _controls(cache)
+    saved = (controls.enabled, controls.write, controls.message_ids)
+    set_delta_controls(cache, **settings)
+    try:
+        yield
+    finally:
+        controls.enabled, controls.write, controls.message_ids = saved
+
+
+def write_context(model: nn.Module, cache: list[Any], tokens: list[int]) -> None:
+    """Write tokens into the δ-state only: a forward pass whose KV entries are dropped afterwards."""
+    if not tokens:
+        return
+    # One message for message-mean adapters; token adapters ignore the ids.
+    with delta_controls(cache, message_ids=np.zeros((1, len(tokens)), dtype=np.int64)):
+        model.model(mx.array([tokens]), cache)  # the inner model: no logits are needed
+    states = delta_states(model, cache)
+    mx.eval(states)
+    for c in cache:
+        c.trim(len(tokens))
+    set_delta_states(model, cache, states)
+
+
+def _make_cache(model: nn.Module) -> list[Any]:
+    info: DeltaMemInfo = model.delta_mem
+    controls = DeltaControls()
+    caches: list[Any] = []
+    for i, block in enumerate(model.layers):
+        if i in info.layers:
+            caches.append(DeltaKVCache(block.self_attn.state_shape, controls))
+        else:
+            caches.append(KVCache())
+    return caches
+
+
+def _layers(model: nn.Module) -> tuple[int, ...]:
+    info = delta_info(model)
+    if info is None:
+        raise AdapterConfigError("no δ-mem adapter is attached to this model")
+    return info.layers
+
+
+def _controls(cache: list[Any]) -> DeltaControls:
+    for c in cache:
+        if isinstance(c, DeltaKVCache):
+            return c.controls
+    raise ValueError("this cache has no δ layers: build it with make_prompt_cache(model)")
+
+
+def _dims_of(model: nn.Module) -> ModelDims:
+    args = model.args
+    return model_dims(
+        {
+            "hidden_size": args.hidden_size,
+            "num_hidden_layers": args.num_hidden_layers,
+            "num_attention_heads": args.num_attention_heads,
+            "num_key_value_heads": args.num_key_value_heads,
+            "head_dim": getattr(args, "head_dim", None),
+        }
+    )

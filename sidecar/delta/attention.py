@@ -1,0 +1,228 @@
+"""A Qwen3 / Qwen2 attention module with δ-mem read and write wrapped around it.
+
+For each token the memory is read before it is written; the read adds (α/r)·W_Δq·read to the
+raw q_proj output (before q_norm and RoPE) and (α/r)·W_Δo·read to the o_proj output.
+K and V are corrected only if the adapter's `delta_heads` ask for it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.base import scaled_dot_product_attention
+
+from sidecar.delta.cache import DeltaControls, DeltaKVCache
+from sidecar.delta.config import DeltaMemConfig
+from sidecar.delta.scan import scan, step
+
+_STATELESS = DeltaControls()
+
+
+class DeltaAttention(nn.Module):
+    """Wraps one attention module; parameters are the fused memory projection and the Δ maps."""
+
+    def __init__(self, base: nn.Module, config: DeltaMemConfig, tensors: dict[str, np.ndarray]):
+        super().__init__()
+        self.base = base
+        self.config = config
+        parts = ["memory_q_proj", "memory_k_proj", "memory_v_proj", "beta_proj"]
+        biases = [np.zeros(3 * config.memory_dim, np.float32), tensors["beta_bias"]]
+        if not config.couple_lambda:
+            parts.append("lambda_proj")
+            biases.append(tensors["lambda_bias"])
+        # One matmul produces q, k, v and the gate logits; stored as [in, out].
+        self.memory_weight = mx.array(np.concatenate([tensors[p] for p in parts]).T.astype(np.float32))
+        self.memory_bias = mx.array(np.concatenate(biases).astype(np.float32))
+        # The α/r scale is folded into the Δ maps, stored as [memory_dim, out].
+        self.delta = {
+            head: mx.array((config.scale * tensors[f"delta_{head}_proj"]).T.astype(np.float32))
+            for head in config.delta_heads
+        }
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        """Per-batch-item state shape: [r, r], or [heads, r, r] for several state heads."""
+        r, H = self.config.rank, self.config.num_state_heads
+        return (r, r) if H == 1 else (H, r, r)
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        delta_cache = cache if isinstance(cache, DeltaKVCache) else None
+        controls = delta_cache.controls if delta_cache is not None else _STATELESS
+        if not controls.enabled:
+            return self.base(x, mask, cache)
+
+        B, T, _ = x.shape
+        start = cache.offset if cache is not None else 0
+        H, r = self.config.num_state_heads, self.config.rank
+        state = (
+            delta_cache.state_at(start, B).reshape(B, H, r, r)
+            if delta_cache is not None
+            else mx.zeros((B, H, r, r), dtype=mx.float32)
+        )
+        ids = _message_ids(controls.message_ids, B, T) if self._message_mean else None
+
+        if ids is not None and controls.write:
+            reads, states = self._message_mean_write(x, state, ids)
+        elif T == 1 and controls.write:
+            deltas, new_state = _decode_step(self.config)(
+                x, self.memory_weight, self.memory_bias, state, self.delta
+            )
+            states = new_state[:, None]
+            return self._finish(x, mask, cache, delta_cache, start, states, deltas)
+        else:
+            q, k, v, keep, erase, write = self._memory_inputs(x)
+            if controls.write:
+                reads, states = scan(q, k, v, keep, erase, write, state, all_states=True)
+                states = states.swapaxes(1, 2)  # [B, T, H, r, r]
+            else:
+                reads = (state[:, :, None] @ q[..., None])[..., 0]  # every token reads the old state
+                states = None
+            reads = reads.swapaxes(1, 2).reshape(B, T, H * r)
+        deltas = {head: reads @ w for head, w in self.delta.items()}
+        return self._finish(x, mask, cache, delta_cache, start, states, deltas)
+
+    @property
+    def _message_mean(self) -> bool:
+        return self.config.memory_write_granularity == "message_mean"
+
+    def _finish(
+        self,
+        x: mx.array,
+        mask: Any,
+        cache: Any,
+        delta_cache: DeltaKVCache | None,
+        start: int,
+        states: mx.array | None,
+        deltas: dict[str, mx.array],
+    ) -> mx.array:
+        if delta_cache is not None and states is not None:
+            B, T = states.shape[:2]
+            delta_cache.store_states(start, states.reshape(B, T, *self.state_shape))
+        return _attend(self.base, x, mask, cache, {h: d.astype(x.dtype) for h, d in deltas.items()})
+
+    def _memory_inputs(self, x: mx.array) -> tuple[mx.array, ...]:
+        return _memory_inputs(self.config, x, self.memory_weight, self.memory_bias)
+
+    def _message_mean_write(self, x: mx.array, state: mx.array, ids: np.ndarray):
+        """SSW: every token reads the call's start state; one write per message (its mean input)."""
+        B, T, _ = x.shape
+        H, r = self.config.num_state_heads, self.config.rank
+        slots = int(ids.max()) + 1
+        onehot = (ids[:, None, :] == np.arange(slots)[None, :, None]).astype(np.float32)
+        counts = onehot.sum(-1, keepdims=True)
+        weights = mx.array(onehot / np.maximum(counts, 1.0))  # [B, slots, T]
+        means = weights @ x.astype(mx.float32)  # [B, slots, d]
+        q, k, v, keep, erase, write = self._memory_inputs(means)
+        present = mx.array((counts[..., 0] > 0).astype(np.float32))[:, None, :, None]
+        # An id absent from this call is an identity step: keep 1, erase 0, write 0.
+        keep = present * keep + (1.0 - present)
+        erase, write = present * erase, present * write
+        _, message_states = scan(q, k, v, keep, erase, write, state, all_states=True)
+        token_q = self._memory_inputs(x)[0]
+        reads = (state[:, :, None] @ token_q[..., None])[..., 0]
+        reads = reads.swapaxes(1, 2).reshape(B, T, H * r)
+        history = mx.concatenate([state[:, :, None], message_states], axis=2)  # [B, H, slots+1, r, r]
+        index = mx.array(_completed_messages(ids, slots))  # [B, T]
+        states = mx.take_along_axis(history, index[:, None, :, None, None], axis=2)
+        return reads, states.swapaxes(1, 2)
+
+
+def _memory_inputs(
+    config: DeltaMemConfig, x: mx.array, weight: mx.array, bias: mx.array
+) -> tuple[mx.array, ...]:
+    """Normalised q, k, raw v [B, H, T, r] and keep, erase, write [B, H, T, g] for the scan."""
+    B, T, _ = x.shape
+    H, r, D, G = config.num_state_heads, config.rank, config.memory_dim, config.gate_dim
+    proj = x.astype(mx.float32) @ weight + bias
+    q, k, v = (proj[..., i * D : (i + 1) * D].reshape(B, T, H, r) for i in range(3))
+    q, k = _unit(mx.tanh(q)), _unit(mx.tanh(k))
+    beta = mx.sigmoid(proj[..., 3 * D : 3 * D + G])
+    lam = 1.0 - beta if config.couple_lambda else mx.sigmoid(proj[..., 3 * D + G : 3 * D + 2 * G])
+    g = r if config.rankwise_gates else 1
+    beta, lam = beta.reshape(B, T, H, g), lam.reshape(B, T, H, g)
+    if config.state_update_mode == "standard":
+        keep, erase, write = lam, beta, beta
+    elif config.state_update_mode == "lambda_outside":
+        keep, erase, write = lam, lam * beta, beta
+    else:  # no_lambda
+        keep, erase, write = mx.ones_like(beta), beta, beta
+    return tuple(t.swapaxes(1, 2) for t in (q, k, v, keep, erase, write))
+
+
+def _unit(x: mx.array) -> mx.array:
+    norm = mx.sqrt(mx.sum(x * x, axis=-1, keepdims=True))
+    return x / mx.maximum(norm, 1e-6)
+
+
+@lru_cache(maxsize=None)
+def _decode_step(config: DeltaMemConfig) -> Callable[..., tuple[dict[str, mx.array], mx.array]]:
+    """The whole per-token δ computation as one compiled function (per adapter config)."""
+
+    def run(x, weight, bias, state, delta):
+        B = x.shape[0]
+        q, k, v, keep, erase, write = _memory_inputs(config, x, weight, bias)
+        read, new_state = step(q, k, v, keep, erase, write, state)
+        read = read.swapaxes(1, 2).reshape(B, 1, config.memory_dim)
+        return {head: read @ w for head, w in delta.items()}, new_state
+
+    return mx.compile(run)
+
+
+def _attend(base: nn.Module, x: mx.array, mask: Any, cache: Any, deltas: dict[str, mx.array]) -> mx.array:
+    """The plain Qwen3/Qwen2 attention with Δ terms added at the reference's points."""
+    B, L, _ = x.shape
+    queries, keys, values = base.q_proj(x), base.k_proj(x), base.v_proj(x)
+    if "q" in deltas:
+        queries = queries + deltas["q"]
+    if "k" in deltas:
+        keys = keys + deltas["k"]
+    if "v" in deltas:
+        values = values + deltas["v"]
+    queries = queries.reshape(B, L, base.n_heads, -1)
+    keys = keys.reshape(B, L, base.n_kv_heads, -1)
+    if hasattr(base, "q_norm"):
+        queries, keys = base.q_norm(queries), base.k_norm(keys)
+    queries, keys = queries.transpose(0, 2, 1, 3), keys.transpose(0, 2, 1, 3)
+    values = values.reshape(B, L, base.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    if cache is not None:
+        queries = base.rope(queries, offset=cache.offset)
+        keys = base.rope(keys, offset=cache.offset)
+        keys, values = cache.update_and_fetch(keys, values)
+    else:
+        queries, keys = base.rope(queries), base.rope(keys)
+    output = scaled_dot_product_attention(
+        queries, keys, values, cache=cache, scale=base.scale, mask=mask
+    )
+    output = base.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+    if "o" in deltas:
+        output = output + deltas["o"]
+    return output
+
+
+def _message_ids(ids: np.ndarray | None, batch: int, length: int) -> np.ndarray | None:
+    """The call's message ids, or None when the reference falls back to token writes."""
+    if ids is None:
+        return None
+    ids = np.asarray(ids)
+    if ids.shape != (batch, length) or not (ids >= 0).any():
+        return None
+    return ids.astype(np.int64)
+
+
+def _completed_messages(ids: np.ndarray, slots: int) -> np.ndarray:
+    """For each token, how many leading message slots have all their tokens at or before it."""
+    B, T = ids.shape
+    out = np.zeros((B, T), dtype=np.int32)
+    for b in range(B):
+        last = np.full(slots, -1)
+        for m in range(slots):
+            positions = np.nonzero(ids[b] == m)[0]
+            last[m] = positions[-1] if positions.size else -1
+        # Slot m is complete at token t once every slot ≤ m has ended by t.
+        complete_at = np.maximum.accumulate(last)
+        out[b] = np.searchsorted(complete_at, np.arange(T), side="right")
+    return out

@@ -1,0 +1,98 @@
+"""Per-layer cache for δ layers: mlx-lm's KV cache plus the δ-state after every cached token.
+
+Keeping the state at every offset (36 × 8 × 8 floats per token for Qwen3-4B, about 6 % of
+its KV cache) makes `trim` exact at any position, so prompt-cache reuse, rollback and
+mlx-lm's own prompt-cache helpers work on δ models unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache
+
+
+@dataclass
+class DeltaControls:
+    """Per-call switches shared by all layers of one prompt cache."""
+
+    enabled: bool = True
+    write: bool = True
+    message_ids: np.ndarray | None = None  # [B, T_call] for message-mean writes; -1 = not written
+
+
+class DeltaKVCache(KVCache):
+    """KV cache whose `states[:, t]` is the δ-state after the first t tokens (t = 0: before any)."""
+
+    def __init__(self, state_shape: tuple[int, ...], controls: DeltaControls):
+        super().__init__()
+        self.state_shape = state_shape  # per batch item: (r, r) or (heads, r, r)
+        self.controls = controls
+        self.states: mx.array | None = None  # [B, capacity, *state_shape], float32
+        self.recorded = 0  # states[:, :recorded + 1] are valid; δ-off calls leave the state as is
+
+    def state_at(self, offset: int, batch: int) -> mx.array:
+        """The δ-state after `offset` tokens (zeros before anything was written)."""
+        if self.states is None:
+            return mx.zeros((batch, *self.state_shape), dtype=mx.float32)
+        return self.states[:, min(offset, self.recorded)]
+
+    def current_state(self, batch: int = 1) -> mx.array:
+        """The δ-state after every cached token."""
+        return self.state_at(self.offset, batch)
+
+    def store_states(self, start: int, states: mx.array) -> None:
+        """Record the states after tokens start+1 .. start+T (states: [B, T, *state_shape])."""
+        self._fill_gap(start, states.shape[0])
+        end = start + states.shape[1]
+        self._ensure_capacity(end + 1, states.shape[0])
+        self.states[:, start + 1 : end + 1] = states
+        self.recorded = end
+
+    def set_current_state(self, state: mx.array) -> None:
+        """Replace the state at the current offset (a context-only write or a restored state)."""
+        self._fill_gap(self.offset, state.shape[0])
+        self._ensure_capacity(self.offset + 1, state.shape[0])
+        self.states[:, self.offset] = state.astype(mx.float32)
+        self.recorded = self.offset
+
+    def trim(self, n: int) -> int:
+        trimmed = super().trim(n)
+        self.recorded = min(self.recorded, self.offset)
+        return trimmed
+
+    def _fill_gap(self, offset: int, batch: int) -> None:
+        # Tokens processed with δ off did not change the state: carry it forward to `offset`.
+        if self.states is None:
+            self._ensure_capacity(offset + 1, batch)
+        elif offset > self.recorded:
+            self._ensure_capacity(offset + 1, batch)
+            last = self.states[:, self.recorded : self.recorded + 1]
+            self.states[:, self.recorded + 1 : offset + 1] = last
+            self.recorded = offset
+
+    def _ensure_capacity(self, needed: int, batch: int) -> None:
+        if self.states is None:
+            capacity = -(-needed // self.step) * self.step
+            self.states = mx.zeros((batch, capacity, *self.state_shape), dtype=mx.float32)
+        elif needed > self.states.shape[1]:
+            extra = -(-(needed - self.states.shape[1]) // self.step) * self.step
+            grow = mx.zeros((batch, extra, *self.state_shape), dtype=mx.float32)
+            self.states = mx.concatenate([self.states, grow], axis=1)
+
+    @property
+    def state(self):
+        return self.keys, self.values, self.offset, self.states, self.recorded
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values, self.offset, self.states, self.recorded = v
+
+    @property
+    def nbytes(self):
+        return super().nbytes + (0 if self.states is None else self.states.nbytes)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4):
+        raise NotImplementedError("δ-mem caches keep float K/V; KV quantization is not supported")
