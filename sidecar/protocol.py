@@ -1,0 +1,334 @@
+"""The OpenAI chat-completions wire format the sidecar speaks (pydantic models).
+
+Fields follow the order of the OpenAI API reference. Fields the sidecar does not act on are
+not declared, so pydantic ignores them. Project extensions are fenced and commented.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
+
+# --------------------------------------------------------------------------- request
+
+MAX_STOP_STRINGS = 16
+
+
+class TextContentPart(BaseModel):
+    """A `{type: "text", text}` content part; the only part type a text model can read."""
+
+    type: Literal["text"]
+    text: str
+
+
+MessageContent = Union[str, list[TextContentPart]]
+
+
+class FunctionCall(BaseModel):
+    """The function a tool call names, with its arguments as a JSON string."""
+
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCall(BaseModel):
+    """A tool call in an assistant message of the history."""
+
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeveloperMessage(BaseModel):
+    role: Literal["developer"]
+    content: MessageContent
+    name: str | None = None
+
+
+class SystemMessage(BaseModel):
+    role: Literal["system"]
+    content: MessageContent
+    name: str | None = None
+
+
+class UserMessage(BaseModel):
+    role: Literal["user"]
+    content: MessageContent
+    name: str | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: MessageContent | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ToolMessage(BaseModel):
+    role: Literal["tool"]
+    content: MessageContent
+    tool_call_id: str | None = None
+
+
+RequestMessage = Annotated[
+    Union[DeveloperMessage, SystemMessage, UserMessage, AssistantMessage, ToolMessage],
+    Field(discriminator="role"),
+]
+
+
+class FunctionDefinition(BaseModel):
+    """A function the model may call."""
+
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    """A tool offered to the model; only function tools exist in chat completions."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedToolChoiceFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedToolChoiceFunction
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """A `POST /v1/chat/completions` body; unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[RequestMessage] = Field(min_length=1)
+    model: str
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    n: int = 1
+    seed: int | None = Field(default=None, ge=0, le=2**64 - 1)
+    stop: str | list[Annotated[str, Field(min_length=1)]] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    tool_choice: ToolChoice | None = None
+    tools: list[ToolDefinition] | None = None
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+
+    # ---- project extensions ------------------------------------------------------------
+    # Hidden memory snippets written into the session's δ-state instead of the prompt.
+    # Three spellings are accepted because existing clients use all three; the shapes are
+    # parsed leniently by sidecar/memory_input.py, so they are untyped here.
+    attention_state: Any = None
+    attentionState: Any = None
+    delta_attention_state: Any = None
+    # ---- end of project extensions -----------------------------------------------------
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, str) and not stop:
+            raise ValueError("a stop string cannot be empty")
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported")
+        return stop
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """`stop` as a tuple, whichever form the client sent."""
+        if self.stop is None:
+            return ()
+        if isinstance(self.stop, str):
+            return (self.stop,)
+        return tuple(self.stop)
+
+    def attention_state_values(self) -> list[Any]:
+        """The hidden-memory values present in the body, in a fixed order of spellings."""
+        values = (self.attention_state, self.attentionState, self.delta_attention_state)
+        return [value for value in values if value is not None]
+
+
+# --------------------------------------------------------------------------- response
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    """Token counts; `cached_tokens` is how much of the prompt came from the session cache."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: ResponseMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+def completion_id() -> str:
+    """A fresh `chatcmpl-…` id."""
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class ChatCompletionResponse(BaseModel):
+    """The non-streaming answer."""
+
+    id: str = Field(default_factory=completion_id)
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+# --------------------------------------------------------------------------- stream chunks
+
+
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
+class ChoiceDelta(BaseModel):
+    """What a chunk adds; only the fields it carries are serialised."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_set_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChoiceDelta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed answer; the usage chunk has `choices: []`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+# --------------------------------------------------------------------------- models list
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "delta-mem-mlx"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --------------------------------------------------------------------------- errors
+
+ErrorType = Literal["invalid_request_error", "authentication_error", "server_error"]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: ErrorType
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error, and the payload of an error event in a stream."""
+
+    error: ErrorInfo
+
+
+class ApiError(Exception):
+    """A failure to report to the client as an ErrorResponse with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: ErrorType = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+
+    def response_body(self) -> dict[str, Any]:
+        """The JSON body for this error."""
+        return ErrorResponse(error=self.info).model_dump()
