@@ -10,7 +10,9 @@ from typing import Callable, ParamSpec, TypeVar
 import typer
 
 from sidecar.config import SettingsError
+from sidecar.delta.adapter_files import AdapterError
 from sidecar.delta.config import AdapterConfigError
+from sidecar.delta.torch_archive import TorchArchiveError, UnsafeArchiveError
 
 DEBUG_ENV = "DELTA_MEM_MLX_DEBUG"
 
@@ -31,6 +33,9 @@ ERROR_MESSAGES: list[tuple[type[BaseException], Callable[[BaseException], str]]]
     (SettingsError, str),
     (AdapterConfigError, lambda exc: f"adapter config: {exc}"),
     (OSError, _os_error),  # type: ignore[arg-type]
+    (AdapterError, lambda exc: f"adapter: {exc}"),
+    (UnsafeArchiveError, lambda exc: f"unsafe adapter file: {exc}"),
+    (TorchArchiveError, lambda exc: f"torch file: {exc}"),
 ]
 
 
