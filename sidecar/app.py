@@ -1,0 +1,275 @@
+"""The sidecar's FastAPI application: routes, auth, limits and the one error mapping.
+
+Routes:
+  GET  /health                 status (503 while the model loads), model, adapter, backend, sessions
+  GET  /v1/models              the one model served
+  POST /v1/chat/completions    OpenAI chat completions (JSON or SSE)
+  GET  /v1/session             statistics of the session the request's headers name
+  DELETE /v1/session           reset that session
+  POST /v1/session/save        persist that session's δ-state now
+  POST /v1/session/load        restore that session's δ-state from disk
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sidecar.config import SidecarSettings
+from sidecar.engine_io import EngineError, EngineLike
+from sidecar.protocol import ApiError, ChatCompletionRequest, ErrorType, ModelCard, ModelList
+from sidecar.serving import ChatCompletionService
+from sidecar.session_keys import hash_session_key, session_key_from_headers
+
+log = logging.getLogger(__name__)
+
+EngineLoader = Callable[[SidecarSettings], EngineLike]
+
+# OpenClaw's largest requests (a ~42k-character system prompt, 12 tool schemas, long tool
+# results) stay far below this; anything bigger is a mistake or an attack.
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class ServerState:
+    """What the routes share: built once at startup, the engine filled in when it has loaded."""
+
+    settings: SidecarSettings
+    started: float
+    chat: ChatCompletionService | None = None
+    load_error: str | None = None
+
+    def ready_chat(self) -> ChatCompletionService:
+        """The chat service, or a 503 that says why there is none yet."""
+        if self.chat is None:
+            if self.load_error is not None:
+                raise ApiError(
+                    503, f"the model failed to load: {self.load_error}", type="server_error", code="model_load_failed"
+                )
+            raise ApiError(
+                503, "the model is still loading; retry in a few seconds", type="server_error", code="model_loading"
+            )
+        return self.chat
+
+    def ready_engine(self) -> EngineLike:
+        """The engine, or a 503 that says why there is none yet."""
+        return self.ready_chat().engine
+
+
+def create_app(
+    settings: SidecarSettings, load_engine: EngineLoader | None = None, max_body_bytes: int = MAX_BODY_BYTES
+) -> FastAPI:
+    """Build the sidecar app; the engine loads in the background once the server starts."""
+    loader = load_engine or _load_real_engine
+    state = ServerState(settings=settings, started=time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(_load(state, loader))
+        try:
+            yield
+        finally:
+            loading.cancel()
+            if state.chat is not None:
+                await state.chat.engine.close()
+
+    app = FastAPI(
+        title="delta-mem-mlx sidecar",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.server = state
+    _add_error_handlers(app)
+    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=max_body_bytes)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        base: dict[str, Any] = {"model": settings.model_id, "uptime_s": round(time.time() - state.started, 1)}
+        if state.chat is None:
+            status = "error" if state.load_error else "loading"
+            extra = {"error": state.load_error} if state.load_error else {}
+            return JSONResponse({"status": status, **base, **extra}, status_code=503)
+        return JSONResponse({"status": "ok", **await state.chat.engine.health(), **base})
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=settings.model_id, created=int(state.started))])
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await state.ready_chat().create(body, request)
+
+    @app.get("/v1/session")
+    async def session_stats(request: Request) -> JSONResponse:
+        key = session_key_from_headers(request.headers)
+        stats = await state.ready_engine().session_stats(key)
+        if stats is None:
+            raise ApiError(404, "this session has no state on the server", code="session_not_found")
+        return _session_response(key, stats)
+
+    @app.delete("/v1/session")
+    async def session_reset(request: Request) -> JSONResponse:
+        key = session_key_from_headers(request.headers)
+        return _session_response(key, {"reset": await state.ready_engine().reset_session(key)})
+
+    @app.post("/v1/session/save")
+    async def session_save(request: Request) -> JSONResponse:
+        key = session_key_from_headers(request.headers)
+        return _session_response(key, await state.ready_engine().save_session(key))
+
+    @app.post("/v1/session/load")
+    async def session_load(request: Request) -> JSONResponse:
+        key = session_key_from_headers(request.headers)
+        return _session_response(key, await state.ready_engine().load_session(key))
+
+    return app
+
+
+def _load_real_engine(settings: SidecarSettings) -> EngineLike:
+    # Imported here: the engine pulls in MLX and the model code, which the app module and its
+    # tests with a fake engine do not need.
+    from sidecar.engine import load_engine
+
+    return load_engine(settings)
+
+
+async def _load(state: ServerState, loader: EngineLoader) -> None:
+    began = time.monotonic()
+    try:
+        engine = await asyncio.to_thread(loader, state.settings)
+    except Exception as exc:
+        log.exception("loading the model failed")
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        return
+    state.chat = ChatCompletionService(engine, state.settings)
+    log.info("model %s ready in %.1f s", state.settings.model_id, time.monotonic() - began)
+
+
+def _session_response(key: str, payload: dict[str, Any]) -> JSONResponse:
+    session = hash_session_key(key)
+    return JSONResponse({"session": session, **payload}, headers={"X-Delta-Session": session})
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def error_response(
+    status: int, message: str, type: ErrorType, param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    """An OpenAI-shaped error response."""
+    body = ApiError(status, message, type=type, param=param, code=code).response_body()
+    return JSONResponse(body, status_code=status)
+
+
+_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.response_body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, *_describe_validation(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind: ErrorType = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), kind, code=_HTTP_CODES.get(exc.status_code))
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        kind: ErrorType = "server_error" if exc.status >= 500 else "invalid_request_error"
+        return error_response(exc.status, str(exc), kind, code=exc.code)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error", "server_error", code="internal_error")
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str, str | None, str]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request body", "invalid_request_error", None, "invalid_request"
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        reason = first.get("ctx", {}).get("error", "JSON decode error")
+        return f"the body is not valid JSON: {reason}", "invalid_request_error", None, "invalid_json"
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    # pydantic prefixes messages of custom validators; the client only needs the reason.
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return f"{param or 'body'}: {message}{more}", "invalid_request_error", param, "invalid_request"
+
+
+# --------------------------------------------------------------------------- auth and body size
+
+
+class RequestGuard:
+    """ASGI middleware: bearer-token auth when a key is set, and a request body size limit."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key.encode("utf-8") if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {name.lower(): value for name, value in scope.get("headers", [])}
+        if self.api_key is not None and not _bearer_matches(headers.get(b"authorization", b""), self.api_key):
+            response = error_response(
+                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error",
+                code="invalid_api_key",
+            )
+            await response(scope, receive, send)
+            return
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._too_large()(scope, receive, send)
+            return
+        await self.app(scope, self._counting(receive), send)
+
+    def _too_large(self) -> JSONResponse:
+        return error_response(
+            413, f"the request body is larger than {self.max_body_bytes} bytes", "invalid_request_error",
+            code="request_too_large",
+        )
+
+    def _counting(self, receive: Receive) -> Receive:
+        # A chunked body has no Content-Length; count what arrives instead.
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    # FastAPI passes its own HTTPException through body parsing; others become a 400.
+                    raise HTTPException(413, f"the request body is larger than {self.max_body_bytes} bytes")
+            return message
+
+        return counted
+
+
+def _bearer_matches(authorization: bytes, api_key: bytes) -> bool:
+    scheme, _, token = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), api_key)

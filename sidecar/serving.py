@@ -1,0 +1,468 @@
+"""Chat completions: an OpenAI request becomes one engine job, its events a JSON answer or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from sidecar.config import SidecarSettings
+from sidecar.engine_io import (
+    ChatJob,
+    ChatMessage,
+    EngineLike,
+    Failed,
+    Finished,
+    JobStream,
+    PromptDone,
+    TextDelta,
+)
+from sidecar.memory_input import MEMORY_HEADER, ParsedMemory, bounded_items, parse_memory_input
+from sidecar.protocol import (
+    ApiError,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChoiceDelta,
+    ChunkChoice,
+    ErrorInfo,
+    ErrorResponse,
+    FinishReason,
+    FunctionCallDelta,
+    MessageContent,
+    PromptTokensDetails,
+    RequestMessage,
+    ResponseFunctionCall,
+    ResponseMessage,
+    ResponseToolCall,
+    ToolCallDelta,
+    Usage,
+    completion_id,
+)
+from sidecar.qmd import qmd_lookup
+from sidecar.session_keys import hash_session_key, session_key_from_headers
+from sidecar.tool_calls import ContentDelta, ParsedToolCall, ParserEvent, ToolCallStreamParser
+
+log = logging.getLogger(__name__)
+
+DELTA_MODE_HEADER = "x-delta-mode"
+DeltaMode = Literal["base", "delta"]
+MemorySource = Literal["request", "qmd", "none"]
+T = TypeVar("T")
+
+# A client that goes away while a non-streamed answer is generated never sees a status, but the
+# access log does; 499 is the usual "client closed request" code.
+CLIENT_CLOSED_REQUEST = 499
+
+
+@dataclass
+class _Outcome:
+    """What a finished job produced, gathered from its events."""
+
+    content: list[str] = field(default_factory=list)
+    tool_calls: list[ParsedToolCall] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    finish_reason: FinishReason = "stop"
+
+
+@dataclass(frozen=True)
+class _Meta:
+    """The identity of one answer, shared by all its chunks and its log line."""
+
+    id: str
+    created: int
+    model: str
+    session_hash: str
+    started: float
+
+
+class _JobFailed(Exception):
+    """A job ended without an answer; carries what to tell the client."""
+
+    def __init__(self, failure: Failed) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+CANCELLED = Failed("the generation was cancelled by the server (it may be shutting down); retry", "cancelled", 503)
+NO_FINISH = Failed("the engine stopped without finishing the answer", "engine_error", 500)
+
+
+class ChatCompletionService:
+    """Runs `POST /v1/chat/completions` against an engine."""
+
+    def __init__(self, engine: EngineLike, settings: SidecarSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+
+    async def create(self, request: ChatCompletionRequest, http: Request) -> Response:
+        """Answer one request: JSON, or a token-by-token event stream."""
+        self._check_model(request.model)
+        mode = self._delta_mode(http.headers)
+        session_key = session_key_from_headers(http.headers)
+        messages = tuple(to_chat_message(message) for message in request.messages)
+        memory, source = await self._memory(request, http.headers, messages)
+        tools, parse_tools = self._tools(request)
+        job = ChatJob(
+            session_key=session_key,
+            messages=messages,
+            max_tokens=self._max_tokens(request),
+            tools=tools,
+            stop=request.stop_strings(),
+            snippets=memory.texts,
+            delta_enabled=mode == "delta",
+            **_sampling(request),
+        )
+        headers = _response_headers(session_key, mode, memory, source)
+        fmt = self.engine.info.tool_call_format
+        parser = ToolCallStreamParser(fmt, tools) if parse_tools and fmt is not None else None
+        stream = self.engine.submit(job)
+        meta = _Meta(completion_id(), int(time.time()), request.model, hash_session_key(session_key), time.monotonic())
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            events = _sse_events(stream, parser, meta, include_usage)
+            return EventStreamResponse(events, on_disconnect=partial(_cancel, stream, meta), headers=headers)
+        outcome = await until_disconnect(http.receive, _collect(stream, parser), partial(_cancel, stream, meta))
+        if outcome is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        _log_done(meta, outcome)
+        return JSONResponse(_response(meta, outcome).model_dump(), headers=headers)
+
+    def _check_model(self, model: str) -> None:
+        if model != self.engine.info.model_id:
+            raise ApiError(
+                404,
+                f"The model '{model}' does not exist; this server serves '{self.engine.info.model_id}'.",
+                param="model",
+                code="model_not_found",
+            )
+
+    def _delta_mode(self, headers: Mapping[str, str]) -> DeltaMode:
+        asked = headers.get(DELTA_MODE_HEADER, "delta").strip().lower()
+        if asked not in ("base", "delta"):
+            raise ApiError(400, "X-Delta-Mode must be 'base' or 'delta'", param="X-Delta-Mode", code="invalid_header")
+        # Without an adapter there is no δ to switch on; report what actually runs.
+        return "delta" if asked == "delta" and self.engine.info.adapter is not None else "base"
+
+    def _max_tokens(self, request: ChatCompletionRequest) -> int:
+        asked = request.max_completion_tokens or request.max_tokens or self.settings.max_output_tokens
+        return min(asked, self.settings.max_output_tokens)
+
+    def _tools(self, request: ChatCompletionRequest) -> tuple[tuple[dict[str, Any], ...], bool]:
+        tools = tuple(tool.model_dump(exclude_none=True) for tool in request.tools or ())
+        choice = request.tool_choice
+        if choice == "none":
+            return (), False
+        if choice is not None and not isinstance(choice, str):
+            names = {tool["function"]["name"] for tool in tools}
+            if choice.function.name not in names:
+                message = f"tool_choice names '{choice.function.name}', which is not in tools"
+                raise ApiError(400, message, param="tool_choice")
+        return tools, bool(tools)
+
+    async def _memory(
+        self, request: ChatCompletionRequest, headers: Mapping[str, str], messages: Sequence[ChatMessage]
+    ) -> tuple[ParsedMemory, MemorySource]:
+        parsed = parse_memory_input(request.attention_state_values(), headers.get(MEMORY_HEADER))
+        source_setting = self.settings.attention_state_source
+        if source_setting == "none":
+            ignored = ParsedMemory()
+            if parsed.present:
+                ignored.problems.append("hidden memory is turned off on this server; ignored")
+            return ignored, "none"
+        if parsed.present:
+            return parsed, "request"
+        if source_setting != "qmd":
+            return parsed, "none"
+        result = await qmd_lookup(self.settings.qmd, latest_user_text(messages))
+        found = bounded_items(result.items)
+        if result.reason:
+            log.warning("qmd: %s", result.reason)
+            if not result.items:
+                found.problems.append("qmd found nothing usable (reason in the server log)")
+        return found, "qmd"
+
+
+def to_chat_message(message: RequestMessage) -> ChatMessage:
+    """The engine's form of one request message: text joined, tool calls in OpenAI shape."""
+    tool_calls = getattr(message, "tool_calls", None) or ()
+    return ChatMessage(
+        role=message.role,
+        content=content_text(message.content),
+        tool_calls=tuple(call.model_dump() for call in tool_calls),
+        tool_call_id=getattr(message, "tool_call_id", None),
+        name=getattr(message, "name", None),
+    )
+
+
+def content_text(content: MessageContent | None) -> str:
+    """A message's text: a string as is, text parts joined by newlines."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "\n".join(part.text for part in content)
+
+
+def latest_user_text(messages: Sequence[ChatMessage]) -> str:
+    """The last run of consecutive user messages, joined (OpenClaw ends a turn with two)."""
+    end = len(messages)
+    while end > 0 and messages[end - 1].role != "user":
+        end -= 1
+    start = end
+    while start > 0 and messages[start - 1].role == "user":
+        start -= 1
+    return "\n".join(message.content for message in messages[start:end])
+
+
+def _sampling(request: ChatCompletionRequest) -> dict[str, Any]:
+    # Only what the client set, so the engine's defaults hold otherwise.
+    values = {"temperature": request.temperature, "top_p": request.top_p, "seed": request.seed}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _response_headers(session_key: str, mode: DeltaMode, memory: ParsedMemory, source: MemorySource) -> dict[str, str]:
+    headers = {
+        "X-Delta-Session": hash_session_key(session_key),
+        "X-Delta-Mode": mode,
+        "X-Delta-Attention-State-Count": str(len(memory.items)),
+        "X-Delta-Attention-State-Source": source,
+    }
+    if memory.problems:
+        headers["X-Delta-Attention-State-Warning"] = "; ".join(memory.problems)
+    return headers
+
+
+def _failure_error(failure: Failed) -> ApiError:
+    kind = "server_error" if failure.status >= 500 else "invalid_request_error"
+    return ApiError(failure.status, failure.message, type=kind, code=failure.code)
+
+
+async def _collect(stream: JobStream, parser: ToolCallStreamParser | None) -> _Outcome:
+    """Run a job to the end for a non-streamed answer."""
+    outcome = _Outcome()
+    try:
+        async for event in _checked(stream):
+            if isinstance(event, PromptDone):
+                outcome.usage = _usage(event, 0)
+            elif isinstance(event, TextDelta):
+                _gather(outcome, parser.feed(event.text) if parser else [ContentDelta(event.text)])
+            elif isinstance(event, Finished):
+                if parser:
+                    _gather(outcome, parser.finish())
+                outcome.usage = _with_completion(outcome.usage, event.completion_tokens)
+                outcome.finish_reason = _finish_reason(event, outcome.tool_calls)
+    except _JobFailed as exc:
+        raise _failure_error(exc.failure) from None
+    return outcome
+
+
+async def _checked(stream: JobStream) -> AsyncIterator[PromptDone | TextDelta | Finished]:
+    """The job's events up to Finished; a failure, a server-side cancel or no end at all raise."""
+    async for event in stream:
+        if isinstance(event, Failed):
+            raise _JobFailed(event)
+        if isinstance(event, Finished) and event.finish_reason == "cancelled":
+            raise _JobFailed(CANCELLED)
+        yield event
+        if isinstance(event, Finished):
+            return
+    raise _JobFailed(NO_FINISH)
+
+
+def _gather(outcome: _Outcome, events: list[ParserEvent]) -> None:
+    for event in events:
+        if isinstance(event, ContentDelta):
+            outcome.content.append(event.text)
+        else:
+            outcome.tool_calls.append(event)
+
+
+def _finish_reason(event: Finished, tool_calls: Sequence[ParsedToolCall]) -> FinishReason:
+    if event.finish_reason == "stop" and tool_calls:
+        return "tool_calls"
+    return "length" if event.finish_reason == "length" else "stop"
+
+
+def _usage(done: PromptDone, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=done.prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=done.cached_tokens),
+    )
+
+
+def _with_completion(usage: Usage, completion_tokens: int) -> Usage:
+    return usage.model_copy(
+        update={"completion_tokens": completion_tokens, "total_tokens": usage.prompt_tokens + completion_tokens}
+    )
+
+
+def _response(meta: _Meta, outcome: _Outcome) -> ChatCompletionResponse:
+    text = "".join(outcome.content)
+    calls = [
+        ResponseToolCall(id=call.id, function=ResponseFunctionCall(name=call.name, arguments=call.arguments))
+        for call in outcome.tool_calls
+    ]
+    message = ResponseMessage(content=None if calls and not text else text, tool_calls=calls or None)
+    return ChatCompletionResponse(
+        id=meta.id,
+        created=meta.created,
+        model=meta.model,
+        choices=[Choice(message=message, finish_reason=outcome.finish_reason)],
+        usage=outcome.usage,
+    )
+
+
+def _cancel(stream: JobStream, meta: _Meta) -> None:
+    log.info("session %s: client left before the answer ended; job cancelled", meta.session_hash[:12])
+    stream.cancel()
+
+
+def _log_done(meta: _Meta, outcome: _Outcome) -> None:
+    usage = outcome.usage
+    log.info(
+        "session %s: %d prompt tokens (%d cached), %d generated, finish %s, %.2f s",
+        meta.session_hash[:12],
+        usage.prompt_tokens,
+        usage.prompt_tokens_details.cached_tokens,
+        usage.completion_tokens,
+        outcome.finish_reason,
+        time.monotonic() - meta.started,
+    )
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def sse(payload: str) -> str:
+    """One server-sent event carrying `payload`."""
+    return f"data: {payload}\n\n"
+
+
+SSE_DONE = sse("[DONE]")
+
+
+async def _sse_events(
+    stream: JobStream, parser: ToolCallStreamParser | None, meta: _Meta, include_usage: bool
+) -> AsyncIterator[str]:
+    """The event stream of one answer: role first, then deltas, finish, usage, [DONE]."""
+
+    def chunk(delta: ChoiceDelta, finish_reason: FinishReason | None = None) -> str:
+        choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
+        body = ChatCompletionChunk(id=meta.id, created=meta.created, model=meta.model, choices=[choice])
+        return sse(body.model_dump_json())
+
+    # Sent before the prompt is processed so that clients see the answer begin at once.
+    yield chunk(ChoiceDelta(role="assistant", content=""))
+    outcome = _Outcome()
+    try:
+        async for event in _checked(stream):
+            if isinstance(event, PromptDone):
+                outcome.usage = _usage(event, 0)
+                continue
+            if isinstance(event, TextDelta):
+                parsed = parser.feed(event.text) if parser else [ContentDelta(event.text)]
+            else:
+                parsed = parser.finish() if parser else []
+            for item in parsed:
+                yield chunk(_delta(item))
+            _gather(outcome, parsed)
+            if isinstance(event, Finished):
+                outcome.usage = _with_completion(outcome.usage, event.completion_tokens)
+                outcome.finish_reason = _finish_reason(event, outcome.tool_calls)
+        yield chunk(ChoiceDelta(), outcome.finish_reason)
+        if include_usage:
+            usage_chunk = ChatCompletionChunk(
+                id=meta.id, created=meta.created, model=meta.model, choices=[], usage=outcome.usage
+            )
+            yield sse(usage_chunk.model_dump_json())
+        _log_done(meta, outcome)
+    except _JobFailed as exc:
+        yield sse(ErrorResponse(error=_failure_error(exc.failure).info).model_dump_json())
+    except Exception:
+        log.exception("session %s: stream failed", meta.session_hash[:12])
+        error = ErrorInfo(message="internal error while generating", type="server_error", code="internal_error")
+        yield sse(ErrorResponse(error=error).model_dump_json())
+    yield SSE_DONE
+
+
+def _delta(event: ParserEvent) -> ChoiceDelta:
+    if isinstance(event, ContentDelta):
+        return ChoiceDelta(content=event.text)
+    call = ToolCallDelta(
+        index=event.index,
+        id=event.id,
+        type="function",
+        function=FunctionCallDelta(name=event.name, arguments=event.arguments),
+    )
+    return ChoiceDelta(tool_calls=[call])
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE that notices a client leaving even while no event is due, and then cancels the job."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, content: AsyncIterator[str], on_disconnect: Callable[[], None], headers: Mapping[str, str]
+    ) -> None:
+        super().__init__(content, headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_disconnect = on_disconnect
+        self._events = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        delivered = await until_disconnect(receive, self._pump(send), self._on_disconnect)
+        if delivered is False:
+            self._on_disconnect()
+        if not delivered:
+            aclose = getattr(self._events, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _pump(self, send: Send) -> bool:
+        try:
+            await self.stream_response(send)
+        except OSError:
+            # ASGI 2.4 servers report a vanished client by failing the send.
+            return False
+        return True
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[T], on_disconnect: Callable[[], None]) -> T | None:
+    """Await `work` unless the client disconnects first; then call `on_disconnect` and return None."""
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        # The server itself is cancelling this request (e.g. shutting down): free the worker too.
+        on_disconnect()
+        work_task.cancel()
+        raise
+    finally:
+        watch_task.cancel()
+    if work_task.done():
+        return work_task.result()
+    on_disconnect()
+    work_task.cancel()
+    try:
+        await work_task
+    except asyncio.CancelledError:
+        pass
+    return None
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
