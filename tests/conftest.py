@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["model_fixtures"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

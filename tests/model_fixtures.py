@@ -1,0 +1,49 @@
+"""Session-scoped tiny models and adapters (a pytest plugin, loaded from conftest.py).
+
+Every directory is generated once per test session by `sidecar.tiny_model`; tests must not modify
+them (copy with `shutil.copytree` first when a test needs to break or convert one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny float32 Qwen3 model (hidden 64, 2 layers, 4 heads, 2 KV heads, head_dim 16)."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny float32 Qwen2 model (q/k/v biases, no q_norm/k_norm), same dims as the Qwen3 one."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), model_type="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A TSW adapter for `tiny_model_dir`, with both the `.npz` and the same tensors as `.pt`."""
+    return write_tiny_adapter(tmp_path_factory.mktemp("tiny-tsw"), tiny_model_dir, write_pt=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_ssw_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """An SSW (message_mean writes) adapter for `tiny_model_dir`."""
+    return write_tiny_adapter(tmp_path_factory.mktemp("tiny-ssw"), tiny_model_dir, variant="ssw", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_msw_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """An MSW (4 state heads) adapter for `tiny_model_dir`."""
+    return write_tiny_adapter(tmp_path_factory.mktemp("tiny-msw"), tiny_model_dir, variant="msw", seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_model_dir: Path) -> Path:
+    """A TSW adapter for `tiny_qwen2_model_dir`."""
+    return write_tiny_adapter(tmp_path_factory.mktemp("tiny-qwen2-tsw"), tiny_qwen2_model_dir, seed=4)
