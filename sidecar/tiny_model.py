@@ -337,9 +337,15 @@ def _random_weights(config: dict[str, Any], head_dim: int, rng: np.random.Genera
             f"{layer}.mlp.up_proj.weight": (inter, hidden),
             f"{layer}.mlp.down_proj.weight": (hidden, inter),
         }
-        norms |= {f"{layer}.input_layernorm.weight": hidden, f"{layer}.post_attention_layernorm.weight": hidden}
+        norms |= {
+            f"{layer}.input_layernorm.weight": hidden,
+            f"{layer}.post_attention_layernorm.weight": hidden,
+        }
         if config["model_type"] == "qwen3":
-            norms |= {f"{layer}.self_attn.q_norm.weight": head_dim, f"{layer}.self_attn.k_norm.weight": head_dim}
+            norms |= {
+                f"{layer}.self_attn.q_norm.weight": head_dim,
+                f"{layer}.self_attn.k_norm.weight": head_dim,
+            }
         else:
             biases |= {
                 f"{layer}.self_attn.q_proj.bias": q_out,

@@ -158,7 +158,11 @@ def test_missing_weights_name_both_files(adapter_copy: Path) -> None:
     (adapter_copy / PT_FILE).unlink()
     with pytest.raises(AdapterError) as failure:
         load_adapter(adapter_copy)
-    assert NPZ_FILE in str(failure.value) and PT_FILE in str(failure.value) and str(adapter_copy) in str(failure.value)
+    assert (
+        NPZ_FILE in str(failure.value)
+        and PT_FILE in str(failure.value)
+        and str(adapter_copy) in str(failure.value)
+    )
 
 
 # --- converting -----------------------------------------------------------------------------------
@@ -222,7 +226,13 @@ def test_corrupt_pt_is_an_adapter_error(adapter_copy: Path) -> None:
 
 
 def test_model_dims_from_qwen3_and_qwen2_configs() -> None:
-    qwen3 = {"hidden_size": 2560, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128}
+    qwen3 = {
+        "hidden_size": 2560,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+    }
     assert model_dims(qwen3) == ModelDims(2560, 36, 32, 8, 128)
     qwen2 = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2}
     assert model_dims(qwen2) == ModelDims(896, 24, 14, 2, 64)
@@ -269,7 +279,9 @@ def test_missing_tensor_names_file_key_and_shape(tiny_adapter: LoadedAdapter) ->
     with pytest.raises(AdapterError) as failure:
         validate_adapter(changed(tiny_adapter, **{KEY: None}), TINY_DIMS)
     message = str(failure.value)
-    assert str(tiny_adapter.path) in message and KEY in message and "missing" in message and "[8, 64]" in message
+    assert (
+        str(tiny_adapter.path) in message and KEY in message and "missing" in message and "[8, 64]" in message
+    )
 
 
 def test_wrong_shape_names_file_key_and_both_shapes(tiny_adapter: LoadedAdapter) -> None:
@@ -328,8 +340,12 @@ def test_msw_shapes_are_checked(tiny_msw_adapter_dir: Path) -> None:
 
 
 def test_target_layers_subset(tiny_adapter: LoadedAdapter) -> None:
-    only_layer_1 = {key: value for key, value in tiny_adapter.tensors.items() if key.startswith("model.layers.1.")}
-    adapter = replace(tiny_adapter, config=replace(tiny_adapter.config, target_layers=(1,)), tensors=only_layer_1)
+    only_layer_1 = {
+        key: value for key, value in tiny_adapter.tensors.items() if key.startswith("model.layers.1.")
+    }
+    adapter = replace(
+        tiny_adapter, config=replace(tiny_adapter.config, target_layers=(1,)), tensors=only_layer_1
+    )
     validate_adapter(adapter, TINY_DIMS)
     with pytest.raises(AdapterConfigError, match="target_layers"):
         validate_adapter(replace(adapter, config=replace(adapter.config, target_layers=(5,))), TINY_DIMS)
@@ -352,7 +368,10 @@ def test_no_layer_keys_at_all_reports_the_first_missing_tensor(tiny_adapter: Loa
 
 def test_errors_map_to_one_line_messages(tmp_path: Path) -> None:
     assert describe(AdapterError("x.npz: tensor k is missing")) == "adapter: x.npz: tensor k is missing"
-    assert describe(UnsafeArchiveError("a.pt refers to posix.system")) == "unsafe adapter file: a.pt refers to posix.system"
+    assert (
+        describe(UnsafeArchiveError("a.pt refers to posix.system"))
+        == "unsafe adapter file: a.pt refers to posix.system"
+    )
     with pytest.raises(AdapterError) as failure:
         convert_adapter(tmp_path)
     message = describe(failure.value)

@@ -34,10 +34,17 @@ TOOLS = [
         "function": {
             "name": "get_weather",
             "description": "Weather for a city — ünïcode stays as is",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
         },
     },
-    {"type": "function", "function": {"name": "list_notes", "parameters": {"type": "object", "properties": {}}}},
+    {
+        "type": "function",
+        "function": {"name": "list_notes", "parameters": {"type": "object", "properties": {}}},
+    },
 ]
 TOOLS_PROMPT = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -66,7 +73,9 @@ def render(tokenizer: TokenizerWrapper, messages: list[dict[str, Any]], **kwargs
 # --- the model dir ------------------------------------------------------------------------------
 
 
-def test_model_loads_and_runs_with_sensible_logits(loaded: tuple[Any, TokenizerWrapper], tiny_model_dir: Path) -> None:
+def test_model_loads_and_runs_with_sensible_logits(
+    loaded: tuple[Any, TokenizerWrapper], tiny_model_dir: Path
+) -> None:
     model, tokenizer = loaded
     config = json.loads((tiny_model_dir / "config.json").read_text())
     ids = tokenizer.encode("The user prefers tea over coffee.")
@@ -85,7 +94,13 @@ def test_config_matches_the_tokenizer(tiny_model_dir: Path, tokenizer: Tokenizer
     assert config["tie_word_embeddings"] is False and config["rope_theta"] == 1e6
     assert tokenizer.eos_token_ids == {config["eos_token_id"]}
     dims = model_dims(config)
-    assert (dims.hidden_size, dims.num_layers, dims.num_heads, dims.num_kv_heads, dims.head_dim) == (64, 2, 4, 2, 16)
+    assert (dims.hidden_size, dims.num_layers, dims.num_heads, dims.num_kv_heads, dims.head_dim) == (
+        64,
+        2,
+        4,
+        2,
+        16,
+    )
 
 
 def test_weights_follow_the_parity_recipe(tiny_model_dir: Path) -> None:
@@ -145,14 +160,19 @@ def test_tokenizer_vocabulary(tokenizer: TokenizerWrapper) -> None:
     assert 300 <= len(vocab) <= 1100
     for token in SPECIAL_TOKENS + ADDED_TOKENS:
         assert tokenizer.encode(token, add_special_tokens=False) == [vocab[token]], token
-    assert tokenizer.encode("hello", add_special_tokens=True) == tokenizer.encode("hello", add_special_tokens=False)
+    assert tokenizer.encode("hello", add_special_tokens=True) == tokenizer.encode(
+        "hello", add_special_tokens=False
+    )
 
 
 def test_tokenizer_wrapper_detects_qwen_tool_calling(tokenizer: TokenizerWrapper) -> None:
     assert tokenizer.has_chat_template
     assert tokenizer.has_tool_calling
     assert (tokenizer.tool_call_start, tokenizer.tool_call_end) == ("<tool_call>", "</tool_call>")
-    assert tokenizer.tool_parser('{"name": "f", "arguments": {"a": 1}}') == {"name": "f", "arguments": {"a": 1}}
+    assert tokenizer.tool_parser('{"name": "f", "arguments": {"a": 1}}') == {
+        "name": "f",
+        "arguments": {"a": 1},
+    }
 
 
 @settings(max_examples=200, deadline=None)
@@ -220,13 +240,21 @@ def test_tool_calls_and_grouped_tool_results(tokenizer: TokenizerWrapper) -> Non
             "role": "assistant",
             "content": "",
             "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}},
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Zürich"}},
+                },
                 {"id": "c2", "type": "function", "function": {"name": "list_notes", "arguments": "{}"}},
             ],
         },
         {"role": "tool", "tool_call_id": "c1", "content": "12 °C"},
         {"role": "tool", "tool_call_id": "c2", "content": "[]"},
-        {"role": "assistant", "content": "Let me check.", "tool_calls": [{"function": {"name": "f", "arguments": '{"a": [1, 2]}'}}]},
+        {
+            "role": "assistant",
+            "content": "Let me check.",
+            "tool_calls": [{"function": {"name": "f", "arguments": '{"a": [1, 2]}'}}],
+        },
         {"role": "tool", "content": "ok"},
         {"role": "assistant", "content": "It is 12 °C."},
         {"role": "user", "content": "Thanks"},
@@ -237,7 +265,8 @@ def test_tool_calls_and_grouped_tool_results(tokenizer: TokenizerWrapper) -> Non
         "<|im_start|>assistant\n"
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>\n'
         '<tool_call>\n{"name": "list_notes", "arguments": {}}\n</tool_call><|im_end|>\n'
-        "<|im_start|>user\n<tool_response>\n12 °C\n</tool_response>\n<tool_response>\n[]\n</tool_response><|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n12 °C\n</tool_response>\n"
+        "<tool_response>\n[]\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\nLet me check.\n"
         '<tool_call>\n{"name": "f", "arguments": {"a": [1, 2]}}\n</tool_call><|im_end|>\n'
         "<|im_start|>user\n<tool_response>\nok\n</tool_response><|im_end|>\n"
@@ -261,8 +290,14 @@ def test_assistant_without_content_and_tool_result_first(tokenizer: TokenizerWra
 def test_developer_is_treated_as_system(tokenizer: TokenizerWrapper) -> None:
     first = [{"role": "developer", "content": "D"}, {"role": "user", "content": "U"}]
     assert render(tokenizer, first) == "<|im_start|>system\nD<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
-    assert render(tokenizer, first, tools=TOOLS).startswith(f"<|im_start|>system\nD\n\n{TOOLS_PROMPT}<|im_end|>\n")
-    later = [{"role": "user", "content": "U"}, {"role": "developer", "content": "D"}, {"role": "system", "content": "S"}]
+    assert render(tokenizer, first, tools=TOOLS).startswith(
+        f"<|im_start|>system\nD\n\n{TOOLS_PROMPT}<|im_end|>\n"
+    )
+    later = [
+        {"role": "user", "content": "U"},
+        {"role": "developer", "content": "D"},
+        {"role": "system", "content": "S"},
+    ]
     assert render(tokenizer, later) == (
         "<|im_start|>user\nU<|im_end|>\n<|im_start|>system\nD<|im_end|>\n<|im_start|>system\nS<|im_end|>\n"
     )
@@ -284,9 +319,12 @@ def test_rendered_prompt_tokenizes_with_single_special_tokens(tokenizer: Tokeniz
 
 
 @pytest.mark.parametrize(
-    ("variant", "heads", "granularity"), [("tsw", 1, "token"), ("ssw", 1, "message_mean"), ("msw", 4, "token")]
+    ("variant", "heads", "granularity"),
+    [("tsw", 1, "token"), ("ssw", 1, "message_mean"), ("msw", 4, "token")],
 )
-def test_adapter_variants(tmp_path: Path, tiny_model_dir: Path, variant: str, heads: int, granularity: str) -> None:
+def test_adapter_variants(
+    tmp_path: Path, tiny_model_dir: Path, variant: str, heads: int, granularity: str
+) -> None:
     path = write_tiny_adapter(tmp_path / variant, tiny_model_dir, variant=variant)
     raw = json.loads((path / CONFIG_FILE).read_text())
     assert raw["num_state_heads"] == heads and raw["memory_write_granularity"] == granularity

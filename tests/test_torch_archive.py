@@ -19,8 +19,9 @@ import sys
 import types
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,7 +51,9 @@ class _StorageRef:
 class _Tensor:
     """Pickles as torch does: `_rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())`."""
 
-    def __init__(self, storage: _StorageRef, offset: int, size: tuple, stride: tuple, hooks: Any = None) -> None:
+    def __init__(
+        self, storage: _StorageRef, offset: int, size: tuple, stride: tuple, hooks: Any = None
+    ) -> None:
         self.args = (storage, offset, size, stride, False, OrderedDict() if hooks is None else hooks)
 
     def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
@@ -107,7 +110,9 @@ def read_records(path: Path) -> dict[str, bytes]:
         return {name: archive.read(name) for name in archive.namelist()}
 
 
-def float_tensor(fake_torch: types.SimpleNamespace, values: np.ndarray, key: str = "0") -> tuple[_Tensor, dict[str, bytes]]:
+def float_tensor(
+    fake_torch: types.SimpleNamespace, values: np.ndarray, key: str = "0"
+) -> tuple[_Tensor, dict[str, bytes]]:
     values = np.ascontiguousarray(values, dtype="<f4")
     ref = _StorageRef(fake_torch.FloatStorage, key, values.size)
     strides = tuple(s // 4 for s in values.strides)
@@ -261,13 +266,18 @@ def test_malicious_pickle_is_refused_before_it_runs(
         read_torch_archive(path)
 
     # Protocol 2 spells the builtins module the Python 2 way.
-    named = {"os.system": [f"{os.system.__module__}.system"], "builtins.exec": ["builtins.exec", "__builtin__.exec"]}
+    named = {
+        "os.system": [f"{os.system.__module__}.system"],
+        "builtins.exec": ["builtins.exec", "__builtin__.exec"],
+    }
     assert any(name in str(refused.value) for name in named[payload])
     assert str(path) in str(refused.value)
     assert not marker.exists()
 
 
-def test_payload_hidden_in_tensor_arguments_is_refused(tmp_path: Path, fake_torch: types.SimpleNamespace) -> None:
+def test_payload_hidden_in_tensor_arguments_is_refused(
+    tmp_path: Path, fake_torch: types.SimpleNamespace
+) -> None:
     marker = tmp_path / "pwned"
     ref = _StorageRef(fake_torch.FloatStorage, "0", 4)
     tensor = _Tensor(ref, 0, (2, 2), (2, 1), hooks=_SystemCall(f"touch {marker}"))
@@ -367,7 +377,9 @@ def test_compressed_records_are_refused(tmp_path: Path) -> None:
         read_torch_archive(path)
 
 
-def test_huge_claimed_storage_fails_without_allocating(tmp_path: Path, fake_torch: types.SimpleNamespace) -> None:
+def test_huge_claimed_storage_fails_without_allocating(
+    tmp_path: Path, fake_torch: types.SimpleNamespace
+) -> None:
     ref = _StorageRef(fake_torch.FloatStorage, "0", 10**15)
     tensor = _Tensor(ref, 0, (10**15,), (1,))
     path = craft_archive(tmp_path / "huge.pt", {"w": tensor}, {"0": b"\0" * 16})
@@ -421,7 +433,9 @@ def test_bare_tensor_is_refused(tmp_path: Path, fake_torch: types.SimpleNamespac
         read_torch_archive(craft_archive(tmp_path / "bare.pt", tensor, storages))
 
 
-def test_bfloat16_and_half_storages_via_crafted_archive(tmp_path: Path, fake_torch: types.SimpleNamespace) -> None:
+def test_bfloat16_and_half_storages_via_crafted_archive(
+    tmp_path: Path, fake_torch: types.SimpleNamespace
+) -> None:
     values = np.array([1.0, -2.0, 0.5, 3.0], dtype=np.float32)
     bf16 = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
     obj = {

@@ -64,8 +64,7 @@ def load_adapter(adapter_dir: Path) -> LoadedAdapter:
     if pt.is_file():
         return LoadedAdapter(pt, config, _read_pt(pt))
     raise AdapterError(
-        f"{adapter_dir} has no adapter weights: expected {NPZ_FILE} or {PT_FILE}; "
-        "download the adapter again"
+        f"{adapter_dir} has no adapter weights: expected {NPZ_FILE} or {PT_FILE}; download the adapter again"
     )
 
 
@@ -138,7 +137,9 @@ def validate_adapter(adapter: LoadedAdapter, dims: ModelDims) -> None:
             expected = shapes[name]
             tensor = adapter.tensors.get(key)
             if tensor is None:
-                raise AdapterError(f"{adapter.path}: tensor {key} is missing (expected shape {list(expected)})")
+                raise AdapterError(
+                    f"{adapter.path}: tensor {key} is missing (expected shape {list(expected)})"
+                )
             if tuple(tensor.shape) != expected:
                 raise AdapterError(
                     f"{adapter.path}: tensor {key} has shape {list(tensor.shape)}, expected "
@@ -199,5 +200,5 @@ def _layer_span(layers: list[int]) -> str:
     if not layers:
         return "none"
     if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}–{layers[-1]}"
+        return f"{layers[0]}-{layers[-1]}"
     return ", ".join(str(layer) for layer in layers)

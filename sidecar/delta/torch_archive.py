@@ -132,14 +132,11 @@ class _ArchiveReader:
         self._check_opcodes(data)
         result = _RestrictedUnpickler(io.BytesIO(data), self).load()
         if not isinstance(result, dict):
-            raise TorchArchiveError(
-                f"{self.path} holds a {type(result).__name__}, not a dict of tensors"
-            )
+            raise TorchArchiveError(f"{self.path} holds a {type(result).__name__}, not a dict of tensors")
         for key, value in result.items():
             if not isinstance(key, str) or not isinstance(value, np.ndarray):
                 raise TorchArchiveError(
-                    f"{self.path} is not a flat dict of tensors (entry {key!r} is a "
-                    f"{type(value).__name__})"
+                    f"{self.path} is not a flat dict of tensors (entry {key!r} is a {type(value).__name__})"
                 )
         return dict(result)
 
@@ -243,7 +240,7 @@ def _rebuild_tensor(
     numel = math.prod(size)
     if numel == 0:
         return np.empty(size, dtype=storage.dtype)
-    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+    last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     # More elements than the storage holds can only come from zero strides: refuse rather than
     # materialise a broadcast that a hostile file could make arbitrarily large.
     if last >= storage.size or numel > storage.size:
@@ -260,7 +257,9 @@ def _rebuild_tensor(
     return np.array(view)
 
 
-def _rebuild_parameter(data: np.ndarray, requires_grad: bool = False, backward_hooks: Any = None) -> np.ndarray:
+def _rebuild_parameter(
+    data: np.ndarray, requires_grad: bool = False, backward_hooks: Any = None
+) -> np.ndarray:
     """Stand-in for `torch._utils._rebuild_parameter`: a parameter is just its tensor here."""
     if backward_hooks:
         raise ValueError("a parameter carries backward hooks, which a tensor archive never needs")
