@@ -1,0 +1,199 @@
+"""The `models.providers.delta-mem-mlx` block OpenClaw 2026.9.6 accepts, and how to make it the default."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from installer.presets import MIN_CONTEXT_WINDOW, load_preset
+from plugin_tools.payloads import (
+    PROVIDER_CONFIG_TOOL,
+    PROVIDER_ID,
+    ConfigPatch,
+    PluginConfig,
+    ProviderBlock,
+    ProviderConfigParams,
+    ProviderConfigPayload,
+)
+from plugin_tools.target import install_root, installed_settings, resolve_api_base
+
+# Before anything is installed, the block describes what the default preset will serve.
+DEFAULT_PRESET = "qwen3-delta"
+ALIAS = "delta-mem"
+# A non-secret marker: OpenClaw accepts it for loopback URLs, and a sidecar without a key ignores it.
+LOCAL_API_KEY = "delta-mem-mlx-local"
+HIDDEN_API_KEY = "<hidden: run 'delta-mem-mlx provider-config --apply' to write the sidecar's key>"
+APPLY_COMMAND = "delta-mem-mlx provider-config --apply"
+
+# Conservative speeds for a 4B 4-bit model on the smallest Apple Silicon Macs, so that a full
+# context prefill plus a full answer fits in the provider timeout instead of being cut off.
+_SLOWEST_PREFILL_TOKENS_PER_S = 100
+_SLOWEST_DECODE_TOKENS_PER_S = 10
+_MIN_TIMEOUT_S = 300
+
+
+class ProviderConfigError(ValueError):
+    """A provider setting OpenClaw or the sidecar would refuse, with the reason."""
+
+
+@dataclass(frozen=True)
+class ProviderInputs:
+    """The resolved values the provider block is built from."""
+
+    api_base: str
+    model_id: str
+    api_key: str | None
+    context_window: int
+    max_tokens: int
+    defaults_from: str
+    notes: tuple[str, ...]
+
+
+def resolve_inputs(root: Path, config: PluginConfig, params: ProviderConfigParams) -> ProviderInputs:
+    """Pick each value from the tool parameters, the plugin config, the installed root, then defaults."""
+    settings = installed_settings(root)
+    notes: list[str] = []
+    if settings is None:
+        preset = load_preset(DEFAULT_PRESET)
+        defaults_from = f"the {DEFAULT_PRESET} preset (nothing installed at {root} yet)"
+        installed_window, installed_max = preset.context_window, preset.max_output_tokens
+        installed_id = preset.model_id or ""
+    else:
+        defaults_from = f"the sidecar installed at {root}"
+        installed_window, installed_max = settings.context_window, settings.max_output_tokens
+        installed_id = settings.model_id
+
+    model_id = params.get("modelId") or config.get("modelId") or installed_id
+    window = params.get("contextWindow") or config.get("contextWindow") or installed_window
+    context_window = _positive_int("contextWindow", window)
+    max_tokens = _positive_int("maxTokens", params.get("maxTokens") or installed_max)
+    if context_window < MIN_CONTEXT_WINDOW:
+        raise ProviderConfigError(
+            f"context window {context_window} is below OpenClaw's minimum of {MIN_CONTEXT_WINDOW} tokens: "
+            f"use at least {MIN_CONTEXT_WINDOW}, and a sidecar installed with a window that large"
+        )
+    if max_tokens >= context_window:
+        raise ProviderConfigError(
+            f"maxTokens {max_tokens} must be smaller than the context window {context_window}"
+        )
+    if settings is not None:
+        if model_id != settings.model_id:
+            notes.append(
+                f"model id {model_id!r} differs from the installed sidecar's {settings.model_id!r}: "
+                "it will answer 404"
+            )
+        if context_window > settings.context_window:
+            notes.append(
+                f"context window {context_window} is larger than the sidecar's {settings.context_window}: "
+                "longer prompts will be refused"
+            )
+    return ProviderInputs(
+        api_base=resolve_api_base(config, settings, params.get("baseUrl")),
+        model_id=model_id,
+        api_key=settings.api_key if settings is not None else None,
+        context_window=context_window,
+        max_tokens=max_tokens,
+        defaults_from=defaults_from,
+        notes=tuple(notes),
+    )
+
+
+def timeout_seconds(context_window: int, max_tokens: int) -> int:
+    """A provider timeout long enough for a full-context prefill and a full answer on a slow Mac."""
+    needed = context_window / _SLOWEST_PREFILL_TOKENS_PER_S + max_tokens / _SLOWEST_DECODE_TOKENS_PER_S
+    return max(_MIN_TIMEOUT_S, math.ceil(needed))
+
+
+def provider_block(inputs: ProviderInputs, reveal_api_key: bool) -> ProviderBlock:
+    """The value of `models.providers.delta-mem-mlx`."""
+    if inputs.api_key is None:
+        api_key = LOCAL_API_KEY
+    else:
+        api_key = inputs.api_key if reveal_api_key else HIDDEN_API_KEY
+    return {
+        "baseUrl": inputs.api_base,
+        "apiKey": api_key,
+        "api": "openai-completions",
+        "timeoutSeconds": timeout_seconds(inputs.context_window, inputs.max_tokens),
+        "models": [
+            {
+                "id": inputs.model_id,
+                "name": f"δ-mem {inputs.model_id} (local MLX)",
+                "reasoning": False,
+                "input": ["text"],
+                "contextWindow": inputs.context_window,
+                "maxTokens": inputs.max_tokens,
+                "cost": {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0},
+                # Session affinity headers are how the sidecar tells OpenClaw sessions apart; a
+                # configured header would be one static value shared by every session.
+                "compat": {
+                    "sendSessionAffinityHeaders": True,
+                    "supportsUsageInStreaming": True,
+                    "supportsTools": True,
+                    "supportsDeveloperRole": False,
+                    "maxTokensField": "max_completion_tokens",
+                },
+            }
+        ],
+    }
+
+
+def model_ref(model_id: str) -> str:
+    """How OpenClaw names the model: `<provider>/<model id>`."""
+    return f"{PROVIDER_ID}/{model_id}"
+
+
+def config_patch(block: ProviderBlock) -> ConfigPatch:
+    """The provider, the default model and its alias, where openclaw.json keeps each."""
+    ref = model_ref(block["models"][0]["id"])
+    return {
+        "models": {"mode": "merge", "providers": {PROVIDER_ID: block}},
+        "agents": {"defaults": {"model": {"primary": ref}, "models": {ref: {"alias": ALIAS}}}},
+    }
+
+
+def build_provider_config(
+    config: PluginConfig, params: ProviderConfigParams, reveal_api_key: bool = False
+) -> ProviderConfigPayload:
+    """The `delta_mem_mlx_provider_config` payload for the configured install root."""
+    root = install_root(config)
+    inputs = resolve_inputs(root, config, params)
+    block = provider_block(inputs, reveal_api_key)
+    notes = list(inputs.notes)
+    if inputs.api_key is not None and not reveal_api_key:
+        notes.append(f"the sidecar requires an API key; '{APPLY_COMMAND}' writes it into openclaw.json")
+    ref = model_ref(inputs.model_id)
+    return {
+        "tool": PROVIDER_CONFIG_TOOL,
+        "summary": f"provider {PROVIDER_ID} -> {inputs.api_base}, model {ref} (alias {ALIAS}), "
+        f"context window {inputs.context_window}",
+        "provider_id": PROVIDER_ID,
+        "model_ref": ref,
+        "alias": ALIAS,
+        "config_patch": config_patch(block),
+        "defaults_from": inputs.defaults_from,
+        "apply_command": APPLY_COMMAND,
+        "notes": notes,
+    }
+
+
+def check_params(params: dict[str, object]) -> ProviderConfigParams:
+    """Tool-call parameters checked for unknown names and wrong types (a model can send anything)."""
+    known = list(ProviderConfigParams.__annotations__)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ProviderConfigError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    for name in ("baseUrl", "modelId"):
+        if name in params and (not isinstance(params[name], str) or not params[name]):
+            raise ProviderConfigError(f"{name} must be a non-empty string (got {params[name]!r})")
+    for name in ("contextWindow", "maxTokens"):
+        if name in params:
+            _positive_int(name, params[name])
+    return params  # type: ignore[return-value]
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ProviderConfigError(f"{name} must be a positive integer (got {value!r})")
+    return value

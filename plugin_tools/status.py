@@ -1,0 +1,191 @@
+"""`delta_mem_mlx_status`: the platform, the install root, the supervisor and the sidecar's /health."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+from installer.health import probe_health
+from installer.receipt import read_receipt, verify_receipt
+from installer.supervisors import supervisor_for_root
+from plugin_tools.payloads import (
+    STATUS_TOOL,
+    HealthReport,
+    InstallReport,
+    PlatformReport,
+    PluginConfig,
+    StatusPayload,
+    SupervisorReport,
+)
+from plugin_tools.target import (
+    TargetError,
+    install_root,
+    installed_settings,
+    resolve_api_base,
+    settings_for_url,
+)
+from sidecar.config import SettingsError, SidecarSettings
+
+# The tool runs inside an agent turn: a sidecar that does not answer quickly is reported, not awaited.
+HEALTH_TIMEOUT_S = 2.0
+
+
+def platform_report() -> PlatformReport:
+    """This machine against the target: macOS on Apple Silicon (Linux works on MLX's CPU backend)."""
+    system, machine = platform.system(), platform.machine()
+    apple_silicon = system == "Darwin" and machine == "arm64"
+    if apple_silicon:
+        note = "macOS on Apple Silicon: MLX runs on the GPU (Metal)"
+    elif system == "Linux":
+        note = "Linux: supported for development; MLX runs on the CPU (slowly) or on CUDA"
+    else:
+        note = f"{system} {machine} is not supported: MLX needs macOS on Apple Silicon, or Linux"
+    return {
+        "system": system,
+        "machine": machine,
+        "python": platform.python_version(),
+        "apple_silicon": apple_silicon,
+        "supported": apple_silicon or system == "Linux",
+        "note": note,
+    }
+
+
+def install_report(root: Path) -> tuple[InstallReport, SidecarSettings | None]:
+    """The root's receipt, preset, model and adapter, and every problem found with them."""
+    receipt = read_receipt(root)
+    # Sizes only: hashing gigabytes of weights would not fit in a tool call.
+    problems = verify_receipt(root, hashes=False)
+    try:
+        settings = installed_settings(root)
+    except SettingsError as exc:
+        settings = None
+        problems.append(str(exc))
+    if receipt is not None:
+        model_path, adapter_path, model_id = receipt.model_path, receipt.adapter_path, receipt.model_id
+    elif settings is not None:
+        model_path, adapter_path, model_id = settings.model_path, settings.adapter_path, settings.model_id
+    else:
+        model_path = adapter_path = model_id = None
+    report: InstallReport = {
+        "root": str(root),
+        "root_exists": root.is_dir(),
+        "receipt_present": receipt is not None,
+        "installed": receipt is not None and not problems,
+        "preset": receipt.preset if receipt is not None else None,
+        "model_id": model_id,
+        "model_path": model_path,
+        "model_present": model_path is not None and Path(model_path).is_dir(),
+        "adapter_path": adapter_path,
+        "adapter_present": None if adapter_path is None else Path(adapter_path).is_dir(),
+        "problems": sorted(set(problems), key=problems.index),
+    }
+    return report, settings
+
+
+def supervisor_report(root: Path) -> SupervisorReport:
+    """The supervisor's view of the sidecar process."""
+    try:
+        state = supervisor_for_root(root).status()
+    except Exception as exc:  # a status tool reports what it cannot read instead of failing
+        return {"kind": None, "state": "unknown", "pid": None, "detail": f"cannot ask the supervisor: {exc}"}
+    return {"kind": state.kind, "state": state.state, "pid": state.pid, "detail": state.detail}
+
+
+def health_report(target: SidecarSettings, api_base: str) -> HealthReport:
+    """The sidecar's /health, asked with a short timeout."""
+    health = probe_health(target, timeout=HEALTH_TIMEOUT_S)
+    return {
+        "url": api_base.removesuffix("/v1") + "/health",
+        "reachable": health.status_code is not None,
+        "http_code": health.status_code,
+        "body": health.body,
+        "problem": health.error,
+    }
+
+
+def build_status(config: PluginConfig) -> StatusPayload:
+    """The `delta_mem_mlx_status` payload for the configured install root."""
+    root = install_root(config)
+    install, settings = install_report(root)
+    notes = _config_notes(config, settings)
+    installed_base = resolve_api_base({}, settings)
+    try:
+        configured_base = resolve_api_base(config, settings)
+    except TargetError as exc:
+        notes.append(str(exc))
+        configured_base = installed_base
+    if configured_base != installed_base and settings is not None:
+        notes.append(
+            f"OpenClaw is configured for {configured_base} "
+            f"but the installed sidecar listens on {installed_base}"
+        )
+    # The root's own sidecar when there is one, else whatever answers where the plugin points.
+    target = settings if settings is not None else settings_for_url(configured_base)
+    health = health_report(target, installed_base if settings is not None else configured_base)
+    ready = install["installed"] and health["problem"] is None
+    return {
+        "tool": STATUS_TOOL,
+        "summary": _summary(install, health, ready),
+        "ready": ready,
+        "platform": platform_report(),
+        "install": install,
+        "supervisor": supervisor_report(root),
+        "health": health,
+        "plugin_config": config,
+        "next_steps": _next_steps(root, install, health, ready),
+        "notes": notes,
+    }
+
+
+def _summary(install: InstallReport, health: HealthReport, ready: bool) -> str:
+    if ready:
+        return f"ready: {install['model_id']} is installed and the sidecar answers at {health['url']}"
+    if not install["receipt_present"]:
+        return f"not installed: no completed install in {install['root']}"
+    if install["problems"]:
+        return f"the install has {len(install['problems'])} problem(s): {install['problems'][0]}"
+    return f"installed, but the sidecar is not healthy: {health['problem']}"
+
+
+def _next_steps(root: Path, install: InstallReport, health: HealthReport, ready: bool) -> list[str]:
+    if ready:
+        return ["delta-mem-mlx provider-config --apply  (once, unless OpenClaw already has the provider)"]
+    if not install["receipt_present"] or install["problems"]:
+        return [f"delta-mem-mlx install-sidecar --root {root}  (a rerun repairs an incomplete install)"]
+    if health["http_code"] == 503:
+        return ["wait for the model to load, then ask for the status again"]
+    return [
+        f"delta-mem-mlx start-sidecar --root {root}",
+        f"delta-mem-mlx logs --root {root}  (if it does not start)",
+    ]
+
+
+def _config_notes(config: PluginConfig, settings: SidecarSettings | None) -> list[str]:
+    """Where the plugin config and the installed sidecar disagree."""
+    if settings is None:
+        return []
+    notes: list[str] = []
+    mode = "none" if config.get("attentionStateEnabled") is False else config.get("attentionMode")
+    if mode is not None and mode != settings.attention_state_source:
+        notes.append(
+            f"the plugin config asks for memory snippets from {mode!r} but the sidecar uses "
+            f"{settings.attention_state_source!r}: start it with --attention-state-source {mode}"
+        )
+    limit = config.get("attentionLimit")
+    if limit is not None and settings.attention_state_source == "qmd" and limit != settings.qmd.limit:
+        notes.append(
+            f"the plugin config's attentionLimit {limit} differs from "
+            f"the sidecar's QMD limit {settings.qmd.limit}"
+        )
+    adapter = config.get("attentionAdapter")
+    served = Path(settings.adapter_path) if settings.adapter_path else None
+    if adapter and Path(adapter).expanduser().resolve() != served:
+        notes.append(
+            f"the plugin config's attentionAdapter {adapter} is not the adapter the sidecar serves ({served})"
+        )
+    model_id = config.get("modelId")
+    if model_id and model_id != settings.model_id:
+        notes.append(
+            f"the plugin config's modelId {model_id!r} differs from the installed {settings.model_id!r}"
+        )
+    return notes
