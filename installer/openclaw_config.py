@@ -1,0 +1,150 @@
+"""Merging the delta-mem-mlx provider into OpenClaw's config file, keeping everything else in it.
+
+openclaw.json may be JSON5 (comments, trailing commas, unquoted keys); it is read with `json5`
+and written back as plain JSON, so such syntax is lost: the timestamped backup keeps it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import stat
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import json5
+
+from plugin_tools.payloads import ConfigPatch
+from sidecar.files import atomic_write_bytes, atomic_write_text
+
+CONFIG_FILE = "openclaw.json"
+# The config may carry API keys; a new file is readable by its owner only, as OpenClaw writes it.
+NEW_FILE_MODE = 0o600
+
+
+class OpenClawConfigError(ValueError):
+    """openclaw.json cannot be read or merged; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What `apply_patch` did to the config file."""
+
+    path: Path
+    backup: Path | None
+    created: bool
+    comments_dropped: bool
+    previous_default: str | None
+
+
+def openclaw_config_path() -> Path:
+    """Where OpenClaw reads its config: $OPENCLAW_CONFIG_PATH, $OPENCLAW_STATE_DIR, $OPENCLAW_HOME or ~."""
+    explicit = os.environ.get("OPENCLAW_CONFIG_PATH", "").strip()
+    if explicit:
+        return Path(explicit).expanduser()
+    state_dir = os.environ.get("OPENCLAW_STATE_DIR", "").strip()
+    if state_dir:
+        return Path(state_dir).expanduser() / CONFIG_FILE
+    home = os.environ.get("OPENCLAW_HOME", "").strip()
+    return (Path(home).expanduser() if home else Path.home()) / ".openclaw" / CONFIG_FILE
+
+
+def parse_config(raw: bytes, path: Path) -> tuple[dict[str, Any], bool]:
+    """The config object, and whether it uses JSON5 syntax that plain JSON cannot keep."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise OpenClawConfigError(f"{path} is not UTF-8 text ({exc}); nothing was changed") from exc
+    try:
+        data = json5.loads(text)
+    except ValueError as exc:
+        raise OpenClawConfigError(
+            f"{path} cannot be parsed as JSON5 ({exc}); nothing was changed. "
+            "Fix it (openclaw config validate shows where) and run the command again"
+        ) from exc
+    if not isinstance(data, dict):
+        raise OpenClawConfigError(
+            f"{path} must hold one object, not {type(data).__name__}; nothing was changed"
+        )
+    try:
+        json.loads(text)
+    except ValueError:
+        return data, True
+    return data, False
+
+
+def merge_patch(
+    config: dict[str, Any], patch: ConfigPatch, set_default: bool
+) -> tuple[dict[str, Any], str | None]:
+    """A copy of `config` with the patch merged in, and the default model it replaced (if any).
+
+    The delta-mem-mlx provider entry is replaced as a whole (it is ours); every other key is kept.
+    """
+    merged = copy.deepcopy(config)
+    models = _object(merged, "models")
+    models.setdefault("mode", patch["models"]["mode"])
+    _object(models, "providers", "models").update(copy.deepcopy(patch["models"]["providers"]))
+    defaults = _object(_object(merged, "agents"), "defaults", "agents")
+    per_model = _object(defaults, "models", "agents.defaults")
+    for ref, entry in patch["agents"]["defaults"]["models"].items():
+        _object(per_model, ref, "agents.defaults.models").update(entry)
+    if not set_default:
+        return merged, None
+    primary = patch["agents"]["defaults"]["model"]["primary"]
+    current = defaults.get("model")
+    if isinstance(current, dict):
+        previous = current.get("primary")
+        current["primary"] = primary
+    else:
+        # The string form names only the primary model; the object form also keeps fallbacks.
+        previous = current
+        defaults["model"] = {"primary": primary}
+    return merged, previous if isinstance(previous, str) and previous != primary else None
+
+
+def apply_patch(
+    path: Path, patch: ConfigPatch, set_default: bool = True, now: datetime | None = None
+) -> ApplyResult:
+    """Merge the patch into the config file at `path`: backup first, then one atomic write."""
+    # Write through a symlinked config to its target, as OpenClaw itself does.
+    path = Path(path).expanduser().resolve()
+    try:
+        raw: bytes | None = path.read_bytes()
+    except FileNotFoundError:
+        raw = None
+    except OSError as exc:
+        raise OpenClawConfigError(f"{path} cannot be read ({exc}); nothing was changed") from exc
+    config, json5_only = parse_config(raw, path) if raw is not None else ({}, False)
+    merged, previous = merge_patch(config, patch, set_default)
+    backup = None
+    mode = NEW_FILE_MODE
+    if raw is not None:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        backup = _backup_path(path, now or datetime.now(timezone.utc))
+        atomic_write_bytes(backup, raw, mode)
+    atomic_write_text(path, json.dumps(merged, indent=2, ensure_ascii=False) + "\n", mode)
+    return ApplyResult(path, backup, raw is None, json5_only, previous)
+
+
+def _object(parent: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
+    value = parent.setdefault(key, {})
+    if not isinstance(value, dict):
+        name = f"{where}.{key}" if where else key
+        raise OpenClawConfigError(
+            f"{name} in openclaw.json is a {type(value).__name__}, not an object; "
+            "fix it by hand (nothing was changed)"
+        )
+    return value
+
+
+def _backup_path(path: Path, now: datetime) -> Path:
+    stamp = now.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    candidate = path.with_name(f"{path.name}.bak-{stamp}")
+    counter = 2
+    while candidate.exists():
+        candidate = path.with_name(f"{path.name}.bak-{stamp}-{counter}")
+        counter += 1
+    return candidate
