@@ -7,6 +7,7 @@ K and V are corrected only if the adapter's `delta_heads` ask for it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -17,9 +18,25 @@ from mlx_lm.models.base import scaled_dot_product_attention
 
 from sidecar.delta.cache import DeltaControls, DeltaKVCache
 from sidecar.delta.config import DeltaMemConfig
-from sidecar.delta.scan import scan, step
+from sidecar.delta.scan import scan
 
 _STATELESS = DeltaControls()
+
+
+@dataclass(frozen=True)
+class DeltaLayout:
+    """Which Δ terms the fused Δ output holds, in order, and their widths."""
+
+    heads: tuple[str, ...]
+    sizes: tuple[int, ...]
+
+    def split(self, fused: mx.array) -> dict[str, mx.array]:
+        """Cut the fused Δ output into one array per head."""
+        out, start = {}, 0
+        for head, size in zip(self.heads, self.sizes):
+            out[head] = fused[..., start : start + size]
+            start += size
+        return out
 
 
 class DeltaAttention(nn.Module):
@@ -37,11 +54,11 @@ class DeltaAttention(nn.Module):
         # One matmul produces q, k, v and the gate logits; stored as [in, out].
         self.memory_weight = mx.array(np.concatenate([tensors[p] for p in parts]).T.astype(np.float32))
         self.memory_bias = mx.array(np.concatenate(biases).astype(np.float32))
-        # The α/r scale is folded into the Δ maps, stored as [memory_dim, out].
-        self.delta = {
-            head: mx.array((config.scale * tensors[f"delta_{head}_proj"]).T.astype(np.float32))
-            for head in config.delta_heads
-        }
+        # The α/r scale is folded into the Δ maps, concatenated as [memory_dim, sum of outputs]
+        # so that one matmul gives every Δ term.
+        maps = [(config.scale * tensors[f"delta_{h}_proj"]).T for h in config.delta_heads]
+        self.delta_weight = mx.array(np.concatenate(maps, axis=1).astype(np.float32))
+        self.delta_layout = DeltaLayout(config.delta_heads, tuple(m.shape[1] for m in maps))
 
     @property
     def state_shape(self) -> tuple[int, ...]:
@@ -67,50 +84,29 @@ class DeltaAttention(nn.Module):
 
         if ids is not None and controls.write:
             reads, states = self._message_mean_write(x, state, ids)
-        elif T == 1 and controls.write:
-            deltas, new_state = _decode_step(self.config)(
-                x, self.memory_weight, self.memory_bias, state, self.delta
-            )
-            states = new_state[:, None]
-            return self._finish(x, mask, cache, delta_cache, start, states, deltas)
+            fused = _fused_deltas(reads, self.delta_weight)
+        elif controls.write:
+            # One compiled function per adapter config: prefill (traced per length) or decode.
+            run = _decode_step(self.config) if T == 1 else _prefill_scan(self.config)
+            fused, states = run(x, self.memory_weight, self.memory_bias, state, self.delta_weight)
         else:
-            q, k, v, keep, erase, write = self._memory_inputs(x)
-            if controls.write:
-                reads, states = scan(q, k, v, keep, erase, write, state, all_states=True)
-                states = states.swapaxes(1, 2)  # [B, T, H, r, r]
-            else:
-                reads = (state[:, :, None] @ q[..., None])[..., 0]  # every token reads the old state
-                states = None
-            reads = reads.swapaxes(1, 2).reshape(B, T, H * r)
-        deltas = {head: reads @ w for head, w in self.delta.items()}
-        return self._finish(x, mask, cache, delta_cache, start, states, deltas)
+            fused = _fused_deltas(_read_only(state, self._memory_inputs(x)[0]), self.delta_weight)
+            states = None
+        if delta_cache is not None and states is not None:
+            delta_cache.store_states(start, states.reshape(B, T, *self.state_shape))
+        if fused.dtype != x.dtype:
+            fused = fused.astype(x.dtype)
+        return _attend(self.base, x, mask, cache, self.delta_layout.split(fused))
 
     @property
     def _message_mean(self) -> bool:
         return self.config.memory_write_granularity == "message_mean"
-
-    def _finish(
-        self,
-        x: mx.array,
-        mask: Any,
-        cache: Any,
-        delta_cache: DeltaKVCache | None,
-        start: int,
-        states: mx.array | None,
-        deltas: dict[str, mx.array],
-    ) -> mx.array:
-        if delta_cache is not None and states is not None:
-            B, T = states.shape[:2]
-            delta_cache.store_states(start, states.reshape(B, T, *self.state_shape))
-        return _attend(self.base, x, mask, cache, {h: d.astype(x.dtype) for h, d in deltas.items()})
 
     def _memory_inputs(self, x: mx.array) -> tuple[mx.array, ...]:
         return _memory_inputs(self.config, x, self.memory_weight, self.memory_bias)
 
     def _message_mean_write(self, x: mx.array, state: mx.array, ids: np.ndarray):
         """SSW: every token reads the call's start state; one write per message (its mean input)."""
-        B, T, _ = x.shape
-        H, r = self.config.num_state_heads, self.config.rank
         slots = int(ids.max()) + 1
         onehot = (ids[:, None, :] == np.arange(slots)[None, :, None]).astype(np.float32)
         counts = onehot.sum(-1, keepdims=True)
@@ -122,54 +118,84 @@ class DeltaAttention(nn.Module):
         keep = present * keep + (1.0 - present)
         erase, write = present * erase, present * write
         _, message_states = scan(q, k, v, keep, erase, write, state, all_states=True)
-        token_q = self._memory_inputs(x)[0]
-        reads = (state[:, :, None] @ token_q[..., None])[..., 0]
-        reads = reads.swapaxes(1, 2).reshape(B, T, H * r)
+        reads = _read_only(state, self._memory_inputs(x)[0])
         history = mx.concatenate([state[:, :, None], message_states], axis=2)  # [B, H, slots+1, r, r]
         index = mx.array(_completed_messages(ids, slots))  # [B, T]
         states = mx.take_along_axis(history, index[:, None, :, None, None], axis=2)
         return reads, states.swapaxes(1, 2)
 
 
-def _memory_inputs(
-    config: DeltaMemConfig, x: mx.array, weight: mx.array, bias: mx.array
-) -> tuple[mx.array, ...]:
-    """Normalised q, k, raw v [B, H, T, r] and keep, erase, write [B, H, T, g] for the scan."""
+def _project(config: DeltaMemConfig, x: mx.array, weight: mx.array, bias: mx.array) -> tuple[mx.array, ...]:
+    """qk [B, T, 2, H, r] (tanh, unit length), v [B, T, H, r], keep/erase/write [B, T, H, g]."""
     B, T, _ = x.shape
     H, r, D, G = config.num_state_heads, config.rank, config.memory_dim, config.gate_dim
     proj = x.astype(mx.float32) @ weight + bias
-    q, k, v = (proj[..., i * D : (i + 1) * D].reshape(B, T, H, r) for i in range(3))
-    q, k = _unit(mx.tanh(q)), _unit(mx.tanh(k))
-    beta = mx.sigmoid(proj[..., 3 * D : 3 * D + G])
-    lam = 1.0 - beta if config.couple_lambda else mx.sigmoid(proj[..., 3 * D + G : 3 * D + 2 * G])
+    qk = mx.tanh(proj[..., : 2 * D]).reshape(B, T, 2, H, r)
+    # x / max(|x|, 1e-6), written with one reduction for q and k together.
+    qk = qk * mx.rsqrt(mx.maximum(mx.sum(qk * qk, axis=-1, keepdims=True), 1e-12))
+    v = proj[..., 2 * D : 3 * D].reshape(B, T, H, r)
     g = r if config.rankwise_gates else 1
-    beta, lam = beta.reshape(B, T, H, g), lam.reshape(B, T, H, g)
+    beta = mx.sigmoid(proj[..., 3 * D : 3 * D + G]).reshape(B, T, H, g)
+    if config.couple_lambda:
+        lam = 1.0 - beta
+    else:
+        lam = mx.sigmoid(proj[..., 3 * D + G : 3 * D + 2 * G]).reshape(B, T, H, g)
     if config.state_update_mode == "standard":
         keep, erase, write = lam, beta, beta
     elif config.state_update_mode == "lambda_outside":
         keep, erase, write = lam, lam * beta, beta
     else:  # no_lambda
         keep, erase, write = mx.ones_like(beta), beta, beta
+    return qk, v, keep, erase, write
+
+
+def _memory_inputs(
+    config: DeltaMemConfig, x: mx.array, weight: mx.array, bias: mx.array
+) -> tuple[mx.array, ...]:
+    """q, k, v [B, H, T, r] and keep, erase, write [B, H, T, g]: the scan's layout."""
+    qk, v, keep, erase, write = _project(config, x, weight, bias)
+    q, k = qk[:, :, 0], qk[:, :, 1]
     return tuple(t.swapaxes(1, 2) for t in (q, k, v, keep, erase, write))
 
 
-def _unit(x: mx.array) -> mx.array:
-    norm = mx.sqrt(mx.sum(x * x, axis=-1, keepdims=True))
-    return x / mx.maximum(norm, 1e-6)
+@lru_cache(maxsize=None)
+def _decode_step(config: DeltaMemConfig) -> Callable[..., tuple[mx.array, mx.array]]:
+    """One token: the fused Δ output and the new state [B, 1, H, r, r], as one compiled function."""
+
+    def run(x, weight, bias, state, delta_weight):
+        B = x.shape[0]
+        qk, v, keep, erase, write = _project(config, x, weight, bias)
+        columns = qk[:, 0].transpose(0, 2, 3, 1)  # [B, H, r, 2]: q and k side by side
+        read_and_proj = state @ columns  # one matmul gives S q (the read) and S k
+        k_row = qk[:, 0, 1][:, :, None, :]  # [B, H, 1, r]
+        a, e, w = (c[:, 0][..., None] for c in (keep, erase, write))  # per row: [B, H, g, 1]
+        new_state = a * state - e * (read_and_proj[..., 1:] * k_row) + w * (v[:, 0][..., None] * k_row)
+        read = read_and_proj[..., 0].reshape(B, 1, config.memory_dim)
+        return read @ delta_weight, new_state[:, None]
+
+    return mx.compile(run)
 
 
 @lru_cache(maxsize=None)
-def _decode_step(config: DeltaMemConfig) -> Callable[..., tuple[dict[str, mx.array], mx.array]]:
-    """The whole per-token δ computation as one compiled function (per adapter config)."""
+def _prefill_scan(config: DeltaMemConfig) -> Callable[..., tuple[mx.array, mx.array]]:
+    """A run of tokens: the fused Δ output and the state after each token [B, T, H, r, r], compiled."""
 
-    def run(x, weight, bias, state, delta):
-        B = x.shape[0]
-        q, k, v, keep, erase, write = _memory_inputs(config, x, weight, bias)
-        read, new_state = step(q, k, v, keep, erase, write, state)
-        read = read.swapaxes(1, 2).reshape(B, 1, config.memory_dim)
-        return {head: read @ w for head, w in delta.items()}, new_state
+    def run(x, weight, bias, state, delta_weight):
+        reads, states = scan(*_memory_inputs(config, x, weight, bias), state, all_states=True)
+        return _fused_deltas(reads, delta_weight), states.swapaxes(1, 2)
 
     return mx.compile(run)
+
+
+def _read_only(state: mx.array, q: mx.array) -> mx.array:
+    """Reads [B, H, T, r] of every token from one fixed state."""
+    return (state[:, :, None] @ q[..., None])[..., 0]
+
+
+def _fused_deltas(reads: mx.array, delta_weight: mx.array) -> mx.array:
+    """All Δ terms [B, T, sum of outputs] from reads [B, H, T, r]."""
+    B, H, T, r = reads.shape
+    return reads.swapaxes(1, 2).reshape(B, T, H * r) @ delta_weight
 
 
 def _attend(base: nn.Module, x: mx.array, mask: Any, cache: Any, deltas: dict[str, mx.array]) -> mx.array:

@@ -32,12 +32,17 @@ class DeltaKVCache(KVCache):
         self.controls = controls
         self.states: mx.array | None = None  # [B, capacity, *state_shape], float32
         self.recorded = 0  # states[:, :recorded + 1] are valid; δ-off calls leave the state as is
+        # The state at `recorded`, kept apart from the buffer: handing out a view of the buffer
+        # would stop the next store from updating it in place (a full copy per decoded token).
+        self.latest: mx.array | None = None
 
     def state_at(self, offset: int, batch: int) -> mx.array:
         """The δ-state after `offset` tokens (zeros before anything was written)."""
         if self.states is None:
             return mx.zeros((batch, *self.state_shape), dtype=mx.float32)
-        return self.states[:, min(offset, self.recorded)]
+        if offset >= self.recorded:
+            return self.latest
+        return self.states[:, offset]
 
     def current_state(self, batch: int = 1) -> mx.array:
         """The δ-state after every cached token."""
@@ -50,27 +55,35 @@ class DeltaKVCache(KVCache):
         self._ensure_capacity(end + 1, states.shape[0])
         self.states[:, start + 1 : end + 1] = states
         self.recorded = end
+        self.latest = states[:, -1]
 
     def set_current_state(self, state: mx.array) -> None:
         """Replace the state at the current offset (a context-only write or a restored state)."""
         self._fill_gap(self.offset, state.shape[0])
         self._ensure_capacity(self.offset + 1, state.shape[0])
-        self.states[:, self.offset] = state.astype(mx.float32)
+        self.latest = state.astype(mx.float32)
+        self.states[:, self.offset] = self.latest
         self.recorded = self.offset
 
     def trim(self, n: int) -> int:
         trimmed = super().trim(n)
-        self.recorded = min(self.recorded, self.offset)
+        if self.states is not None and self.offset < self.recorded:
+            self.recorded = self.offset
+            self.latest = self.states[:, self.offset]
         return trimmed
 
     def _fill_gap(self, offset: int, batch: int) -> None:
         # Tokens processed with δ off did not change the state: carry it forward to `offset`.
         if self.states is None:
             self._ensure_capacity(offset + 1, batch)
+            self.latest = mx.zeros((batch, *self.state_shape), dtype=mx.float32)
+            self.recorded = offset
         elif offset > self.recorded:
             self._ensure_capacity(offset + 1, batch)
-            last = self.states[:, self.recorded : self.recorded + 1]
-            self.states[:, self.recorded + 1 : offset + 1] = last
+            gap = offset - self.recorded
+            self.states[:, self.recorded + 1 : offset + 1] = mx.broadcast_to(
+                self.latest[:, None], (batch, gap, *self.state_shape)
+            )
             self.recorded = offset
 
     def _ensure_capacity(self, needed: int, batch: int) -> None:
@@ -84,11 +97,11 @@ class DeltaKVCache(KVCache):
 
     @property
     def state(self):
-        return self.keys, self.values, self.offset, self.states, self.recorded
+        return self.keys, self.values, self.offset, self.states, self.recorded, self.latest
 
     @state.setter
     def state(self, v):
-        self.keys, self.values, self.offset, self.states, self.recorded = v
+        self.keys, self.values, self.offset, self.states, self.recorded, self.latest = v
 
     @property
     def nbytes(self):

@@ -22,25 +22,6 @@ CHUNK = 32
 _TINY = 1e-30  # floor for log(keep): keeps ratios of products finite when a gate saturates
 
 
-def step(
-    q: mx.array,
-    k: mx.array,
-    v: mx.array,
-    keep: mx.array,
-    erase: mx.array,
-    write: mx.array,
-    state: mx.array,
-) -> tuple[mx.array, mx.array]:
-    """One token (T == 1): the read from the old state and the new state."""
-    q1, k1, v1 = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [B, H, r]
-    a, e, w = keep[:, :, 0, :, None], erase[:, :, 0, :, None], write[:, :, 0, :, None]
-    read = (state @ q1[..., None])[..., 0]
-    projected = (state @ k1[..., None])  # [B, H, r, 1]
-    k_row = k1[:, :, None, :]
-    new_state = a * state - e * (projected * k_row) + w * (v1[..., None] * k_row)
-    return read[:, :, None, :], new_state
-
-
 def scan(
     q: mx.array,
     k: mx.array,

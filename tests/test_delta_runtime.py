@@ -1,0 +1,190 @@
+"""δ runtime behaviour beyond the reference vectors: exact trimming, chunking, context writes, controls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.utils import load_model
+
+from sidecar.delta import attach_delta_mem, delta_states
+from sidecar.delta.adapter_files import AdapterError
+from sidecar.delta.api import (
+    delta_controls,
+    delta_state_stats,
+    set_delta_controls,
+    set_delta_states,
+    write_context,
+)
+from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+
+ATOL = 1e-5
+
+
+def _delta_model(model_dir: Path, adapter_dir: Path):
+    model, _ = load_model(model_dir)
+    return attach_delta_mem(model, adapter_dir)
+
+
+def _tokens(n: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 700, size=n).tolist()
+
+
+def _run(model, cache, tokens: list[int]) -> mx.array:
+    return model(mx.array([tokens]), cache=cache)
+
+
+def _assert_states_close(a: list[mx.array], b: list[mx.array], atol: float = ATOL) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(np.array(x), np.array(y), atol=atol, rtol=0)
+
+
+@pytest.fixture(params=["tsw", "msw"])
+def model(request, tiny_model_dir, tiny_adapter_dir, tiny_msw_adapter_dir):
+    adapter = tiny_adapter_dir if request.param == "tsw" else tiny_msw_adapter_dir
+    return _delta_model(tiny_model_dir, adapter)
+
+
+def test_any_chunking_equals_one_shot(model) -> None:
+    tokens = _tokens(70)
+    full_cache = make_prompt_cache(model)
+    full = _run(model, full_cache, tokens)
+    cache = make_prompt_cache(model)
+    pieces, start = [], 0
+    for size in (1, 7, 31, 2, 29):
+        pieces.append(_run(model, cache, tokens[start : start + size]))
+        start += size
+    np.testing.assert_allclose(np.array(mx.concatenate(pieces, axis=1)), np.array(full), atol=ATOL)
+    _assert_states_close(delta_states(model, cache), delta_states(model, full_cache))
+
+
+@pytest.mark.parametrize("back_to", [0, 1, 17, 39])
+def test_trim_is_exact_at_any_offset(model, back_to: int) -> None:
+    tokens, other = _tokens(60), _tokens(60, seed=1)
+    reference = make_prompt_cache(model)
+    expected = _run(model, reference, tokens[:back_to] + other[back_to:])
+
+    cache = make_prompt_cache(model)
+    _run(model, cache, tokens[:40])
+    assert trim_prompt_cache(cache, 40 - back_to) == 40 - back_to
+    assert cache[0].offset == back_to
+    continued = _run(model, cache, other[back_to:])
+    np.testing.assert_allclose(np.array(continued), np.array(expected[:, back_to:]), atol=ATOL)
+    _assert_states_close(delta_states(model, cache), delta_states(model, reference))
+
+
+def test_decoding_continues_the_sequence(model) -> None:
+    prompt = _tokens(25)
+    cache = make_prompt_cache(model)
+    generated = [token for token, _ in generate_step(mx.array(prompt), model, prompt_cache=cache, max_tokens=6)]
+    # mlx-lm's generate_step feeds every token it yields back into the cache.
+    assert cache[0].offset == len(prompt) + len(generated)
+    reference = make_prompt_cache(model)
+    _run(model, reference, prompt + generated)
+    _assert_states_close(delta_states(model, cache), delta_states(model, reference))
+
+
+def test_write_context_changes_memory_but_not_the_kv_cache(model) -> None:
+    prefix, snippet, suffix = _tokens(20), _tokens(12, seed=2), _tokens(8, seed=3)
+    cache = make_prompt_cache(model)
+    _run(model, cache, prefix)
+    before = [np.array(s) for s in delta_states(model, cache)]
+    write_context(model, cache, snippet)
+    assert all(c.offset == len(prefix) for c in cache)
+
+    reference = make_prompt_cache(model)
+    _run(model, reference, prefix + snippet)  # the snippet at the same positions, written the same way
+    _assert_states_close(delta_states(model, cache), delta_states(model, reference))
+    assert any(not np.allclose(b, np.array(a)) for b, a in zip(before, delta_states(model, cache)))
+
+    out = _run(model, cache, suffix)
+    plain_kv = make_prompt_cache(model)
+    _run(model, plain_kv, prefix)
+    set_delta_states(model, plain_kv, delta_states(model, reference))
+    np.testing.assert_allclose(np.array(out), np.array(_run(model, plain_kv, suffix)), atol=ATOL)
+
+
+def test_delta_off_calls_leave_the_state_untouched(model) -> None:
+    a, b, c = _tokens(15), _tokens(10, seed=4), _tokens(5, seed=5)
+    cache = make_prompt_cache(model)
+    _run(model, cache, a)
+    after_a = [np.array(s) for s in delta_states(model, cache)]
+    with delta_controls(cache, enabled=False):
+        _run(model, cache, b)
+    for expected, state in zip(after_a, delta_states(model, cache)):
+        np.testing.assert_array_equal(expected, np.array(state))
+    _run(model, cache, c)
+    trim_prompt_cache(cache, len(c) + 3)  # back into the δ-off stretch
+    for expected, state in zip(after_a, delta_states(model, cache)):
+        np.testing.assert_array_equal(expected, np.array(state))
+
+
+def test_first_token_equals_the_base_model_and_writes_can_be_frozen(model, tiny_model_dir) -> None:
+    tokens = _tokens(12)
+    base, _ = load_model(tiny_model_dir)
+    plain = base(mx.array([tokens]))
+    out = _run(model, make_prompt_cache(model), tokens)
+    np.testing.assert_array_equal(np.array(out[:, 0]), np.array(plain[:, 0]))
+    assert not np.allclose(np.array(out[:, 1:]), np.array(plain[:, 1:]), atol=1e-3)
+
+    cache = make_prompt_cache(model)
+    set_delta_controls(cache, write=False)
+    np.testing.assert_array_equal(np.array(_run(model, cache, tokens)), np.array(plain))
+
+
+def test_state_stats_describe_each_layer(model) -> None:
+    cache = make_prompt_cache(model)
+    _run(model, cache, _tokens(9))
+    stats = delta_state_stats(model, cache)
+    assert [s["layer"] for s in stats] == [0, 1]
+    assert all(s["norm"] > 0 and 0 < s["max_abs"] <= s["norm"] and s["nonzero"] > 0 for s in stats)
+
+
+def test_message_mean_state_at_a_message_boundary_equals_a_split_call(tiny_model_dir, tiny_ssw_adapter_dir):
+    model = _delta_model(tiny_model_dir, tiny_ssw_adapter_dir)
+    tokens = _tokens(24)
+    ids = np.array([[-1] * 4 + [0] * 10 + [1] * 10])
+    cache = make_prompt_cache(model)
+    set_delta_controls(cache, message_ids=ids)
+    _run(model, cache, tokens)
+    trim_prompt_cache(cache, 10)  # back to the end of message 0
+
+    split = make_prompt_cache(model)
+    set_delta_controls(split, message_ids=ids[:, :14])
+    _run(model, split, tokens[:14])
+    _assert_states_close(delta_states(model, cache), delta_states(model, split))
+
+
+def test_qwen2_models_are_supported(tiny_qwen2_model_dir, tiny_qwen2_adapter_dir) -> None:
+    model = _delta_model(tiny_qwen2_model_dir, tiny_qwen2_adapter_dir)
+    base, _ = load_model(tiny_qwen2_model_dir)
+    tokens = _tokens(10)
+    cache = make_prompt_cache(model)
+    set_delta_controls(cache, enabled=False)
+    np.testing.assert_array_equal(np.array(_run(model, cache, tokens)), np.array(base(mx.array([tokens]))))
+    set_delta_controls(cache)
+    _run(model, cache, tokens)
+    assert delta_state_stats(model, cache)[0]["norm"] > 0
+
+
+def test_bf16_model_keeps_a_float32_state(tmp_path) -> None:
+    model_dir = write_tiny_model(tmp_path / "bf16", dtype="bfloat16")
+    model = _delta_model(model_dir, write_tiny_adapter(tmp_path / "adapter", model_dir))
+    cache = make_prompt_cache(model)
+    out = _run(model, cache, _tokens(10))
+    assert out.dtype == mx.bfloat16
+    assert all(s.dtype == mx.float32 for s in delta_states(model, cache))
+
+
+def test_adapter_for_another_model_is_refused(tmp_path, tiny_model_dir) -> None:
+    other = write_tiny_model(tmp_path / "wide", hidden_size=96)
+    adapter = write_tiny_adapter(tmp_path / "adapter", other)
+    model, _ = load_model(tiny_model_dir)
+    with pytest.raises(AdapterError, match=r"memory_q_proj has shape \[8, 96\], expected \[8, 64\]"):
+        attach_delta_mem(model, adapter)
+    assert getattr(model, "delta_mem", None) is None
