@@ -1,0 +1,567 @@
+"""The generation engine: one worker thread, per-session caches, every token written exactly once.
+
+A request's prompt is compared with what its session already holds; the cache is cut back to the
+longest common prefix (exact at any offset, see sidecar/delta/cache.py), hidden-memory snippets
+are written into the δ-state right there, and only the rest of the prompt is prefilled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import platform
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx_lm
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+from sidecar.config import SidecarSettings
+from sidecar.delta.api import (
+    attach_delta_mem,
+    delta_info,
+    delta_state_stats,
+    delta_states,
+    set_delta_controls,
+    set_delta_states,
+    write_context,
+)
+from sidecar.engine_io import (
+    ChatJob,
+    EngineError,
+    EngineEvent,
+    EngineInfo,
+    Failed,
+    Finished,
+    PromptDone,
+    TextDelta,
+    ToolCallFormat,
+)
+from sidecar.prompts import SYSTEM_ROLES, message_spans, render_prompt, render_text
+from sidecar.session_keys import hash_session_key
+from sidecar.session_state import ContextWrite, Segment, SegmentKind, Session
+from sidecar.sessions import SessionStore
+from sidecar.stop_strings import StopScanner
+
+log = logging.getLogger("sidecar.engine")
+
+PREFILL_STEP = 512
+
+
+class Cancelled(Exception):
+    """The client went away; the job stops between two steps."""
+
+
+class JobStream:
+    """Events of one job, delivered from the worker thread to the event loop that submitted it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self._cancelled = threading.Event()
+        self._done = False
+
+    def __aiter__(self) -> "JobStream":
+        return self
+
+    async def __anext__(self) -> EngineEvent:
+        if self._done:
+            raise StopAsyncIteration
+        event = await self._events.get()
+        self._done = isinstance(event, (Finished, Failed))
+        return event
+
+    def cancel(self) -> None:
+        """Ask the worker to stop this job at its next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        """True once cancel() was called."""
+        return self._cancelled.is_set()
+
+    def emit(self, event: EngineEvent) -> None:
+        """Hand an event to the waiting coroutine (called from the worker thread)."""
+        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+
+@dataclass
+class _Counters:
+    jobs: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+def load_engine(settings: SidecarSettings) -> "Engine":
+    """Load the model (and adapter) named by the settings and start the worker."""
+    model, tokenizer = mlx_lm.load(settings.model_path)
+    if settings.adapter_path:
+        attach_delta_mem(model, settings.adapter_path)
+    return Engine(model, tokenizer, settings)
+
+
+class Engine:
+    """Runs chat jobs and session admin calls, one at a time, on a single worker thread."""
+
+    def __init__(self, model: Any, tokenizer: Any, settings: SidecarSettings):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        adapter = delta_info(model)
+        self.info = EngineInfo(
+            model_id=settings.model_id,
+            context_window=settings.context_window,
+            adapter=adapter.describe() if adapter else None,
+            backend=_backend(),
+            tool_call_format=_tool_call_format(tokenizer),
+        )
+        state_dir = Path(settings.state_dir) if settings.state_dir else None
+        self.store = SessionStore(settings.max_sessions, settings.max_kv_bytes, state_dir, _fingerprint(settings))
+        self.counters = _Counters()
+        self.started = time.time()
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name="delta-mem-engine", daemon=True)
+        self._worker.start()
+
+    # ---- the interface the serving layer uses -------------------------------------------
+
+    def submit(self, job: ChatJob) -> JobStream:
+        """Queue a chat job; iterate the returned stream for its events."""
+        stream = JobStream(asyncio.get_running_loop())
+        self._jobs.put(lambda: self._run_chat(job, stream))
+        return stream
+
+    async def health(self) -> dict[str, Any]:
+        """Counters for /health, read without waiting for the worker."""
+        sessions = self.store.sessions()
+        return {
+            "model": self.info.model_id,
+            "adapter": self.info.adapter,
+            "backend": self.info.backend,
+            "context_window": self.info.context_window,
+            "write_policy": self.settings.write_policy,
+            "sessions": {
+                "in_memory": len(sessions),
+                "with_kv": sum(1 for s in sessions if s.cache is not None),
+                "kv_bytes": sum(s.kv_bytes for s in sessions),
+                "max_sessions": self.store.max_sessions,
+                "max_kv_bytes": self.store.max_kv_bytes,
+                "persisted": self.store.persisted_count(),
+                "evictions": self.store.evictions,
+            },
+            "jobs": {
+                "completed": self.counters.jobs,
+                "failed": self.counters.failed,
+                "cancelled": self.counters.cancelled,
+                "queued": self._jobs.qsize(),
+                "prompt_tokens": self.counters.prompt_tokens,
+                "cached_tokens": self.counters.cached_tokens,
+            },
+            "engine_uptime_s": round(time.time() - self.started, 1),
+        }
+
+    async def reset_session(self, session_key: str) -> bool:
+        """Forget a session (both modes), in memory and on disk."""
+        return await self._call(lambda: self.store.remove(hash_session_key(session_key)))
+
+    async def session_stats(self, session_key: str) -> dict[str, Any] | None:
+        """Tokens, cache and δ-state figures of a session, or None if it does not exist."""
+        return await self._call(lambda: self._stats(hash_session_key(session_key)))
+
+    async def save_session(self, session_key: str) -> dict[str, Any]:
+        """Write a session to the state dir now."""
+        return await self._call(lambda: self._save(hash_session_key(session_key)))
+
+    async def load_session(self, session_key: str) -> dict[str, Any]:
+        """Bring a session back from the state dir (its KV is rebuilt at its next turn)."""
+        return await self._call(lambda: self._load(hash_session_key(session_key)))
+
+    async def close(self) -> None:
+        """Finish the queued work, save every session and stop the worker."""
+        await self._call(self._save_all)
+        self._jobs.put(None)
+        await asyncio.to_thread(self._worker.join, 30)
+
+    # ---- worker ---------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (task := self._jobs.get()) is not None:
+            task()
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def task() -> None:
+            try:
+                result = fn()
+            except Exception as exc:  # handed to the caller's coroutine
+                loop.call_soon_threadsafe(_set_exception, future, exc)
+            else:
+                loop.call_soon_threadsafe(_set_result, future, result)
+
+        self._jobs.put(task)
+        return await future
+
+    def _run_chat(self, job: ChatJob, stream: JobStream) -> None:
+        if stream.cancelled:
+            self.counters.cancelled += 1
+            stream.emit(Finished("cancelled", 0))
+            return
+        try:
+            self._chat(job, stream)
+        except Exception:
+            self.counters.failed += 1
+            log.exception("chat job failed (session %s)", hash_session_key(job.session_key)[:12])
+            stream.emit(Failed("the engine failed while answering; see the server log", "engine_error", 500))
+
+    def _chat(self, job: ChatJob, stream: JobStream) -> None:
+        prompt = render_prompt(self.tokenizer, job.messages, job.tools)
+        window = self.settings.context_window
+        if len(prompt) >= window:
+            stream.emit(
+                Failed(
+                    f"the prompt is {len(prompt)} tokens; this model's context window is {window}",
+                    "context_length_exceeded",
+                    400,
+                )
+            )
+            return
+        delta = job.delta_enabled and delta_info(self.model) is not None
+        session = self.store.get(hash_session_key(job.session_key), delta)
+        try:
+            reused = self._prepare(session, prompt, stream)
+            written = self._write_snippets(session, job.snippets) if delta else 0
+            self._prefill(session, prompt[len(session.tokens) : -1], _plan(self, session, prompt), stream)
+        except Cancelled:
+            self._finish(session, stream, "cancelled", 0)
+            return
+        self.counters.prompt_tokens += len(prompt)
+        self.counters.cached_tokens += reused
+        stream.emit(PromptDone(prompt_tokens=len(prompt), cached_tokens=reused, snippets_written=written))
+        self._decode(session, prompt[-1], job, min(job.max_tokens, window - len(prompt)), stream)
+
+    def _prepare(self, session: Session, prompt: list[int], stream: JobStream) -> int:
+        """Cut the session back to what this prompt shares with it; returns the tokens reused."""
+        common = _common_prefix(session.tokens, prompt)
+        target = session.safe_offset(min(common, len(prompt) - 1))
+        if session.cache is None:
+            self._rebuild(session, target, stream)
+            return 0
+        session.truncate(target)
+        session.reused_tokens += target
+        return target
+
+    def _rebuild(self, session: Session, target: int, stream: JobStream) -> None:
+        """Recreate the KV cache of an evicted or restored session by replaying its history."""
+        history = Session(session.key_hash, session.delta, list(session.tokens), list(session.segments), list(session.contexts))
+        history.truncate(target)
+        fresh = Session(session.key_hash, session.delta, cache=self._new_cache(session.delta))
+        contexts = list(history.contexts)
+        for seg in _split_at(history.segments, [c.offset for c in contexts]):
+            while contexts and contexts[0].offset <= seg.start:
+                self._apply_context(fresh, contexts.pop(0))
+            self._run_segment(fresh, history.tokens[seg.start : seg.end], seg, stream)
+        for context in contexts:
+            self._apply_context(fresh, context)
+        # Only now, with the replay complete, does the session change: a cancelled replay loses nothing.
+        if session.saved_states is not None and target == len(session.tokens) and session.delta:
+            _check_replay(fresh, self.model, session.saved_states)
+        session.tokens, session.segments, session.contexts = fresh.tokens, fresh.segments, fresh.contexts
+        session.cache, session.saved_states = fresh.cache, None
+        session.prefilled_tokens += fresh.prefilled_tokens
+
+    def _write_snippets(self, session: Session, snippets: tuple[str, ...]) -> int:
+        if not snippets:
+            return 0
+        digest = hashlib.sha256(json.dumps(list(snippets)).encode("utf-8")).hexdigest()
+        if session.latest_context_digest() == digest:
+            return 0  # the same snippets are already in memory (a retried request)
+        tokens = tuple(render_text(self.tokenizer, "\n\n".join(snippets)))
+        self._apply_context(session, ContextWrite(len(session.tokens), digest, tokens, len(snippets)))
+        return len(snippets)
+
+    def _apply_context(self, session: Session, context: ContextWrite) -> None:
+        write_context(self.model, session.cache, list(context.tokens))
+        session.contexts.append(context)
+
+    def _prefill(self, session: Session, tokens: list[int], plan: list[Segment], stream: JobStream) -> None:
+        base = len(session.tokens)
+        for seg in plan:
+            self._run_segment(session, tokens[seg.start - base : seg.end - base], seg, stream)
+
+    def _run_segment(self, session: Session, tokens: list[int], seg: Segment, stream: JobStream) -> None:
+        """Write tokens into the session's cache the way the segment says, checking for cancellation."""
+        cache = session.cache
+        if seg.kind == "messages":
+            steps = [(0, len(tokens))]  # one call: message-mean writes depend on call boundaries
+        else:
+            steps = [(i, min(i + PREFILL_STEP, len(tokens))) for i in range(0, len(tokens), PREFILL_STEP)]
+        for a, b in steps:
+            if stream.cancelled:
+                raise Cancelled
+            if session.delta:
+                ids = [list(seg.message_ids[a:b])] if seg.kind == "messages" else None
+                set_delta_controls(cache, write=seg.kind != "read", message_ids=ids)
+            self.model(mx.array([tokens[a:b]]), cache=cache)
+            mx.eval([c.state for c in cache])
+            piece = Segment(seg.start + a, seg.start + b, seg.kind, seg.message_ids[a:b] if seg.message_ids else ())
+            session.record(tokens[a:b], piece.kind, piece.message_ids)
+            session.prefilled_tokens += b - a
+        mx.clear_cache()
+
+    def _decode(self, session: Session, last: int, job: ChatJob, max_tokens: int, stream: JobStream) -> None:
+        cache = session.cache
+        if session.delta:
+            set_delta_controls(cache)  # token writes while decoding, as the reference does
+        if job.seed is not None:
+            mx.random.seed(job.seed)
+        sampler = make_sampler(job.temperature, job.top_p)
+        detokenizer = self.tokenizer.detokenizer
+        detokenizer.reset()
+        scanner = StopScanner(job.stop)
+        eos = set(self.tokenizer.eos_token_ids)
+        fed: list[int] = [last]
+        finish, count = "length", 0
+        for token, _ in generate_step(mx.array([last]), self.model, prompt_cache=cache, sampler=sampler, max_tokens=max_tokens):
+            count += 1
+            fed.append(token)
+            if token in eos:
+                finish = "stop"
+                break
+            detokenizer.add_token(token)
+            text = scanner.feed(detokenizer.last_segment)
+            if text:
+                stream.emit(TextDelta(text))
+            if scanner.stopped:
+                finish = "stop"
+                break
+            if stream.cancelled:
+                finish = "cancelled"
+                break
+        if finish == "length":
+            detokenizer.finalize()
+            tail = scanner.feed(detokenizer.last_segment) + scanner.flush()
+            if tail:
+                stream.emit(TextDelta(tail))
+        # generate_step has fed every token it yielded into the cache.
+        kind: SegmentKind = "write" if session.delta else "plain"
+        session.record(fed[: cache[0].offset - len(session.tokens)], kind)
+        self._finish(session, stream, finish, count)
+
+    def _finish(self, session: Session, stream: JobStream, reason: str, completion_tokens: int) -> None:
+        session.turns += 1
+        if reason == "cancelled":
+            self.counters.cancelled += 1
+        else:
+            self.counters.jobs += 1
+        self._persist(session)
+        self.store.enforce_limits(keep=session)
+        stream.emit(Finished(reason, completion_tokens))  # type: ignore[arg-type]
+
+    def _persist(self, session: Session) -> None:
+        try:
+            states = self._states_of(session)
+            self.store.save(session, states)
+        except OSError as exc:
+            log.error("could not save session %s: %s", session.key_hash[:12], exc)
+
+    def _states_of(self, session: Session) -> list[Any] | None:
+        if not session.delta or session.cache is None:
+            return session.saved_states
+        states = delta_states(self.model, session.cache)
+        mx.eval(states)
+        return states
+
+    def _new_cache(self, delta: bool) -> list[Any]:
+        cache = make_prompt_cache(self.model)
+        if delta_info(self.model) is not None:
+            set_delta_controls(cache, enabled=delta)
+        return cache
+
+    # ---- admin (on the worker) ----------------------------------------------------------
+
+    def _stats(self, key_hash: str) -> dict[str, Any] | None:
+        found = {}
+        for delta in (True, False):
+            session = self.store.peek(key_hash, delta)
+            if session is not None:
+                found["delta" if delta else "base"] = self._describe(session)
+        return found or None
+
+    def _describe(self, session: Session) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "tokens": len(session.tokens),
+            "cached_kv_tokens": session.cache[0].offset if session.cache else 0,
+            "kv_bytes": session.kv_bytes,
+            "turns": session.turns,
+            "prefilled_tokens": session.prefilled_tokens,
+            "reused_tokens": session.reused_tokens,
+            "memory_writes": sum(c.count for c in session.contexts),
+            "last_used": session.last_used,
+        }
+        if session.delta and session.cache is not None:
+            out["delta_state"] = delta_state_stats(self.model, session.cache)
+        elif session.saved_states:
+            out["delta_state"] = [
+                {"layer": layer, **_array_stats(s)}
+                for layer, s in zip(delta_info(self.model).layers, session.saved_states)
+            ]
+        return out
+
+    def _save(self, key_hash: str) -> dict[str, Any]:
+        if self.store.state_dir is None:
+            raise EngineError("this server has no state dir (start it with --state-dir)", 409, "no_state_dir")
+        saved = []
+        for delta in (True, False):
+            session = self.store.peek(key_hash, delta)
+            if session is not None:
+                self._persist(session)
+                saved.append("delta" if delta else "base")
+        if not saved:
+            raise EngineError("this session has no state on the server", 404, "session_not_found")
+        return {"saved": saved}
+
+    def _load(self, key_hash: str) -> dict[str, Any]:
+        loaded = {}
+        for delta in (True, False):
+            session = self.store.peek(key_hash, delta)
+            if session is not None:
+                self.store.get(key_hash, delta)
+                loaded["delta" if delta else "base"] = {"tokens": len(session.tokens), "kv_in_memory": session.cache is not None}
+        if not loaded:
+            raise EngineError("no saved state for this session", 404, "session_not_found")
+        return {"loaded": loaded}
+
+    def _save_all(self) -> None:
+        for session in self.store.sessions():
+            self._persist(session)
+
+
+def _plan(engine: Engine, session: Session, prompt: list[int]) -> list[Segment]:
+    """How to write prompt[len(session.tokens) : -1]: segments by write policy and adapter variant."""
+    start, end = len(session.tokens), len(prompt) - 1
+    if start >= end:
+        return []
+    if not session.delta:
+        return [Segment(start, end, "plain")]
+    info = delta_info(engine.model)
+    message_mean = info.config.memory_write_granularity == "message_mean"
+    skip_system = engine.settings.write_policy == "skip-system"
+    if not (message_mean or skip_system):
+        return [Segment(start, end, "write")]
+    spans = message_spans(engine.tokenizer, prompt)
+    if message_mean:
+        return [Segment(start, end, "messages", _message_ids(spans, start, end, skip_system=True))]
+    return _system_read_only(spans, start, end)
+
+
+def _message_ids(spans: list[Any], start: int, end: int, skip_system: bool) -> tuple[int, ...]:
+    """Per token: the message's number, or -1 for system messages and the generation prompt."""
+    ids = [-1] * (end - start)
+    number = 0
+    for span in spans[:-1]:  # the last span is the generation prompt
+        if not (skip_system and span.role in SYSTEM_ROLES):
+            for t in range(max(span.start, start), min(span.end, end)):
+                ids[t - start] = number
+            number += 1
+    return tuple(ids)
+
+
+def _system_read_only(spans: list[Any], start: int, end: int) -> list[Segment]:
+    """Segments that read but do not write system and developer messages."""
+    out: list[Segment] = []
+    for span in spans or []:
+        a, b = max(span.start, start), min(span.end, end)
+        if a < b:
+            kind: SegmentKind = "read" if span.role in SYSTEM_ROLES else "write"
+            if out and out[-1].kind == kind:
+                out[-1] = Segment(out[-1].start, b, kind)
+            else:
+                out.append(Segment(a, b, kind))
+    if not out or out[-1].end < end:
+        out.append(Segment(out[-1].end if out else start, end, "write"))
+    return out
+
+
+def _split_at(segments: list[Segment], offsets: list[int]) -> list[Segment]:
+    """Segments cut wherever a hidden-memory write happened inside one."""
+    out: list[Segment] = []
+    for seg in segments:
+        for offset in sorted({o for o in offsets if seg.start < o < seg.end}):
+            head = seg.cut(offset)
+            out.append(head)
+            ids = seg.message_ids[offset - seg.start :] if seg.message_ids else ()
+            seg = Segment(offset, seg.end, seg.kind, ids)
+        out.append(seg)
+    return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _check_replay(session: Session, model: Any, saved: list[Any]) -> None:
+    """Compare a replayed δ-state with the one saved; a mismatch means the history is not exact."""
+    for layer, (now, before) in enumerate(zip(delta_states(model, session.cache), saved)):
+        diff = float(mx.max(mx.abs(now - mx.array(before))))
+        if diff > 1e-3:
+            log.warning("session %s: replayed δ-state of layer %d differs by %.2g", session.key_hash[:12], layer, diff)
+
+
+def _array_stats(state: Any) -> dict[str, Any]:
+    s = mx.array(state)
+    return {"norm": float(mx.sqrt(mx.sum(s * s))), "max_abs": float(mx.max(mx.abs(s))), "nonzero": int(mx.sum(s != 0))}
+
+
+def _backend() -> dict[str, Any]:
+    metal = mx.metal.is_available()
+    return {
+        "mlx": mx.__version__,
+        "device": str(mx.default_device()),
+        "metal": metal,
+        "platform": f"{platform.system()} {platform.machine()}",
+    }
+
+
+def _tool_call_format(tokenizer: Any) -> ToolCallFormat | None:
+    if not getattr(tokenizer, "has_tool_calling", False):
+        return None
+    parser = getattr(tokenizer.tool_parser, "__module__", "json_tools").rsplit(".", 1)[-1]
+    return ToolCallFormat(tokenizer.tool_call_start, tokenizer.tool_call_end, parser)
+
+
+def _fingerprint(settings: SidecarSettings) -> str:
+    """What saved δ-states depend on: the model's config and weights files, and the adapter's."""
+    digest = hashlib.sha256(settings.model_id.encode())
+    for root in filter(None, (settings.model_path, settings.adapter_path)):
+        for path in sorted(Path(root).glob("*")):
+            if path.suffix in (".json", ".safetensors", ".npz", ".pt") and path.is_file():
+                stat = path.stat()
+                digest.update(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    return digest.hexdigest()[:32]
+
+
+def _set_result(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,83 @@
+"""Chat messages to prompt tokens, and where each message sits in those tokens."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from sidecar.engine_io import ChatMessage
+
+IM_START = "<|im_start|>"
+SYSTEM_ROLES = ("system", "developer")
+
+
+@dataclass(frozen=True)
+class Span:
+    """Tokens [start, end) of one rendered message; role "assistant" also covers the generation prompt."""
+
+    start: int
+    end: int
+    role: str
+
+
+def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """The dicts a Hugging Face chat template expects (tool-call arguments as objects)."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        item: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            item["tool_calls"] = [_template_tool_call(call) for call in m.tool_calls]
+        if m.tool_call_id is not None:
+            item["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            item["name"] = m.name
+        out.append(item)
+    return out
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]]) -> list[int]:
+    """Prompt token ids: the chat template with the generation prompt appended."""
+    ids = tokenizer.apply_chat_template(
+        template_messages(messages),
+        tools=list(tools) or None,
+        add_generation_prompt=True,
+        tokenize=True,
+    )
+    return list(ids)
+
+
+def render_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of plain text (hidden memory snippets), without special tokens."""
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def message_spans(tokenizer: Any, tokens: Sequence[int]) -> list[Span]:
+    """Message spans found from ChatML `<|im_start|>role` markers; [] when the template is not ChatML."""
+    start_id = tokenizer.convert_tokens_to_ids(IM_START)
+    if not isinstance(start_id, int) or start_id == tokenizer.unk_token_id:
+        return []
+    starts = [i for i, t in enumerate(tokens) if t == start_id]
+    if not starts:
+        return []
+    spans = []
+    if starts[0] > 0:
+        spans.append(Span(0, starts[0], "text"))
+    bounds = starts + [len(tokens)]
+    for begin, end in zip(bounds, bounds[1:]):
+        # The role is the text between the marker and the first newline; it is a few tokens long.
+        head = tokenizer.decode(list(tokens[begin + 1 : min(end, begin + 8)]))
+        role = head.split("\n", 1)[0].strip() or "unknown"
+        spans.append(Span(begin, end, role))
+    return spans
+
+
+def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            function["arguments"] = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass  # the template renders a string argument verbatim
+    return {**call, "function": function}

@@ -1,0 +1,132 @@
+"""Session files: one `.npz` per session and mode, named by the key's hash, written atomically.
+
+The file holds only arrays (read back with allow_pickle=False): the token ids, a JSON header as
+bytes, the ids of message-mean writes, the hidden-memory tokens, and the current δ-state per layer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sidecar.files import atomic_write_bytes
+from sidecar.session_state import ContextWrite, Segment, Session
+
+FORMAT = 1
+_KINDS = ("write", "read", "messages", "plain")
+
+
+class SessionFileError(ValueError):
+    """A session file that cannot be used (corrupt, truncated, or made by another model)."""
+
+
+def save_session_file(path: Path, session: Session, fingerprint: str, states: list[Any] | None) -> None:
+    """Write a session's history and δ-states to `path` atomically (owner-only)."""
+    header = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "key_hash": session.key_hash,
+        "delta": session.delta,
+        "created": session.created,
+        "last_used": session.last_used,
+        "turns": session.turns,
+        "prefilled_tokens": session.prefilled_tokens,
+        "reused_tokens": session.reused_tokens,
+        "segments": [[s.start, s.end, s.kind] for s in session.segments],
+        "contexts": [
+            {"offset": c.offset, "digest": c.digest, "length": len(c.tokens), "count": c.count}
+            for c in session.contexts
+        ],
+        "layers": 0 if states is None else len(states),
+    }
+    arrays = {
+        "header": np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8),
+        "tokens": np.asarray(session.tokens, dtype=np.int32),
+        "message_ids": np.asarray(
+            [i for s in session.segments for i in s.message_ids], dtype=np.int32
+        ),
+        "context_tokens": np.asarray([t for c in session.contexts for t in c.tokens], dtype=np.int32),
+    }
+    for i, state in enumerate(states or []):
+        arrays[f"state_{i}"] = np.asarray(state, dtype=np.float32)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue(), mode=0o600)
+
+
+def load_session_file(path: Path, fingerprint: str) -> Session:
+    """Read a session file, checking every field; raises SessionFileError on anything odd."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise SessionFileError(f"unreadable: {exc}") from None
+    try:
+        header = json.loads(_array(arrays, "header", np.uint8).tobytes().decode("utf-8"))
+        if not isinstance(header, dict):
+            raise SessionFileError("header is not an object")
+        if header.get("format") != FORMAT:
+            raise SessionFileError(f"format {header.get('format')!r} is not {FORMAT}")
+        if header.get("fingerprint") != fingerprint:
+            raise SessionFileError("written for another model or adapter")
+        return _session(header, arrays)
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, SessionFileError):
+            raise
+        raise SessionFileError(f"malformed: {exc!r}") from None
+
+
+def _session(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Session:
+    tokens = _array(arrays, "tokens", np.int32).tolist()
+    ids = _array(arrays, "message_ids", np.int32).tolist()
+    segments, position = [], 0
+    for start, end, kind in header["segments"]:
+        if kind not in _KINDS or start != position or not start < end <= len(tokens):
+            raise SessionFileError(f"bad segment {[start, end, kind]}")
+        seg_ids: tuple[int, ...] = ()
+        if kind == "messages":
+            seg_ids, ids = tuple(ids[: end - start]), ids[end - start :]
+            if len(seg_ids) != end - start:
+                raise SessionFileError("message ids are missing")
+        segments.append(Segment(int(start), int(end), kind, seg_ids))
+        position = end
+    if position != len(tokens) or ids:
+        raise SessionFileError("segments do not cover the tokens")
+    flat = _array(arrays, "context_tokens", np.int32).tolist()
+    contexts, previous = [], 0
+    for c in header["contexts"]:
+        offset, length = int(c["offset"]), int(c["length"])
+        if not previous <= offset <= len(tokens) or length < 0 or length > len(flat):
+            raise SessionFileError("bad hidden-memory record")
+        contexts.append(ContextWrite(offset, str(c["digest"]), tuple(flat[:length]), int(c["count"])))
+        flat, previous = flat[length:], offset
+    if flat:
+        raise SessionFileError("stray hidden-memory tokens")
+    states = [_array(arrays, f"state_{i}", np.float32) for i in range(int(header["layers"]))]
+    return Session(
+        key_hash=str(header["key_hash"]),
+        delta=bool(header["delta"]),
+        tokens=tokens,
+        segments=segments,
+        contexts=contexts,
+        created=float(header["created"]),
+        last_used=float(header["last_used"]),
+        turns=int(header["turns"]),
+        prefilled_tokens=int(header["prefilled_tokens"]),
+        reused_tokens=int(header["reused_tokens"]),
+        saved_states=states or None,
+    )
+
+
+def _array(arrays: dict[str, np.ndarray], name: str, dtype: type) -> np.ndarray:
+    value = arrays.get(name)
+    if value is None:
+        raise SessionFileError(f"'{name}' is missing")
+    if value.dtype != dtype:
+        raise SessionFileError(f"'{name}' has dtype {value.dtype}, expected {np.dtype(dtype)}")
+    return value

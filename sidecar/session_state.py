@@ -1,0 +1,108 @@
+"""A session's state: its cache and the history that reproduces it exactly.
+
+The history is replayable: the tokens, how each run of tokens was written (segments) and the
+hidden-memory writes (contexts). With it the KV cache can be dropped (eviction, restart) and
+rebuilt, and a rollback can cut the history at any safe offset.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SegmentKind = Literal["write", "read", "messages", "plain"]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Tokens [start, end) written one way: token writes, read-only, one message-mean call, or δ off."""
+
+    start: int
+    end: int
+    kind: SegmentKind
+    message_ids: tuple[int, ...] = ()  # per token, for "messages" segments
+
+    def cut(self, offset: int) -> "Segment":
+        """This segment ending at `offset` (start < offset < end)."""
+        ids = self.message_ids[: offset - self.start] if self.message_ids else ()
+        return Segment(self.start, offset, self.kind, ids)
+
+
+@dataclass(frozen=True)
+class ContextWrite:
+    """Hidden-memory snippets written into the δ-state at `offset` (no KV)."""
+
+    offset: int
+    digest: str
+    tokens: tuple[int, ...]
+    count: int
+
+
+@dataclass
+class Session:
+    """One conversation's cache and the history that reproduces it."""
+
+    key_hash: str
+    delta: bool
+    tokens: list[int] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+    contexts: list[ContextWrite] = field(default_factory=list)
+    cache: list[Any] | None = None
+    saved_states: list[Any] | None = None  # δ-states read from disk, until the cache is rebuilt
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    turns: int = 0
+    prefilled_tokens: int = 0
+    reused_tokens: int = 0
+
+    @property
+    def file_stem(self) -> str:
+        """The session's file name without extension: the key's hash and its mode."""
+        return f"{self.key_hash}.{'delta' if self.delta else 'base'}"
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes held by this session's cache (0 once evicted)."""
+        return sum(c.nbytes for c in self.cache) if self.cache else 0
+
+    def safe_offset(self, offset: int) -> int:
+        """The largest offset ≤ `offset` where the history can be cut (never inside a message-mean write)."""
+        for seg in self.segments:
+            if seg.kind == "messages" and seg.start < offset < seg.end:
+                ids = seg.message_ids
+                i = offset - seg.start
+                while i > 0 and ids[i - 1] == ids[i]:
+                    i -= 1
+                return seg.start + i
+        return offset
+
+    def truncate(self, offset: int) -> None:
+        """Forget everything after `offset` tokens (contexts written at `offset` stay)."""
+        offset = min(offset, len(self.tokens))
+        if self.cache is not None and offset < len(self.tokens):
+            for layer in self.cache:
+                layer.trim(len(self.tokens) - offset)
+        del self.tokens[offset:]
+        self.segments = [
+            seg if seg.end <= offset else seg.cut(offset) for seg in self.segments if seg.start < offset
+        ]
+        self.contexts = [c for c in self.contexts if c.offset <= offset]
+
+    def record(self, tokens: list[int], kind: SegmentKind, message_ids: tuple[int, ...] = ()) -> None:
+        """Append tokens that were just written into the cache."""
+        if not tokens:
+            return
+        start = len(self.tokens)
+        self.tokens.extend(tokens)
+        last = self.segments[-1] if self.segments else None
+        # A memory write between two runs keeps them apart, so a replay can put it back between them.
+        context_here = bool(self.contexts) and self.contexts[-1].offset == start
+        if last is not None and last.kind == kind and kind != "messages" and not context_here:
+            self.segments[-1] = Segment(last.start, len(self.tokens), kind)
+        else:
+            self.segments.append(Segment(start, len(self.tokens), kind, message_ids))
+
+    def latest_context_digest(self) -> str | None:
+        """Digest of the most recent hidden-memory write still in the history."""
+        return self.contexts[-1].digest if self.contexts else None
