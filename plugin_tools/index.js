@@ -62,7 +62,7 @@ function problemResult(tool, problem, hint) {
 }
 
 function toolResult(payload) {
-  return { content: [{ type: "text", text: JSON.stringify(payload, null, 2) }], details: payload };
+  return { content: [{ type: "text", text: JSON.stringify(payload) }], details: payload };
 }
 
 /** Run one tool in Python from `root`; resolves to a tool result whatever happens. */
