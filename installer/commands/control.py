@@ -1,0 +1,303 @@
+"""Running an installed sidecar: start-sidecar, stop-sidecar, restart-sidecar, status, logs, uninstall."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import psutil
+import typer
+
+from installer.checks import check_qmd
+from installer.commands.options import (
+    CommandRefused,
+    JsonOption,
+    RootOption,
+    YesOption,
+    examples,
+    print_json,
+    resolve_root,
+    root_flag,
+)
+from installer.errors import cli_errors
+from installer.health import Health, base_url, probe_health, wait_until_healthy
+from installer.installation import DEFAULT_HEALTH_TIMEOUT_S
+from installer.layout import RootLayout
+from installer.receipt import read_receipt, require_installed, verify_receipt
+from installer.supervisors import Supervisor, sidecar_command, supervisor_for_root, tail_lines
+from sidecar.config import (
+    AttentionStateSource,
+    QmdMode,
+    SettingsError,
+    SidecarSettings,
+    load_settings,
+    save_settings,
+)
+
+FOLLOW_POLL_S = 0.5
+
+HealthTimeoutOption = Annotated[
+    float, typer.Option(help="Seconds to wait for the sidecar to answer /health.")
+]
+
+
+@cli_errors
+def start_sidecar(
+    root: RootOption = None,
+    attention_state_source: Annotated[
+        AttentionStateSource | None,
+        typer.Option(help="Where hidden memory snippets come from: the request, QMD, or nowhere."),
+    ] = None,
+    qmd_mode: Annotated[QmdMode | None, typer.Option(help="QMD search mode.")] = None,
+    qmd_limit: Annotated[int | None, typer.Option(help="Most snippets QMD returns per request.")] = None,
+    qmd_timeout: Annotated[float | None, typer.Option(help="Seconds QMD may take per request.")] = None,
+    qmd_bin: Annotated[str | None, typer.Option(help="The qmd binary (a name on PATH or a path).")] = None,
+    qmd_collection: Annotated[str | None, typer.Option(help="QMD collection to search.")] = None,
+    foreground: Annotated[
+        bool, typer.Option("--foreground", help="Run in this terminal instead of under the supervisor.")
+    ] = False,
+    health_timeout: HealthTimeoutOption = DEFAULT_HEALTH_TIMEOUT_S,
+) -> None:
+    """Start the installed sidecar under its supervisor and wait until it is healthy.
+
+    Refuses, naming what is missing, when the root has no completed install or its files changed.
+    The QMD options are saved in the root's settings; a running sidecar is restarted to apply them.
+    """
+    root_path = resolve_root(root)
+    require_installed(root_path)
+    settings = load_settings(root_path)
+    updated = _with_qmd_flags(
+        settings,
+        attention_state_source=attention_state_source,
+        mode=qmd_mode,
+        limit=qmd_limit,
+        timeout=qmd_timeout,
+        bin=qmd_bin,
+        collection=qmd_collection,
+    )
+    if updated.attention_state_source == "qmd":
+        updated = _with_resolved_qmd(updated)
+    changed = updated != settings
+    if changed:
+        save_settings(root_path, updated)
+        typer.echo(f"Settings updated: {RootLayout.of(root_path).settings}")
+    if foreground:
+        raise typer.Exit(subprocess.call(sidecar_command(root_path)))
+    supervisor = supervisor_for_root(root_path)
+    running = supervisor.status().state == "running"
+    if running and not changed:
+        typer.echo(f"Already running ({supervisor.status().detail}).")
+    else:
+        supervisor.install()
+        (supervisor.restart if running else supervisor.start)()
+    health = wait_until_healthy(updated, supervisor, health_timeout)
+    _echo_ready(updated, health, supervisor)
+
+
+@cli_errors
+def stop_sidecar(root: RootOption = None) -> None:
+    """Stop the sidecar; it stays stopped (also across logins) until start-sidecar."""
+    supervisor = supervisor_for_root(resolve_root(root))
+    supervisor.stop()
+    typer.echo(f"Stopped ({supervisor.status().detail}).")
+
+
+@cli_errors
+def restart_sidecar(
+    root: RootOption = None, health_timeout: HealthTimeoutOption = DEFAULT_HEALTH_TIMEOUT_S
+) -> None:
+    """Restart the sidecar (picking up changed settings) and wait until it is healthy."""
+    root_path = resolve_root(root)
+    require_installed(root_path)
+    settings = load_settings(root_path)
+    supervisor = supervisor_for_root(root_path)
+    supervisor.install()
+    supervisor.restart()
+    health = wait_until_healthy(settings, supervisor, health_timeout)
+    _echo_ready(settings, health, supervisor)
+
+
+@cli_errors
+def status(root: RootOption = None, json_output: JsonOption = False) -> None:
+    """Show the install, the supervisor state and pid, health, model, adapter and uptime."""
+    root_path = resolve_root(root)
+    report = status_report(root_path)
+    if json_output:
+        print_json(report)
+        return
+    supervisor, health = report["supervisor"], report["health"]
+    typer.echo(f"root        {root_path}")
+    typer.echo(f"install     {report['install']}")
+    typer.echo(f"supervisor  {supervisor['kind']}: {supervisor['state']} ({supervisor['detail']})")
+    if report["url"]:
+        state = "ready" if health and health["ready"] else (health or {}).get("error", "not checked")
+        typer.echo(f"health      {report['url']}/health: {state}")
+    typer.echo(f"model       {report['model_id'] or '-'}")
+    typer.echo(f"adapter     {report['adapter'] or 'none'}")
+    if report["uptime_s"] is not None:
+        typer.echo(f"uptime      {report['uptime_s']:.0f} s")
+
+
+def status_report(root: Path) -> dict[str, Any]:
+    """Everything `status --json` prints, as a dict."""
+    supervisor = supervisor_for_root(root)
+    supervised = supervisor.status()
+    problems = verify_receipt(root, hashes=False)
+    receipt = read_receipt(root)
+    install_state = "complete" if not problems else problems[0]
+    try:
+        settings: SidecarSettings | None = load_settings(root)
+    except SettingsError:
+        settings = None
+    health: Health | None = probe_health(settings) if settings else None
+    return {
+        "root": str(root),
+        "install": install_state,
+        "preset": receipt.preset if receipt else None,
+        "installed_at": receipt.installed_at if receipt else None,
+        "supervisor": supervised.to_dict(),
+        "url": base_url(settings) if settings else None,
+        "health": health.to_dict() if health else None,
+        "model_id": settings.model_id if settings else None,
+        "adapter": settings.adapter_path if settings else None,
+        "uptime_s": _uptime(supervised.pid),
+    }
+
+
+@cli_errors
+def logs(
+    root: RootOption = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines (Ctrl-C to stop).")
+    ] = False,
+    lines: Annotated[
+        int, typer.Option("--lines", "-n", help="How many last lines of each log to show.")
+    ] = 50,
+) -> None:
+    """Print the end of the sidecar's logs (stdout and stderr, under the root's logs/ folder)."""
+    paths = supervisor_for_root(resolve_root(root)).log_paths()
+    for path in paths:
+        typer.echo(f"==> {path} <==")
+        for line in tail_lines(path, lines):
+            typer.echo(line)
+    if follow:
+        _follow(paths)
+
+
+@cli_errors
+def uninstall(
+    root: RootOption = None,
+    purge: Annotated[
+        bool, typer.Option("--purge", help="Also delete the root: models, adapter, states, logs.")
+    ] = False,
+    yes: YesOption = False,
+) -> None:
+    """Stop the sidecar and remove its supervision; with --purge, delete the root after confirmation."""
+    root_path = resolve_root(root)
+    supervisor_for_root(root_path).uninstall()
+    typer.echo(f"Supervision removed for {root_path}.")
+    if not purge:
+        return
+    layout = RootLayout.of(root_path)
+    if not root_path.exists():
+        typer.echo(f"{root_path} does not exist; nothing to delete.")
+        return
+    if not (layout.receipt.exists() or layout.settings.exists()):
+        raise CommandRefused(
+            f"{root_path} has no {layout.receipt.name} or {layout.settings.name}: it does not look like "
+            "an install root, so it was not deleted"
+        )
+    if not yes:
+        if not sys.stdin.isatty():
+            raise CommandRefused(f"no terminal to confirm deleting {root_path}: pass --yes to delete it")
+        typer.confirm(f"Delete {root_path} and everything in it?", default=False, abort=True)
+    shutil.rmtree(root_path)
+    typer.echo(f"Deleted {root_path}.")
+
+
+def _with_qmd_flags(
+    settings: SidecarSettings, *, attention_state_source: str | None, **qmd: Any
+) -> SidecarSettings:
+    qmd_changes = {k: v for k, v in qmd.items() if v is not None}
+    updated = dataclasses.replace(settings, qmd=dataclasses.replace(settings.qmd, **qmd_changes))
+    if attention_state_source is not None:
+        updated = dataclasses.replace(updated, attention_state_source=attention_state_source)
+    return updated
+
+
+def _with_resolved_qmd(settings: SidecarSettings) -> SidecarSettings:
+    # launchd and systemd run with a minimal PATH, so the settings keep the absolute path.
+    check = check_qmd(settings.qmd.bin)
+    if check.state != "ok":
+        raise CommandRefused(f"QMD: {check.detail}")
+    found = shutil.which(settings.qmd.bin)
+    return dataclasses.replace(
+        settings, qmd=dataclasses.replace(settings.qmd, bin=str(Path(found or settings.qmd.bin).absolute()))
+    )
+
+
+def _echo_ready(settings: SidecarSettings, health: Health, supervisor: Supervisor) -> None:
+    body = health.body or {}
+    typer.echo(f"Healthy at {base_url(settings)} (model {body.get('model')}; {supervisor.status().detail}).")
+    typer.echo(
+        f"Next: 'delta-mem-mlx provider-config --apply{root_flag(supervisor.layout.root)}' connects OpenClaw."
+    )
+
+
+def _uptime(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        return max(0.0, time.time() - psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _follow(paths: tuple[Path, ...]) -> None:
+    offsets = {path: path.stat().st_size if path.exists() else 0 for path in paths}
+    try:
+        while True:
+            for path in paths:
+                size = path.stat().st_size if path.exists() else 0
+                if size < offsets[path]:  # rotated or truncated: start over
+                    offsets[path] = 0
+                if size > offsets[path]:
+                    with path.open("rb") as handle:
+                        handle.seek(offsets[path])
+                        chunk = handle.read(size - offsets[path])
+                    offsets[path] = size
+                    typer.echo(chunk.decode("utf-8", errors="replace"), nl=False)
+            time.sleep(FOLLOW_POLL_S)
+    except KeyboardInterrupt:
+        return
+
+
+def register(app: typer.Typer) -> None:
+    """Add start-sidecar, stop-sidecar, restart-sidecar, status, logs and uninstall."""
+    app.command(
+        "start-sidecar",
+        epilog=examples(
+            "delta-mem-mlx start-sidecar",
+            "delta-mem-mlx start-sidecar --root ~/delta-mem-smoke",
+            "delta-mem-mlx start-sidecar --attention-state-source qmd --qmd-mode search --qmd-limit 4",
+            "delta-mem-mlx start-sidecar --foreground",
+        ),
+    )(start_sidecar)
+    app.command("stop-sidecar", epilog=examples("delta-mem-mlx stop-sidecar"))(stop_sidecar)
+    app.command("restart-sidecar", epilog=examples("delta-mem-mlx restart-sidecar"))(restart_sidecar)
+    app.command(
+        "status",
+        epilog=examples("delta-mem-mlx status", "delta-mem-mlx status --json --root ~/delta-mem-smoke"),
+    )(status)
+    app.command("logs", epilog=examples("delta-mem-mlx logs", "delta-mem-mlx logs -f -n 20"))(logs)
+    app.command(
+        "uninstall",
+        epilog=examples(
+            "delta-mem-mlx uninstall", "delta-mem-mlx uninstall --purge --yes --root ~/delta-mem-smoke"
+        ),
+    )(uninstall)

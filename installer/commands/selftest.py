@@ -1,0 +1,177 @@
+"""`delta-mem-mlx selftest`: the whole flow, offline, on a generated tiny model, in a temporary root."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from installer.commands.options import examples
+from installer.errors import cli_errors
+from installer.health import base_url
+from installer.installation import InstallRequest, install
+from installer.presets import load_preset, with_overrides
+from installer.supervisors import make_supervisor, tail_lines
+from sidecar.config import DEFAULT_HOST, SidecarSettings
+
+SELFTEST_MODEL_ID = "delta-mem-tiny-selftest"
+SELFTEST_SNIPPET = "The user's cat is called Miso and is afraid of the vacuum cleaner."
+CHAT_TIMEOUT_S = 300.0
+
+
+class SelftestFailed(RuntimeError):
+    """A selftest step whose result was wrong."""
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """What one streamed chat returned: the text, the X-Delta-* headers, how many chunks came."""
+
+    text: str
+    delta_headers: dict[str, str]
+    chunks: int
+
+
+def stream_chat(settings: SidecarSettings, prompt: str, snippets: list[str]) -> ChatResult:
+    """Send one streamed chat with `attention_state`; check the SSE framing and collect the answer."""
+    body = {
+        "model": settings.model_id,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_completion_tokens": 24,
+        "temperature": 0,
+        "attention_state": snippets,
+    }
+    request = urllib.request.Request(
+        f"{base_url(settings)}/v1/chat/completions",
+        data=json.dumps(body).encode("utf-8"),
+        headers={"Content-Type": "application/json", "X-OpenClaw-Session-Key": "selftest"},
+        method="POST",
+    )
+    if settings.api_key:
+        request.add_header("Authorization", f"Bearer {settings.api_key}")
+    pieces: list[str] = []
+    chunks, done = 0, False
+    with urllib.request.urlopen(request, timeout=CHAT_TIMEOUT_S) as response:
+        headers = {k: v for k, v in response.headers.items() if k.lower().startswith("x-delta-")}
+        for raw in response:
+            line = raw.decode("utf-8").strip()
+            if not line:
+                continue
+            if not line.startswith("data: "):
+                raise SelftestFailed(f"the stream sent a line that is not an SSE data line: {line[:80]!r}")
+            payload = line.removeprefix("data: ")
+            if payload == "[DONE]":
+                done = True
+                break
+            chunk = json.loads(payload)
+            chunks += 1
+            for choice in chunk.get("choices", []):
+                pieces.append((choice.get("delta") or {}).get("content") or "")
+    if not done:
+        raise SelftestFailed("the stream ended without 'data: [DONE]'")
+    return ChatResult("".join(pieces), headers, chunks)
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    """A port that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def provider_block(root: Path) -> dict[str, Any]:
+    """The OpenClaw provider config patch the plugin's tool builds for this root."""
+    from plugin_tools.provider_config import build_provider_config
+
+    payload = build_provider_config({"sidecarRoot": str(root)}, {})
+    return dict(payload["config_patch"])
+
+
+@cli_errors
+def selftest(
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the temporary root (to look at it) instead of deleting it.")
+    ] = False,
+    health_timeout: Annotated[float, typer.Option(help="Seconds to wait for the sidecar to load.")] = 300.0,
+) -> None:
+    """Check everything offline: tiny model + adapter → install (custom) → start → streamed chat → stop.
+
+    Generates a tiny Qwen3-shaped model and δ-mem adapter in a temporary folder, installs them as a
+    `custom` preset (local paths, nothing downloaded), starts the sidecar as a background process,
+    streams one chat that carries hidden memory (`attention_state`), prints the answer, the
+    X-Delta-* response headers and the OpenClaw provider block, then stops and cleans up.
+    Exits 0 only if every step worked.
+    """
+    # Imported here: it pulls in MLX and tokenizers, which the other commands do not need.
+    from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+
+    workdir = Path(tempfile.mkdtemp(prefix="delta-mem-mlx-selftest-"))
+    root = workdir / "root"
+    supervisor = make_supervisor("process", root)
+    passed = False
+    try:
+        model_dir = write_tiny_model(workdir / "source" / "model")
+        adapter_dir = write_tiny_adapter(workdir / "source" / "adapter", model_dir)
+        typer.echo(f"1. Generated a tiny model and δ-mem adapter in {workdir / 'source'}")
+        preset = with_overrides(
+            load_preset("custom"),
+            model_path=model_dir,
+            adapter_path=adapter_dir,
+            model_id=SELFTEST_MODEL_ID,
+            min_memory_gb=1,
+        )
+        request = InstallRequest(
+            root=root,
+            preset=preset,
+            host=DEFAULT_HOST,
+            port=free_port(),
+            supervisor="process",
+            assume_yes=True,
+            progress=False,
+            health_timeout_s=health_timeout,
+        )
+        typer.echo("2. Installing it as a custom preset and starting the sidecar:")
+        result = install(request, echo=lambda line: typer.echo(f"   {line}"), confirm=lambda _: False)
+        chat = stream_chat(result.settings, "What do you remember about my pet?", [SELFTEST_SNIPPET])
+        typer.echo(f"3. Streamed chat ({chat.chunks} chunks). Answer (random tiny weights): {chat.text!r}")
+        for name, value in sorted(chat.delta_headers.items()):
+            typer.echo(f"   {name}: {value}")
+        count = {k.lower(): v for k, v in chat.delta_headers.items()}.get("x-delta-attention-state-count")
+        if count != "1":
+            raise SelftestFailed(f"the sidecar reported {count!r} memory snippets instead of 1")
+        typer.echo("4. OpenClaw provider block for this sidecar:")
+        typer.echo(json.dumps(provider_block(root), indent=2, ensure_ascii=False))
+        supervisor.stop()
+        if supervisor.status().state != "stopped":
+            raise SelftestFailed(f"the sidecar did not stop: {supervisor.status().detail}")
+        typer.echo("5. Stopped the sidecar.")
+        passed = True
+    except SelftestFailed as exc:
+        typer.secho(f"Error: selftest failed: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from exc
+    finally:
+        if not passed:
+            for line in tail_lines(supervisor.log_paths()[1], 20):
+                typer.echo(f"   log: {line}", err=True)
+        supervisor.uninstall()
+        if keep:
+            typer.echo(f"Kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    typer.echo("selftest passed.")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `selftest` command."""
+    app.command("selftest", epilog=examples("delta-mem-mlx selftest", "delta-mem-mlx selftest --keep"))(
+        selftest
+    )

@@ -1,0 +1,301 @@
+"""The install, step by step: checks → plan → consent → downloads → adapter → settings → start → receipt.
+
+Each step raises InstallError naming what failed and what to do. Nothing is written before consent;
+an existing receipt is removed before anything changes and the new one is written only after every
+other step worked, so a root without a receipt is never mistaken for a working install. A rerun
+reuses every file that is already complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from installer.checks import failures, format_checks, run_checks
+from installer.downloads import (
+    DownloadPlan,
+    download,
+    human_bytes,
+    plan_downloads,
+)
+from installer.health import Health, wait_until_healthy
+from installer.layout import RootLayout
+from installer.presets import Preset, Source
+from installer.receipt import Receipt, new_receipt, remove_receipt, write_receipt
+from installer.supervisors import SupervisorKind, make_supervisor
+from sidecar.config import SettingsError, SidecarSettings, load_settings, save_settings
+from sidecar.delta.adapter_files import (
+    NPZ_FILE,
+    PT_FILE,
+    AdapterError,
+    convert_adapter,
+    load_adapter,
+    model_dims,
+    validate_adapter,
+)
+from sidecar.delta.config import CONFIG_FILE
+
+DEFAULT_HEALTH_TIMEOUT_S = 600.0
+
+
+class InstallError(RuntimeError):
+    """An install step that failed; the message names the step and what to do."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(f"{step}: {message}")
+        self.step = step
+
+
+class ConsentRefused(InstallError):
+    """The operator did not agree to the downloads (or could not be asked)."""
+
+
+@dataclass(frozen=True)
+class InstallRequest:
+    """What to install where, and how to run it."""
+
+    root: Path
+    preset: Preset
+    host: str
+    port: int
+    supervisor: SupervisorKind
+    start: bool = True
+    assume_yes: bool = False
+    interactive: bool = False
+    progress: bool = True
+    health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """The receipt written, the settings in force and, when started, the sidecar's health answer."""
+
+    receipt: Receipt
+    settings: SidecarSettings
+    health: Health | None
+
+
+Echo = Callable[[str], None]
+Confirm = Callable[[str], bool]
+
+
+def install(request: InstallRequest, *, echo: Echo, confirm: Confirm) -> InstallResult:
+    """Run every install step in order; raises InstallError (or ConsentRefused) on the first failure."""
+    layout = RootLayout.of(request.root)
+    preset = request.preset
+    supervisor = make_supervisor(request.supervisor, layout.root)
+    previous = _previous_settings(layout)
+
+    echo(f"Installing preset {preset.name!r} into {layout.root}")
+    checks = run_checks(
+        layout.root,
+        min_memory_gb=preset.min_memory_gb,
+        host=request.host,
+        port=request.port,
+        qmd_bin=previous.qmd.bin if previous and previous.attention_state_source == "qmd" else None,
+        port_held_by_this_root=layout.root.exists() and supervisor.status().state == "running",
+    )
+    for line in format_checks(checks):
+        echo(line)
+    failed = failures(checks)
+    if failed:
+        raise InstallError("checks", f"{failed[0].detail} (run 'delta-mem-mlx doctor' for all checks)")
+
+    plan = plan_downloads(preset, layout.root)
+    for line in _describe_install(plan, preset, request, supervisor.kind):
+        echo(line)
+    if not plan.fits:
+        raise InstallError(
+            "disk",
+            f"{human_bytes(plan.free_bytes)} free, the install needs {human_bytes(plan.needed_bytes)}: "
+            "free some space or choose another --root",
+        )
+    _ask_consent(plan, request, confirm)
+
+    remove_receipt(layout.root)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    if plan.missing_bytes:
+        echo(f"Downloading {human_bytes(plan.missing_bytes)}…")
+    download(plan, progress=request.progress)
+
+    model_dir = preset.model.path or layout.model_dir(preset.model.repo or "")
+    model_files = installed_model_files(model_dir, preset.model_files)
+    adapter_dir, adapter_files = (
+        prepare_adapter(preset.adapter, layout, model_dir) if preset.adapter else (None, [])
+    )
+    if adapter_dir:
+        echo(f"Adapter ready and matching the model: {adapter_dir}")
+
+    settings = _settings_for(preset, request, layout, model_dir, adapter_dir, previous)
+    save_settings(layout.root, settings)
+    echo(f"Settings written: {layout.settings}")
+
+    health = _start(request, settings, echo) if request.start else None
+    if not request.start and supervisor.status().state == "running":
+        echo("Note: the sidecar that is running keeps the old install until 'delta-mem-mlx restart-sidecar'.")
+
+    receipt = new_receipt(
+        layout.root,
+        preset=preset.name,
+        model_id=settings.model_id,
+        model_source=_source_text(preset.model, plan, "model"),
+        adapter_source=_source_text(preset.adapter, plan, "adapter") if preset.adapter else None,
+        model_path=model_dir,
+        adapter_path=adapter_dir,
+        supervisor=request.supervisor,
+        files=model_files + adapter_files,
+    )
+    write_receipt(layout.root, receipt)
+    echo(f"Install receipt written: {layout.receipt}")
+    return InstallResult(receipt, settings, health)
+
+
+def installed_model_files(model_dir: Path, patterns: tuple[str, ...]) -> list[Path]:
+    """The model files the sidecar loads, after checking the folder looks like an MLX model."""
+    if not model_dir.is_dir():
+        raise InstallError("model", f"{model_dir} is not a directory")
+    files = sorted(
+        p
+        for p in model_dir.iterdir()
+        if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns)
+    )
+    config = model_dir / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InstallError("model", f"{config} is missing: is {model_dir} an MLX model folder?") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InstallError("model", f"{config} cannot be read ({exc}): download it again") from exc
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise InstallError("model", f"{config} has no model_type: is {model_dir} an MLX model folder?")
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise InstallError("model", f"{model_dir} has no model*.safetensors weights")
+    return files
+
+
+def prepare_adapter(source: Source, layout: RootLayout, model_dir: Path) -> tuple[Path, list[Path]]:
+    """Put the adapter in the root (copying a local one), convert .pt → .npz, and check it fits the model."""
+    adapter_dir = layout.adapter_dir(source.repo)
+    if source.path is not None:
+        _copy_local_adapter(source.path, adapter_dir)
+    npz = adapter_dir / NPZ_FILE
+    try:
+        if not npz.exists():
+            convert_adapter(adapter_dir)
+        dims = model_dims(json.loads((model_dir / "config.json").read_text(encoding="utf-8")))
+        validate_adapter(load_adapter(adapter_dir), dims)
+    except AdapterError as exc:
+        raise InstallError("adapter", str(exc)) from exc
+    return adapter_dir, [adapter_dir / CONFIG_FILE, npz]
+
+
+def _copy_local_adapter(source: Path, dest: Path) -> None:
+    config = source / CONFIG_FILE
+    if not config.is_file():
+        raise InstallError("adapter", f"{config} is missing: is {source} a δ-mem adapter folder?")
+    weights = [source / name for name in (NPZ_FILE, PT_FILE) if (source / name).is_file()]
+    if not weights:
+        raise InstallError(
+            "adapter", f"{source} has neither {NPZ_FILE} nor {PT_FILE}: is it a δ-mem adapter?"
+        )
+    # A fresh copy each time, so a converted file never outlives the source it came from.
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for path in (config, weights[0]):
+        shutil.copy2(path, dest / path.name)
+
+
+def _ask_consent(plan: DownloadPlan, request: InstallRequest, confirm: Confirm) -> None:
+    if not plan.missing_bytes or request.assume_yes:
+        return
+    size = human_bytes(plan.missing_bytes)
+    if not request.interactive:
+        raise ConsentRefused(
+            "consent",
+            f"refusing to download {size} without your consent, and there is no terminal to ask: "
+            "pass --yes to agree to the plan above",
+        )
+    if not confirm(f"Download {size} into {request.root} and install?"):
+        raise ConsentRefused("consent", "cancelled; nothing was downloaded or written")
+
+
+def _describe_install(
+    plan: DownloadPlan, preset: Preset, request: InstallRequest, supervisor_kind: str
+) -> list[str]:
+    lines = plan.describe() if plan.repos else ["Nothing to download."]
+    if preset.model.path is not None:
+        lines.append(f"  model: local folder {preset.model.path} (used in place)")
+    if preset.adapter is not None and preset.adapter.path is not None:
+        lines.append(f"  adapter: local folder {preset.adapter.path} (copied into the root)")
+    if preset.adapter is None:
+        lines.append("  adapter: none (the sidecar serves the plain model)")
+    if request.start:
+        lines.append(
+            f"  then: {supervisor_kind} supervision, start, and wait for {request.host}:{request.port}/health"
+        )
+    return lines
+
+
+def _previous_settings(layout: RootLayout) -> SidecarSettings | None:
+    if not layout.settings.exists():
+        return None
+    try:
+        return load_settings(layout.root)
+    except SettingsError:
+        return None  # an unreadable file is replaced by the fresh one
+
+
+def _settings_for(
+    preset: Preset,
+    request: InstallRequest,
+    layout: RootLayout,
+    model_dir: Path,
+    adapter_dir: Path | None,
+    previous: SidecarSettings | None,
+) -> SidecarSettings:
+    # Keep what the operator set before (API key, QMD, limits); the install decides the rest.
+    chosen: dict[str, Any] = {
+        "model_path": str(model_dir),
+        "model_id": preset.model_id,
+        "adapter_path": str(adapter_dir) if adapter_dir else None,
+        "host": request.host,
+        "port": request.port,
+        "context_window": preset.context_window,
+        "max_output_tokens": preset.max_output_tokens,
+        "state_dir": str(layout.state),
+    }
+    if previous is None:
+        return SidecarSettings(**chosen)
+    return dataclasses.replace(previous, **chosen)
+
+
+def _start(request: InstallRequest, settings: SidecarSettings, echo: Echo) -> Health:
+    supervisor = make_supervisor(request.supervisor, request.root)
+    echo(f"Starting the sidecar under {supervisor.kind}…")
+    try:
+        supervisor.install()
+        supervisor.restart()
+        health = wait_until_healthy(settings, supervisor, request.health_timeout_s)
+    except Exception as exc:
+        try:
+            supervisor.uninstall()
+        except Exception:
+            pass  # the original failure is the one worth reporting
+        raise InstallError("start", str(exc)) from exc
+    echo(f"The sidecar is healthy at http://{settings.host}:{settings.port} (model {settings.model_id})")
+    return health
+
+
+def _source_text(source: Source | None, plan: DownloadPlan, role: str) -> str:
+    if source is None:
+        return "none"
+    for repo in plan.repos:
+        if repo.role == role:
+            return f"{repo.repo}@{repo.commit}"
+    return source.describe()
