@@ -1,0 +1,331 @@
+"""The real thing: `delta-mem-mlx serve` in its own process, the tiny model, the `openai` client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from sidecar.session_keys import hash_session_key
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "delta-mem-tiny-e2e"
+KEY = "e2e-key"
+STARTUP_TIMEOUT_S = 180.0
+
+
+@dataclass
+class Server:
+    """A running sidecar process."""
+
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(model_dir: Path, adapter_dir: Path, work: Path, *extra: str) -> Server:
+    """Start `serve` and wait (with a deadline) until /health says ok."""
+    port = _free_port()
+    log = work / "serve.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DELTA_MEM_MLX_ROOT": str(work / "root")}
+    argv = [
+        sys.executable, "-c", "from installer.cli import main; main()", "serve",
+        "--model", str(model_dir), "--adapter", str(adapter_dir), "--model-id", MODEL,
+        "--port", str(port), "--state-dir", str(work / "state"), "--api-key", KEY,
+        "--context-window", "2048", "--max-sessions", "8", *extra,
+    ]
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    server = Server(process, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"serve exited with {process.returncode}:\n{server.log_text()[-3000:]}")
+        try:
+            health = httpx.get(f"{server.base_url}/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=5)
+            if health.status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"serve was not healthy within {STARTUP_TIMEOUT_S} s:\n{server.log_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def stop_server(server: Server) -> int:
+    """SIGTERM, then wait for the exit code (killing after a deadline)."""
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        return server.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+        pytest.fail("serve did not exit within 60 s of SIGTERM")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(tiny_model_dir, tiny_adapter_dir, tmp_path_factory.mktemp("e2e"))
+    yield running
+    if running.process.poll() is None:
+        stop_server(running)
+
+
+@pytest.fixture
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def session(name: str) -> dict[str, str]:
+    return {"X-OpenClaw-Session-Key": f"e2e:{name}"}
+
+
+def test_health_and_models(server: Server, client: openai.OpenAI) -> None:
+    health = httpx.get(f"{server.base_url}/health", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert health["status"] == "ok" and health["model"] == MODEL
+    assert health["adapter"] is not None
+    assert [model.id for model in client.models.list()] == [MODEL]
+
+
+def test_streaming_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}],
+        stream=True,
+        stream_options={"include_usage": True},
+        max_completion_tokens=6,
+        temperature=0,
+        extra_headers=session("stream"),
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish in (["stop"], ["length"])
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None
+    assert usage.prompt_tokens > 5 and 1 <= usage.completion_tokens <= 6
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    text_deltas = [c.choices[0].delta.content for c in chunks[1:] if c.choices and c.choices[0].delta.content]
+    assert len(text_deltas) >= 1
+
+
+def test_content_parts_consecutive_users_and_cached_tokens(client: openai.OpenAI) -> None:
+    system = {"role": "system", "content": "You remember things. " * 20}
+    turn1 = [
+        system,
+        {"role": "user", "content": "My cat is called Miso."},
+        {"role": "user", "content": [{"type": "text", "text": "internal context one"}]},
+    ]
+    first = client.chat.completions.create(
+        model=MODEL, messages=turn1, max_completion_tokens=4, temperature=0, extra_headers=session("parts")
+    )
+    answer = first.choices[0].message.content or ""
+    # OpenClaw's next turn drops the internal-context message and adds the answer and a new question.
+    turn2 = [
+        system,
+        {"role": "user", "content": "My cat is called Miso."},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "What is my cat called?"},
+        {"role": "user", "content": [{"type": "text", "text": "internal context two"}]},
+    ]
+    second = client.chat.completions.create(
+        model=MODEL, messages=turn2, max_completion_tokens=4, temperature=0, extra_headers=session("parts")
+    )
+    assert first.usage is not None and second.usage is not None
+    assert first.usage.prompt_tokens_details is not None and second.usage.prompt_tokens_details is not None
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached is not None and cached > 20, "the shared system prompt and first user message are reused"
+    assert cached < second.usage.prompt_tokens
+
+
+def test_tools_round_trip(client: openai.OpenAI) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "read",
+                "description": "Read a file",
+                "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
+            },
+        }
+    ]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "Read notes.md please."}]
+    first = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=tools, tool_choice="auto", max_completion_tokens=8, temperature=0,
+        extra_headers=session("tools"),
+    )
+    assert first.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # Whatever the random model said, the client runs the tool and sends the result back.
+    messages += [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "read", "arguments": '{"path": "notes.md"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "The cat is called Miso."},
+    ]
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=tools, max_completion_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_headers=session("tools"),
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens > first.usage.prompt_tokens  # type: ignore[union-attr]
+
+
+def test_attention_state_forms(client: openai.OpenAI) -> None:
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "What pet?"}], "max_completion_tokens": 2}
+    body = client.chat.completions.with_raw_response.create(
+        **base, extra_body={"attention_state": ["The user has a cat.", {"text": "Named Miso.", "score": 1}]},
+        extra_headers=session("memory-body"),
+    )
+    camel = client.chat.completions.with_raw_response.create(
+        **base, extra_body={"attentionState": [{"snippet": "Likes tea."}]}, extra_headers=session("memory-camel")
+    )
+    header = client.chat.completions.with_raw_response.create(
+        **base,
+        extra_headers={**session("memory-header"), "X-Delta-Attention-State": json.dumps([{"content": "Lives in Lisbon."}])},
+    )
+    broken = client.chat.completions.with_raw_response.create(
+        **base, extra_headers={**session("memory-broken"), "X-Delta-Attention-State": "{not json"}
+    )
+    none = client.chat.completions.with_raw_response.create(**base, extra_headers=session("memory-none"))
+    counts = [r.headers["X-Delta-Attention-State-Count"] for r in (body, camel, header, broken, none)]
+    sources = [r.headers["X-Delta-Attention-State-Source"] for r in (body, camel, header, broken, none)]
+    assert counts == ["2", "1", "1", "0", "0"]
+    assert sources == ["request", "request", "request", "none", "none"]  # an unreadable header carries nothing
+    assert "not JSON" in broken.headers["X-Delta-Attention-State-Warning"]
+    assert body.headers["X-Delta-Session"] == hash_session_key("e2e:memory-body")
+    assert body.parse().choices[0].message is not None
+
+
+def test_delta_mode_header(client: openai.OpenAI) -> None:
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2}
+    off = client.chat.completions.with_raw_response.create(**base, extra_headers={"X-Delta-Mode": "base"})
+    on = client.chat.completions.with_raw_response.create(**base)
+    assert off.headers["X-Delta-Mode"] == "base" and on.headers["X-Delta-Mode"] == "delta"
+
+
+def test_concurrent_sessions(server: Server, client: openai.OpenAI) -> None:
+    results: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def converse(name: str) -> None:
+        try:
+            messages: list[dict[str, Any]] = [{"role": "user", "content": f"I am session {name}."}]
+            hashes = []
+            for _ in range(2):
+                raw = client.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=messages, max_completion_tokens=3, temperature=0, stream=False,
+                    extra_headers=session(f"concurrent-{name}"),
+                )
+                hashes.append(raw.headers["X-Delta-Session"])
+                reply = raw.parse().choices[0].message.content or ""
+                messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And now?"}]
+            results[name] = hashes
+        except BaseException as exc:  # surfaced below with the thread's name
+            errors.append(exc)
+
+    threads = [threading.Thread(target=converse, args=(str(i),)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert errors == [] and sorted(results) == ["0", "1", "2", "3"]
+    for name, hashes in results.items():
+        assert hashes == [hash_session_key(f"e2e:concurrent-{name}")] * 2
+        stats = httpx.get(
+            f"{server.base_url}/v1/session",
+            headers={"Authorization": f"Bearer {KEY}", **session(f"concurrent-{name}")},
+        )
+        assert stats.status_code == 200 and stats.json()["session"] == hashes[0]
+
+
+def test_disconnect_frees_the_worker(server: Server, client: openai.OpenAI) -> None:
+    with httpx.Client(timeout=120) as http:
+        with http.stream(
+            "POST",
+            f"{server.base_url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {KEY}", **session("leaver")},
+            json={"model": MODEL, "messages": [{"role": "user", "content": "Talk a lot."}], "stream": True,
+                  "max_completion_tokens": 1000, "temperature": 1.0, "seed": 7},
+        ) as response:
+            first = next(response.iter_lines())
+            assert first.startswith("data: ")
+    # The next request is served: the worker did not stay on the abandoned 1000-token answer.
+    after = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_completion_tokens=2,
+        extra_headers=session("after-leaver"),
+    )
+    assert after.choices[0].finish_reason in ("stop", "length")
+    deadline = time.monotonic() + 60
+    while "cancelled" not in server.log_text():
+        assert time.monotonic() < deadline, "the abandoned job was never cancelled"
+        time.sleep(0.2)
+
+
+def test_errors_have_the_openai_shape(server: Server, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
+    wrong = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    too_big = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": MODEL, "messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]},
+        timeout=60,
+    )
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+
+
+def test_logs_never_carry_the_session_key(server: Server) -> None:
+    log = server.log_text()
+    assert "e2e:" not in log
+    assert hash_session_key("e2e:parts")[:12] in log
+
+
+def test_sigterm_shuts_down_cleanly(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path
+) -> None:
+    own = start_server(tiny_model_dir, tiny_adapter_dir, tmp_path)
+    reply = httpx.post(
+        f"{own.base_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2},
+        timeout=120,
+    )
+    assert reply.status_code == 200
+    # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught, as a plain process would.
+    assert stop_server(own) in (0, -signal.SIGTERM)
+    log = own.log_text()
+    assert "Application shutdown complete" in log and "Traceback" not in log
