@@ -195,8 +195,9 @@ def test_tools_round_trip(client: openai.OpenAI) -> None:
         model=MODEL, messages=messages, tools=tools, max_completion_tokens=8, temperature=0, stream=True,
         stream_options={"include_usage": True}, extra_headers=session("tools"),
     )
-    chunks = list(stream)
-    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens > first.usage.prompt_tokens  # type: ignore[union-attr]
+    usage = list(stream)[-1].usage
+    assert first.usage is not None and usage is not None
+    assert usage.prompt_tokens > first.usage.prompt_tokens  # the tool call and its result are in the prompt
 
 
 def test_attention_state_forms(client: openai.OpenAI) -> None:
@@ -210,7 +211,10 @@ def test_attention_state_forms(client: openai.OpenAI) -> None:
     )
     header = client.chat.completions.with_raw_response.create(
         **base,
-        extra_headers={**session("memory-header"), "X-Delta-Attention-State": json.dumps([{"content": "Lives in Lisbon."}])},
+        extra_headers={
+            **session("memory-header"),
+            "X-Delta-Attention-State": json.dumps([{"content": "Lives in Lisbon."}]),
+        },
     )
     broken = client.chat.completions.with_raw_response.create(
         **base, extra_headers={**session("memory-broken"), "X-Delta-Attention-State": "{not json"}
@@ -329,3 +333,48 @@ def test_sigterm_shuts_down_cleanly(
     assert stop_server(own) in (0, -signal.SIGTERM)
     log = own.log_text()
     assert "Application shutdown complete" in log and "Traceback" not in log
+
+
+FAKE_QMD = f"""#!{sys.executable}
+import json, pathlib, sys, time
+here = pathlib.Path(sys.argv[0]).parent
+with open(here / "argv.jsonl", "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+behaviour = (here / "behaviour").read_text().strip()
+if behaviour == "ok":
+    print(json.dumps([{{"file": "qmd://notes/pets.md", "score": 0, "snippet": "@@ -1 @@\\nThe user has a cat."}}]))
+elif behaviour == "hang":
+    time.sleep(600)
+else:
+    print("garbage")
+"""
+
+
+def test_qmd_source_in_a_real_server(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path) -> None:
+    qmd = tmp_path / "bin" / "qmd"
+    qmd.parent.mkdir()
+    qmd.write_text(FAKE_QMD)
+    qmd.chmod(0o755)
+    own = start_server(
+        tiny_model_dir, tiny_adapter_dir, tmp_path,
+        "--attention-state-source", "qmd", "--qmd-bin", str(qmd), "--qmd-mode", "search", "--qmd-timeout", "2",
+    )
+    client = openai.OpenAI(base_url=f"{own.base_url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    query = "Which pet? $(rm -rf ~); `id`"
+    found = {}
+    try:
+        for behaviour in ("ok", "hang", "garbage"):
+            (qmd.parent / "behaviour").write_text(behaviour)
+            raw = client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": query}], max_completion_tokens=2,
+                extra_headers=session(f"qmd-{behaviour}"),
+            )
+            headers = raw.headers
+            found[behaviour] = (headers["X-Delta-Attention-State-Count"], headers["X-Delta-Attention-State-Source"])
+    finally:
+        stop_server(own)
+    assert found == {"ok": ("1", "qmd"), "hang": ("0", "qmd"), "garbage": ("0", "qmd")}
+    argvs = [json.loads(line) for line in (qmd.parent / "argv.jsonl").read_text().splitlines()]
+    assert argvs == [["search", "--json", "-n", "6", "--", query]] * 3
+    log = own.log_text()
+    assert "qmd timed out after 2 s" in log and "qmd output is not JSON" in log
