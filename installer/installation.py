@@ -65,6 +65,7 @@ class InstallRequest:
     host: str
     port: int
     supervisor: SupervisorKind
+    api_key: str | None = None
     start: bool = True
     assume_yes: bool = False
     interactive: bool = False
@@ -106,6 +107,11 @@ def install(request: InstallRequest, *, echo: Echo, confirm: Confirm) -> Install
     failed = failures(checks)
     if failed:
         raise InstallError("checks", f"{failed[0].detail} (run 'delta-mem-mlx doctor' for all checks)")
+    model_dir = preset.model.path or layout.model_dir(preset.model.repo or "")
+    adapter_dir = layout.adapter_dir(preset.adapter.repo) if preset.adapter else None
+    # Settings are checked now, so that a bad --host or --port fails before any download.
+    settings = _settings_for(preset, request, layout, model_dir, adapter_dir, previous)
+    settings.validate()
 
     plan = plan_downloads(preset, layout.root)
     for line in _describe_install(plan, preset, request, supervisor.kind):
@@ -124,15 +130,11 @@ def install(request: InstallRequest, *, echo: Echo, confirm: Confirm) -> Install
         echo(f"Downloading {human_bytes(plan.missing_bytes)}…")
     download(plan, progress=request.progress)
 
-    model_dir = preset.model.path or layout.model_dir(preset.model.repo or "")
     model_files = installed_model_files(model_dir, preset.model_files)
-    adapter_dir, adapter_files = (
-        prepare_adapter(preset.adapter, layout, model_dir) if preset.adapter else (None, [])
-    )
+    adapter_files = prepare_adapter(preset.adapter, layout, model_dir) if preset.adapter else []
     if adapter_dir:
         echo(f"Adapter ready and matching the model: {adapter_dir}")
 
-    settings = _settings_for(preset, request, layout, model_dir, adapter_dir, previous)
     save_settings(layout.root, settings)
     echo(f"Settings written: {layout.settings}")
 
@@ -179,8 +181,11 @@ def installed_model_files(model_dir: Path, patterns: tuple[str, ...]) -> list[Pa
     return files
 
 
-def prepare_adapter(source: Source, layout: RootLayout, model_dir: Path) -> tuple[Path, list[Path]]:
-    """Put the adapter in the root (copying a local one), convert .pt → .npz, and check it fits the model."""
+def prepare_adapter(source: Source, layout: RootLayout, model_dir: Path) -> list[Path]:
+    """Put the adapter in the root (copying a local one), convert .pt → .npz, check it fits the model.
+
+    Returns the adapter files the sidecar loads, for the receipt.
+    """
     adapter_dir = layout.adapter_dir(source.repo)
     if source.path is not None:
         _copy_local_adapter(source.path, adapter_dir)
@@ -192,7 +197,7 @@ def prepare_adapter(source: Source, layout: RootLayout, model_dir: Path) -> tupl
         validate_adapter(load_adapter(adapter_dir), dims)
     except AdapterError as exc:
         raise InstallError("adapter", str(exc)) from exc
-    return adapter_dir, [adapter_dir / CONFIG_FILE, npz]
+    return [adapter_dir / CONFIG_FILE, npz]
 
 
 def _copy_local_adapter(source: Path, dest: Path) -> None:
@@ -270,6 +275,8 @@ def _settings_for(
         "max_output_tokens": preset.max_output_tokens,
         "state_dir": str(layout.state),
     }
+    if request.api_key is not None:
+        chosen["api_key"] = request.api_key
     if previous is None:
         return SidecarSettings(**chosen)
     return dataclasses.replace(previous, **chosen)

@@ -24,8 +24,17 @@ from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
 runner = CliRunner()
 
 COMMANDS = [
-    "doctor", "presets", "install-sidecar", "install-sidecar-only", "start-sidecar", "stop-sidecar",
-    "restart-sidecar", "status", "logs", "uninstall", "selftest",
+    "doctor",
+    "presets",
+    "install-sidecar",
+    "install-sidecar-only",
+    "start-sidecar",
+    "stop-sidecar",
+    "restart-sidecar",
+    "status",
+    "logs",
+    "uninstall",
+    "selftest",
 ]
 
 
@@ -45,11 +54,28 @@ def root(tmp_path: Path) -> Iterator[Path]:
     supervisor_for_root(path).uninstall()
 
 
-def _install(root: Path, tiny: dict[str, Path], command: str = "install-sidecar-only", *extra: str) -> list[str]:
+def _install(
+    root: Path, tiny: dict[str, Path], command: str = "install-sidecar-only", *extra: str
+) -> list[str]:
     return [
-        command, "--root", str(root), "--preset", "custom", "--model-path", str(tiny["model"]),
-        "--adapter-path", str(tiny["adapter"]), "--model-id", "tiny-e2e", "--min-memory-gb", "1",
-        "--port", str(free_port()), "--supervisor", "process", *extra,
+        command,
+        "--root",
+        str(root),
+        "--preset",
+        "custom",
+        "--model-path",
+        str(tiny["model"]),
+        "--adapter-path",
+        str(tiny["adapter"]),
+        "--model-id",
+        "tiny-e2e",
+        "--min-memory-gb",
+        "1",
+        "--port",
+        str(free_port()),
+        "--supervisor",
+        "process",
+        *extra,
     ]
 
 
@@ -67,7 +93,9 @@ def test_every_command_has_help_with_examples(command: str) -> None:
 
 
 def test_python_dash_m_installer_runs_the_cli() -> None:
-    done = subprocess.run([sys.executable, "-m", "installer", "presets", "--json"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "installer", "presets", "--json"], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert {p["name"] for p in json.loads(done.stdout)["presets"]} == {"custom", "qwen3-delta", "smoke"}
 
@@ -145,7 +173,9 @@ def test_start_refuses_when_an_installed_file_changed(root: Path, tiny: dict[str
     assert supervisor_for_root(root).status().state == "stopped"
 
 
-def test_a_failed_install_leaves_no_receipt_and_a_rerun_completes(root: Path, tiny: dict[str, Path], tmp_path: Path) -> None:
+def test_a_failed_install_leaves_no_receipt_and_a_rerun_completes(
+    root: Path, tiny: dict[str, Path], tmp_path: Path
+) -> None:
     _ok(_install(root, tiny))
     broken = tmp_path / "broken-adapter"
     broken.mkdir()
@@ -176,7 +206,13 @@ def test_start_sidecar_qmd_flags_update_the_settings(
     _ok([*args, "--qmd-limit", "3", "--qmd-timeout", "2.5", "--health-timeout", "120"])
     settings = json.loads(RootLayout.of(root).settings.read_text())
     assert settings["attention_state_source"] == "qmd"
-    assert settings["qmd"] == {**settings["qmd"], "mode": "search", "limit": 3, "timeout": 2.5, "bin": str(qmd)}
+    assert settings["qmd"] == {
+        **settings["qmd"],
+        "mode": "search",
+        "limit": 3,
+        "timeout": 2.5,
+        "bin": str(qmd),
+    }
     missing = runner.invoke(app, ["start-sidecar", "--root", str(root), "--qmd-bin", "qmd-not-there"])
     assert missing.exit_code == 1 and "QMD: 'qmd-not-there' not found" in missing.output
 
@@ -188,7 +224,9 @@ def test_install_refuses_a_custom_preset_without_a_model(root: Path) -> None:
     assert not root.exists()
 
 
-def test_uninstall_purge_needs_consent_and_an_install_root(root: Path, tiny: dict[str, Path], tmp_path: Path) -> None:
+def test_uninstall_purge_needs_consent_and_an_install_root(
+    root: Path, tiny: dict[str, Path], tmp_path: Path
+) -> None:
     _ok(_install(root, tiny))
     refused = runner.invoke(app, ["uninstall", "--root", str(root), "--purge"])
     assert refused.exit_code == 1 and "pass --yes" in refused.output
@@ -208,3 +246,24 @@ def test_status_and_logs_of_an_empty_root(root: Path) -> None:
     assert report["install"].startswith(f"{root} has no completed install")
     assert report["health"] is None and report["supervisor"]["state"] in ("stopped", "not-installed")
     assert "sidecar.err.log" in _ok(["logs", "--root", str(root)])
+
+
+def test_a_non_loopback_host_needs_an_api_key_before_anything_is_written(
+    root: Path, tiny: dict[str, Path]
+) -> None:
+    args = _install(root, tiny)
+    args[args.index("--port") :] = [
+        "--port",
+        str(free_port()),
+        "--host",
+        "0.0.0.0",
+        "--supervisor",
+        "process",
+    ]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1 and "without an API key" in refused.output
+    assert not root.exists()
+    _ok([*args, "--api-key", "s3cret"])
+    settings_file = RootLayout.of(root).settings
+    assert json.loads(settings_file.read_text())["api_key"] == "s3cret"
+    assert stat.S_IMODE(settings_file.stat().st_mode) == 0o600

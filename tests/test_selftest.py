@@ -56,7 +56,9 @@ def test_selftest_keep_leaves_the_root_but_stops_the_sidecar(temp_dir: Path) -> 
 
 
 @pytest.mark.e2e
-def test_selftest_fails_with_exit_1_and_still_cleans_up(temp_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_selftest_fails_with_exit_1_and_still_cleans_up(
+    temp_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(
         selftest_module,
         "stream_chat",

@@ -67,7 +67,7 @@ def test_start_status_stop(supervisor: ProcessSupervisor) -> None:
         "kind": "process",
         "state": "stopped",
         "pid": None,
-        "detail": "not started",
+        "detail": "not running",
     }
 
 

@@ -30,6 +30,14 @@ ModelIdOption = Annotated[
 MinMemoryOption = Annotated[float | None, typer.Option(help="RAM minimum in GB (for --preset custom).")]
 HostOption = Annotated[str, typer.Option(help="Address to listen on (loopback unless you set an API key).")]
 PortOption = Annotated[int, typer.Option(help="Port to listen on.")]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        envvar="DELTA_MEM_MLX_API_KEY",
+        help="Require this bearer token from clients (needed to listen beyond loopback). "
+        "Kept from the previous install when not given.",
+    ),
+]
 SupervisorOption = Annotated[
     SupervisorKind | None,
     typer.Option(
@@ -62,6 +70,7 @@ def _run(
     min_memory_gb: float | None,
     host: str,
     port: int,
+    api_key: str | None,
     yes: bool,
     start: bool,
     supervisor: SupervisorKind | None,
@@ -83,6 +92,7 @@ def _run(
         host=host,
         port=port,
         supervisor=supervisor or default_kind(),
+        api_key=api_key,
         start=start,
         assume_yes=yes,
         interactive=sys.stdin.isatty(),
@@ -109,6 +119,7 @@ def install_sidecar(
     min_memory_gb: MinMemoryOption = None,
     host: HostOption = DEFAULT_HOST,
     port: PortOption = DEFAULT_PORT,
+    api_key: ApiKeyOption = None,
     yes: YesOption = False,
     no_start: Annotated[
         bool, typer.Option("--no-start", help="Install the files only; do not start.")
@@ -134,6 +145,7 @@ def install_sidecar(
         min_memory_gb=min_memory_gb,
         host=host,
         port=port,
+        api_key=api_key,
         yes=yes,
         start=not no_start,
         supervisor=supervisor,
@@ -153,6 +165,7 @@ def install_sidecar_only(
     min_memory_gb: MinMemoryOption = None,
     host: HostOption = DEFAULT_HOST,
     port: PortOption = DEFAULT_PORT,
+    api_key: ApiKeyOption = None,
     yes: YesOption = False,
     supervisor: SupervisorOption = None,
 ) -> None:
@@ -171,6 +184,7 @@ def install_sidecar_only(
         min_memory_gb=min_memory_gb,
         host=host,
         port=port,
+        api_key=api_key,
         yes=yes,
         start=False,
         supervisor=supervisor,

@@ -92,7 +92,7 @@ class ProcessSupervisor(Supervisor):
     def status(self) -> SupervisorStatus:
         """Running only if the pidfile's pid is alive, started when recorded, with our command line."""
         if not self.layout.pidfile.exists():
-            return SupervisorStatus(self.kind, "stopped", None, "not started")
+            return SupervisorStatus(self.kind, "stopped", None, "not running")
         process = self.running_process()
         if process is None:
             return SupervisorStatus(
