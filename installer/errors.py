@@ -9,6 +9,16 @@ from typing import Callable, ParamSpec, TypeVar
 
 import typer
 
+from installer.commands.options import CommandRefused
+from installer.downloads import DownloadError
+from installer.health import SidecarStartError
+from installer.installation import InstallError
+from installer.openclaw_config import OpenClawConfigError
+from installer.presets import PresetError
+from installer.receipt import NotInstalledError
+from installer.supervisors import SupervisorError
+from plugin_tools.provider_config import ProviderConfigError
+from plugin_tools.target import TargetError
 from sidecar.config import SettingsError
 from sidecar.delta.adapter_files import AdapterError
 from sidecar.delta.config import AdapterConfigError
@@ -36,6 +46,16 @@ ERROR_MESSAGES: list[tuple[type[BaseException], Callable[[BaseException], str]]]
     (AdapterError, lambda exc: f"adapter: {exc}"),
     (UnsafeArchiveError, lambda exc: f"unsafe adapter file: {exc}"),
     (TorchArchiveError, lambda exc: f"torch file: {exc}"),
+    (PresetError, lambda exc: f"preset: {exc}"),
+    (InstallError, str),
+    (DownloadError, str),
+    (NotInstalledError, lambda exc: f"cannot start: {exc}"),
+    (SidecarStartError, str),
+    (SupervisorError, lambda exc: f"supervisor: {exc}"),
+    (CommandRefused, str),
+    (OpenClawConfigError, lambda exc: f"OpenClaw config: {exc}"),
+    (ProviderConfigError, lambda exc: f"provider config: {exc}"),
+    (TargetError, str),
 ]
 
 
