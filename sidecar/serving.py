@@ -255,7 +255,7 @@ async def _collect(stream: JobStream, parser: ToolCallStreamParser | None) -> _O
             if isinstance(event, PromptDone):
                 outcome.usage = _usage(event, 0)
             elif isinstance(event, TextDelta):
-                _gather(outcome, parser.feed(event.text) if parser else [ContentDelta(event.text)])
+                _gather(outcome, _text_events(parser, event.text))
             elif isinstance(event, Finished):
                 if parser:
                     _gather(outcome, parser.finish())
@@ -277,6 +277,13 @@ async def _checked(stream: JobStream) -> AsyncIterator[PromptDone | TextDelta | 
         if isinstance(event, Finished):
             return
     raise _JobFailed(NO_FINISH)
+
+
+def _text_events(parser: ToolCallStreamParser | None, text: str) -> list[ParserEvent]:
+    # The engine may send an empty delta for a held-back token; it is not worth a chunk.
+    if parser is not None:
+        return parser.feed(text)
+    return [ContentDelta(text)] if text else []
 
 
 def _gather(outcome: _Outcome, events: list[ParserEvent]) -> None:
@@ -372,7 +379,7 @@ async def _sse_events(
                 outcome.usage = _usage(event, 0)
                 continue
             if isinstance(event, TextDelta):
-                parsed = parser.feed(event.text) if parser else [ContentDelta(event.text)]
+                parsed = _text_events(parser, event.text)
             else:
                 parsed = parser.finish() if parser else []
             for item in parsed:

@@ -622,3 +622,10 @@ def test_a_client_leaving_a_json_request_cancels_the_job() -> None:
     engine, sent = asyncio.run(_call_app_until_first_body({"model": MODEL, "messages": USER}))
     assert engine.streams[0].cancelled.is_set()
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+
+
+def test_empty_text_deltas_make_no_chunks() -> None:
+    with serving(FakeEngine(lambda job: text_events("a", "", "b", ""))) as (client, _):
+        events = sse_events(chat(client, stream=True).text)
+    contents = [e["choices"][0]["delta"].get("content") for e in events[1:-1] if e["choices"]]
+    assert contents == ["a", "b", None]
