@@ -117,7 +117,16 @@ class LaunchdSupervisor(Supervisor):
         self.prepare_logs()
         self._bootout()
         launchctl("enable", self.target)
-        launchctl("bootstrap", self.domain, str(self.plist_path))
+        try:
+            launchctl("bootstrap", self.domain, str(self.plist_path))
+        except LaunchctlError as exc:
+            raise LaunchctlError(
+                f"{exc} (the {self.domain} domain exists only for a user logged in to the desktop; "
+                "over SSH, use --supervisor process)",
+                exc.returncode,
+                exc.stdout,
+                exc.stderr,
+            ) from exc
         launchctl("kickstart", "-k", self.target)
 
     def stop(self) -> None:
