@@ -1,4 +1,4 @@
-"""Every installer command through CliRunner, and install → start → status → stop end to end (process supervisor)."""
+"""Every installer command via CliRunner; install → start → status → stop end to end on the tiny model."""
 
 from __future__ import annotations
 
