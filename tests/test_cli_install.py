@@ -267,3 +267,14 @@ def test_a_non_loopback_host_needs_an_api_key_before_anything_is_written(
     settings_file = RootLayout.of(root).settings
     assert json.loads(settings_file.read_text())["api_key"] == "s3cret"
     assert stat.S_IMODE(settings_file.stat().st_mode) == 0o600
+
+
+@pytest.mark.e2e
+def test_a_model_without_an_adapter_installs_and_starts(root: Path, tiny: dict[str, Path]) -> None:
+    args = _install(root, tiny, "install-sidecar")
+    del args[args.index("--adapter-path") : args.index("--adapter-path") + 2]
+    out = _ok(args)
+    assert "adapter: none (the sidecar serves the plain model)" in out
+    report = json.loads(_ok(["status", "--root", str(root), "--json"]))
+    assert report["adapter"] is None and report["health"]["ready"] is True
+    assert json.loads(RootLayout.of(root).settings.read_text())["adapter_path"] is None
