@@ -65,7 +65,11 @@ def test_assistant_tool_calls_and_tool_results_parse() -> None:
                     "role": "assistant",
                     "content": None,
                     "tool_calls": [
-                        {"id": "call_1", "type": "function", "function": {"name": "ls", "arguments": '{"path": "/tmp"}'}}
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "ls", "arguments": '{"path": "/tmp"}'},
+                        }
                     ],
                 },
                 {"role": "tool", "tool_call_id": "call_1", "content": "a.txt"},
@@ -129,7 +133,12 @@ def test_stream_chunk_serialises_only_the_delta_fields_it_carries() -> None:
 def test_api_error_body_has_the_openai_shape() -> None:
     body = ApiError(404, "no such model", param="model", code="model_not_found").response_body()
     assert body == {
-        "error": {"message": "no such model", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+        "error": {
+            "message": "no such model",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
     }
 
 

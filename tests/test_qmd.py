@@ -91,7 +91,8 @@ def test_optional_settings_become_flags(fake_qmd: Path) -> None:
     settings = QmdSettings(mode="query", limit=6, collection="notes", index="work", min_score=0.25)
     lookup(settings, "multi\nline\n\tquery")
     assert calls(fake_qmd) == [
-        ["query", "--json", "-n", "6", "-c", "notes", "--index", "work", "--min-score", "0.25", "--", "multi line query"]
+        ["query", "--json", "-n", "6", "-c", "notes", "--index", "work", "--min-score", "0.25", "--",
+         "multi line query"]
     ]
 
 
