@@ -188,7 +188,9 @@ class Engine:
         return await self._call(lambda: self._load(hash_session_key(session_key)))
 
     async def close(self) -> None:
-        """Finish the queued work, save every session and stop the worker."""
+        """Finish the queued work, save every session and stop the worker (once)."""
+        if not self._worker.is_alive():
+            return
         await self._call(self._save_all)
         self._jobs.put(None)
         await asyncio.to_thread(self._worker.join, 30)

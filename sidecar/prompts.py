@@ -25,7 +25,9 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     """The dicts a Hugging Face chat template expects (tool-call arguments as objects)."""
     out: list[dict[str, Any]] = []
     for m in messages:
-        item: dict[str, Any] = {"role": m.role, "content": m.content}
+        # Qwen templates know no `developer` role and would drop it; it plays the system part.
+        role = "system" if m.role == "developer" else m.role
+        item: dict[str, Any] = {"role": role, "content": m.content}
         if m.tool_calls:
             item["tool_calls"] = [_template_tool_call(call) for call in m.tool_calls]
         if m.tool_call_id is not None:
