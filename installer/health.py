@@ -14,6 +14,9 @@ from sidecar.config import SidecarSettings
 
 POLL_INTERVAL_S = 0.5
 
+# The sidecar is local: a configured HTTP(S)_PROXY must not see (or break) requests to it.
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 class SidecarStartError(RuntimeError):
     """The sidecar did not become healthy; the message says what was seen and where to look."""
@@ -41,13 +44,18 @@ def base_url(settings: SidecarSettings) -> str:
     return f"http://{host}:{settings.port}"
 
 
+def open_local(request: urllib.request.Request, timeout: float) -> Any:
+    """Open a request to the local sidecar, bypassing any configured proxy."""
+    return _LOCAL.open(request, timeout=timeout)
+
+
 def probe_health(settings: SidecarSettings, timeout: float = 3.0) -> Health:
     """GET /health once; never raises for network or HTTP failures."""
     request = urllib.request.Request(f"{base_url(settings)}/health")
     if settings.api_key:
         request.add_header("Authorization", f"Bearer {settings.api_key}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with open_local(request, timeout) as response:
             code, raw = response.status, response.read()
     except urllib.error.HTTPError as exc:
         code, raw = exc.code, exc.read()

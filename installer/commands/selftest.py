@@ -15,7 +15,7 @@ import typer
 
 from installer.commands.options import examples
 from installer.errors import cli_errors
-from installer.health import base_url
+from installer.health import base_url, open_local
 from installer.installation import InstallRequest, install
 from installer.presets import load_preset, with_overrides
 from installer.supervisors import make_supervisor, tail_lines
@@ -60,7 +60,7 @@ def stream_chat(settings: SidecarSettings, prompt: str, snippets: list[str]) -> 
         request.add_header("Authorization", f"Bearer {settings.api_key}")
     pieces: list[str] = []
     chunks, done = 0, False
-    with urllib.request.urlopen(request, timeout=CHAT_TIMEOUT_S) as response:
+    with open_local(request, CHAT_TIMEOUT_S) as response:
         headers = {k: v for k, v in response.headers.items() if k.lower().startswith("x-delta-")}
         for raw in response:
             line = raw.decode("utf-8").strip()
