@@ -32,7 +32,6 @@ from sidecar.delta.api import (
     delta_state_stats,
     delta_states,
     set_delta_controls,
-    set_delta_states,
     write_context,
 )
 from sidecar.engine_io import (
@@ -46,6 +45,7 @@ from sidecar.engine_io import (
     TextDelta,
     ToolCallFormat,
 )
+from sidecar.prefix_cache import PrefixCache
 from sidecar.prompts import SYSTEM_ROLES, message_spans, render_prompt, render_text
 from sidecar.session_keys import hash_session_key
 from sidecar.session_state import ContextWrite, Segment, SegmentKind, Session
@@ -128,6 +128,7 @@ class Engine:
         )
         state_dir = Path(settings.state_dir) if settings.state_dir else None
         self.store = SessionStore(settings.max_sessions, settings.max_kv_bytes, state_dir, _fingerprint(settings))
+        self.prefixes = PrefixCache()
         self.counters = _Counters()
         self.started = time.time()
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -160,6 +161,7 @@ class Engine:
                 "persisted": self.store.persisted_count(),
                 "evictions": self.store.evictions,
             },
+            "prefix_cache": self.prefixes.stats(),
             "jobs": {
                 "completed": self.counters.jobs,
                 "failed": self.counters.failed,
@@ -242,10 +244,12 @@ class Engine:
             return
         delta = job.delta_enabled and delta_info(self.model) is not None
         session = self.store.get(hash_session_key(job.session_key), delta)
+        boundary = self._shared_boundary(prompt)
         try:
-            reused = self._prepare(session, prompt, stream)
+            reused = self._prepare(session, prompt, boundary, stream)
             written = self._write_snippets(session, job.snippets) if delta else 0
-            self._prefill(session, prompt[len(session.tokens) : -1], _plan(self, session, prompt), stream)
+            start = len(session.tokens)
+            self._prefill(session, prompt[start:-1], self._plan(delta, prompt, start, len(prompt) - 1), stream)
         except Cancelled:
             self._finish(session, stream, "cancelled", 0)
             return
@@ -254,24 +258,53 @@ class Engine:
         stream.emit(PromptDone(prompt_tokens=len(prompt), cached_tokens=reused, snippets_written=written))
         self._decode(session, prompt[-1], job, min(job.max_tokens, window - len(prompt)), stream)
 
-    def _prepare(self, session: Session, prompt: list[int], stream: JobStream) -> int:
-        """Cut the session back to what this prompt shares with it; returns the tokens reused."""
+    def _prepare(self, session: Session, prompt: list[int], boundary: int, stream: JobStream) -> int:
+        """Cut the session back to what it shares with this prompt, then bring it up to the shared
+        boundary (the end of the leading system prompt) from a zero state; returns tokens reused."""
         common = _common_prefix(session.tokens, prompt)
         target = session.safe_offset(min(common, len(prompt) - 1))
         if session.cache is None:
-            self._rebuild(session, target, stream)
-            return 0
-        session.truncate(target)
-        session.reused_tokens += target
-        return target
+            reused = self._rebuild(session, target, stream)
+        else:
+            session.truncate(target)
+            reused = target
+        if len(session.tokens) < boundary and not session.contexts:
+            reused = max(reused, self._start_from_shared_prefix(session, prompt, boundary))
+            start = len(session.tokens)
+            self._prefill(session, prompt[start:boundary], self._plan(session.delta, prompt, start, boundary), stream)
+            self.prefixes.insert(_mode(session), prompt[:boundary], session.cache)
+        session.reused_tokens += reused
+        return reused
 
-    def _rebuild(self, session: Session, target: int, stream: JobStream) -> None:
-        """Recreate the KV cache of an evicted or restored session by replaying its history."""
+    def _start_from_shared_prefix(self, session: Session, prompt: list[int], boundary: int) -> int:
+        """Replace the session's cache with the longest shared prefix of prompt[:boundary], if longer."""
+        hit = self.prefixes.fetch(_mode(session), prompt[:boundary])
+        if hit is None or hit[0] <= len(session.tokens):
+            return 0
+        length, cache = hit
+        session.cache = cache
+        session.tokens = list(prompt[:length])
+        session.segments = self._plan(session.delta, prompt, 0, length)
+        return length
+
+    def _rebuild(self, session: Session, target: int, stream: JobStream) -> int:
+        """Recreate the KV cache of a new, evicted or restored session by replaying its history up to
+        `target` (from a shared prefix when one matches); returns the tokens taken from that prefix."""
         history = Session(session.key_hash, session.delta, list(session.tokens), list(session.segments), list(session.contexts))
         history.truncate(target)
         fresh = Session(session.key_hash, session.delta, cache=self._new_cache(session.delta))
+        shared = 0
+        first_context = history.contexts[0].offset if history.contexts else target
+        if first_context > 0:
+            hit = self.prefixes.fetch(_mode(session), history.tokens[:first_context])
+            if hit is not None:
+                shared, fresh.cache = hit
+                fresh.tokens = history.tokens[:shared]
+                fresh.segments = [seg if seg.end <= shared else seg.cut(shared) for seg in history.segments if seg.start < shared]
         contexts = list(history.contexts)
-        for seg in _split_at(history.segments, [c.offset for c in contexts]):
+        for seg in _split_at(history.segments, [c.offset for c in contexts] + [shared]):
+            if seg.end <= shared:
+                continue
             while contexts and contexts[0].offset <= seg.start:
                 self._apply_context(fresh, contexts.pop(0))
             self._run_segment(fresh, history.tokens[seg.start : seg.end], seg, stream)
@@ -283,6 +316,7 @@ class Engine:
         session.tokens, session.segments, session.contexts = fresh.tokens, fresh.segments, fresh.contexts
         session.cache, session.saved_states = fresh.cache, None
         session.prefilled_tokens += fresh.prefilled_tokens
+        return shared
 
     def _write_snippets(self, session: Session, snippets: tuple[str, ...]) -> int:
         if not snippets:
@@ -297,6 +331,34 @@ class Engine:
     def _apply_context(self, session: Session, context: ContextWrite) -> None:
         write_context(self.model, session.cache, list(context.tokens))
         session.contexts.append(context)
+
+    def _plan(self, delta: bool, prompt: list[int], start: int, end: int) -> list[Segment]:
+        """How to write prompt[start:end]: by mode, write policy and the adapter's write granularity."""
+        if start >= end:
+            return []
+        if not delta:
+            return [Segment(start, end, "plain")]
+        info = delta_info(self.model)
+        message_mean = info.config.memory_write_granularity == "message_mean"
+        if not (message_mean or self.settings.write_policy == "skip-system"):
+            return [Segment(start, end, "write")]
+        spans = message_spans(self.tokenizer, prompt)
+        # System messages are read, not written: the policy says so, and so does message-mean writing.
+        segments = _system_read_only(spans, start, end)
+        if not message_mean:
+            return segments
+        ids = _message_ids(spans, start, end)
+        return [
+            Segment(seg.start, seg.end, "messages", ids[seg.start - start : seg.end - start]) if seg.kind == "write" else seg
+            for seg in segments
+        ]
+
+    def _shared_boundary(self, prompt: list[int]) -> int:
+        """End of the leading system message: the prefix that sessions share."""
+        spans = message_spans(self.tokenizer, prompt)
+        if spans and spans[0].start == 0 and spans[0].role in SYSTEM_ROLES:
+            return min(spans[0].end, len(prompt) - 1)
+        return 0
 
     def _prefill(self, session: Session, tokens: list[int], plan: list[Segment], stream: JobStream) -> None:
         base = len(session.tokens)
@@ -369,8 +431,13 @@ class Engine:
         else:
             self.counters.jobs += 1
         self._persist(session)
-        self.store.enforce_limits(keep=session)
+        self._enforce_limits(session)
         stream.emit(Finished(reason, completion_tokens))  # type: ignore[arg-type]
+
+    def _enforce_limits(self, active: Session) -> None:
+        """Sessions and shared prefixes together stay within the KV byte bound (sessions go first)."""
+        self.store.enforce_limits(keep=active, reserved_bytes=self.prefixes.nbytes)
+        self.prefixes.trim_to_bytes(max(0, self.store.max_kv_bytes - self.store.kv_bytes))
 
     def _persist(self, session: Session) -> None:
         try:
@@ -451,30 +518,12 @@ class Engine:
             self._persist(session)
 
 
-def _plan(engine: Engine, session: Session, prompt: list[int]) -> list[Segment]:
-    """How to write prompt[len(session.tokens) : -1]: segments by write policy and adapter variant."""
-    start, end = len(session.tokens), len(prompt) - 1
-    if start >= end:
-        return []
-    if not session.delta:
-        return [Segment(start, end, "plain")]
-    info = delta_info(engine.model)
-    message_mean = info.config.memory_write_granularity == "message_mean"
-    skip_system = engine.settings.write_policy == "skip-system"
-    if not (message_mean or skip_system):
-        return [Segment(start, end, "write")]
-    spans = message_spans(engine.tokenizer, prompt)
-    if message_mean:
-        return [Segment(start, end, "messages", _message_ids(spans, start, end, skip_system=True))]
-    return _system_read_only(spans, start, end)
-
-
-def _message_ids(spans: list[Any], start: int, end: int, skip_system: bool) -> tuple[int, ...]:
+def _message_ids(spans: list[Any], start: int, end: int) -> tuple[int, ...]:
     """Per token: the message's number, or -1 for system messages and the generation prompt."""
     ids = [-1] * (end - start)
     number = 0
     for span in spans[:-1]:  # the last span is the generation prompt
-        if not (skip_system and span.role in SYSTEM_ROLES):
+        if span.role not in SYSTEM_ROLES:
             for t in range(max(span.start, start), min(span.end, end)):
                 ids[t - start] = number
             number += 1
@@ -495,6 +544,10 @@ def _system_read_only(spans: list[Any], start: int, end: int) -> list[Segment]:
     if not out or out[-1].end < end:
         out.append(Segment(out[-1].end if out else start, end, "write"))
     return out
+
+
+def _mode(session: Session) -> str:
+    return "delta" if session.delta else "base"
 
 
 def _split_at(segments: list[Segment], offsets: list[int]) -> list[Segment]:

@@ -79,12 +79,13 @@ class SessionStore:
                 found = True
         return found
 
-    def enforce_limits(self, keep: Session | None = None) -> list[Session]:
-        """Drop least recently used sessions until within bounds; `keep` (the active one) stays."""
+    def enforce_limits(self, keep: Session | None = None, reserved_bytes: int = 0) -> list[Session]:
+        """Drop least recently used sessions until within bounds (counting `reserved_bytes` held
+        elsewhere); `keep`, the active session, stays."""
         dropped: list[Session] = []
         for stem in list(self._sessions):
             over_count = len(self._sessions) > self.max_sessions
-            over_bytes = self.kv_bytes > self.max_kv_bytes
+            over_bytes = self.kv_bytes + reserved_bytes > self.max_kv_bytes
             if not (over_count or over_bytes):
                 break
             session = self._sessions[stem]

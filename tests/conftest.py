@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["model_fixtures"]
+pytest_plugins = ["model_fixtures", "engine_support"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,102 @@
+"""Prompt prefixes shared across sessions: KV and δ-states of prefixes written from a zero state.
+
+Every OpenClaw session opens with the same long system prompt. Because a session's δ-state starts
+at zero and is a deterministic function of what it writes, the KV cache and the δ-state after that
+prompt are the same for every session, so one copy is computed and kept here; a new session starts
+from a copy of it. Entries are keyed by mode ("delta" or "base"), looked up in mlx-lm's token trie,
+and evicted least recently used first, by count and by bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from mlx_lm.models.cache import PromptTrie
+
+
+@dataclass
+class _Entry:
+    cache: list[Any]
+    nbytes: int
+
+
+class PrefixCache:
+    """A bounded set of (mode, prefix tokens) → cache snapshots."""
+
+    def __init__(self, max_entries: int = 8):
+        self.max_entries = max_entries
+        self._trie = PromptTrie()
+        self._entries: OrderedDict[tuple[str, tuple[int, ...]], _Entry] = OrderedDict()
+        self.lookups = 0
+        self.hits = 0
+        self.hit_tokens = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all snapshots."""
+        return sum(e.nbytes for e in self._entries.values())
+
+    def contains(self, mode: str, tokens: list[int]) -> bool:
+        """True if exactly this prefix is stored."""
+        return (mode, tuple(tokens)) in self._entries
+
+    def fetch(self, mode: str, tokens: list[int]) -> tuple[int, list[Any]] | None:
+        """A private copy of the cache for the longest stored prefix of `tokens`, and its length."""
+        self.lookups += 1
+        found = self._trie.search(mode, tokens)
+        if found.exact is not None:
+            length, stored = len(tokens), tokens
+        elif found.longer is not None and found.common_prefix > len(found.shorter or ()):
+            # A longer stored prefix shares the first `common_prefix` tokens: cut a copy back to them.
+            length, stored = found.common_prefix, found.longer
+        elif found.shorter:
+            length, stored = len(found.shorter), found.shorter
+        else:
+            return None
+        key = (mode, tuple(stored))
+        self._entries.move_to_end(key)
+        cache = copy.deepcopy(self._entries[key].cache)
+        if len(stored) > length:
+            for layer in cache:
+                layer.trim(len(stored) - length)
+        self.hits += 1
+        self.hit_tokens += length
+        return length, cache
+
+    def insert(self, mode: str, tokens: list[int], cache: list[Any]) -> None:
+        """Keep a snapshot of `cache`, which holds exactly `tokens`; shorter stored prefixes of it go."""
+        key = (mode, tuple(tokens))
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return
+        snapshot = copy.deepcopy(cache)
+        self._trie.add(mode, tokens, key)
+        self._entries[key] = _Entry(snapshot, sum(c.nbytes for c in snapshot))
+        for length, _ in self._trie.pop_prefixes(mode, tokens):
+            self._entries.pop((mode, tuple(tokens[:length])), None)
+        while len(self._entries) > self.max_entries:
+            self._evict()
+
+    def trim_to_bytes(self, limit: int) -> None:
+        """Evict least recently used snapshots until at most `limit` bytes remain."""
+        while self._entries and self.nbytes > limit:
+            self._evict()
+
+    def stats(self) -> dict[str, Any]:
+        """Entries, tokens, bytes and hit rate, for /health."""
+        return {
+            "entries": len(self._entries),
+            "tokens": sum(len(tokens) for _, tokens in self._entries),
+            "bytes": self.nbytes,
+            "lookups": self.lookups,
+            "hits": self.hits,
+            "hit_rate": round(self.hits / self.lookups, 3) if self.lookups else None,
+            "tokens_reused": self.hit_tokens,
+        }
+
+    def _evict(self) -> None:
+        (mode, tokens), _ = self._entries.popitem(last=False)
+        self._trie.pop(mode, list(tokens))

@@ -1,0 +1,83 @@
+"""Helpers for engine tests: an engine factory fixture on the tiny model, jobs, sessions, references."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from sidecar.config import SidecarSettings
+from sidecar.delta.api import delta_states, write_context
+from sidecar.engine import Engine, load_engine
+from sidecar.engine_io import ChatJob, ChatMessage
+from sidecar.session_keys import hash_session_key
+
+SYSTEM = "You are a careful assistant with tools. " * 30
+
+
+def settings_for(model_dir: Path, adapter_dir: Path | None, state_dir: Path, **overrides: Any) -> SidecarSettings:
+    overrides.setdefault("context_window", 4096)
+    return SidecarSettings(
+        model_path=str(model_dir),
+        model_id="tiny",
+        adapter_path=str(adapter_dir) if adapter_dir else None,
+        state_dir=str(state_dir),
+        **overrides,
+    )
+
+
+@pytest.fixture
+def engine_factory(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path):
+    engines: list[Engine] = []
+
+    def make(adapter: Path | None = tiny_adapter_dir, **overrides: Any) -> Engine:
+        engine = load_engine(settings_for(tiny_model_dir, adapter, tmp_path / "state", **overrides))
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        asyncio.run(engine.close())
+
+
+def job(messages: list[tuple[str, str]], key: str = "s1", **kw: Any) -> ChatJob:
+    kw.setdefault("max_tokens", 8)
+    return ChatJob(session_key=key, messages=tuple(ChatMessage(r, c) for r, c in messages), **kw)  # type: ignore[arg-type]
+
+
+def run(engine: Engine, job: ChatJob) -> list[Any]:
+    async def collect() -> list[Any]:
+        return [event async for event in engine.submit(job)]
+
+    return asyncio.run(collect())
+
+
+def openclaw_turns(n: int) -> list[list[tuple[str, str]]]:
+    """n request histories shaped like OpenClaw's: each ends with an internal-context message that the next drops."""
+    turns, history = [], [("system", SYSTEM)]
+    for i in range(n):
+        history = history + [("user", f"question number {i}: what about item {i * 7}?")]
+        turns.append(history + [("user", f"[internal context for turn {i}] recalled notes {i}")])
+        history = history + [("assistant", f"answer {i}")]
+    return turns
+
+
+def session_of(engine: Engine, key: str = "s1", delta: bool = True):
+    return engine.store.peek(hash_session_key(key), delta)
+
+
+def one_shot_states(engine: Engine, session) -> list[mx.array]:
+    """The δ-states from a single fresh pass over the session's final tokens, memory writes at their offsets."""
+    cache = make_prompt_cache(engine.model)
+    done = 0
+    for context in session.contexts:
+        if context.offset > done:
+            engine.model(mx.array([session.tokens[done : context.offset]]), cache=cache)
+            done = context.offset
+        write_context(engine.model, cache, list(context.tokens))
+    engine.model(mx.array([session.tokens[done:]]), cache=cache)
+    return delta_states(engine.model, cache)
