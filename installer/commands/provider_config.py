@@ -11,7 +11,7 @@ import typer
 from installer.commands.options import JsonOption, RootOption, examples, print_json, resolve_root
 from installer.errors import cli_errors
 from installer.openclaw_config import ApplyResult, apply_patch, openclaw_config_path
-from plugin_tools.payloads import PluginConfig, ProviderConfigParams, ProviderConfigPayload
+from plugin_tools.payloads import PluginConfig, ProviderConfigPayload
 from plugin_tools.provider_config import build_provider_config, check_params
 
 BaseUrlOption = Annotated[
