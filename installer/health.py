@@ -90,7 +90,8 @@ def wait_until_healthy(settings: SidecarSettings, supervisor: Supervisor, timeou
                 f"the sidecar could not load the model: {health.body.get('error', 'no reason given')}"
                 f"{_log_hint(supervisor)}"
             )
-        # A plain process cannot come back by itself, so its exit ends the wait at once.
+        # A process-supervised sidecar that exited is not coming back soon (its keeper throttles
+        # restarts or gave up), so its exit ends the wait at once.
         if supervisor.kind == "process" and supervisor.status().state != "running":
             raise SidecarStartError(f"the sidecar exited before it was ready{_log_hint(supervisor)}")
         if time.monotonic() >= deadline:

@@ -1,8 +1,9 @@
-"""The fallback supervisor: a detached background process and a pidfile checked with psutil.
+"""The fallback supervisor: a detached keeper process that runs the sidecar, and a pidfile.
 
-It starts, stops and reports; it does not restart a crashed sidecar (launchd and systemd do).
-The pidfile records the pid, the process start time and the command line, so a stale pidfile
-or a pid reused by another program is never taken for the sidecar.
+The keeper (installer/supervisors/keeper.py) starts the sidecar again when it crashes or is
+killed, throttled like launchd, and stops it on SIGTERM. The pidfile records the keeper's pid,
+start time and command line, so a stale pidfile or a pid reused by another program is never
+taken for it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from installer.supervisors import (
     sidecar_command,
     sidecar_environment,
 )
+from installer.supervisors.keeper import THROTTLE_S, keeper_command
 from sidecar.files import atomic_write_json
+
+# Least seconds between two starts of a crashing sidecar (a module constant so tests can shorten it).
+RESTART_THROTTLE_S = THROTTLE_S
 
 
 class ProcessSupervisorError(SupervisorError):
@@ -32,9 +37,14 @@ class ProcessSupervisorError(SupervisorError):
 
 
 class ProcessSupervisor(Supervisor):
-    """A detached `serve` process with a pidfile under the root."""
+    """A detached keeper running `serve`, with a pidfile under the root."""
 
     kind = "process"
+
+    @property
+    def keeper_state_file(self) -> Path:
+        """Where the keeper says that it waits to restart the sidecar, or gave up."""
+        return self.layout.pidfile.with_name("keeper.json")
 
     def install(self) -> None:
         """Nothing to register: just make the folders the process needs."""
@@ -46,11 +56,17 @@ class ProcessSupervisor(Supervisor):
         return True
 
     def start(self) -> None:
-        """Spawn the sidecar in its own session with its output in the root's logs."""
+        """Spawn the keeper in its own session with its output (and the sidecar's) in the root's logs.
+
+        A keeper that is waiting to restart a crashed sidecar is replaced, so the sidecar starts now.
+        """
         if self.running_process() is not None:
-            return
+            if self.status().state == "running":
+                return
+            self.stop()
         self.install()
-        command = sidecar_command(self.layout.root)
+        self.keeper_state_file.unlink(missing_ok=True)
+        command = keeper_command(sidecar_command(self.layout.root), self.keeper_state_file, RESTART_THROTTLE_S)
         out_path, err_path = self.log_paths()
         with out_path.open("ab") as out, err_path.open("ab") as err:
             child = subprocess.Popen(
@@ -72,40 +88,55 @@ class ProcessSupervisor(Supervisor):
         atomic_write_json(self.layout.pidfile, {"pid": child.pid, "create_time": created, "cmdline": command})
 
     def stop(self) -> None:
-        """Terminate the sidecar (and its children), killing it if it does not exit in time."""
+        """Ask the keeper to stop the sidecar; kill both (and their children) if they do not exit in time."""
         process = self.running_process()
         if process is not None:
             try:
                 victims = [process, *process.children(recursive=True)]
             except psutil.NoSuchProcess:
                 victims = [process]
-            for victim in victims:
-                _signal(victim, psutil.Process.terminate)
+            # Only the keeper is signalled: it stops the sidecar, which then shuts down gracefully once.
+            _signal(process, psutil.Process.terminate)
             _, alive = psutil.wait_procs(victims, timeout=STOP_TIMEOUT_S)
             for victim in alive:
                 _signal(victim, psutil.Process.kill)
             _, still_alive = psutil.wait_procs(alive, timeout=STOP_TIMEOUT_S)
+            # A killed sidecar whose keeper died first is left for init to reap: a zombie has exited.
+            still_alive = [victim for victim in still_alive if not _is_zombie(victim)]
             if still_alive:
                 raise ProcessSupervisorError(f"process {still_alive[0].pid} did not exit after SIGKILL")
         self.layout.pidfile.unlink(missing_ok=True)
+        self.keeper_state_file.unlink(missing_ok=True)
 
     def status(self) -> SupervisorStatus:
-        """Running only if the pidfile's pid is alive, started when recorded, with our command line."""
+        """Running while the keeper (the pidfile's process) runs, unless it waits to restart the sidecar."""
         if not self.layout.pidfile.exists():
             return SupervisorStatus(self.kind, "stopped", None, "not running")
+        keeper_state = _read_json(self.keeper_state_file)
         process = self.running_process()
         if process is None:
-            return SupervisorStatus(
-                self.kind, "stopped", None, f"stale pidfile {self.layout.pidfile}: the sidecar is not running"
+            detail = f"stale pidfile {self.layout.pidfile}: the sidecar is not running"
+            if keeper_state.get("state") == "gave-up":
+                detail = (
+                    f"the sidecar {keeper_state.get('last_exit', 'crashed')} and crashed "
+                    f"{keeper_state.get('quick_crashes', 'several')} times in a row: its keeper gave up "
+                    "(see 'delta-mem-mlx logs')"
+                )
+            return SupervisorStatus(self.kind, "stopped", None, detail)
+        if keeper_state.get("state") == "restarting":
+            detail = (
+                f"the sidecar {keeper_state.get('last_exit', 'crashed')}; its keeper (pid {process.pid}) "
+                "starts it again shortly"
             )
-        return SupervisorStatus(self.kind, "running", process.pid, f"background process {process.pid}")
+            return SupervisorStatus(self.kind, "stopped", process.pid, detail)
+        return SupervisorStatus(self.kind, "running", process.pid, f"background process {process.pid} (keeper)")
 
     def uninstall(self) -> None:
         """Stop the sidecar and forget its pidfile."""
         self.stop()
 
     def running_process(self) -> psutil.Process | None:
-        """The live sidecar process the pidfile describes, or None."""
+        """The live keeper process the pidfile describes, or None."""
         record = _read_pidfile(self.layout.pidfile)
         if record is None:
             return None
@@ -119,18 +150,29 @@ class ProcessSupervisor(Supervisor):
         return process if same_start and same_command and alive else None
 
 
-def _read_pidfile(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _read_pidfile(path: Path) -> dict[str, Any] | None:
+    record = _read_json(path)
     valid = (
-        isinstance(record, dict)
-        and isinstance(record.get("pid"), int)
+        isinstance(record.get("pid"), int)
         and isinstance(record.get("create_time"), (int, float))
         and isinstance(record.get("cmdline"), list)
     )
     return record if valid else None
+
+
+def _is_zombie(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _signal(process: psutil.Process, send: Callable[[psutil.Process], None]) -> None:

@@ -1,0 +1,217 @@
+"""The process supervisor's keeper: runs the sidecar, starts it again when it crashes, stops it on request.
+
+It behaves like launchd's KeepAlive with ThrottleInterval (and systemd's Restart=on-failure):
+- a sidecar that crashes or is killed is started again, no sooner than `throttle` seconds after
+  its previous start (at once if it had been up longer than that);
+- a clean exit (status 0, or SIGTERM/SIGINT/SIGHUP/SIGPIPE sent by someone else) ends the keeper;
+- after MAX_QUICK_CRASHES crashes in a row, each within `throttle` seconds of its start, it gives
+  up, so that a broken install does not spin for ever;
+- SIGTERM, SIGINT or SIGHUP to the keeper stop the sidecar (SIGTERM, then SIGKILL after
+  STOP_TIMEOUT_S) and end the keeper. On Linux the sidecar also gets SIGTERM if the keeper dies.
+
+While it waits to start the sidecar again, and after it gave up, it says so in a small JSON
+state file, which the process supervisor reads for `status`.
+
+Run as `python -m installer.supervisors.keeper --state-file PATH [--throttle S] -- COMMAND...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal
+
+from sidecar.files import atomic_write_json
+
+THROTTLE_S = 10.0
+MAX_QUICK_CRASHES = 5
+# Below the process supervisor's own STOP_TIMEOUT_S, so the keeper finishes the job itself.
+STOP_TIMEOUT_S = 15.0
+
+# systemd's Restart=on-failure counts these as a clean end, not a crash.
+CLEAN_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE})
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1
+
+KeeperState = Literal["restarting", "gave-up"]
+
+log = logging.getLogger("keeper")
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How soon a crashed sidecar is started again, and when to give up."""
+
+    throttle_s: float = THROTTLE_S
+    max_quick_crashes: int = MAX_QUICK_CRASHES
+
+
+def keeper_command(command: list[str], state_file: Path, throttle_s: float = THROTTLE_S) -> list[str]:
+    """The argument list that runs `command` under a keeper (this Python, this module)."""
+    keeper = [sys.executable, "-m", "installer.supervisors.keeper"]
+    return [*keeper, "--state-file", str(state_file), "--throttle", f"{throttle_s:g}", "--", *command]
+
+
+def describe_exit(returncode: int) -> str:
+    """'exited with status 3' or 'was killed by SIGKILL'."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with status {returncode}"
+
+
+def is_clean_exit(returncode: int) -> bool:
+    """True for an exit that was asked for: status 0 or one of CLEAN_SIGNALS."""
+    return returncode == 0 or (returncode < 0 and -returncode in CLEAN_SIGNALS)
+
+
+class Keeper:
+    """Runs one command, starting it again after crashes, until it ends cleanly or is told to stop.
+
+    It has no threads: signal handlers only set a flag, and the loop sleeps in `select` on the
+    signal wakeup pipe, so a child's exit (SIGCHLD) or a stop request wakes it at once.
+    """
+
+    def __init__(self, command: list[str], state_file: Path, policy: RestartPolicy) -> None:
+        self.command = command
+        self.state_file = state_file
+        self.policy = policy
+        self._stopping = False
+        self._wakeup_read, self._wakeup_write = os.pipe()
+        for fd in (self._wakeup_read, self._wakeup_write):
+            os.set_blocking(fd, False)
+
+    def install_signal_handlers(self) -> None:
+        """Stop on SIGTERM, SIGINT and SIGHUP; wake on SIGCHLD (main thread only)."""
+        signal.set_wakeup_fd(self._wakeup_write, warn_on_full_buffer=False)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._request_stop)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+    def run(self) -> int:
+        """Keep the command running; the keeper's exit status (1 when it gave up)."""
+        quick_crashes = 0
+        try:
+            while not self._stopping:
+                started = time.monotonic()
+                returncode = self._run_once()
+                if returncode is None or is_clean_exit(returncode):
+                    return 0
+                uptime = time.monotonic() - started
+                quick_crashes = quick_crashes + 1 if uptime < self.policy.throttle_s else 0
+                exit_text = describe_exit(returncode)
+                what = f"the sidecar {exit_text} after {uptime:.1f} s"
+                if quick_crashes >= self.policy.max_quick_crashes:
+                    log.error(
+                        "%s; it crashed %d times in a row within %g s of starting, so the keeper gives up: "
+                        "fix the cause shown above, then run 'delta-mem-mlx start-sidecar'",
+                        what,
+                        quick_crashes,
+                        self.policy.throttle_s,
+                    )
+                    self._write_state("gave-up", exit_text, quick_crashes, None)
+                    return 1
+                delay = max(0.0, self.policy.throttle_s - uptime)
+                log.warning("%s; starting it again in %.1f s", what, delay)
+                self._write_state("restarting", exit_text, quick_crashes, delay)
+                self._sleep_until(time.monotonic() + delay)
+                self.state_file.unlink(missing_ok=True)
+            return 0
+        finally:
+            if self._stopping:
+                self.state_file.unlink(missing_ok=True)
+
+    def _request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self._stopping = True
+
+    def _run_once(self) -> int | None:
+        """Start the command and wait for it; None when a stop was requested meanwhile."""
+        # preexec_fn is safe here: the keeper never starts a thread.
+        child = subprocess.Popen(
+            self.command,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
+        )
+        while child.poll() is None and not self._stopping:
+            self._wait_for_signal(None)
+        if child.returncode is None:
+            _stop(child)
+            return None
+        return child.returncode
+
+    def _sleep_until(self, deadline: float) -> None:
+        while not self._stopping and (remaining := deadline - time.monotonic()) > 0:
+            self._wait_for_signal(remaining)
+
+    def _wait_for_signal(self, timeout: float | None) -> None:
+        readable, _, _ = select.select([self._wakeup_read], [], [], timeout)
+        if readable:
+            try:
+                while os.read(self._wakeup_read, 512):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def _write_state(self, state: KeeperState, last_exit: str, crashes: int, delay: float | None) -> None:
+        record: dict[str, Any] = {"state": state, "last_exit": last_exit, "quick_crashes": crashes, "time": time.time()}
+        if delay is not None:
+            record["restart_at"] = time.time() + delay
+        atomic_write_json(self.state_file, record)
+
+
+def _stop(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A preexec_fn that has Linux send the child SIGTERM when the keeper dies (None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
+
+    def arrange() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the keeper died before the request took effect
+            os._exit(1)
+
+    return arrange
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, install the stop signals and keep the command running."""
+    parser = argparse.ArgumentParser(
+        prog="python -m installer.supervisors.keeper",
+        description="Run a command, start it again when it crashes, stop it on SIGTERM.",
+    )
+    parser.add_argument("--state-file", type=Path, required=True, help="Where to say that a restart is pending.")
+    parser.add_argument("--throttle", type=float, default=THROTTLE_S, help="Least seconds between two starts.")
+    parser.add_argument("command", nargs="+", help="The command to keep running (after --).")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keeper = Keeper(args.command, args.state_file, RestartPolicy(throttle_s=args.throttle))
+    keeper.install_signal_handlers()
+    return keeper.run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

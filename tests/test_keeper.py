@@ -1,0 +1,215 @@
+"""The process supervisor's keeper: restarts after a crash or kill -9, throttles, gives up, stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from installer.supervisors import process as process_module
+from installer.supervisors import tail_lines
+from installer.supervisors.keeper import (
+    MAX_QUICK_CRASHES,
+    describe_exit,
+    is_clean_exit,
+    keeper_command,
+)
+from installer.supervisors.process import ProcessSupervisor
+
+DEADLINE_S = 30.0
+
+# The supervised program: appends its pid to `starts`, then does what `behaviour` says.
+CHILD = """
+import os, signal, sys, pathlib
+here = pathlib.Path(sys.argv[1])
+with open(here / "starts", "a") as starts:
+    starts.write(f"{os.getpid()}\\n")
+behaviour = (here / "behaviour").read_text()
+if behaviour == "crash":
+    sys.exit(3)
+if behaviour == "exit0":
+    sys.exit(0)
+if behaviour == "sigterm-self":
+    os.kill(os.getpid(), signal.SIGTERM)
+signal.pause()
+"""
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Child:
+    """The files through which a test steers the supervised program and sees its starts."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir()
+        self.behaviour("run")
+
+    def behaviour(self, name: str) -> None:
+        (self.folder / "behaviour").write_text(name)
+
+    def starts(self) -> list[int]:
+        path = self.folder / "starts"
+        return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+@pytest.fixture
+def child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Child:
+    steer = Child(tmp_path / "child")
+    monkeypatch.setattr(
+        process_module, "sidecar_command", lambda root: [sys.executable, "-c", CHILD, str(steer.folder)]
+    )
+    monkeypatch.setattr(process_module, "RESTART_THROTTLE_S", 0.3)
+    return steer
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path, child: Child) -> Iterator[ProcessSupervisor]:
+    sup = ProcessSupervisor(tmp_path / "root")
+    yield sup
+    sup.stop()
+
+
+def keeper_of(supervisor: ProcessSupervisor) -> psutil.Process:
+    process = supervisor.running_process()
+    assert process is not None
+    return process
+
+
+def live_children(keeper: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [c for c in keeper.children() if c.status() != psutil.STATUS_ZOMBIE]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_a_killed_sidecar_is_started_again(supervisor: ProcessSupervisor, child: Child) -> None:
+    supervisor.start()
+    keeper = keeper_of(supervisor)
+    wait_for(lambda: len(child.starts()) == 1, "the first start")
+    first = child.starts()[0]
+    assert [c.pid for c in live_children(keeper)] == [first]
+    assert supervisor.status().state == "running" and supervisor.status().pid == keeper.pid
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: len(child.starts()) == 2, "the restart")
+    second = child.starts()[1]
+    assert second != first
+    wait_for(lambda: [c.pid for c in live_children(keeper)] == [second], "the new sidecar")
+    assert supervisor.status().state == "running"
+    assert any("the sidecar was killed by SIGKILL" in line for line in tail_lines(supervisor.log_paths()[1], 20))
+    supervisor.stop()
+    assert not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE
+    assert not supervisor.layout.pidfile.exists() and not supervisor.keeper_state_file.exists()
+
+
+def test_a_crash_loop_backs_off_then_gives_up(supervisor: ProcessSupervisor, child: Child) -> None:
+    child.behaviour("crash")
+    supervisor.start()
+    keeper = keeper_of(supervisor)
+    assert keeper.wait(timeout=DEADLINE_S) == 1
+    assert len(child.starts()) == MAX_QUICK_CRASHES
+    status = supervisor.status()
+    assert status.state == "stopped" and "gave up" in status.detail and "exited with status 3" in status.detail
+    log = "\n".join(tail_lines(supervisor.log_paths()[1], 50))
+    assert log.count("starting it again in") == MAX_QUICK_CRASHES - 1
+    assert "the keeper gives up" in log and "delta-mem-mlx start-sidecar" in log
+    # Fixed, started again: the stale verdict is gone.
+    child.behaviour("run")
+    supervisor.start()
+    wait_for(lambda: len(child.starts()) == MAX_QUICK_CRASHES + 1, "the new start")
+    assert supervisor.status().state == "running"
+
+
+@pytest.mark.parametrize("behaviour", ["exit0", "sigterm-self"])
+def test_a_clean_exit_is_not_restarted(supervisor: ProcessSupervisor, child: Child, behaviour: str) -> None:
+    child.behaviour(behaviour)
+    supervisor.start()
+    assert keeper_of(supervisor).wait(timeout=DEADLINE_S) == 0
+    assert len(child.starts()) == 1
+    assert supervisor.status().state == "stopped"
+
+
+def test_while_waiting_to_restart_status_says_so_and_stop_is_prompt(
+    supervisor: ProcessSupervisor, child: Child, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process_module, "RESTART_THROTTLE_S", 600.0)
+    child.behaviour("crash")
+    supervisor.start()
+    keeper = keeper_of(supervisor)
+    wait_for(lambda: supervisor.keeper_state_file.exists(), "the keeper to wait for a restart")
+    record = json.loads(supervisor.keeper_state_file.read_text())
+    assert record["state"] == "restarting" and record["last_exit"] == "exited with status 3"
+    waiting = supervisor.status()
+    assert (waiting.state, waiting.pid) == ("stopped", keeper.pid)
+    assert "exited with status 3" in waiting.detail and "starts it again shortly" in waiting.detail
+    # A keeper that did not stop at once would sit out the 600 s throttle (the wait is shorter).
+    keeper.terminate()
+    assert keeper.wait(timeout=DEADLINE_S) == 0
+    assert len(child.starts()) == 1
+    assert not supervisor.keeper_state_file.exists()
+
+
+def test_start_replaces_a_keeper_that_waits_to_restart(
+    supervisor: ProcessSupervisor, child: Child, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process_module, "RESTART_THROTTLE_S", 600.0)
+    child.behaviour("crash")
+    supervisor.start()
+    old_keeper = keeper_of(supervisor)
+    wait_for(lambda: supervisor.keeper_state_file.exists(), "the keeper to wait for a restart")
+    child.behaviour("run")
+    supervisor.start()
+    assert not old_keeper.is_running()
+    wait_for(lambda: len(child.starts()) == 2, "the sidecar to start now")
+    assert supervisor.status().state == "running" and keeper_of(supervisor).pid != old_keeper.pid
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_the_sidecar_dies_with_a_killed_keeper(supervisor: ProcessSupervisor, child: Child) -> None:
+    supervisor.start()
+    keeper = keeper_of(supervisor)
+    wait_for(lambda: len(child.starts()) == 1, "the first start")
+    sidecar = psutil.Process(child.starts()[0])
+    keeper.kill()
+    wait_for(lambda: not sidecar.is_running() or sidecar.status() == psutil.STATUS_ZOMBIE, "the orphan to exit")
+
+
+def test_keeper_runs_directly_and_forwards_sigterm(tmp_path: Path) -> None:
+    steer = Child(tmp_path / "child")
+    state = tmp_path / "keeper.json"
+    argv = keeper_command([sys.executable, "-c", CHILD, str(steer.folder)], state, throttle_s=0.3)
+    keeper = subprocess.Popen(argv, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: len(steer.starts()) == 1, "the start")
+        keeper.send_signal(signal.SIGTERM)
+        assert keeper.wait(timeout=DEADLINE_S) == 0
+    finally:
+        if keeper.poll() is None:
+            keeper.kill()
+            keeper.wait()
+    sidecar = steer.starts()[0]
+    assert not psutil.pid_exists(sidecar) or psutil.Process(sidecar).status() == psutil.STATUS_ZOMBIE
+    assert not state.exists()
+
+
+def test_exit_descriptions() -> None:
+    assert describe_exit(3) == "exited with status 3"
+    assert describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
+    assert [is_clean_exit(code) for code in (0, -signal.SIGTERM, -signal.SIGINT, 1, -signal.SIGKILL)] == [
+        True, True, True, False, False,
+    ]
+
