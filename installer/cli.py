@@ -13,7 +13,7 @@ app = typer.Typer(
 )
 
 # Each command module exposes register(app); add new modules to this list.
-_COMMAND_MODULES: list[str] = ["serve", "doctor", "presets_cmd", "install", "control", "selftest", "provider_config"]
+_COMMAND_MODULES: list[str] = ["serve", "doctor", "presets_cmd", "install", "control", "selftest", "provider_config", "eval_cmd"]
 
 
 def _register_commands() -> None:

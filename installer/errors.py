@@ -9,6 +9,9 @@ from typing import Callable, ParamSpec, TypeVar
 
 import typer
 
+from bench.memory_eval.client import SidecarError
+from bench.memory_eval.conversations import DatasetError
+from bench.memory_eval.runner import EvalError
 from installer.commands.options import CommandRefused
 from installer.downloads import DownloadError
 from installer.health import SidecarStartError
@@ -56,6 +59,9 @@ ERROR_MESSAGES: list[tuple[type[BaseException], Callable[[BaseException], str]]]
     (OpenClawConfigError, lambda exc: f"OpenClaw config: {exc}"),
     (ProviderConfigError, lambda exc: f"provider config: {exc}"),
     (TargetError, str),
+    (DatasetError, lambda exc: f"dataset: {exc}"),
+    (EvalError, lambda exc: f"eval: {exc}"),
+    (SidecarError, str),
 ]
 
 
