@@ -257,6 +257,7 @@ def small_conversation() -> Conversation:
         Message("user", "I live in Lisbon."),
         Message("assistant", "Noted."),
         Message("user", "The weather was grey today."),
+        Message("user", "My cousin lives in Porto."),  # a repeat: retrieved once
     )
     return Conversation("c1", "system", history, (Question("c1-q1", "Which city do I live in?", ("Lisbon",), "fact"),))
 

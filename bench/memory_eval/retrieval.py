@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -63,11 +64,12 @@ class LexicalRetriever:
         self._idf = {word: math.log(1 + (n - f + 0.5) / (f + 0.5)) for word, f in frequency.items()}
 
     def search(self, query: str, k: int) -> Retrieved:
-        """The `k` best-scoring messages; ties go to the earlier message, zero scores are left out."""
+        """The `k` best-scoring distinct messages; ties go to the earlier message, zero scores are left out."""
         terms = set(search_terms(query))
         scored = [(self._score(i, terms), i) for i in range(len(self._docs))]
-        best = sorted((pair for pair in scored if pair[0] > 0), key=lambda pair: (-pair[0], pair[1]))[:k]
-        return Retrieved(tuple(Snippet(self._texts[i], self._sources[i], round(score, 4)) for score, i in best))
+        ranked = sorted((pair for pair in scored if pair[0] > 0), key=lambda pair: (-pair[0], pair[1]))
+        snippets = (Snippet(self._texts[i], self._sources[i], round(score, 4)) for score, i in ranked)
+        return Retrieved(_distinct(snippets, k))
 
     def _score(self, index: int, terms: set[str]) -> float:
         doc, length = self._docs[index], self._lengths[index]
@@ -90,5 +92,15 @@ class QmdRetriever:
     def search(self, query: str, k: int) -> Retrieved:
         """QMD's best `k` hits; a QMD failure gives no snippets and the reason."""
         result = asyncio.run(qmd_lookup(replace(self._settings, limit=k), query))
-        snippets = tuple(Snippet(item.text, item.source or "qmd", item.score or 0.0) for item in result.items[:k])
+        snippets = _distinct((Snippet(item.text, item.source or "qmd", item.score or 0.0) for item in result.items), k)
         return Retrieved(snippets, None if snippets else result.reason)
+
+
+def _distinct(snippets: Iterable[Snippet], k: int) -> tuple[Snippet, ...]:
+    # The sidecar drops repeated snippet texts, and a repeat tells the model nothing new either.
+    seen: dict[str, Snippet] = {}
+    for snippet in snippets:
+        seen.setdefault(snippet.text, snippet)
+        if len(seen) == k:
+            break
+    return tuple(seen.values())
