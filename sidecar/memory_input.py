@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.protocol import json_text_problem
+
 MEMORY_HEADER = "x-delta-attention-state"
 TEXT_KEYS = ("text", "content", "snippet")
 
@@ -63,15 +65,19 @@ def memory_items(value: Any, problems: list[str]) -> list[MemoryItem]:
     """The items in one value (a string, an item object, or a list of them); notes what is skipped."""
     values = value if isinstance(value, list) else [value]
     items: list[MemoryItem] = []
-    skipped = 0
+    skipped = invalid = 0
     for entry in values:
         item = _item(entry)
         if item is None:
             skipped += 1
+        elif json_text_problem(item.text, "snippet") is not None:
+            invalid += 1  # half a surrogate pair: the tokenizer cannot take it
         else:
             items.append(item)
     if skipped:
         problems.append(f"{skipped} item(s) without text skipped")
+    if invalid:
+        problems.append(f"{invalid} item(s) that are not valid Unicode skipped")
     return items
 
 

@@ -6,6 +6,7 @@ not declared, so pydantic ignores them. Project extensions are fenced and commen
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal, Union
@@ -17,11 +18,18 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 # --------------------------------------------------------------------------- request
 
 MAX_STOP_STRINGS = 16
+# OpenClaw's tool schemas nest a few levels; the chat template renders them recursively, so a
+# pathological depth must be refused here rather than blow the stack while rendering.
+MAX_JSON_DEPTH = 64
+# JSON may escape half of a UTF-16 surrogate pair ("\ud800"); such text cannot be tokenized.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+HIDDEN_MEMORY_FIELDS = ("attention_state", "attentionState", "delta_attention_state")
 
 
 class TextContentPart(BaseModel):
@@ -146,6 +154,18 @@ class ChatCompletionRequest(BaseModel):
     delta_attention_state: Any = None
     # ---- end of project extensions -----------------------------------------------------
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tokenizable(cls, data: Any) -> Any:
+        # Hidden memory is parsed leniently (bad items are skipped and reported), so it is not checked here.
+        if isinstance(data, dict):
+            for name, value in data.items():
+                if name not in HIDDEN_MEMORY_FIELDS:
+                    problem = json_text_problem(value, str(name))
+                    if problem:
+                        raise ValueError(problem)
+        return data
+
     @field_validator("n")
     @classmethod
     def _only_one_choice(cls, n: int) -> int:
@@ -174,6 +194,25 @@ class ChatCompletionRequest(BaseModel):
         """The hidden-memory values present in the body, in a fixed order of spellings."""
         values = (self.attention_state, self.attentionState, self.delta_attention_state)
         return [value for value in values if value is not None]
+
+
+def json_text_problem(value: Any, path: str) -> str | None:
+    """What makes a parsed JSON value unusable as model input (too deep, invalid Unicode), or None."""
+    pending: list[tuple[Any, str, int]] = [(value, path, 0)]
+    while pending:
+        item, where, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            shown = where if len(where) <= 80 else f"{where[:80]}…"
+            return f"{shown} nests deeper than {MAX_JSON_DEPTH} levels"
+        if isinstance(item, dict):
+            for key, child in item.items():
+                pending.append((key, f"{where} (a key)", depth + 1))
+                pending.append((child, f"{where}.{key}", depth + 1))
+        elif isinstance(item, list):
+            pending.extend((child, f"{where}.{i}", depth + 1) for i, child in enumerate(item))
+        elif isinstance(item, str) and _LONE_SURROGATE.search(item):
+            return f"{where} holds half of a UTF-16 surrogate pair: send valid Unicode text"
+    return None
 
 
 # --------------------------------------------------------------------------- response

@@ -1,0 +1,70 @@
+"""Shared pieces of the reliability tests: the figures they record, and a real server with a short answer cap.
+
+Each test that measures something calls `record_figures`, which writes
+`.cache/reliability/<name>.json` (git-ignored) and prints one line (visible with `pytest -s`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+from server_process import KEY, MODEL, Server, start_server
+
+from sidecar.config import SidecarSettings, save_settings
+from sidecar.files import atomic_write_json
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIGURES_DIR = REPO_ROOT / ".cache" / "reliability"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SESSION_FILE = re.compile(r"^[0-9a-f]{64}\.(delta|base)\.session\.npz$")
+
+
+def record_figures(name: str, figures: dict[str, Any]) -> None:
+    """Write what a test measured to FIGURES_DIR/<name>.json and print it."""
+    atomic_write_json(FIGURES_DIR / f"{name}.json", {"name": name, **figures})
+    print(f"\nreliability figures {name}: {json.dumps(figures)}")
+
+
+def start_capped_server(
+    model_dir: Path, adapter_dir: Path, work: Path, *extra: str, max_output_tokens: int = 16
+) -> Server:
+    """A real `serve` whose answers stop after `max_output_tokens`, so that fuzzed requests stay fast."""
+    root = work / "root"
+    settings = SidecarSettings(
+        model_path=str(model_dir), model_id=MODEL, adapter_path=str(adapter_dir), max_output_tokens=max_output_tokens
+    )
+    save_settings(root, settings)
+    return start_server(model_dir, adapter_dir, work, "--root", str(root), *extra)
+
+
+def health(server: Server) -> dict[str, Any]:
+    """The server's /health body (it must answer 200)."""
+    response = httpx.get(f"{server.base_url}/health", headers=AUTH, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def is_openai_error(response: httpx.Response) -> bool:
+    """True when the body is exactly {"error": {message, type, param, code}} with a message and no trace."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    if not isinstance(body, dict) or set(body) != {"error"} or not isinstance(body["error"], dict):
+        return False
+    error = body["error"]
+    return (
+        set(error) == {"message", "type", "param", "code"}
+        and isinstance(error["message"], str)
+        and bool(error["message"])
+        and "Traceback" not in error["message"]
+    )
+
+
+def unexpected_files(state_dir: Path) -> list[str]:
+    """Names in the state dir that are not `<sha256>.<mode>.session.npz`."""
+    return sorted(p.name for p in state_dir.iterdir() if not SESSION_FILE.match(p.name)) if state_dir.exists() else []
