@@ -450,6 +450,10 @@ def test_history_window_and_full_history_shape_the_prompt(runs: Any) -> None:
         return next(c.messages for c in client.calls
                     if c.session_key.endswith(f"{conversation.id}:{mode}") and c.messages[-1].content == first_question)
 
+    replayed = [c.messages for c in client.calls if c.session_key.endswith(f"{conversation.id}:base")
+                and c.max_tokens == 1]
+    assert [len(prompt) - 1 for prompt in replayed[:3]] == [1, 3, WINDOW]  # the system prompt, then the window
+    assert replayed[1][1:] == list(conversation.history[:3])
     windowed, full = question_prompt("base"), question_prompt("base+full-history")
     assert windowed[0] == Message("system", conversation.system)
     assert windowed[1:] == [*conversation.history[-WINDOW:], Message("user", first_question)]

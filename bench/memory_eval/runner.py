@@ -198,7 +198,7 @@ def _shown(history: Sequence[Message], mode: Mode, settings: RunSettings) -> lis
     window = None if mode.full_history else settings.history_window
     if window is None:
         return list(history)
-    return list(history[len(history) - window :]) if window else []
+    return list(history[-window:]) if window else []
 
 
 def _replay(
