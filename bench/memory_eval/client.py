@@ -93,7 +93,12 @@ class SidecarClient:
         started = time.perf_counter()
         with self._open(request) as response:
             delta_headers = {k.lower(): v for k, v in response.headers.items() if k.lower().startswith("x-delta-")}
-            return _read_stream(response, started, delta_headers)
+            try:
+                return _read_stream(response, started, delta_headers)
+            except OSError as exc:
+                raise SidecarError(
+                    f"the connection to the sidecar broke while it answered ({exc}); see 'delta-mem-mlx logs'"
+                ) from None
 
     def reset_session(self, session_key: str) -> None:
         """Forget a session on the sidecar (both δ modes), so no state or file is left behind."""
@@ -103,7 +108,7 @@ class SidecarClient:
     def get_json(self, path: str) -> dict[str, Any]:
         """GET a JSON object, e.g. `/health` or `/v1/models`."""
         with self._open(self._request("GET", path, None, {})) as response:
-            data = json.loads(response.read())
+            data = _json(response.read())
         if not isinstance(data, dict):
             raise SidecarError(f"GET {self.base_url}{path} did not return a JSON object")
         return data
@@ -150,16 +155,19 @@ def _read_stream(response: Any, started: float, headers: dict[str, str]) -> Chat
     finish: str | None = None
     done = False
     for raw in response:
-        line = raw.decode("utf-8").strip()
+        line = raw.decode("utf-8", "replace").strip()
         if not line.startswith("data: "):
             continue
         payload = line.removeprefix("data: ")
         if payload == "[DONE]":
             done = True
             break
-        chunk = json.loads(payload)
+        chunk = _json(payload)
+        if not isinstance(chunk, dict):
+            raise SidecarError(f"the sidecar's answer stream sent a line that is not a JSON object: {payload[:80]!r}")
         if "error" in chunk:
-            raise SidecarError(_failure("the sidecar failed while answering", chunk["error"]))
+            error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+            raise SidecarError(_failure("the sidecar failed while answering", error))
         for choice in chunk.get("choices") or []:
             text = (choice.get("delta") or {}).get("content") or ""
             if text:
@@ -181,6 +189,13 @@ def _read_stream(response: Any, started: float, headers: dict[str, str]) -> Chat
         finish_reason=finish,
         headers=headers,
     )
+
+
+def _json(raw: str | bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise SidecarError(f"the sidecar answered with something that is not JSON: {raw[:80]!r}") from None
 
 
 def _error_body(raw: bytes) -> dict[str, Any]:
