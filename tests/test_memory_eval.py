@@ -407,6 +407,10 @@ class RecordingClient(SidecarClient):
         super().__init__(*args, **kwargs)
         self.calls: list[Call] = []
         self.resets: list[str] = []
+        self.progress_ticks = 0
+
+    def tick(self) -> None:
+        self.progress_ticks += 1
 
     def chat(self, messages: Sequence[Message], session_key: str, delta: bool, max_tokens: int, seed: int,
              attention_state: list[dict[str, Any]] | None = None) -> ChatReply:
@@ -438,7 +442,7 @@ def runs(server: Server) -> tuple[tuple[RecordingClient, RunResult], tuple[Recor
     out = []
     for _ in range(2):
         client = RecordingClient(server.base_url, KEY, MODEL)
-        out.append((client, run_eval(client, dataset, RUN, LexicalRetriever)))
+        out.append((client, run_eval(client, dataset, RUN, LexicalRetriever, on_request=client.tick)))
     return out[0], out[1]
 
 
@@ -461,6 +465,7 @@ def test_each_mode_sends_what_it_claims_and_the_sidecar_reports_it_back(runs: An
     dataset = builtin_suite(SMALL, seed=5)
     # One warm-up request per δ setting, then every planned request.
     assert len(client.calls) == 2 + planned_requests(dataset, RUN)
+    assert client.progress_ticks == planned_requests(dataset, RUN)
     memory_checked = 0
     for call in client.calls:
         mode = MODES[call.session_key.rsplit(":", 1)[1]] if not call.session_key.endswith("warm-up") else None
@@ -604,6 +609,8 @@ def test_cli_failures_are_one_clear_line(server: Server, tmp_path: Path) -> None
     assert "cannot reach the sidecar at http://127.0.0.1:9" in unreachable.output
     wrong_key = invoke("--url", server.base_url, "--api-key", "wrong", "--out", str(tmp_path / "b"))
     assert wrong_key.exit_code == 1 and "HTTP 401" in wrong_key.output and "--api-key" in wrong_key.output
+    no_questions = invoke("--url", server.base_url, "--api-key", KEY, "--limit", "0")
+    assert no_questions.exit_code == 1 and "dataset: --limit must be at least 1" in no_questions.output
     bad_mode = invoke("--url", server.base_url, "--modes", "base,turbo")
     assert bad_mode.exit_code == 1 and "eval: unknown mode(s) turbo" in bad_mode.output
     too_long = tmp_path / "long.jsonl"

@@ -54,6 +54,10 @@ class Dataset:
 
     def limited(self, conversations: int | None, questions: int | None) -> Dataset:
         """The first `conversations` conversations, each with its first `questions` questions."""
+        if conversations is not None and conversations < 1:
+            raise DatasetError("--limit must be at least 1")
+        if questions is not None and questions < 1:
+            raise DatasetError("--max-questions must be at least 1")
         kept = self.conversations[:conversations] if conversations is not None else self.conversations
         if questions is not None:
             kept = tuple(replace(c, questions=c.questions[:questions]) for c in kept)

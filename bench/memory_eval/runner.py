@@ -147,7 +147,7 @@ def run_eval(
     dataset: Dataset,
     settings: RunSettings,
     retriever_for: Callable[[Conversation], Retriever],
-    on_request: Callable[[str], None] | None = None,
+    on_request: Callable[[], None] | None = None,
 ) -> RunResult:
     """Run every conversation in every mode; sessions are reset afterwards so nothing is left behind."""
     settings.validate()
@@ -208,7 +208,7 @@ def _replay(
     settings: RunSettings,
     session_key: str,
     result: RunResult,
-    on_request: Callable[[str], None] | None,
+    on_request: Callable[[], None] | None,
 ) -> None:
     system = Message("system", conversation.system)
     for end in turn_ends(conversation.history):
@@ -216,7 +216,7 @@ def _replay(
         reply = client.chat(prompt, session_key, mode.delta, REPLAY_TOKENS, settings.seed)
         result.turns.append(TurnRecord(conversation.id, mode.name, reply))
         if on_request:
-            on_request(f"{conversation.id} {mode.name}")
+            on_request()
 
 
 def _ask(
@@ -227,7 +227,7 @@ def _ask(
     session_key: str,
     memory: dict[str, tuple[Snippet, ...]],
     result: RunResult,
-    on_request: Callable[[str], None] | None,
+    on_request: Callable[[], None] | None,
 ) -> None:
     context = [Message("system", conversation.system), *_shown(conversation.history, mode, settings)]
     transcript: list[Message] = []
@@ -246,7 +246,7 @@ def _ask(
         scores = score_answer(reply.text, question.answers, question.key_terms)
         result.answers.append(AnswerRecord(conversation.id, mode.name, question, snippets, reply, scores))
         if on_request:
-            on_request(f"{conversation.id} {mode.name}")
+            on_request()
 
 
 def _retrieve(

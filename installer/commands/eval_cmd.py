@@ -158,13 +158,13 @@ def _retriever_factory(
 
 
 @contextmanager
-def _progress(total: int) -> Iterator[Callable[[str], None] | None]:
+def _progress(total: int) -> Iterator[Callable[[], None] | None]:
     # A bar is for a person watching; logs and pipes get only the start line and the report.
     if not sys.stderr.isatty():
         yield None
         return
     with typer.progressbar(length=total, label="eval", file=sys.stderr) as bar:
-        yield lambda _label: bar.update(1)
+        yield lambda: bar.update(1)
 
 
 def register(app: typer.Typer) -> None:
