@@ -60,6 +60,7 @@ class SidecarSettings:
     max_kv_bytes: int = 8 * 1024**3
     attention_state_source: AttentionStateSource = "request"
     write_policy: WritePolicy = "all"
+    prefix_cache: bool = True
     qmd: QmdSettings = field(default_factory=QmdSettings)
 
     def validate(self) -> None:
@@ -168,6 +169,7 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "float": (int, float),
     "str | None": (str, type(None)),
     "float | None": (int, float, type(None)),
+    "bool": (bool,),
 }
 
 
@@ -177,5 +179,5 @@ def _check_types(obj: Any) -> None:
         value = getattr(obj, f.name)
         if expected is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, expected):
+        if (isinstance(value, bool) and bool not in expected) or not isinstance(value, expected):
             raise SettingsError(f"{f.name} has the wrong type: {type(value).__name__}")

@@ -55,6 +55,7 @@ from sidecar.stop_strings import StopScanner
 log = logging.getLogger("sidecar.engine")
 
 PREFILL_STEP = 512
+PREFIX_ENTRIES = 8
 
 
 class Cancelled(Exception):
@@ -128,7 +129,7 @@ class Engine:
         )
         state_dir = Path(settings.state_dir) if settings.state_dir else None
         self.store = SessionStore(settings.max_sessions, settings.max_kv_bytes, state_dir, _fingerprint(settings))
-        self.prefixes = PrefixCache()
+        self.prefixes = PrefixCache(max_entries=PREFIX_ENTRIES if settings.prefix_cache else 0)
         self.counters = _Counters()
         self.started = time.time()
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()

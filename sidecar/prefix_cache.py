@@ -45,6 +45,8 @@ class PrefixCache:
 
     def fetch(self, mode: str, tokens: list[int]) -> tuple[int, list[Any]] | None:
         """A private copy of the cache for the longest stored prefix of `tokens`, and its length."""
+        if self.max_entries == 0:
+            return None
         self.lookups += 1
         found = self._trie.search(mode, tokens)
         if found.exact is not None:
@@ -69,6 +71,8 @@ class PrefixCache:
     def insert(self, mode: str, tokens: list[int], cache: list[Any]) -> None:
         """Keep a snapshot of `cache`, which holds exactly `tokens`; shorter stored prefixes of it go."""
         key = (mode, tuple(tokens))
+        if self.max_entries == 0:
+            return
         if key in self._entries:
             self._entries.move_to_end(key)
             return
@@ -88,6 +92,7 @@ class PrefixCache:
     def stats(self) -> dict[str, Any]:
         """Entries, tokens, bytes and hit rate, for /health."""
         return {
+            "enabled": self.max_entries > 0,
             "entries": len(self._entries),
             "tokens": sum(len(tokens) for _, tokens in self._entries),
             "bytes": self.nbytes,

@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from sidecar.delta.adapter_files import NPZ_FILE, PT_FILE, expected_shapes, model_dims
+from sidecar.delta.adapter_files import NPZ_FILE, PT_FILE, ModelDims, expected_shapes, model_dims
 from sidecar.delta.config import CONFIG_FILE, DeltaMemConfig, tensor_key
 from sidecar.delta.torch_archive import write_torch_archive
 from sidecar.files import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -256,6 +256,19 @@ def write_tiny_adapter(
         memory_write_granularity="message_mean" if variant == "ssw" else "token",
     )
     config.check()
+    tensors = random_adapter_tensors(config, dims, seed)
+    atomic_write_json(dest / CONFIG_FILE, config.to_dict())
+    if write_npz:
+        buffer = io.BytesIO()
+        np.savez(buffer, **tensors)
+        atomic_write_bytes(dest / NPZ_FILE, buffer.getvalue())
+    if write_pt:
+        write_torch_archive(dest / PT_FILE, tensors)
+    return dest
+
+
+def random_adapter_tensors(config: DeltaMemConfig, dims: ModelDims, seed: int = 1) -> dict[str, np.ndarray]:
+    """Random adapter tensors in the parity recipe: matrices N(0, 0.2²), gate biases U[-2, 1]."""
     rng = np.random.default_rng(seed)
     tensors: dict[str, np.ndarray] = {}
     # Every tensor the format knows, including the inactive delta_k/delta_v (delta_heads is q, o),
@@ -267,14 +280,7 @@ def write_tiny_adapter(
             else:
                 value = rng.normal(0.0, 0.2, size=shape)
             tensors[tensor_key(layer, name)] = value.astype(np.float32)
-    atomic_write_json(dest / CONFIG_FILE, config.to_dict())
-    if write_npz:
-        buffer = io.BytesIO()
-        np.savez(buffer, **tensors)
-        atomic_write_bytes(dest / NPZ_FILE, buffer.getvalue())
-    if write_pt:
-        write_torch_archive(dest / PT_FILE, tensors)
-    return dest
+    return tensors
 
 
 @functools.cache

@@ -59,6 +59,14 @@ def serve(
     write_policy: Annotated[
         str | None, typer.Option("--write-policy", help="Tokens written to δ-state: all or skip-system.")
     ] = None,
+    prefix_cache: Annotated[
+        bool | None,
+        typer.Option(
+            "--prefix-cache/--no-prefix-cache",
+            help="Share the KV and δ-state of a common system prompt across sessions.",
+            show_default=False,
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the sidecar in the foreground until SIGTERM or Ctrl-C."""
@@ -78,6 +86,7 @@ def serve(
         max_kv_bytes=max_kv_bytes,
         attention_state_source=attention_state_source,
         write_policy=write_policy,
+        prefix_cache=prefix_cache,
     )
     if no_adapter or adapter is not None:
         flags["adapter_path"] = _absolute(adapter)

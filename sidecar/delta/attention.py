@@ -201,13 +201,9 @@ def _fused_deltas(reads: mx.array, delta_weight: mx.array) -> mx.array:
 def _attend(base: nn.Module, x: mx.array, mask: Any, cache: Any, deltas: dict[str, mx.array]) -> mx.array:
     """The plain Qwen3/Qwen2 attention with Δ terms added at the reference's points."""
     B, L, _ = x.shape
-    queries, keys, values = base.q_proj(x), base.k_proj(x), base.v_proj(x)
-    if "q" in deltas:
-        queries = queries + deltas["q"]
-    if "k" in deltas:
-        keys = keys + deltas["k"]
-    if "v" in deltas:
-        values = values + deltas["v"]
+    queries = _linear_plus(base.q_proj, x, deltas.get("q"))
+    keys = _linear_plus(base.k_proj, x, deltas.get("k"))
+    values = _linear_plus(base.v_proj, x, deltas.get("v"))
     queries = queries.reshape(B, L, base.n_heads, -1)
     keys = keys.reshape(B, L, base.n_kv_heads, -1)
     if hasattr(base, "q_norm"):
@@ -223,10 +219,16 @@ def _attend(base: nn.Module, x: mx.array, mask: Any, cache: Any, deltas: dict[st
     output = scaled_dot_product_attention(
         queries, keys, values, cache=cache, scale=base.scale, mask=mask
     )
-    output = base.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
-    if "o" in deltas:
-        output = output + deltas["o"]
-    return output
+    return _linear_plus(base.o_proj, output.transpose(0, 2, 1, 3).reshape(B, L, -1), deltas.get("o"))
+
+
+def _linear_plus(linear: nn.Module, x: mx.array, extra: mx.array | None) -> mx.array:
+    """linear(x) + extra; one fused multiply-add when the layer is a plain bias-free matrix."""
+    if extra is None:
+        return linear(x)
+    if type(linear) is nn.Linear and "bias" not in linear:
+        return mx.addmm(extra, x, linear.weight.T)
+    return linear(x) + extra
 
 
 def _message_ids(ids: np.ndarray | None, batch: int, length: int) -> np.ndarray | None:

@@ -1,0 +1,215 @@
+"""δ-mem runtime speed against the plain model: `python -m bench.runtime --json [--quick]`.
+
+One process, one model with a random δ-mem adapter; "plain" is the same model with δ switched
+off. Plain and δ runs alternate (warm-up first), and every figure is a median, so the ratios
+compare the two under the same machine load. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
+PREFILL_STEP = 512
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Qwen3-shaped float32 model."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+
+
+QUICK = Shape("qwen3-h512-l8", 512, 8, 8, 4, 64, 1536, 8192)
+QWEN3_0_6B = Shape("qwen3-0.6b-shape", 1024, 28, 16, 8, 128, 3072, 151936)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print its JSON report."""
+    args = _parser().parse_args(argv)
+    if args.blas == "openblas":
+        _reexec_with_openblas()
+    import mlx.core as mx
+
+    started = time.perf_counter()
+    shapes = [QUICK] if args.quick else [QUICK, QWEN3_0_6B]
+    runs = []
+    for shape in shapes:
+        repeats = args.repeats if shape is QUICK else max(2, args.repeats // 2)
+        runs.append(_run(shape, args.prompt_tokens, args.decode_tokens, repeats, args.seed))
+        _log(f"{shape.name}: {json.dumps({k: runs[-1][k] for k in ('prefill_ratio', 'decode_ratio')})}")
+    report = {
+        **{k: v for k, v in runs[0].items() if k != "samples"},
+        "runs": runs,
+        "quick": args.quick,
+        "backend": {
+            "mlx": mx.__version__,
+            "device": str(mx.default_device()),
+            "platform": f"{platform.system()} {platform.machine()}",
+            "blas": "openblas (LD_PRELOAD)" if OPENBLAS.name in os.environ.get("LD_PRELOAD", "") else "bundled",
+        },
+        "elapsed_s": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(report, indent=None if args.json else 2))
+    return 0
+
+
+def _run(shape: Shape, prompt_tokens: int, decode_tokens: int, repeats: int, seed: int) -> dict[str, Any]:
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen3
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from sidecar.delta.adapter_files import model_dims
+    from sidecar.delta.api import attach_tensors, set_delta_controls
+    from sidecar.delta.config import DeltaMemConfig
+    from sidecar.tiny_model import random_adapter_tensors
+
+    mx.random.seed(seed)
+    args = qwen3.ModelArgs(
+        model_type="qwen3",
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_layers,
+        intermediate_size=shape.intermediate_size,
+        num_attention_heads=shape.num_heads,
+        rms_norm_eps=1e-6,
+        vocab_size=shape.vocab_size,
+        num_key_value_heads=shape.num_kv_heads,
+        max_position_embeddings=32768,
+        head_dim=shape.head_dim,
+        tie_word_embeddings=False,
+        rope_theta=1e6,
+    )
+    model = qwen3.Model(args)
+    mx.eval(model.parameters())
+    config = DeltaMemConfig()
+    dims = model_dims(
+        {
+            "hidden_size": shape.hidden_size,
+            "num_hidden_layers": shape.num_layers,
+            "num_attention_heads": shape.num_heads,
+            "num_key_value_heads": shape.num_kv_heads,
+            "head_dim": shape.head_dim,
+        }
+    )
+    attach_tensors(model, config, random_adapter_tensors(config, dims, seed))
+    rng = np.random.default_rng(seed)
+    prompt = mx.array(rng.integers(0, shape.vocab_size, size=(1, prompt_tokens)))
+    short = prompt[:, :128]
+
+    def fresh(delta: bool) -> list[Any]:
+        cache = make_prompt_cache(model)
+        set_delta_controls(cache, enabled=delta)
+        return cache
+
+    def prefill(delta: bool) -> float:
+        cache = fresh(delta)
+        began = time.perf_counter()
+        for start in range(0, prompt_tokens, PREFILL_STEP):
+            model(prompt[:, start : start + PREFILL_STEP], cache=cache)
+            mx.eval([c.state for c in cache])
+        return time.perf_counter() - began
+
+    def decode(delta: bool) -> float:
+        cache = fresh(delta)
+        token = model(short, cache=cache)[:, -1].argmax(-1)
+        mx.eval(token)
+        began = time.perf_counter()
+        for _ in range(decode_tokens):
+            token = model(token[:, None], cache=cache)[:, -1].argmax(-1)
+            mx.async_eval(token)
+        mx.eval(token)
+        return time.perf_counter() - began
+
+    _log(f"{shape.name}: warming up")
+    prefill_pairs = _alternate(prefill, repeats)
+    decode_pairs = _alternate(decode, repeats)
+    plain_prefill, delta_prefill = (statistics.median(p[i] for p in prefill_pairs) for i in (0, 1))
+    plain_decode, delta_decode = (statistics.median(p[i] for p in decode_pairs) for i in (0, 1))
+    params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    return {
+        "model": {**asdict(shape), "parameters": params, "dtype": "float32", "delta_layers": shape.num_layers},
+        "adapter": {"rank": config.rank, "variant": config.variant, "delta_heads": list(config.delta_heads)},
+        "prompt_tokens": prompt_tokens,
+        "decode_tokens": decode_tokens,
+        "repeats": repeats,
+        "prefill_tps_plain": round(prompt_tokens / plain_prefill, 1),
+        "prefill_tps_delta": round(prompt_tokens / delta_prefill, 1),
+        "prefill_ratio": round(plain_prefill / delta_prefill, 3),
+        "decode_tps_plain": round(decode_tokens / plain_decode, 2),
+        "decode_tps_delta": round(decode_tokens / delta_decode, 2),
+        "decode_ratio": round(plain_decode / delta_decode, 3),
+        # Per-pair ratios show how much the machine's noise moves a single comparison.
+        "samples": {
+            "prefill_pair_ratios": [round(p / d, 3) for p, d in prefill_pairs],
+            "decode_pair_ratios": [round(p / d, 3) for p, d in decode_pairs],
+        },
+    }
+
+
+def _alternate(measure: Callable[[bool], float], repeats: int) -> list[tuple[float, float]]:
+    """(plain, δ) timings, alternating which goes first, after one warm-up of each."""
+    measure(False)
+    measure(True)
+    pairs = []
+    for i in range(repeats):
+        if i % 2:
+            delta = measure(True)
+            plain = measure(False)
+        else:
+            plain = measure(False)
+            delta = measure(True)
+        pairs.append((plain, delta))
+    return pairs
+
+
+def _reexec_with_openblas() -> None:
+    # MLX's Linux CPU wheel bundles a slow reference BLAS; Debian's OpenBLAS is ~10x faster.
+    if platform.system() != "Linux" or not OPENBLAS.exists():
+        return
+    if OPENBLAS.name in os.environ.get("LD_PRELOAD", ""):
+        return
+    env = {**os.environ, "LD_PRELOAD": f"{OPENBLAS} {os.environ.get('LD_PRELOAD', '')}".strip()}
+    os.execve(sys.executable, [sys.executable, "-m", "bench.runtime", *sys.argv[1:]], env)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.runtime", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the report on one line")
+    parser.add_argument("--quick", action="store_true", help="only the small model (a few minutes on 2 CPU cores)")
+    parser.add_argument("--prompt-tokens", type=int, default=2048)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7, help="plain/δ pairs per measurement")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--blas",
+        choices=("openblas", "bundled"),
+        default="openblas",
+        help="on Linux, re-run under Debian's OpenBLAS when it is installed (default)",
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

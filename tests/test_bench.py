@@ -1,0 +1,33 @@
+"""The benchmarks run end to end on tiny inputs (their figures are not asserted here: bench/ measures)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import runtime, sessions
+
+
+def test_runtime_bench_reports_every_figure() -> None:
+    shape = runtime.Shape("tiny", 64, 2, 4, 2, 16, 128, 256)
+    result = runtime._run(shape, prompt_tokens=64, decode_tokens=4, repeats=1, seed=0)
+    for key in ("prefill_tps_plain", "prefill_tps_delta", "prefill_ratio", "decode_tps_plain", "decode_tps_delta", "decode_ratio"):
+        assert result[key] > 0
+    assert result["prompt_tokens"] == 64 and result["model"]["hidden_size"] == 64
+
+
+@pytest.mark.e2e
+def test_sessions_bench_replays_openclaw_turns(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--json", "--turns", "3", "--system-tokens", "300", "--max-tokens", "2"]
+    assert sessions.main([*argv, "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter_dir)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [t["turn"] for t in report["turns"]] == [1, 2, 3]
+    for turn in report["turns"][1:]:
+        # From turn 2 on only what is new is prefilled: the dropped context message is rolled back.
+        assert turn["cached_tokens"] > 0 and turn["prefilled_tokens"] <= turn["new_tokens"] + 512
+    assert all(t["cached_tokens"] == 0 for t in report["no_cache_turns"])
+    assert report["prefix_cache"]["hits"] >= 2 and report["non_shared_tokens"] > 0
