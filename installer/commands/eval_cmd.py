@@ -113,6 +113,10 @@ def eval_command(
         raise EvalError(f"--retriever must be one of {', '.join(RETRIEVERS)}")
     run = RunSettings(parse_modes(modes), seed, max_tokens, memory_k, history_window)
     run.validate()
+    size = SuiteSize(conversations, facts, distractors, sessions)
+    data = load_dataset(dataset, size, seed, chunk_chars).limited(limit, max_questions)
+    if data.question_count == 0:
+        raise DatasetError(f"{dataset} has no questions to ask")
     # A root's key goes only to that root's sidecar, never to a --url given without --root.
     settings: SidecarSettings | None = None
     if url is None or root is not None:
@@ -121,13 +125,10 @@ def eval_command(
     else:
         target = url
     key = api_key or (settings.api_key if settings else None)
-    probe = SidecarClient(target, key, model="")
-    health = probe.get_json("/health")
-    client = SidecarClient(target, key, model_id or str(health.get("model") or probe.served_model()))
-    size = SuiteSize(conversations, facts, distractors, sessions)
-    data = load_dataset(dataset, size, seed, chunk_chars).limited(limit, max_questions)
-    if data.question_count == 0:
-        raise DatasetError(f"{dataset} has no questions to ask")
+    client = SidecarClient(target, key, model=model_id or "")
+    health = client.get_json("/health")
+    if not model_id:
+        client.model = str(health.get("model") or client.served_model())
     retriever_for = _retriever_factory(retriever, settings.qmd if settings else QmdSettings(), qmd_collection)
     out_dir = (out or Path(f"delta-mem-eval-{time.strftime('%Y%m%d-%H%M%S')}")).absolute()
     write_histories(data, out_dir)
