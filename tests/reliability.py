@@ -48,10 +48,10 @@ def health(server: Server) -> dict[str, Any]:
     return response.json()
 
 
-def is_openai_error(response: httpx.Response) -> bool:
-    """True when the body is exactly {"error": {message, type, param, code}} with a message and no trace."""
+def is_openai_error(content: bytes) -> bool:
+    """True when a body is exactly {"error": {message, type, param, code}} with a message and no trace."""
     try:
-        body = response.json()
+        body = json.loads(content)
     except ValueError:
         return False
     if not isinstance(body, dict) or set(body) != {"error"} or not isinstance(body["error"], dict):

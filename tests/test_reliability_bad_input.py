@@ -300,7 +300,7 @@ def test_the_corpus_gets_4xx_or_an_answer_and_never_a_5xx(server: Server) -> Non
             if status >= 500:
                 outcome = "5xx"
             elif 400 <= status < 500:
-                outcome = "4xx OpenAI shape" if is_openai_error(response) else "4xx other"
+                outcome = "4xx OpenAI shape" if is_openai_error(response.content) else "4xx other"
             else:
                 outcome = "answered"
             outcomes[outcome] += 1
