@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import os
@@ -311,6 +312,8 @@ def _hub_failure(repo: str, revision: str, endpoint: str, exc: BaseException) ->
         return "HF_HUB_OFFLINE is set: unset it to download"
     if isinstance(exc, HfHubHTTPError):
         return f"{endpoint} answered with an error ({exc}): {rerun} later"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"the disk is full: free some space, then {rerun}"
     if isinstance(exc, OSError):
         return f"{exc}: {rerun}"
     # The HTTP client's own errors: refused or reset connections, timeouts, cut-off bodies.

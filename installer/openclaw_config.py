@@ -18,7 +18,7 @@ from typing import Any
 import json5
 
 from plugin_tools.payloads import ConfigPatch
-from sidecar.files import atomic_write_bytes, atomic_write_text
+from sidecar.files import atomic_write_bytes
 
 CONFIG_FILE = "openclaw.json"
 # The config may carry API keys; a new file is readable by its owner only, as OpenClaw writes it.
@@ -58,22 +58,23 @@ def parse_config(raw: bytes, path: Path) -> tuple[dict[str, Any], bool]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise OpenClawConfigError(f"{path} is not UTF-8 text ({exc}); nothing was changed") from exc
+    # Plain JSON is read with the json module: json5 splits an escaped surrogate pair ("\ud83d\ude00")
+    # into two lone halves, which no UTF-8 file can hold.
     try:
-        data = json5.loads(text)
-    except ValueError as exc:
-        raise OpenClawConfigError(
-            f"{path} cannot be parsed as JSON5 ({exc}); nothing was changed. "
-            "Fix it (openclaw config validate shows where) and run the command again"
-        ) from exc
+        data, json5_only = json.loads(text), False
+    except (ValueError, RecursionError):
+        try:
+            data, json5_only = json5.loads(text), True
+        except (ValueError, RecursionError) as exc:
+            raise OpenClawConfigError(
+                f"{path} cannot be parsed as JSON5 ({exc}); nothing was changed. "
+                "Fix it (openclaw config validate shows where) and run the command again"
+            ) from exc
     if not isinstance(data, dict):
         raise OpenClawConfigError(
             f"{path} must hold one object, not {type(data).__name__}; nothing was changed"
         )
-    try:
-        json.loads(text)
-    except ValueError:
-        return data, True
-    return data, False
+    return data, json5_only
 
 
 def merge_patch(
@@ -119,14 +120,24 @@ def apply_patch(
         raise OpenClawConfigError(f"{path} cannot be read ({exc}); nothing was changed") from exc
     config, json5_only = parse_config(raw, path) if raw is not None else ({}, False)
     merged, previous = merge_patch(config, patch, set_default)
+    new_bytes = _json_bytes(merged)
     backup = None
     mode = NEW_FILE_MODE
     if raw is not None:
         mode = stat.S_IMODE(path.stat().st_mode)
         backup = _backup_path(path, now or datetime.now(timezone.utc))
         atomic_write_bytes(backup, raw, mode)
-    atomic_write_text(path, json.dumps(merged, indent=2, ensure_ascii=False) + "\n", mode)
+    atomic_write_bytes(path, new_bytes, mode)
     return ApplyResult(path, backup, raw is None, json5_only, previous)
+
+
+def _json_bytes(config: dict[str, Any]) -> bytes:
+    text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # The file escaped half of a surrogate pair ("\ud800"): only an escaped file can hold it again.
+        return (json.dumps(config, indent=2) + "\n").encode("ascii")
 
 
 def _object(parent: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
