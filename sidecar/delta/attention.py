@@ -74,29 +74,31 @@ class DeltaAttention(nn.Module):
 
         B, T, _ = x.shape
         start = cache.offset if cache is not None else 0
-        H, r = self.config.num_state_heads, self.config.rank
-        state = (
-            delta_cache.state_at(start, B).reshape(B, H, r, r)
-            if delta_cache is not None
-            else mx.zeros((B, H, r, r), dtype=mx.float32)
-        )
+        if delta_cache is not None:
+            state = delta_cache.state_at(start, B)
+        else:
+            state = mx.zeros((B, *self.state_shape), dtype=mx.float32)
         ids = _message_ids(controls.message_ids, B, T) if self._message_mean else None
 
         if ids is not None and controls.write:
-            reads, states = self._message_mean_write(x, state, ids)
-            fused = _fused_deltas(reads, self.delta_weight)
+            reads, states = self._message_mean_write(x, self._heads(state), ids)
+            states = states.reshape(B, T, *self.state_shape)
+            deltas = _deltas(self.delta_layout, reads, self.delta_weight, x.dtype)
         elif controls.write:
-            # One compiled function per adapter config: prefill (traced per length) or decode.
-            run = _decode_step(self.config) if T == 1 else _prefill_scan(self.config)
-            fused, states = run(x, self.memory_weight, self.memory_bias, state, self.delta_weight)
+            # One compiled function per adapter: prefill (traced per length) or decode. It takes
+            # and returns states in the cache's shape, so nothing but the store runs outside it.
+            run = (_decode_step if T == 1 else _prefill_scan)(self.config, self.delta_layout)
+            deltas, states = run(x, self.memory_weight, self.memory_bias, state, self.delta_weight)
         else:
-            fused = _fused_deltas(_read_only(state, self._memory_inputs(x)[0]), self.delta_weight)
-            states = None
+            reads = _read_only(self._heads(state), self._memory_inputs(x)[0])
+            deltas, states = _deltas(self.delta_layout, reads, self.delta_weight, x.dtype), None
         if delta_cache is not None and states is not None:
-            delta_cache.store_states(start, states.reshape(B, T, *self.state_shape))
-        if fused.dtype != x.dtype:
-            fused = fused.astype(x.dtype)
-        return _attend(self.base, x, mask, cache, self.delta_layout.split(fused))
+            delta_cache.store_states(start, states)
+        return _attend(self.base, x, mask, cache, deltas)
+
+    def _heads(self, state: mx.array) -> mx.array:
+        """A stored state [B, *state_shape] as [B, heads, r, r]."""
+        return state.reshape(state.shape[0], self.config.num_state_heads, self.config.rank, self.config.rank)
 
     @property
     def _message_mean(self) -> bool:
@@ -159,30 +161,36 @@ def _memory_inputs(
 
 
 @lru_cache(maxsize=None)
-def _decode_step(config: DeltaMemConfig) -> Callable[..., tuple[mx.array, mx.array]]:
-    """One token: the fused Δ output and the new state [B, 1, H, r, r], as one compiled function."""
+def _decode_step(config: DeltaMemConfig, layout: DeltaLayout) -> Callable[..., tuple[dict[str, mx.array], mx.array]]:
+    """One token: the Δ terms and the new state [B, 1, *state shape], as one compiled function."""
+    H, r = config.num_state_heads, config.rank
 
     def run(x, weight, bias, state, delta_weight):
         B = x.shape[0]
+        state = state.reshape(B, H, r, r)
         qk, v, keep, erase, write = _project(config, x, weight, bias)
         columns = qk[:, 0].transpose(0, 2, 3, 1)  # [B, H, r, 2]: q and k side by side
         read_and_proj = state @ columns  # one matmul gives S q (the read) and S k
         k_row = qk[:, 0, 1][:, :, None, :]  # [B, H, 1, r]
         a, e, w = (c[:, 0][..., None] for c in (keep, erase, write))  # per row: [B, H, g, 1]
         new_state = a * state - e * (read_and_proj[..., 1:] * k_row) + w * (v[:, 0][..., None] * k_row)
-        read = read_and_proj[..., 0].reshape(B, 1, config.memory_dim)
-        return read @ delta_weight, new_state[:, None]
+        read = read_and_proj[..., 0].reshape(B, 1, H * r)
+        deltas = layout.split((read @ delta_weight).astype(x.dtype))
+        return deltas, new_state.reshape(B, 1, *((r, r) if H == 1 else (H, r, r)))
 
     return mx.compile(run)
 
 
 @lru_cache(maxsize=None)
-def _prefill_scan(config: DeltaMemConfig) -> Callable[..., tuple[mx.array, mx.array]]:
-    """A run of tokens: the fused Δ output and the state after each token [B, T, H, r, r], compiled."""
+def _prefill_scan(config: DeltaMemConfig, layout: DeltaLayout) -> Callable[..., tuple[dict[str, mx.array], mx.array]]:
+    """A run of tokens: the Δ terms and the state after each token [B, T, *state shape], compiled."""
+    H, r = config.num_state_heads, config.rank
 
     def run(x, weight, bias, state, delta_weight):
-        reads, states = scan(*_memory_inputs(config, x, weight, bias), state, all_states=True)
-        return _fused_deltas(reads, delta_weight), states.swapaxes(1, 2)
+        B, T, _ = x.shape
+        reads, states = scan(*_memory_inputs(config, x, weight, bias), state.reshape(B, H, r, r), all_states=True)
+        deltas = _deltas(layout, reads, delta_weight, x.dtype)
+        return deltas, states.swapaxes(1, 2).reshape(B, T, *((r, r) if H == 1 else (H, r, r)))
 
     return mx.compile(run)
 
@@ -192,10 +200,11 @@ def _read_only(state: mx.array, q: mx.array) -> mx.array:
     return (state[:, :, None] @ q[..., None])[..., 0]
 
 
-def _fused_deltas(reads: mx.array, delta_weight: mx.array) -> mx.array:
-    """All Δ terms [B, T, sum of outputs] from reads [B, H, T, r]."""
+def _deltas(layout: DeltaLayout, reads: mx.array, delta_weight: mx.array, dtype: mx.Dtype) -> dict[str, mx.array]:
+    """The Δ terms, one per δ head, from reads [B, H, T, r]: one matmul, then cut."""
     B, H, T, r = reads.shape
-    return reads.swapaxes(1, 2).reshape(B, T, H * r) @ delta_weight
+    fused = reads.swapaxes(1, 2).reshape(B, T, H * r) @ delta_weight
+    return layout.split(fused.astype(dtype))
 
 
 def _attend(base: nn.Module, x: mx.array, mask: Any, cache: Any, deltas: dict[str, mx.array]) -> mx.array:
