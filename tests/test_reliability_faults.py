@@ -1,0 +1,307 @@
+"""Faults: kill -9 mid-generation under the process supervisor, damaged state files, QMD misbehaving.
+
+- The sidecar runs under the real keeper; it is killed with SIGKILL while it streams an answer. The
+  keeper starts it again, and every session persisted before the kill comes back intact.
+- Truncated, garbage and foreign session files are reported in the log and skipped.
+- QMD hanging, missing, crashing, printing garbage, megabytes or invalid Unicode: every request is
+  answered (count 0) and no qmd process is left behind; the slowest answer is recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from reliability import AUTH, health, record_figures, unexpected_files
+from server_process import KEY, MODEL, Server, start_server, stop_server
+
+from installer.commands.selftest import free_port
+from installer.supervisors import process as process_module
+from installer.supervisors.process import ProcessSupervisor
+from sidecar.session_keys import hash_session_key
+
+pytestmark = pytest.mark.e2e
+
+DEADLINE_S = 120.0
+
+
+def wait_for(condition: Any, what: str) -> Any:
+    """Poll `condition` until it returns something truthy (with a deadline); that value."""
+    deadline = time.monotonic() + DEADLINE_S
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
+def turn(client: httpx.Client, key: str, messages: list[dict[str, Any]], **body: Any) -> httpx.Response:
+    headers = {**AUTH, "X-OpenClaw-Session-Key": key}
+    request = {"model": MODEL, "messages": messages, "max_completion_tokens": 4, "temperature": 0, **body}
+    return client.post("/v1/chat/completions", json=request, headers=headers)
+
+
+def stats(client: httpx.Client, key: str) -> dict[str, Any]:
+    response = client.get("/v1/session", headers={**AUTH, "X-OpenClaw-Session-Key": key})
+    assert response.status_code == 200, response.text
+    return response.json()["delta"]
+
+
+def persisted(session: dict[str, Any]) -> dict[str, Any]:
+    """What a session keeps across a restart: its history figures and δ-state (rounded past float noise)."""
+    state = [(layer["norm"], layer["max_abs"], layer["nonzero"]) for layer in session["delta_state"]]
+    return {
+        **{name: session[name] for name in ("tokens", "turns", "memory_writes")},
+        "delta_state": [tuple(round(value, 5) for value in layer) for layer in state],
+    }
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- kill -9 under the keeper
+
+
+@pytest.fixture
+def supervised(
+    tmp_path: Path, tiny_model_dir: Path, tiny_adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[ProcessSupervisor, str, Path]]:
+    port = free_port()
+    state = tmp_path / "state"
+    serve = [
+        sys.executable, "-m", "installer", "serve", "--model", str(tiny_model_dir), "--adapter", str(tiny_adapter_dir),
+        "--model-id", MODEL, "--port", str(port), "--state-dir", str(state), "--api-key", KEY,
+        "--context-window", "2048",
+    ]  # fmt: skip
+    monkeypatch.setattr(process_module, "sidecar_command", lambda root: serve)
+    monkeypatch.setattr(process_module, "RESTART_THROTTLE_S", 0.5)
+    supervisor = ProcessSupervisor(tmp_path / "root")
+    yield supervisor, f"http://127.0.0.1:{port}", state
+    supervisor.stop()
+
+
+def _healthy(base_url: str) -> bool:
+    try:
+        return httpx.get(f"{base_url}/health", headers=AUTH, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _sidecar_pid(supervisor: ProcessSupervisor) -> int | None:
+    keeper = supervisor.running_process()
+    live = [c for c in keeper.children() if c.status() != psutil.STATUS_ZOMBIE] if keeper else []
+    return live[0].pid if live else None
+
+
+def test_kill_9_mid_generation_restarts_and_sessions_load_intact(
+    supervised: tuple[ProcessSupervisor, str, Path],
+) -> None:
+    supervisor, base_url, state = supervised
+    supervisor.start()
+    wait_for(lambda: _healthy(base_url), "the sidecar to be healthy")
+    first_pid = _sidecar_pid(supervisor)
+    conversations = {
+        "fault:a": [{"role": "user", "content": "My cat is Miso."}],
+        "fault:b": [{"role": "user", "content": "I live in Lisbon."}],
+    }
+    with httpx.Client(base_url=base_url, timeout=120) as client:
+        for key, messages in conversations.items():
+            for follow_up in ("And then?", "Anything else?"):
+                reply = turn(client, key, messages, attention_state=[f"note for {key}"])
+                assert reply.status_code == 200
+                messages += [{"role": "assistant", "content": reply.json()["choices"][0]["message"]["content"]}]
+                messages += [{"role": "user", "content": follow_up}]
+        files = {key: state / f"{hash_session_key(key)}.delta.session.npz" for key in conversations}
+        before = {key: (digest(path), persisted(stats(client, key))) for key, path in files.items()}
+        # A long answer for session b is being streamed when the sidecar is killed.
+        body = {"model": MODEL, "messages": conversations["fault:b"], "stream": True, "max_completion_tokens": 1000}
+        broken = False
+        started = time.monotonic()
+        try:
+            with client.stream(
+                "POST", "/v1/chat/completions", json=body, headers={**AUTH, "X-OpenClaw-Session-Key": "fault:b"}
+            ) as stream:
+                lines = stream.iter_lines()
+                for line in lines:
+                    if '"content":"' in line and '"role"' not in line:
+                        os.kill(first_pid, signal.SIGKILL)
+                        started = time.monotonic()
+                        break
+                for line in lines:
+                    assert line != "data: [DONE]", "the killed sidecar finished its answer"
+        except httpx.TransportError:
+            broken = True
+        second_pid = wait_for(lambda: (pid := _sidecar_pid(supervisor)) != first_pid and pid, "a new sidecar")
+        wait_for(lambda: _healthy(base_url), "the restarted sidecar to be healthy")
+        back_after = time.monotonic() - started
+        after = {key: (digest(path), persisted(stats(client, key))) for key, path in files.items()}
+        # Loading each session now rebuilds it from its file; the δ-state replay must match what was saved.
+        loads = [client.post("/v1/session/load", headers={**AUTH, "X-OpenClaw-Session-Key": key}) for key in files]
+        again = turn(client, "fault:a", conversations["fault:a"])
+    log = "\n".join(supervisor.log_paths()[1].read_text(errors="replace").splitlines()[-400:])
+    intact = sum(before[key] == after[key] for key in files)
+    record_figures(
+        "kill_9",
+        {
+            "sidecar_killed": 1,
+            "restarted_by_keeper": int(second_pid != first_pid),
+            "sessions_persisted": len(files),
+            "sessions_intact_after_restart": intact,
+            "in_flight_answer_cut": int(broken),
+            "seconds_from_kill_to_healthy": round(back_after, 1),
+        },
+    )
+    assert "the sidecar was killed by SIGKILL" in log
+    assert intact == len(files)
+    assert all(response.status_code == 200 for response in loads)
+    assert again.status_code == 200 and again.json()["usage"]["prompt_tokens"] > 0
+    assert "differs by" not in log
+    assert unexpected_files(state) == []
+
+
+# --------------------------------------------------------------------------- damaged state files
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(tiny_model_dir, tiny_adapter_dir, tmp_path_factory.mktemp("faults"))
+    yield running
+    if running.process.poll() is None:
+        stop_server(running)
+
+
+def test_damaged_state_files_are_reported_and_skipped(server: Server) -> None:
+    state = Path(server.log).parent / "state"
+    messages = [{"role": "user", "content": "Remember the number 42."}]
+    with httpx.Client(base_url=server.base_url, timeout=120) as client:
+        assert turn(client, "damage:source", messages).status_code == 200
+        good = (state / f"{hash_session_key('damage:source')}.delta.session.npz").read_bytes()
+        damages = {
+            "truncated": good[: len(good) // 2],
+            "garbage": os.urandom(len(good)),
+            "empty": b"",
+            "pickle": b"\x80\x04\x95" + b"cos\nsystem\n" + b"\x00" * 64,
+            "flipped": good[:100] + bytes([good[100] ^ 0xFF]) + good[101:],
+        }
+        skipped = 0
+        for name, data in damages.items():
+            key = f"damage:{name}"
+            path = state / f"{hash_session_key(key)}.delta.session.npz"
+            path.write_bytes(data)
+            reply = turn(client, key, messages)
+            assert reply.status_code == 200, reply.text
+            # Skipped: the session starts fresh, and the file is replaced by a good one.
+            assert reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+            assert stats(client, key)["turns"] == 1
+            skipped += f"ignoring session file {path.name}" in server.log_text()
+    record_figures("damaged_state_files", {"damaged": len(damages), "reported_and_skipped": skipped})
+    assert skipped == len(damages)
+    assert health(server)["jobs"]["failed"] == 0
+
+
+# --------------------------------------------------------------------------- QMD misbehaving
+
+FAKE_QMD = f"""#!{sys.executable}
+import json, os, pathlib, subprocess, sys, time
+here = pathlib.Path(sys.argv[0]).parent
+with open(here / "argv.jsonl", "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+behaviour = (here / "behaviour").read_text().strip()
+if behaviour == "ok":
+    print(json.dumps([{{"file": "qmd://notes/pets.md", "score": 0, "snippet": "@@ -1 @@\\nThe user has a cat."}}]))
+elif behaviour == "slow":
+    time.sleep(0.3)
+    print(json.dumps([{{"snippet": "slow but fine"}}]))
+elif behaviour == "hang":
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(here)])
+    time.sleep(600)
+elif behaviour == "crash":
+    sys.stderr.write("progress\\n" * 5000 + "Error: index is corrupt\\n")
+    sys.exit(3)
+elif behaviour == "killed":
+    os.kill(os.getpid(), 9)
+elif behaviour == "garbage":
+    print("Searching... \\x00\\xff found 2 results")
+elif behaviour == "megabytes":
+    sys.stdout.write("[" + ",".join(['"' + "x" * 1000 + '"'] * 5000) + "]")
+elif behaviour == "surrogates":
+    print('[{{"snippet": "\\\\ud800 half"}}, {{"snippet": "fine"}}]')
+elif behaviour == "stdout-closed":
+    os.close(1)
+    time.sleep(600)
+"""
+QMD_TIMEOUT_S = 1.0
+QMD_CASES = {
+    "ok": "1", "slow": "1", "hang": "0", "missing": "0", "crash": "0", "killed": "0", "garbage": "0",
+    "megabytes": "0", "surrogates": "1", "stdout-closed": "0",
+}  # fmt: skip
+
+
+def _qmd_processes(fake: Path, server: Server) -> list[psutil.Process]:
+    """Live processes started from the fake qmd (it and the child it spawns name its folder)."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = process.info["cmdline"] or []
+        ours = process.pid != server.process.pid and any(str(fake.parent) in part for part in cmdline)
+        if ours and process.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(process)
+    return found
+
+
+def test_qmd_faults_never_fail_or_hang_a_request(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path) -> None:
+    fake = tmp_path / "bin" / "qmd"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_QMD)
+    fake.chmod(0o755)
+    own = start_server(
+        tiny_model_dir, tiny_adapter_dir, tmp_path, "--attention-state-source", "qmd", "--qmd-bin", str(fake),
+        "--qmd-mode", "search", "--qmd-timeout", f"{QMD_TIMEOUT_S:g}",
+    )  # fmt: skip
+    query = "Which pet? $(touch /tmp/qmd-pwned) `id`; rm -rf ~ | cat > /etc/x & --json -n 99 *?"
+    counts: dict[str, str] = {}
+    slowest = 0.0
+    leftovers: list[str] = []
+    try:
+        with httpx.Client(base_url=own.base_url, timeout=60) as client:
+            for behaviour in QMD_CASES:
+                (fake.parent / "behaviour").write_text(behaviour)
+                if behaviour == "missing":
+                    fake.rename(fake.with_name("qmd.away"))
+                started = time.monotonic()
+                reply = turn(client, f"qmd:{behaviour}", [{"role": "user", "content": query}])
+                slowest = max(slowest, time.monotonic() - started)
+                assert reply.status_code == 200, (behaviour, reply.text)
+                counts[behaviour] = reply.headers["X-Delta-Attention-State-Count"]
+                if behaviour == "missing":
+                    fake.with_name("qmd.away").rename(fake)
+                leftovers += [f"{behaviour}: {p.pid}" for p in _qmd_processes(fake, own)]
+    finally:
+        stop_server(own)
+    argvs = [json.loads(line) for line in (fake.parent / "argv.jsonl").read_text().splitlines()]
+    record_figures(
+        "qmd_faults",
+        {
+            "behaviours": len(QMD_CASES),
+            "answered_200": len(counts),
+            "qmd_timeout_s": QMD_TIMEOUT_S,
+            "slowest_answer_s": round(slowest, 2),
+            "qmd_processes_left": len(leftovers),
+        },
+    )
+    assert counts == QMD_CASES
+    assert leftovers == []
+    # The query reached qmd as one literal argument, after "--", every time qmd ran.
+    assert argvs and all(argv == ["search", "--json", "-n", "6", "--", query] for argv in argvs)
+    assert not Path("/tmp/qmd-pwned").exists()
+    assert "Traceback" not in own.log_text()
