@@ -137,7 +137,9 @@ def test_a_full_disk_is_one_clear_line_leaves_no_receipt_and_a_rerun_works(
     assert not (model_dir / "model.safetensors").exists()
     assert not [p for p in root.rglob("*") if p.is_file() and p.name.endswith(".incomplete")]
     monkeypatch.setattr(huggingface_hub.file_download, "http_get", real_get)
-    assert install(root).exit_code == 0
+    rerun = install(root)
+    record_figures("disk_full", {"error_lines": 1, "receipt_written": False, "rerun_exit_code": rerun.exit_code})
+    assert rerun.exit_code == 0
     assert verify_receipt(root) == []
 
 
