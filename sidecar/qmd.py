@@ -24,6 +24,7 @@ MAX_OUTPUT_BYTES = 1024 * 1024
 MAX_QUERY_CHARS = 2_000
 _READ_CHUNK = 64 * 1024
 _STDERR_TAIL_BYTES = 2_000
+_REAP_TIMEOUT_S = 5.0
 
 # QMD prefixes each snippet with a diff-style hunk header, e.g. "@@ -2,3 @@ (1 before, 0 after)".
 _HUNK_HEADER = re.compile(r"\A\s*@@[^\n]*?@@[^\n]*(?:\n|\Z)")
@@ -79,7 +80,7 @@ async def qmd_lookup(settings: QmdSettings, text: str, max_output_bytes: int = M
         return QmdResult([], f"qmd could not start: {exc}")
     try:
         stdout, stderr = await asyncio.wait_for(_collect(proc, max_output_bytes), settings.timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return QmdResult([], f"qmd timed out after {settings.timeout:g} s")
     except _OutputTooLarge:
         return QmdResult([], f"qmd printed more than {max_output_bytes} bytes")
@@ -145,4 +146,18 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    # asyncio's wait() returns only once both pipes are closed, and a pipe left unread (output cut
+    # at the size cap) never closes: drain them. Bounded, in case something outside qmd's process
+    # group still holds a pipe open.
+    try:
+        await asyncio.wait_for(_drain_and_wait(proc), _REAP_TIMEOUT_S)
+    except TimeoutError:
+        log.warning("qmd (pid %d) was killed but its output pipes stayed open; not waiting for them", proc.pid)
+
+
+async def _drain_and_wait(proc: asyncio.subprocess.Process) -> None:
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            while await stream.read(_READ_CHUNK):
+                pass
     await proc.wait()

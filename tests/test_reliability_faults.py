@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -28,6 +29,8 @@ from server_process import KEY, MODEL, Server, start_server, stop_server
 from installer.commands.selftest import free_port
 from installer.supervisors import process as process_module
 from installer.supervisors.process import ProcessSupervisor
+from sidecar.config import QmdSettings
+from sidecar.qmd import MAX_OUTPUT_BYTES, qmd_lookup
 from sidecar.session_keys import hash_session_key
 
 pytestmark = pytest.mark.e2e
@@ -257,6 +260,17 @@ def _qmd_processes(fake: Path, server: Server) -> list[psutil.Process]:
         if ours and process.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(process)
     return found
+
+
+@pytest.mark.parametrize("megabytes", [2, 5, 20])
+def test_qmd_output_over_the_cap_does_not_hang_the_lookup(tmp_path: Path, megabytes: int) -> None:
+    # The cut-off pipe used to stay open, and asyncio's wait() for the killed qmd never returned.
+    fake = tmp_path / "qmd"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nsys.stdout.write('x' * {megabytes} * 1024 * 1024)\n")
+    fake.chmod(0o755)
+    settings = QmdSettings(bin=str(fake), mode="search", timeout=QMD_TIMEOUT_S)
+    result = asyncio.run(asyncio.wait_for(qmd_lookup(settings, "hello"), DEADLINE_S))
+    assert result.items == [] and result.reason == f"qmd printed more than {MAX_OUTPUT_BYTES} bytes"
 
 
 def test_qmd_faults_never_fail_or_hang_a_request(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path) -> None:
