@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-CHUNK = 32
+CHUNK = 16
 _TINY = 1e-30  # floor for log(keep): keeps ratios of products finite when a gate saturates
 
 
