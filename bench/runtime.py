@@ -187,6 +187,9 @@ def _reexec_with_openblas() -> None:
     if OPENBLAS.name in os.environ.get("LD_PRELOAD", ""):
         return
     env = {**os.environ, "LD_PRELOAD": f"{OPENBLAS} {os.environ.get('LD_PRELOAD', '')}".strip()}
+    # One BLAS thread: MLX's own CPU stream thread plus OpenBLAS's pool oversubscribe small
+    # machines, which mostly adds noise (on 2 cores the pair ratios spread from 0.8 to 1.1).
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.execve(sys.executable, [sys.executable, "-m", "bench.runtime", *sys.argv[1:]], env)
 
 

@@ -168,6 +168,7 @@ def _sidecar(model_dir: Path, adapter_dir: Path, work: Path, window: int, *extra
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if OPENBLAS.exists() and OPENBLAS.name not in env.get("LD_PRELOAD", ""):
         env["LD_PRELOAD"] = f"{OPENBLAS} {env.get('LD_PRELOAD', '')}".strip()
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")  # see bench/runtime.py
     argv = [
         sys.executable, "-m", "installer", "serve", "--model", str(model_dir), "--adapter", str(adapter_dir),
         "--model-id", MODEL_ID, "--port", str(port), "--state-dir", str(work / "state"),

@@ -16,6 +16,10 @@ from typing import Any
 
 from mlx_lm.models.cache import PromptTrie
 
+# A longer stored prefix is copied whole and then cut back, so a partial match is used only
+# when it saves enough: at least this many tokens and a quarter of the stored prefix.
+PARTIAL_MIN_TOKENS = 256
+
 
 @dataclass
 class _Entry:
@@ -51,7 +55,9 @@ class PrefixCache:
         found = self._trie.search(mode, tokens)
         if found.exact is not None:
             length, stored = len(tokens), tokens
-        elif found.longer is not None and found.common_prefix > len(found.shorter or ()):
+        elif found.longer is not None and found.common_prefix > len(found.shorter or ()) and _worth_cutting(
+            found.common_prefix, len(found.longer)
+        ):
             # A longer stored prefix shares the first `common_prefix` tokens: cut a copy back to them.
             length, stored = found.common_prefix, found.longer
         elif found.shorter:
@@ -105,3 +111,7 @@ class PrefixCache:
     def _evict(self) -> None:
         (mode, tokens), _ = self._entries.popitem(last=False)
         self._trie.pop(mode, list(tokens))
+
+
+def _worth_cutting(shared: int, stored: int) -> bool:
+    return shared >= max(PARTIAL_MIN_TOKENS, stored // 4)
