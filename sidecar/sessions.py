@@ -32,6 +32,9 @@ class SessionStore:
         self.evictions = 0
         if state_dir is not None:
             state_dir.mkdir(parents=True, exist_ok=True)
+            # A process killed in the middle of an atomic write leaves its temporary file behind.
+            for leftover in state_dir.glob(".*.session.npz.*.tmp"):
+                leftover.unlink(missing_ok=True)
 
     def __len__(self) -> int:
         return len(self._sessions)

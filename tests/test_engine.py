@@ -187,3 +187,14 @@ def test_a_model_without_adapter_serves_plain_sessions(engine_factory) -> None:
     events = run(engine, job([("user", "hi")], snippets=("ignored without δ",)))
     assert events[0].snippets_written == 0 and isinstance(events[-1], Finished)
     assert engine.info.adapter is None and session_of(engine, delta=False) is not None
+
+
+def test_temporary_files_of_an_interrupted_save_are_cleaned_up(engine_factory, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    leftover = state / ".abc.delta.session.npz.x1y2.tmp"
+    leftover.write_bytes(b"half a file")
+    unrelated = state / "notes.txt"
+    unrelated.write_text("kept")
+    engine_factory()
+    assert not leftover.exists() and unrelated.exists()
