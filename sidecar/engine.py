@@ -46,7 +46,7 @@ from sidecar.engine_io import (
     ToolCallFormat,
 )
 from sidecar.prefix_cache import PrefixCache
-from sidecar.prompts import SYSTEM_ROLES, message_spans, render_prompt, render_text
+from sidecar.prompts import SYSTEM_ROLES, leading_span, message_spans, render_prompt, render_text
 from sidecar.session_keys import hash_session_key
 from sidecar.session_state import ContextWrite, Segment, SegmentKind, Session
 from sidecar.sessions import SessionStore
@@ -356,9 +356,9 @@ class Engine:
 
     def _shared_boundary(self, prompt: list[int]) -> int:
         """End of the leading system message: the prefix that sessions share."""
-        spans = message_spans(self.tokenizer, prompt)
-        if spans and spans[0].start == 0 and spans[0].role in SYSTEM_ROLES:
-            return min(spans[0].end, len(prompt) - 1)
+        first = leading_span(self.tokenizer, prompt)
+        if first is not None and first.start == 0 and first.role in SYSTEM_ROLES:
+            return min(first.end, len(prompt) - 1)
         return 0
 
     def _prefill(self, session: Session, tokens: list[int], plan: list[Segment], stream: JobStream) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from sidecar.engine_io import ChatMessage
 
@@ -56,22 +56,28 @@ def render_text(tokenizer: Any, text: str) -> list[int]:
 
 def message_spans(tokenizer: Any, tokens: Sequence[int]) -> list[Span]:
     """Message spans found from ChatML `<|im_start|>role` markers; [] when the template is not ChatML."""
+    return list(_spans(tokenizer, tokens))
+
+
+def leading_span(tokenizer: Any, tokens: Sequence[int]) -> Span | None:
+    """The first message span (its role decoded, the others not looked at)."""
+    return next(_spans(tokenizer, tokens), None)
+
+
+def _spans(tokenizer: Any, tokens: Sequence[int]) -> Iterator[Span]:
     start_id = tokenizer.convert_tokens_to_ids(IM_START)
     if not isinstance(start_id, int) or start_id == tokenizer.unk_token_id:
-        return []
+        return
     starts = [i for i, t in enumerate(tokens) if t == start_id]
     if not starts:
-        return []
-    spans = []
+        return
     if starts[0] > 0:
-        spans.append(Span(0, starts[0], "text"))
+        yield Span(0, starts[0], "text")
     bounds = starts + [len(tokens)]
     for begin, end in zip(bounds, bounds[1:]):
         # The role is the text between the marker and the first newline; it is a few tokens long.
         head = tokenizer.decode(list(tokens[begin + 1 : min(end, begin + 8)]))
-        role = head.split("\n", 1)[0].strip() or "unknown"
-        spans.append(Span(begin, end, role))
-    return spans
+        yield Span(begin, end, head.split("\n", 1)[0].strip() or "unknown")
 
 
 def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
