@@ -245,6 +245,7 @@ class Engine:
             return
         delta = job.delta_enabled and delta_info(self.model) is not None
         session = self.store.get(hash_session_key(job.session_key), delta)
+        began = time.perf_counter()
         boundary = self._shared_boundary(prompt)
         try:
             reused = self._prepare(session, prompt, boundary, stream)
@@ -256,6 +257,11 @@ class Engine:
             return
         self.counters.prompt_tokens += len(prompt)
         self.counters.cached_tokens += reused
+        log.info(
+            "session %s (%s): prompt %d tokens, %d reused, %d written in %.2f s, %d memory snippets",
+            session.key_hash[:12], _mode(session), len(prompt), reused, len(prompt) - 1 - reused,
+            time.perf_counter() - began, written,
+        )
         stream.emit(PromptDone(prompt_tokens=len(prompt), cached_tokens=reused, snippets_written=written))
         self._decode(session, prompt[-1], job, min(job.max_tokens, window - len(prompt)), stream)
 
