@@ -24,6 +24,7 @@ import httpx
 import psutil
 import pytest
 from reliability import AUTH, health, record_figures, unexpected_files
+from fake_qmd import write_fake_qmd
 from server_process import KEY, MODEL, Server, start_server, stop_server
 
 from installer.commands.selftest import free_port
@@ -215,35 +216,6 @@ def test_damaged_state_files_are_reported_and_skipped(server: Server) -> None:
 
 # --------------------------------------------------------------------------- QMD misbehaving
 
-FAKE_QMD = f"""#!{sys.executable}
-import json, os, pathlib, subprocess, sys, time
-here = pathlib.Path(sys.argv[0]).parent
-with open(here / "argv.jsonl", "a") as log:
-    log.write(json.dumps(sys.argv[1:]) + "\\n")
-behaviour = (here / "behaviour").read_text().strip()
-if behaviour == "ok":
-    print(json.dumps([{{"file": "qmd://notes/pets.md", "score": 0, "snippet": "@@ -1 @@\\nThe user has a cat."}}]))
-elif behaviour == "slow":
-    time.sleep(0.3)
-    print(json.dumps([{{"snippet": "slow but fine"}}]))
-elif behaviour == "hang":
-    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(here)])
-    time.sleep(600)
-elif behaviour == "crash":
-    sys.stderr.write("progress\\n" * 5000 + "Error: index is corrupt\\n")
-    sys.exit(3)
-elif behaviour == "killed":
-    os.kill(os.getpid(), 9)
-elif behaviour == "garbage":
-    print("Searching... \\x00\\xff found 2 results")
-elif behaviour == "megabytes":
-    sys.stdout.write("[" + ",".join(['"' + "x" * 1000 + '"'] * 5000) + "]")
-elif behaviour == "surrogates":
-    print('[{{"snippet": "\\\\ud800 half"}}, {{"snippet": "fine"}}]')
-elif behaviour == "stdout-closed":
-    os.close(1)
-    time.sleep(600)
-"""
 QMD_TIMEOUT_S = 1.0
 QMD_CASES = {
     "ok": "1", "slow": "1", "hang": "0", "missing": "0", "crash": "0", "killed": "0", "garbage": "0",
@@ -274,10 +246,7 @@ def test_qmd_output_over_the_cap_does_not_hang_the_lookup(tmp_path: Path, megaby
 
 
 def test_qmd_faults_never_fail_or_hang_a_request(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path) -> None:
-    fake = tmp_path / "bin" / "qmd"
-    fake.parent.mkdir()
-    fake.write_text(FAKE_QMD)
-    fake.chmod(0o755)
+    fake = write_fake_qmd(tmp_path / "bin")
     own = start_server(
         tiny_model_dir, tiny_adapter_dir, tmp_path, "--attention-state-source", "qmd", "--qmd-bin", str(fake),
         "--qmd-mode", "search", "--qmd-timeout", f"{QMD_TIMEOUT_S:g}",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ import pytest
 
 from sidecar.session_keys import hash_session_key
 
+from fake_qmd import write_fake_qmd
 from server_process import KEY, MODEL, Server, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
@@ -269,26 +269,8 @@ def test_sigterm_shuts_down_cleanly(
     assert "Application shutdown complete" in log and "Traceback" not in log
 
 
-FAKE_QMD = f"""#!{sys.executable}
-import json, pathlib, sys, time
-here = pathlib.Path(sys.argv[0]).parent
-with open(here / "argv.jsonl", "a") as log:
-    log.write(json.dumps(sys.argv[1:]) + "\\n")
-behaviour = (here / "behaviour").read_text().strip()
-if behaviour == "ok":
-    print(json.dumps([{{"file": "qmd://notes/pets.md", "score": 0, "snippet": "@@ -1 @@\\nThe user has a cat."}}]))
-elif behaviour == "hang":
-    time.sleep(600)
-else:
-    print("garbage")
-"""
-
-
 def test_qmd_source_in_a_real_server(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path) -> None:
-    qmd = tmp_path / "bin" / "qmd"
-    qmd.parent.mkdir()
-    qmd.write_text(FAKE_QMD)
-    qmd.chmod(0o755)
+    qmd = write_fake_qmd(tmp_path / "bin")
     own = start_server(
         tiny_model_dir, tiny_adapter_dir, tmp_path,
         "--attention-state-source", "qmd", "--qmd-bin", str(qmd), "--qmd-mode", "search", "--qmd-timeout", "2",
