@@ -13,6 +13,7 @@ from mlx_lm.utils import load_model
 
 from sidecar.delta import attach_delta_mem, delta_states
 from sidecar.delta.adapter_files import AdapterError
+from sidecar.delta.cache import QUEUE_LIMIT
 from sidecar.delta.api import (
     delta_controls,
     delta_state_stats,
@@ -73,6 +74,23 @@ def test_trim_is_exact_at_any_offset(model, back_to: int) -> None:
     _run(model, cache, tokens[:40])
     assert trim_prompt_cache(cache, 40 - back_to) == 40 - back_to
     assert cache[0].offset == back_to
+    continued = _run(model, cache, other[back_to:])
+    np.testing.assert_allclose(np.array(continued), np.array(expected[:, back_to:]), atol=ATOL)
+    _assert_states_close(delta_states(model, cache), delta_states(model, reference))
+
+
+@pytest.mark.parametrize("back_to", [0, 70, 135, 140])
+def test_token_by_token_states_are_exact_at_any_offset(model, back_to: int) -> None:
+    # 140 single-token calls: two full write queues flushed to the buffer and one still queued.
+    assert 2 * QUEUE_LIMIT < 140 < 3 * QUEUE_LIMIT
+    tokens, other = _tokens(150), _tokens(150, seed=1)
+    reference = make_prompt_cache(model)
+    expected = _run(model, reference, tokens[:back_to] + other[back_to:])
+
+    cache = make_prompt_cache(model)
+    for token in tokens[:140]:
+        _run(model, cache, [token])
+    assert trim_prompt_cache(cache, 140 - back_to) == 140 - back_to
     continued = _run(model, cache, other[back_to:])
     np.testing.assert_allclose(np.array(continued), np.array(expected[:, back_to:]), atol=ATOL)
     _assert_states_close(delta_states(model, cache), delta_states(model, reference))

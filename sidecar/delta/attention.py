@@ -51,9 +51,9 @@ class DeltaAttention(nn.Module):
         if not config.couple_lambda:
             parts.append("lambda_proj")
             biases.append(tensors["lambda_bias"])
-        # One matmul produces q, k, v and the gate logits; stored as [in, out].
+        # One matmul produces q, k, v and the gate logits; stored as [in, out], the bias as a row.
         self.memory_weight = mx.array(np.concatenate([tensors[p] for p in parts]).T.astype(np.float32))
-        self.memory_bias = mx.array(np.concatenate(biases).astype(np.float32))
+        self.memory_bias = mx.array(np.concatenate(biases).astype(np.float32)[None])
         # The α/r scale is folded into the Δ maps, concatenated as [memory_dim, sum of outputs]
         # so that one matmul gives every Δ term.
         maps = [(config.scale * tensors[f"delta_{h}_proj"]).T for h in config.delta_heads]
@@ -80,18 +80,22 @@ class DeltaAttention(nn.Module):
             state = mx.zeros((B, *self.state_shape), dtype=mx.float32)
         ids = _message_ids(controls.message_ids, B, T) if self._message_mean else None
 
+        states = None  # [B, T, *state_shape] to record, when not recorded already
         if ids is not None and controls.write:
             reads, states = self._message_mean_write(x, self._heads(state), ids)
             states = states.reshape(B, T, *self.state_shape)
             deltas = _deltas(self.delta_layout, reads, self.delta_weight, x.dtype)
+        elif controls.write and T == 1:
+            step = _decode_step(self.config, self.delta_layout)
+            deltas, state = step(x, self.memory_weight, self.memory_bias, state, self.delta_weight)
+            if delta_cache is not None:
+                delta_cache.push_state(start, state)
         elif controls.write:
-            # One compiled function per adapter: prefill (traced per length) or decode. It takes
-            # and returns states in the cache's shape, so nothing but the store runs outside it.
-            run = (_decode_step if T == 1 else _prefill_scan)(self.config, self.delta_layout)
-            deltas, states = run(x, self.memory_weight, self.memory_bias, state, self.delta_weight)
+            scan_run = _prefill_scan(self.config, self.delta_layout)
+            deltas, states = scan_run(x, self.memory_weight, self.memory_bias, state, self.delta_weight)
         else:
             reads = _read_only(self._heads(state), self._memory_inputs(x)[0])
-            deltas, states = _deltas(self.delta_layout, reads, self.delta_weight, x.dtype), None
+            deltas = _deltas(self.delta_layout, reads, self.delta_weight, x.dtype)
         if delta_cache is not None and states is not None:
             delta_cache.store_states(start, states)
         return _attend(self.base, x, mask, cache, deltas)
@@ -130,25 +134,35 @@ class DeltaAttention(nn.Module):
 def _project(config: DeltaMemConfig, x: mx.array, weight: mx.array, bias: mx.array) -> tuple[mx.array, ...]:
     """qk [B, T, 2, H, r] (tanh, unit length), v [B, T, H, r], keep/erase/write [B, T, H, g]."""
     B, T, _ = x.shape
-    H, r, D, G = config.num_state_heads, config.rank, config.memory_dim, config.gate_dim
+    H, r = config.num_state_heads, config.rank
     proj = x.astype(mx.float32) @ weight + bias
-    qk = mx.tanh(proj[..., : 2 * D]).reshape(B, T, 2, H, r)
+    qk, v, keep, erase, write = _activations(config, proj, (B, T, 2, H, r), lambda width: (B, T, H, width))
     # x / max(|x|, 1e-6), written with one reduction for q and k together.
     qk = qk * mx.rsqrt(mx.maximum(mx.sum(qk * qk, axis=-1, keepdims=True), 1e-12))
-    v = proj[..., 2 * D : 3 * D].reshape(B, T, H, r)
-    g = r if config.rankwise_gates else 1
-    beta = mx.sigmoid(proj[..., 3 * D : 3 * D + G]).reshape(B, T, H, g)
+    return qk, v, keep, erase, write
+
+
+def _activations(
+    config: DeltaMemConfig,
+    proj: mx.array,
+    qk_shape: tuple[int, ...],
+    row_shape: Callable[[int], tuple[int, ...]],
+) -> tuple[mx.array, ...]:
+    """tanh(q, k) in `qk_shape`; v and the keep/erase/write gates in `row_shape(width)`."""
+    D, G = config.memory_dim, config.gate_dim
+    g = config.rank if config.rankwise_gates else 1
+    qk = mx.tanh(proj[..., : 2 * D].reshape(qk_shape))
+    v = proj[..., 2 * D : 3 * D].reshape(row_shape(config.rank))
+    beta = mx.sigmoid(proj[..., 3 * D : 3 * D + G].reshape(row_shape(g)))
     if config.couple_lambda:
         lam = 1.0 - beta
     else:
-        lam = mx.sigmoid(proj[..., 3 * D + G : 3 * D + 2 * G]).reshape(B, T, H, g)
+        lam = mx.sigmoid(proj[..., 3 * D + G : 3 * D + 2 * G].reshape(row_shape(g)))
     if config.state_update_mode == "standard":
-        keep, erase, write = lam, beta, beta
-    elif config.state_update_mode == "lambda_outside":
-        keep, erase, write = lam, lam * beta, beta
-    else:  # no_lambda
-        keep, erase, write = mx.ones_like(beta), beta, beta
-    return qk, v, keep, erase, write
+        return qk, v, lam, beta, beta
+    if config.state_update_mode == "lambda_outside":
+        return qk, v, lam, lam * beta, beta
+    return qk, v, mx.ones_like(beta), beta, beta  # no_lambda
 
 
 def _memory_inputs(
@@ -162,21 +176,32 @@ def _memory_inputs(
 
 @lru_cache(maxsize=None)
 def _decode_step(config: DeltaMemConfig, layout: DeltaLayout) -> Callable[..., tuple[dict[str, mx.array], mx.array]]:
-    """One token: the Δ terms and the new state [B, 1, *state shape], as one compiled function."""
+    """One token: the Δ terms and the new state [B, *state shape], as one compiled function.
+
+    Shaped for few primitives, because at one token each costs more than its arithmetic: views
+    that broadcast q, k, v and the gates over the state, and one reduction that gives S q, S k,
+    |q|² and |k|² together.
+    """
     H, r = config.num_state_heads, config.rank
+    # Selects, along the second axis, S·x (index 0) or x·x (index 1) before the row sums.
+    with_state = mx.array(np.array([1, 0], np.float32).reshape(2, 1, 1, 1, 1))
+    state_shape = (r, r) if H == 1 else (H, r, r)
 
     def run(x, weight, bias, state, delta_weight):
         B = x.shape[0]
-        state = state.reshape(B, H, r, r)
-        qk, v, keep, erase, write = _project(config, x, weight, bias)
-        columns = qk[:, 0].transpose(0, 2, 3, 1)  # [B, H, r, 2]: q and k side by side
-        read_and_proj = state @ columns  # one matmul gives S q (the read) and S k
-        k_row = qk[:, 0, 1][:, :, None, :]  # [B, H, 1, r]
-        a, e, w = (c[:, 0][..., None] for c in (keep, erase, write))  # per row: [B, H, g, 1]
-        new_state = a * state - e * (read_and_proj[..., 1:] * k_row) + w * (v[:, 0][..., None] * k_row)
-        read = read_and_proj[..., 0].reshape(B, 1, H * r)
-        deltas = layout.split((read @ delta_weight).astype(x.dtype))
-        return deltas, new_state.reshape(B, 1, *((r, r) if H == 1 else (H, r, r)))
+        proj = mx.addmm(bias, x.astype(mx.float32).reshape(B, -1), weight)
+        # Axes: batch, S·x or x·x, q or k, state head, state row, state column.
+        qk, v, keep, erase, write = _activations(
+            config, proj, (B, 1, 2, H, 1, r), lambda width: (B, 1, 1, H, width, 1)
+        )
+        s = state.reshape(B, 1, 1, H, r, r)
+        sums = (with_state * (s * qk) + (1 - with_state) * (qk * qk)).sum(-1, keepdims=True)
+        inv_k = mx.rsqrt(mx.maximum(sums[:, 1:, 1:], 1e-12))  # 1 / max(|k|, 1e-6)
+        k_row = qk[:, :, 1:] * inv_k
+        new_state = keep * s + (write * v - erase * sums[:, :1, 1:] * inv_k) * k_row
+        read = sums[:, :1, :1] * mx.rsqrt(mx.maximum(sums[:, 1:, :1], 1e-12))  # S q / max(|q|, 1e-6)
+        fused = (read.reshape(B, H * r) @ delta_weight).astype(x.dtype)
+        return layout.split(fused.reshape(B, 1, -1)), new_state.reshape(B, *state_shape)
 
     return mx.compile(run)
 

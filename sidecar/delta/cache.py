@@ -13,6 +13,10 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+# Decoded states wait in a queue and are written to the buffer together: one write per token
+# would cost as much as the rest of the δ step on small models.
+QUEUE_LIMIT = 64
+
 
 @dataclass
 class DeltaControls:
@@ -35,6 +39,7 @@ class DeltaKVCache(KVCache):
         # The state at `recorded`, kept apart from the buffer: handing out a view of the buffer
         # would stop the next store from updating it in place (a full copy per decoded token).
         self.latest: mx.array | None = None
+        self._queued: list[mx.array] = []  # states after the last len(_queued) recorded tokens
 
     def state_at(self, offset: int, batch: int) -> mx.array:
         """The δ-state after `offset` tokens (zeros before anything was written)."""
@@ -42,14 +47,27 @@ class DeltaKVCache(KVCache):
             return mx.zeros((batch, *self.state_shape), dtype=mx.float32)
         if offset >= self.recorded:
             return self.latest
+        self._flush()
         return self.states[:, offset]
 
     def current_state(self, batch: int = 1) -> mx.array:
         """The δ-state after every cached token."""
         return self.state_at(self.offset, batch)
 
+    def push_state(self, start: int, state: mx.array) -> None:
+        """Record the state after token start+1 (state: [B, *state_shape]), as decoding does."""
+        if self.states is None or start != self.recorded:
+            self.store_states(start, state[:, None])
+            return
+        self._queued.append(state)
+        self.recorded += 1
+        self.latest = state
+        if len(self._queued) == QUEUE_LIMIT:
+            self._flush()
+
     def store_states(self, start: int, states: mx.array) -> None:
         """Record the states after tokens start+1 .. start+T (states: [B, T, *state_shape])."""
+        self._flush()
         self._fill_gap(start, states.shape[0])
         end = start + states.shape[1]
         self._ensure_capacity(end + 1, states.shape[0])
@@ -59,6 +77,7 @@ class DeltaKVCache(KVCache):
 
     def set_current_state(self, state: mx.array) -> None:
         """Replace the state at the current offset (a context-only write or a restored state)."""
+        self._flush()
         self._fill_gap(self.offset, state.shape[0])
         self._ensure_capacity(self.offset + 1, state.shape[0])
         self.latest = state.astype(mx.float32)
@@ -66,11 +85,20 @@ class DeltaKVCache(KVCache):
         self.recorded = self.offset
 
     def trim(self, n: int) -> int:
+        self._flush()
         trimmed = super().trim(n)
         if self.states is not None and self.offset < self.recorded:
             self.recorded = self.offset
             self.latest = self.states[:, self.offset]
         return trimmed
+
+    def _flush(self) -> None:
+        if not self._queued:
+            return
+        first = self.recorded - len(self._queued) + 1
+        self._ensure_capacity(self.recorded + 1, self._queued[0].shape[0])
+        self.states[:, first : self.recorded + 1] = mx.stack(self._queued, axis=1)
+        self._queued = []
 
     def _fill_gap(self, offset: int, batch: int) -> None:
         # Tokens processed with δ off did not change the state: carry it forward to `offset`.
@@ -97,11 +125,13 @@ class DeltaKVCache(KVCache):
 
     @property
     def state(self):
+        self._flush()
         return self.keys, self.values, self.offset, self.states, self.recorded, self.latest
 
     @state.setter
     def state(self, v):
         self.keys, self.values, self.offset, self.states, self.recorded, self.latest = v
+        self._queued = []
 
     @property
     def nbytes(self):
