@@ -52,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [QUICK] if args.quick else [QUICK, QWEN3_0_6B]
     runs = []
     for shape in shapes:
-        repeats = args.repeats if shape is QUICK else max(2, args.repeats // 2)
-        runs.append(_run(shape, args.prompt_tokens, args.decode_tokens, repeats, args.seed))
+        # A 0.6B token takes ~0.4 s on 2 CPU cores: fewer pairs there.
+        scale = 1 if shape is QUICK else 4
+        prefill_pairs = max(2, args.prefill_pairs // scale)
+        decode_pairs = max(2, args.decode_pairs // scale)
+        runs.append(_run(shape, args.prompt_tokens, args.decode_tokens, prefill_pairs, decode_pairs, args.seed))
         _log(f"{shape.name}: {json.dumps({k: runs[-1][k] for k in ('prefill_ratio', 'decode_ratio')})}")
     report = {
         **{k: v for k, v in runs[0].items() if k != "samples"},
@@ -71,12 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(shape: Shape, prompt_tokens: int, decode_tokens: int, repeats: int, seed: int) -> dict[str, Any]:
+def _run(
+    shape: Shape, prompt_tokens: int, decode_tokens: int, prefill_pairs: int, decode_pairs: int, seed: int
+) -> dict[str, Any]:
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
     from mlx_lm.models import qwen3
-    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
     from sidecar.delta.adapter_files import model_dims
     from sidecar.delta.api import attach_tensors, set_delta_controls
@@ -113,12 +118,17 @@ def _run(shape: Shape, prompt_tokens: int, decode_tokens: int, repeats: int, see
     attach_tensors(model, config, random_adapter_tensors(config, dims, seed))
     rng = np.random.default_rng(seed)
     prompt = mx.array(rng.integers(0, shape.vocab_size, size=(1, prompt_tokens)))
-    short = prompt[:, :128]
 
     def fresh(delta: bool) -> list[Any]:
         cache = make_prompt_cache(model)
         set_delta_controls(cache, enabled=delta)
         return cache
+
+    # Decoding continues a 128-token prompt and is trimmed back after each measurement (trim is
+    # exact), so short measurements can alternate often: the machine's noise comes in bursts.
+    decode_caches = {delta: fresh(delta) for delta in (False, True)}
+    first_tokens = {delta: model(prompt[:, :128], cache=c)[:, -1].argmax(-1) for delta, c in decode_caches.items()}
+    mx.eval(first_tokens, [layer.state for c in decode_caches.values() for layer in c])
 
     def prefill(delta: bool) -> float:
         cache = fresh(delta)
@@ -129,39 +139,40 @@ def _run(shape: Shape, prompt_tokens: int, decode_tokens: int, repeats: int, see
         return time.perf_counter() - began
 
     def decode(delta: bool) -> float:
-        cache = fresh(delta)
-        token = model(short, cache=cache)[:, -1].argmax(-1)
-        mx.eval(token)
+        cache, token = decode_caches[delta], first_tokens[delta]
         began = time.perf_counter()
         for _ in range(decode_tokens):
             token = model(token[:, None], cache=cache)[:, -1].argmax(-1)
             mx.async_eval(token)
         # The cache is part of the work: δ records its state after every token.
         mx.eval(token, [c.state for c in cache])
-        return time.perf_counter() - began
+        elapsed = time.perf_counter() - began
+        trim_prompt_cache(cache, decode_tokens)
+        return elapsed
 
     _log(f"{shape.name}: warming up")
-    prefill_pairs = _alternate(prefill, repeats)
-    decode_pairs = _alternate(decode, repeats)
-    plain_prefill, delta_prefill = (statistics.median(p[i] for p in prefill_pairs) for i in (0, 1))
-    plain_decode, delta_decode = (statistics.median(p[i] for p in decode_pairs) for i in (0, 1))
+    prefill_timings = _alternate(prefill, prefill_pairs)
+    decode_timings = _alternate(decode, decode_pairs)
+    plain_prefill, delta_prefill = (statistics.median(p[i] for p in prefill_timings) for i in (0, 1))
+    plain_decode, delta_decode = (statistics.median(p[i] for p in decode_timings) for i in (0, 1))
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     return {
         "model": {**asdict(shape), "parameters": params, "dtype": "float32", "delta_layers": shape.num_layers},
         "adapter": {"rank": config.rank, "variant": config.variant, "delta_heads": list(config.delta_heads)},
         "prompt_tokens": prompt_tokens,
         "decode_tokens": decode_tokens,
-        "repeats": repeats,
+        "prefill_pairs": prefill_pairs,
+        "decode_pairs": decode_pairs,
         "prefill_tps_plain": round(prompt_tokens / plain_prefill, 1),
         "prefill_tps_delta": round(prompt_tokens / delta_prefill, 1),
-        "prefill_ratio": _median_ratio(prefill_pairs),
+        "prefill_ratio": _median_ratio(prefill_timings),
         "decode_tps_plain": round(decode_tokens / plain_decode, 2),
         "decode_tps_delta": round(decode_tokens / delta_decode, 2),
-        "decode_ratio": _median_ratio(decode_pairs),
+        "decode_ratio": _median_ratio(decode_timings),
         # Per-pair ratios show how much the machine's noise moves a single comparison.
         "samples": {
-            "prefill_pair_ratios": [round(p / d, 3) for p, d in prefill_pairs],
-            "decode_pair_ratios": [round(p / d, 3) for p, d in decode_pairs],
+            "prefill_pair_ratios": [round(p / d, 3) for p, d in prefill_timings],
+            "decode_pair_ratios": [round(p / d, 3) for p, d in decode_timings],
         },
     }
 
@@ -209,8 +220,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the report on one line")
     parser.add_argument("--quick", action="store_true", help="only the small model (a few minutes on 2 CPU cores)")
     parser.add_argument("--prompt-tokens", type=int, default=2048)
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=7, help="plain/δ pairs per measurement")
+    parser.add_argument("--decode-tokens", type=int, default=16, help="tokens per decode measurement")
+    parser.add_argument("--prefill-pairs", type=int, default=7, help="plain/δ prefill pairs (a quarter at 0.6B)")
+    parser.add_argument("--decode-pairs", type=int, default=40, help="plain/δ decode pairs (a quarter at 0.6B)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--blas",

@@ -12,7 +12,7 @@ from bench import runtime, sessions
 
 def test_runtime_bench_reports_every_figure() -> None:
     shape = runtime.Shape("tiny", 64, 2, 4, 2, 16, 128, 256)
-    result = runtime._run(shape, prompt_tokens=64, decode_tokens=4, repeats=1, seed=0)
+    result = runtime._run(shape, prompt_tokens=64, decode_tokens=4, prefill_pairs=1, decode_pairs=1, seed=0)
     for key in ("prefill_tps_plain", "prefill_tps_delta", "prefill_ratio", "decode_tps_plain", "decode_tps_delta", "decode_ratio"):
         assert result[key] > 0
     assert result["prompt_tokens"] == 64 and result["model"]["hidden_size"] == 64
