@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from bench.memory_eval.client import SidecarClient
-from bench.memory_eval.conversations import Message
+from installer.sidecar_client import SidecarClient
+from installer.memory_eval.conversations import Message
 from bench.runtime import OPENBLAS, QUICK
 
 MODEL_ID = "delta-mem-bench"

@@ -26,12 +26,13 @@ from typing import Any
 
 import psutil
 
-from bench.memory_eval.client import SESSION_HEADER, SidecarClient, SidecarError
-from bench.memory_eval.conversations import Message
-from installer.commands.selftest import free_port
-from installer.health import open_local, wait_until_healthy
-from installer.supervisors.process import ProcessSupervisor
-from sidecar.config import SidecarSettings, save_settings
+from installer.sidecar_client import SESSION_HEADER, SidecarClient, SidecarError
+from installer.memory_eval.conversations import Message
+from common.ports import free_port
+from common.health import open_local
+from supervisors.process import ProcessSupervisor
+from supervisors.readiness import wait_until_healthy
+from common.settings import SidecarSettings, save_settings
 
 MODEL_ID = "delta-mem-soak"
 API_KEY = "soak"

@@ -23,9 +23,10 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import silent_tqdm
 from huggingface_hub.utils.sha import git_hash
 
+from common.errors import UserError
 from installer.checks import existing_ancestor
-from installer.layout import RootLayout
-from installer.presets import Preset
+from common.layout import RootLayout
+from presets.catalog import Preset
 from sidecar.delta.adapter_files import NPZ_FILE, PT_FILE
 from sidecar.delta.config import CONFIG_FILE
 
@@ -33,7 +34,7 @@ from sidecar.delta.config import CONFIG_FILE
 HEADROOM_BYTES = 256 * 1024**2
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A plan or a download that failed, with what to do about it."""
 
 

@@ -1,4 +1,5 @@
-"""One place that turns known failures into one-line messages for the CLI (exit code 1)."""
+"""How the CLI shows a failure: a UserError or a known OS failure prints one line (and a hint) and
+exits 1; anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -9,23 +10,7 @@ from typing import Callable, ParamSpec, TypeVar
 
 import typer
 
-from bench.memory_eval.client import SidecarError
-from bench.memory_eval.conversations import DatasetError
-from bench.memory_eval.runner import EvalError
-from installer.commands.options import CommandRefused
-from installer.downloads import DownloadError
-from installer.health import SidecarStartError
-from installer.installation import InstallError
-from installer.openclaw_config import OpenClawConfigError
-from installer.presets import PresetError
-from installer.receipt import NotInstalledError
-from installer.supervisors import SupervisorError
-from plugin_tools.provider_config import ProviderConfigError
-from plugin_tools.target import TargetError
-from sidecar.config import SettingsError
-from sidecar.delta.adapter_files import AdapterError
-from sidecar.delta.config import AdapterConfigError
-from sidecar.delta.torch_archive import TorchArchiveError, UnsafeArchiveError
+from common.errors import UserError
 
 DEBUG_ENV = "DELTA_MEM_MLX_DEBUG"
 
@@ -41,35 +26,12 @@ def _os_error(exc: OSError) -> str:
     return str(exc)
 
 
-# Ordered: the first matching type wins, so subclasses go before their bases.
-ERROR_MESSAGES: list[tuple[type[BaseException], Callable[[BaseException], str]]] = [
-    (SettingsError, str),
-    (AdapterConfigError, lambda exc: f"adapter config: {exc}"),
-    (OSError, _os_error),  # type: ignore[arg-type]
-    (AdapterError, lambda exc: f"adapter: {exc}"),
-    (UnsafeArchiveError, lambda exc: f"unsafe adapter file: {exc}"),
-    (TorchArchiveError, lambda exc: f"torch file: {exc}"),
-    (PresetError, lambda exc: f"preset: {exc}"),
-    (InstallError, str),
-    (DownloadError, str),
-    (NotInstalledError, lambda exc: f"cannot start: {exc}"),
-    (SidecarStartError, str),
-    (SupervisorError, lambda exc: f"supervisor: {exc}"),
-    (CommandRefused, str),
-    (OpenClawConfigError, lambda exc: f"OpenClaw config: {exc}"),
-    (ProviderConfigError, lambda exc: f"provider config: {exc}"),
-    (TargetError, str),
-    (DatasetError, lambda exc: f"dataset: {exc}"),
-    (EvalError, lambda exc: f"eval: {exc}"),
-    (SidecarError, str),
-]
-
-
 def describe(exc: BaseException) -> str | None:
     """The message for a known failure, or None for a bug that deserves a traceback."""
-    for exc_type, render in ERROR_MESSAGES:
-        if isinstance(exc, exc_type):
-            return render(exc)
+    if isinstance(exc, UserError):
+        return exc.describe() + (f"\nHint: {exc.hint}" if exc.hint else "")
+    if isinstance(exc, OSError):
+        return _os_error(exc)
     return None
 
 

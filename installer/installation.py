@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.errors import UserError
 from installer.checks import failures, format_checks, run_checks
 from installer.downloads import (
     DownloadPlan,
@@ -24,12 +25,13 @@ from installer.downloads import (
     human_bytes,
     plan_downloads,
 )
-from installer.health import Health, wait_until_healthy
-from installer.layout import RootLayout
-from installer.presets import Preset, Source
-from installer.receipt import Receipt, new_receipt, remove_receipt, write_receipt
-from installer.supervisors import SupervisorKind, make_supervisor
-from sidecar.config import SettingsError, SidecarSettings, load_settings, save_settings
+from common.health import Health
+from common.layout import RootLayout
+from presets.catalog import Preset, Source
+from common.receipt import Receipt, new_receipt, remove_receipt, write_receipt
+from supervisors import SupervisorKind, make_supervisor
+from supervisors.readiness import wait_until_healthy
+from common.settings import SettingsError, SidecarSettings, load_settings, save_settings
 from sidecar.delta.adapter_files import (
     NPZ_FILE,
     PT_FILE,
@@ -44,7 +46,7 @@ from sidecar.delta.config import CONFIG_FILE
 DEFAULT_HEALTH_TIMEOUT_S = 600.0
 
 
-class InstallError(RuntimeError):
+class InstallError(UserError, RuntimeError):
     """An install step that failed; the message names the step and what to do."""
 
     def __init__(self, step: str, message: str) -> None:

@@ -17,16 +17,19 @@ from typing import Any
 
 import json5
 
+from common.errors import UserError
 from plugin_tools.payloads import ConfigPatch
-from sidecar.files import atomic_write_bytes
+from common.files import atomic_write_bytes
 
 CONFIG_FILE = "openclaw.json"
 # The config may carry API keys; a new file is readable by its owner only, as OpenClaw writes it.
 NEW_FILE_MODE = 0o600
 
 
-class OpenClawConfigError(ValueError):
+class OpenClawConfigError(UserError, ValueError):
     """openclaw.json cannot be read or merged; nothing was changed."""
+
+    topic = "OpenClaw config"
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,10 @@ import json
 import sys
 from typing import Any, Callable, Mapping
 
+from common.errors import UserError
 from plugin_tools.payloads import PROVIDER_CONFIG_TOOL, STATUS_TOOL, PluginConfig, ToolProblem
-from plugin_tools.provider_config import ProviderConfigError, build_provider_config, check_params
+from plugin_tools.provider_config import build_provider_config, check_params
 from plugin_tools.status import build_status
-from plugin_tools.target import TargetError
-from sidecar.config import SettingsError
 
 
 def _status(config: PluginConfig, params: dict[str, Any]) -> Mapping[str, Any]:
@@ -29,7 +28,6 @@ _TOOLS: dict[str, Callable[[PluginConfig, dict[str, Any]], Mapping[str, Any]]] =
     STATUS_TOOL: _status,
     PROVIDER_CONFIG_TOOL: _provider_config,
 }
-_HANDLED = (ProviderConfigError, SettingsError, TargetError)
 
 
 def problem(tool: str, what: str, hint: str) -> ToolProblem:
@@ -61,9 +59,9 @@ def run(argv: list[str], stdin: str) -> dict[str, Any]:
         return dict(problem(tool, f"bad request on stdin: {exc}", hint))
     try:
         return dict(_TOOLS[tool](config, params))
-    except _HANDLED as exc:
-        hint = "fix the value named above in the plugin config or the tool call"
-        return dict(problem(tool, str(exc), hint))
+    except UserError as exc:
+        hint = exc.hint or "fix the value named above in the plugin config or the tool call"
+        return dict(problem(tool, exc.describe(), hint))
 
 
 def main() -> None:

@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from installer.presets import MIN_CONTEXT_WINDOW, load_preset
+from common.errors import UserError
+from presets.catalog import MIN_CONTEXT_WINDOW, load_preset
 from plugin_tools.payloads import (
     PROVIDER_CONFIG_TOOL,
     PROVIDER_ID,
@@ -33,8 +34,10 @@ _SLOWEST_DECODE_TOKENS_PER_S = 10
 _MIN_TIMEOUT_S = 300
 
 
-class ProviderConfigError(ValueError):
+class ProviderConfigError(UserError, ValueError):
     """A provider setting OpenClaw or the sidecar would refuse, with the reason."""
+
+    topic = "provider config"
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from installer.health import probe_health
-from installer.receipt import read_receipt, verify_receipt
-from installer.supervisors import supervisor_for_root
+from common.health import probe_health
+from common.receipt import read_receipt, verify_receipt
+from supervisors import supervisor_for_root
 from plugin_tools.payloads import (
     STATUS_TOOL,
     HealthReport,
@@ -24,7 +24,7 @@ from plugin_tools.target import (
     resolve_api_base,
     settings_for_url,
 )
-from sidecar.config import SettingsError, SidecarSettings
+from common.settings import SettingsError, SidecarSettings
 
 # The tool runs inside an agent turn: a sidecar that does not answer quickly is reported, not awaited.
 HEALTH_TIMEOUT_S = 2.0

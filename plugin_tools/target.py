@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from installer.health import base_url
-from installer.paths import default_root
+from common.errors import UserError
+from common.health import base_url
+from common.layout import default_root
 from plugin_tools.payloads import PluginConfig
-from sidecar.config import DEFAULT_HOST, DEFAULT_PORT, SidecarSettings, load_settings, settings_path
+from common.settings import DEFAULT_HOST, DEFAULT_PORT, SidecarSettings, load_settings, settings_path
 
 
-class TargetError(ValueError):
+class TargetError(UserError, ValueError):
     """A sidecar URL that cannot be used, with the reason."""
 
 

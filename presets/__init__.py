@@ -1,0 +1,1 @@
+"""The presets (`*.yaml` here) and `catalog`, which loads and validates them."""

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sidecar.config import SidecarSettings
+from common.settings import SidecarSettings
 from sidecar.engine_io import EngineError, EngineLike
 from sidecar.protocol import ApiError, ChatCompletionRequest, ErrorType, ModelCard, ModelList
 from sidecar.serving import ChatCompletionService

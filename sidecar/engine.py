@@ -25,7 +25,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from sidecar.config import SidecarSettings
+from common.settings import SidecarSettings
 from sidecar.delta.api import (
     attach_delta_mem,
     delta_info,

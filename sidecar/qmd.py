@@ -15,7 +15,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sidecar.config import QmdSettings
+from common.settings import QmdSettings
 from sidecar.memory_input import MemoryItem, memory_items
 
 log = logging.getLogger(__name__)

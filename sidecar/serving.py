@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from sidecar.config import SidecarSettings
+from common.settings import SidecarSettings
 from sidecar.engine_io import (
     ChatJob,
     ChatMessage,

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from sidecar.files import atomic_write_bytes
+from common.files import atomic_write_bytes
 from sidecar.session_state import ContextWrite, Segment, Session
 
 FORMAT = 1

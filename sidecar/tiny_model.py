@@ -22,7 +22,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from sidecar.delta.adapter_files import NPZ_FILE, PT_FILE, ModelDims, expected_shapes, model_dims
 from sidecar.delta.config import CONFIG_FILE, DeltaMemConfig, tensor_key
 from sidecar.delta.torch_archive import write_torch_archive
-from sidecar.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from common.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Qwen3's added tokens: ordinary (non-special) tokens, so decoding keeps them in the text.

@@ -10,7 +10,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from sidecar.config import SidecarSettings
+from common.settings import SidecarSettings
 from sidecar.delta.api import delta_states, write_context
 from sidecar.engine import Engine, load_engine
 from sidecar.engine_io import ChatJob, ChatMessage

@@ -24,7 +24,7 @@ from installer.checks import (
     run_checks,
 )
 from installer.cli import app
-from installer.commands.selftest import free_port
+from common.ports import free_port
 
 runner = CliRunner()
 

@@ -15,10 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 from installer.cli import app
-from installer.commands.selftest import free_port
-from installer.layout import RootLayout
-from installer.receipt import read_receipt, verify_receipt
-from installer.supervisors import supervisor_for_root
+from common.ports import free_port
+from common.layout import RootLayout
+from common.receipt import read_receipt, verify_receipt
+from supervisors import supervisor_for_root
 from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
 
 runner = CliRunner()

@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 
 from fake_hub import FakeHub
 from installer.cli import app
-from installer.commands.selftest import free_port
+from common.ports import free_port
 from installer.downloads import DownloadError, download, plan_downloads
-from installer.layout import RootLayout
-from installer.presets import Source, load_preset, with_overrides
-from installer.receipt import read_receipt, verify_receipt
+from common.layout import RootLayout
+from presets.catalog import Source, load_preset, with_overrides
+from common.receipt import read_receipt, verify_receipt
 from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
 
 MODEL_REPO = "fake-org/tiny-qwen3-mlx"

@@ -19,7 +19,7 @@ from starlette.types import Message
 
 from fake_engine import FakeEngine, text_events
 from sidecar.app import create_app
-from sidecar.config import QmdSettings, SidecarSettings
+from common.settings import QmdSettings, SidecarSettings
 from sidecar.engine_io import ChatJob, EngineEvent, Failed, Finished, PromptDone, TextDelta
 from sidecar.memory_input import MAX_ITEMS
 from sidecar.session_keys import hash_session_key

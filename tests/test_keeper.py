@@ -14,15 +14,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from installer.supervisors import process as process_module
-from installer.supervisors import tail_lines
-from installer.supervisors.keeper import (
+from supervisors import process as process_module
+from supervisors import tail_lines
+from supervisors.keeper import (
     MAX_QUICK_CRASHES,
     describe_exit,
     is_clean_exit,
     keeper_command,
 )
-from installer.supervisors.process import ProcessSupervisor
+from supervisors.process import ProcessSupervisor
 
 DEADLINE_S = 30.0
 

@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from installer.cli import app
-from installer.receipt import new_receipt, write_receipt
-from installer.supervisors import sidecar_command, supervisor_for_root
-from installer.supervisors.launchd import LaunchctlError, LaunchdSupervisor, parse_print
+from common.receipt import new_receipt, write_receipt
+from supervisors import sidecar_command, supervisor_for_root
+from supervisors.launchd import LaunchctlError, LaunchdSupervisor, parse_print
 
 UID = 501
 runner = CliRunner()

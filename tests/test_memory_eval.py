@@ -20,14 +20,14 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from bench.memory_eval.builtin_suite import MAX_FACTS, SuiteSize, builtin_suite
-from bench.memory_eval.client import ChatReply, SidecarClient, SidecarError
-from bench.memory_eval.conversations import Conversation, Dataset, DatasetError, Message, Question
-from bench.memory_eval.datasets import load_dataset
-from bench.memory_eval.file_formats import chunk_text, load_locomo, load_memory_agent_bench
-from bench.memory_eval.report import build_report, markdown_report, write_chart, write_reports
-from bench.memory_eval.retrieval import LexicalRetriever, QmdRetriever
-from bench.memory_eval.runner import (
+from installer.memory_eval.builtin_suite import MAX_FACTS, SuiteSize, builtin_suite
+from installer.sidecar_client import ChatReply, SidecarClient, SidecarError
+from installer.memory_eval.conversations import Conversation, Dataset, DatasetError, Message, Question
+from installer.memory_eval.datasets import load_dataset
+from installer.memory_eval.file_formats import chunk_text, load_locomo, load_memory_agent_bench
+from installer.memory_eval.report import build_report, markdown_report, write_chart, write_reports
+from installer.memory_eval.retrieval import LexicalRetriever, QmdRetriever
+from installer.memory_eval.runner import (
     MEMORY_NOTE,
     MODES,
     EvalError,
@@ -38,7 +38,7 @@ from bench.memory_eval.runner import (
     run_eval,
     turn_ends,
 )
-from bench.memory_eval.scoring import (
+from installer.memory_eval.scoring import (
     bootstrap_difference,
     exact_match,
     key_term_recall,
@@ -46,7 +46,7 @@ from bench.memory_eval.scoring import (
     token_f1,
 )
 from installer.cli import app
-from sidecar.config import QmdSettings
+from common.settings import QmdSettings
 
 from server_process import KEY, MODEL, Server, start_server, stop_server
 
@@ -624,7 +624,7 @@ def test_cli_failures_are_one_clear_line(server: Server, tmp_path: Path) -> None
 
 
 def test_cli_without_url_uses_the_installed_sidecar_settings(server: Server, tmp_path: Path) -> None:
-    from sidecar.config import SidecarSettings, save_settings
+    from common.settings import SidecarSettings, save_settings
 
     port = int(server.base_url.rsplit(":", 1)[1])
     root = tmp_path / "root"

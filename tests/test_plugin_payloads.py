@@ -15,11 +15,11 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints, is
 import jsonschema_rs
 import pytest
 
-from installer.receipt import new_receipt, write_receipt
+from common.receipt import new_receipt, write_receipt
 from plugin_tools import payloads
 from plugin_tools.payloads import PluginConfig, ProviderConfigPayload, StatusPayload, ToolProblem
 from plugin_tools.status import build_status
-from sidecar.config import SidecarSettings, save_settings
+from common.settings import SidecarSettings, save_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = json.loads((REPO_ROOT / "plugin_tools" / "openclaw.plugin.json").read_text(encoding="utf-8"))

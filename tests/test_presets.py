@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from installer.cli import app
-from installer.presets import (
+from presets.catalog import (
     MIN_CONTEXT_WINDOW,
     PresetError,
     list_presets,

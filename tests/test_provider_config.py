@@ -19,7 +19,7 @@ from installer.openclaw_config import (
     merge_patch,
     openclaw_config_path,
 )
-from installer.presets import load_preset
+from presets.catalog import load_preset
 from plugin_tools.payloads import PROVIDER_ID, ConfigPatch
 from plugin_tools.provider_config import (
     HIDDEN_API_KEY,
@@ -30,7 +30,7 @@ from plugin_tools.provider_config import (
     timeout_seconds,
 )
 from plugin_tools.target import TargetError, api_base_url
-from sidecar.config import SidecarSettings, save_settings
+from common.settings import SidecarSettings, save_settings
 
 USER_CONFIG_JSON5 = """\
 // My OpenClaw setup: keep these comments in the backup.

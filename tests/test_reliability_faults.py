@@ -27,10 +27,10 @@ from reliability import AUTH, health, record_figures, unexpected_files
 from fake_qmd import write_fake_qmd
 from server_process import KEY, MODEL, Server, start_server, stop_server
 
-from installer.commands.selftest import free_port
-from installer.supervisors import process as process_module
-from installer.supervisors.process import ProcessSupervisor
-from sidecar.config import QmdSettings
+from common.ports import free_port
+from supervisors import process as process_module
+from supervisors.process import ProcessSupervisor
+from common.settings import QmdSettings
 from sidecar.qmd import MAX_OUTPUT_BYTES, qmd_lookup
 from sidecar.session_keys import hash_session_key
 

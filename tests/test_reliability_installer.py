@@ -26,9 +26,9 @@ from reliability import record_figures
 from typer.testing import CliRunner
 
 from installer.cli import app
-from installer.commands.selftest import free_port
-from installer.layout import RootLayout
-from installer.receipt import read_receipt, verify_receipt
+from common.ports import free_port
+from common.layout import RootLayout
+from common.receipt import read_receipt, verify_receipt
 from plugin_tools.payloads import PROVIDER_ID
 from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
 

@@ -16,7 +16,7 @@ import pytest
 from reliability import health, record_figures, unexpected_files
 from server_process import KEY, MODEL, Server, start_server, stop_server
 
-from bench.memory_eval.client import SidecarClient
+from installer.sidecar_client import SidecarClient
 from bench.soak import (
     STATE_TOLERANCE,
     LoadReport,

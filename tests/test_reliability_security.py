@@ -27,9 +27,9 @@ from server_process import KEY, MODEL, Server, start_server, stop_server
 from typer.testing import CliRunner
 
 from installer.cli import app
-from installer.receipt import read_receipt
+from common.receipt import read_receipt
 from sidecar.app import create_app
-from sidecar.config import SettingsError, SidecarSettings
+from common.settings import SettingsError, SidecarSettings
 from sidecar.session_keys import SESSION_HEADERS, hash_session_key
 
 pytestmark = pytest.mark.e2e

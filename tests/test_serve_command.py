@@ -10,7 +10,7 @@ import uvicorn
 from typer.testing import CliRunner
 
 from installer.cli import app as cli
-from sidecar.config import QmdSettings, SidecarSettings, save_settings
+from common.settings import QmdSettings, SidecarSettings, save_settings
 
 runner = CliRunner()
 

@@ -13,17 +13,17 @@ from pathlib import Path
 import psutil
 import pytest
 
-from installer import supervisors
-from installer.supervisors import (
+import supervisors
+from supervisors import (
     SupervisorError,
     default_kind,
     make_supervisor,
     supervisor_for_root,
     tail_lines,
 )
-from installer.supervisors import process as process_module
-from installer.supervisors.process import ProcessSupervisor
-from installer.supervisors.systemd import SystemdSupervisor, quote_arg
+from supervisors import process as process_module
+from supervisors.process import ProcessSupervisor
+from supervisors.systemd import SystemdSupervisor, quote_arg
 
 DEADLINE_S = 30.0
 

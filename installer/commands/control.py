@@ -25,12 +25,13 @@ from installer.commands.options import (
     root_flag,
 )
 from installer.errors import cli_errors
-from installer.health import Health, base_url, probe_health, wait_until_healthy
+from common.health import Health, base_url, probe_health
 from installer.installation import DEFAULT_HEALTH_TIMEOUT_S
-from installer.layout import RootLayout
-from installer.receipt import read_receipt, require_installed, verify_receipt
-from installer.supervisors import Supervisor, sidecar_command, supervisor_for_root, tail_lines
-from sidecar.config import (
+from common.layout import RootLayout
+from common.receipt import read_receipt, require_installed, verify_receipt
+from supervisors import Supervisor, sidecar_command, supervisor_for_root, tail_lines
+from supervisors.readiness import wait_until_healthy
+from common.settings import (
     AttentionStateSource,
     QmdMode,
     SettingsError,

@@ -10,9 +10,9 @@ from installer.checks import Check, check_disk, failures, format_checks, run_che
 from installer.commands.options import JsonOption, RootOption, examples, print_json, resolve_root
 from installer.downloads import DownloadError, plan_downloads
 from installer.errors import cli_errors
-from installer.presets import PresetError, load_preset
-from installer.supervisors import supervisor_for_root
-from sidecar.config import DEFAULT_HOST, DEFAULT_PORT
+from presets.catalog import PresetError, load_preset
+from supervisors import supervisor_for_root
+from common.settings import DEFAULT_HOST, DEFAULT_PORT
 
 
 @cli_errors

@@ -1,4 +1,4 @@
-"""`delta-mem-mlx eval`: the memory A/B harness against a running sidecar (see bench/memory_eval)."""
+"""`delta-mem-mlx eval`: the memory A/B harness against a running sidecar (see installer/memory_eval)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from typing import Annotated
 
 import typer
 
-from bench.memory_eval.builtin_suite import SuiteSize
-from bench.memory_eval.client import SidecarClient
-from bench.memory_eval.conversations import Conversation, DatasetError
-from bench.memory_eval.datasets import load_dataset
-from bench.memory_eval.file_formats import DEFAULT_CHUNK_CHARS
-from bench.memory_eval.history_export import write_histories
-from bench.memory_eval.report import build_report, markdown_report, write_reports
-from bench.memory_eval.retrieval import LexicalRetriever, QmdRetriever, Retriever
-from bench.memory_eval.runner import (
+from installer.memory_eval.builtin_suite import SuiteSize
+from installer.sidecar_client import SidecarClient
+from installer.memory_eval.conversations import Conversation, DatasetError
+from installer.memory_eval.datasets import load_dataset
+from installer.memory_eval.file_formats import DEFAULT_CHUNK_CHARS
+from installer.memory_eval.history_export import write_histories
+from installer.memory_eval.report import build_report, markdown_report, write_reports
+from installer.memory_eval.retrieval import LexicalRetriever, QmdRetriever, Retriever
+from installer.memory_eval.runner import (
     DEFAULT_MODES,
     EvalError,
     RunSettings,
@@ -31,8 +31,8 @@ from bench.memory_eval.runner import (
 from installer.commands.options import RootOption, examples, resolve_root
 from installer.commands.serve import API_KEY_ENV
 from installer.errors import cli_errors
-from installer.health import base_url
-from sidecar.config import QmdSettings, SidecarSettings, load_settings
+from common.health import base_url
+from common.settings import QmdSettings, SidecarSettings, load_settings
 
 RETRIEVERS = ("lexical", "qmd")
 

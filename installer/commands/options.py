@@ -8,10 +8,11 @@ from typing import Annotated, Any
 
 import typer
 
-from installer.paths import default_root
+from common.errors import UserError
+from common.layout import default_root
 
 
-class CommandRefused(RuntimeError):
+class CommandRefused(UserError, RuntimeError):
     """A command that will not act as asked; the message says why and what to do instead."""
 
 

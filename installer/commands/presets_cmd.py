@@ -6,7 +6,7 @@ import typer
 
 from installer.commands.options import JsonOption, examples, print_json
 from installer.errors import cli_errors
-from installer.presets import list_presets
+from presets.catalog import list_presets
 
 
 @cli_errors

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -15,11 +14,12 @@ import typer
 
 from installer.commands.options import examples
 from installer.errors import cli_errors
-from installer.health import base_url, open_local
+from common.health import base_url, open_local
 from installer.installation import InstallRequest, install
-from installer.presets import load_preset, with_overrides
-from installer.supervisors import make_supervisor, tail_lines
-from sidecar.config import DEFAULT_HOST, SidecarSettings
+from presets.catalog import load_preset, with_overrides
+from supervisors import make_supervisor, tail_lines
+from common.ports import free_port
+from common.settings import DEFAULT_HOST, SidecarSettings
 
 SELFTEST_MODEL_ID = "delta-mem-tiny-selftest"
 SELFTEST_SNIPPET = "The user's cat is called Miso and is afraid of the vacuum cleaner."
@@ -79,13 +79,6 @@ def stream_chat(settings: SidecarSettings, prompt: str, snippets: list[str]) -> 
     if not done:
         raise SelftestFailed("the stream ended without 'data: [DONE]'")
     return ChatResult("".join(pieces), headers, chunks)
-
-
-def free_port(host: str = DEFAULT_HOST) -> int:
-    """A port that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def provider_block(root: Path) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import uvicorn
 
 from installer.commands.options import RootOption, examples, resolve_root
 from installer.errors import cli_errors
-from sidecar.config import SettingsError, SidecarSettings, load_settings
+from common.settings import SettingsError, SidecarSettings, load_settings
 
 # In-flight streams get this long to finish after SIGTERM before uvicorn cancels them.
 GRACEFUL_SHUTDOWN_S = 10

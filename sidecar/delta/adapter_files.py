@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import UserError
 from sidecar.delta.config import CONFIG_FILE, DeltaMemConfig, tensor_key, tensor_names
 from sidecar.delta.torch_archive import (
     TorchArchiveError,
@@ -22,7 +23,7 @@ from sidecar.delta.torch_archive import (
     bfloat16_bits_to_float32,
     read_torch_archive,
 )
-from sidecar.files import atomic_write_bytes
+from common.files import atomic_write_bytes
 
 NPZ_FILE = "delta_mem_adapter_mlx.npz"
 PT_FILE = "delta_mem_adapter.pt"
@@ -30,8 +31,10 @@ PT_FILE = "delta_mem_adapter.pt"
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.")
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """An adapter directory that cannot be used: missing files, missing tensors or wrong shapes."""
+
+    topic = "adapter"
 
 
 @dataclass

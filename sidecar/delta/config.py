@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from common.errors import UserError
+
 CONFIG_FILE = "delta_mem_config.json"
 
 STATE_UPDATE_MODES = ("standard", "lambda_outside", "no_lambda")
@@ -12,8 +14,10 @@ WRITE_GRANULARITIES = ("token", "message_mean")
 DELTA_HEADS = ("q", "k", "v", "o")
 
 
-class AdapterConfigError(ValueError):
+class AdapterConfigError(UserError, ValueError):
     """A `delta_mem_config.json` this runtime cannot honour."""
+
+    topic = "adapter config"
 
 
 @dataclass(frozen=True)

@@ -22,15 +22,20 @@ from typing import Any
 
 import numpy as np
 
-from sidecar.files import atomic_write_bytes
+from common.errors import UserError
+from common.files import atomic_write_bytes
 
 
-class TorchArchiveError(ValueError):
+class TorchArchiveError(UserError, ValueError):
     """A `.pt` file that is not a readable torch tensor archive."""
+
+    topic = "torch file"
 
 
 class UnsafeArchiveError(TorchArchiveError):
     """A `.pt` file whose pickle names a global outside the tensor-rebuild allow-list."""
+
+    topic = "unsafe adapter file"
 
 
 @dataclass(frozen=True)

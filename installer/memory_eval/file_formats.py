@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from bench.memory_eval.conversations import Conversation, Dataset, DatasetError, Message, Question, Role, safe_id
+from installer.memory_eval.conversations import Conversation, Dataset, DatasetError, Message, Question, Role, safe_id
 
 DEFAULT_CHUNK_CHARS = 4000
 

@@ -1,25 +1,17 @@
-"""Asking a sidecar whether it is ready (`GET /health`), and waiting for it with a deadline."""
+"""Asking a sidecar whether it is ready: one `GET /health`, never raising."""
 
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from installer.supervisors import Supervisor, tail_lines
-from sidecar.config import SidecarSettings
-
-POLL_INTERVAL_S = 0.5
+from common.settings import SidecarSettings
 
 # The sidecar is local: a configured HTTP(S)_PROXY must not see (or break) requests to it.
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-class SidecarStartError(RuntimeError):
-    """The sidecar did not become healthy; the message says what was seen and where to look."""
 
 
 @dataclass(frozen=True)
@@ -70,40 +62,3 @@ def probe_health(settings: SidecarSettings, timeout: float = 3.0) -> Health:
         return Health(False, code, None, f"HTTP {code} with a body that is not a JSON object")
     ready = code == 200 and body.get("status") == "ok"
     return Health(ready, code, body, None if ready else f"HTTP {code} ({body.get('status', 'no status')})")
-
-
-def wait_until_healthy(settings: SidecarSettings, supervisor: Supervisor, timeout_s: float) -> Health:
-    """Poll /health until the sidecar serving this root's model answers ok; raise SidecarStartError."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        health = probe_health(settings)
-        if health.ready and health.body is not None:
-            served = health.body.get("model")
-            if served != settings.model_id:
-                raise SidecarStartError(
-                    f"another server answers on {base_url(settings)} (model {served!r}, expected "
-                    f"{settings.model_id!r}): stop it or choose another --port"
-                )
-            return health
-        if health.body is not None and health.body.get("status") == "error":
-            raise SidecarStartError(
-                f"the sidecar could not load the model: {health.body.get('error', 'no reason given')}"
-                f"{_log_hint(supervisor)}"
-            )
-        # A process-supervised sidecar that exited is not coming back soon (its keeper throttles
-        # restarts or gave up), so its exit ends the wait at once.
-        if supervisor.kind == "process" and supervisor.status().state != "running":
-            raise SidecarStartError(f"the sidecar exited before it was ready{_log_hint(supervisor)}")
-        if time.monotonic() >= deadline:
-            raise SidecarStartError(
-                f"the sidecar was not healthy within {timeout_s:.0f} s ({health.error}; "
-                f"{supervisor.status().detail}){_log_hint(supervisor)}"
-            )
-        time.sleep(POLL_INTERVAL_S)
-
-
-def _log_hint(supervisor: Supervisor) -> str:
-    _, err_log = supervisor.log_paths()
-    last = tail_lines(err_log, 1)
-    seen = f"; last log line: {last[0].strip()}" if last else ""
-    return f"{seen}. See 'delta-mem-mlx logs --root {supervisor.layout.root}'"

@@ -6,11 +6,15 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from common.errors import UserError
+
 Role = Literal["system", "user", "assistant"]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset that cannot be built or read; the message names the file and what is wrong."""
+
+    topic = "dataset"
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,11 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bench.memory_eval.client import ChatReply, SidecarClient, SidecarError
-from bench.memory_eval.conversations import Conversation, Dataset, Message, Question
-from bench.memory_eval.retrieval import Retriever, Snippet
-from bench.memory_eval.scoring import score_answer
+from common.errors import UserError
+from installer.sidecar_client import ChatReply, SidecarClient, SidecarError
+from installer.memory_eval.conversations import Conversation, Dataset, Message, Question
+from installer.memory_eval.retrieval import Retriever, Snippet
+from installer.memory_eval.scoring import score_answer
 
 MemoryRoute = Literal["none", "hidden", "prompt"]
 
@@ -30,8 +31,10 @@ REPLAY_TOKENS = 1
 MEMORY_NOTE = "Memory notes retrieved from earlier in this conversation:"
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Evaluation settings that cannot run; the message says which and why."""
+
+    topic = "eval"
 
 
 @dataclass(frozen=True)

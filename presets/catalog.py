@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from common.errors import UserError
+
 # OpenClaw refuses a provider model with a smaller context window (DESIGN.md §6).
 MIN_CONTEXT_WINDOW = 16000
 
@@ -30,8 +32,10 @@ _MODEL_KEYS = {"repo", "path", "revision", "files"}
 _ADAPTER_KEYS = {"repo", "path", "revision", "alternatives"}
 
 
-class PresetError(ValueError):
+class PresetError(UserError, ValueError):
     """A preset file or a preset override that cannot be used, with the reason."""
+
+    topic = "preset"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from installer.supervisors import (
+from supervisors import (
     Supervisor,
     SupervisorStatus,
     ToolError,
@@ -22,7 +22,7 @@ from installer.supervisors import (
     sidecar_command,
     sidecar_environment,
 )
-from sidecar.files import atomic_write_bytes
+from common.files import atomic_write_bytes
 
 LABEL_PREFIX = "ai.openclaw.delta-mem-mlx"
 THROTTLE_INTERVAL_S = 10

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from installer.supervisors import (
+from supervisors import (
     Supervisor,
     SupervisorStatus,
     ToolError,
@@ -12,7 +12,7 @@ from installer.supervisors import (
     sidecar_command,
     sidecar_environment,
 )
-from sidecar.files import atomic_write_text
+from common.files import atomic_write_text
 
 UNIT_PREFIX = "delta-mem-mlx"
 RESTART_SEC = 10

@@ -1,12 +1,27 @@
-"""Where things live inside an install root; every module asks here instead of joining paths itself."""
+"""Where an install root is, and where things live inside it; every module asks here instead of
+joining paths itself."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.config import settings_path
+import platformdirs
+
+from common.settings import settings_path
+
+ROOT_ENV = "DELTA_MEM_MLX_ROOT"
+APP_NAME = "openclaw-delta-mem-mlx"
+
+
+def default_root() -> Path:
+    """The install root: $DELTA_MEM_MLX_ROOT if set, else the user data dir."""
+    override = os.environ.get(ROOT_ENV)
+    if override:
+        return Path(override).expanduser().resolve()
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The fallback supervisor: a detached keeper process that runs the sidecar, and a pidfile.
 
-The keeper (installer/supervisors/keeper.py) starts the sidecar again when it crashes or is
+The keeper (supervisors/keeper.py) starts the sidecar again when it crashes or is
 killed, throttled like launchd, and stops it on SIGTERM. The pidfile records the keeper's pid,
 start time and command line, so a stale pidfile or a pid reused by another program is never
 taken for it.
@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from installer.supervisors import (
+from supervisors import (
     STOP_TIMEOUT_S,
     Supervisor,
     SupervisorError,
@@ -25,8 +25,8 @@ from installer.supervisors import (
     sidecar_command,
     sidecar_environment,
 )
-from installer.supervisors.keeper import THROTTLE_S, keeper_command
-from sidecar.files import atomic_write_json
+from supervisors.keeper import THROTTLE_S, keeper_command
+from common.files import atomic_write_json
 
 # Least seconds between two starts of a crashing sidecar (a module constant so tests can shorten it).
 RESTART_THROTTLE_S = THROTTLE_S

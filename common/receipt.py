@@ -17,20 +17,23 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from installer.layout import RootLayout
-from sidecar.config import SettingsError, load_settings
-from sidecar.files import atomic_write_json
+from common.errors import UserError
+from common.layout import RootLayout
+from common.settings import SettingsError, load_settings
+from common.files import atomic_write_json
 
 RECEIPT_VERSION = 1
 _PACKAGES = ("openclaw-delta-mem-mlx", "mlx", "mlx-lm", "huggingface-hub")
 
 
-class ReceiptError(ValueError):
+class ReceiptError(UserError, ValueError):
     """A receipt file that exists but cannot be read."""
 
 
-class NotInstalledError(RuntimeError):
+class NotInstalledError(UserError, RuntimeError):
     """The root has no completed, intact install; the message lists what is wrong."""
+
+    topic = "cannot start"
 
     def __init__(self, problems: list[str]) -> None:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from sidecar.files import atomic_write_json
+from common.errors import UserError
+from common.files import atomic_write_json
 
 SETTINGS_FILE = "sidecar.json"
 SETTINGS_VERSION = 1
@@ -26,7 +27,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """A settings file or value that cannot be used, with the reason."""
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.memory_eval.builtin_suite import SuiteSize, builtin_suite
-from bench.memory_eval.conversations import Dataset, DatasetError
-from bench.memory_eval.file_formats import DEFAULT_CHUNK_CHARS, load_locomo, load_memory_agent_bench
+from installer.memory_eval.builtin_suite import SuiteSize, builtin_suite
+from installer.memory_eval.conversations import Dataset, DatasetError
+from installer.memory_eval.file_formats import DEFAULT_CHUNK_CHARS, load_locomo, load_memory_agent_bench
 
 
 def load_dataset(spec: str, size: SuiteSize, seed: int, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> Dataset:

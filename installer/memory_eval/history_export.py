@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.memory_eval.conversations import Dataset
-from sidecar.files import atomic_write_text
+from installer.memory_eval.conversations import Dataset
+from common.files import atomic_write_text
 
 HISTORY_FILE = "conversation.md"
 

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.memory_eval.conversations import Message
-from installer.health import open_local
+from common.errors import UserError
+from installer.memory_eval.conversations import Message
+from common.health import open_local
 
 SESSION_HEADER = "X-OpenClaw-Session-Key"
 REQUEST_TIMEOUT_S = 900.0
@@ -25,7 +26,7 @@ _HINTS = {
 }
 
 
-class SidecarError(RuntimeError):
+class SidecarError(UserError, RuntimeError):
     """A request to the sidecar failed; the message says what failed and what to do."""
 
 

@@ -12,7 +12,7 @@ It behaves like launchd's KeepAlive with ThrottleInterval (and systemd's Restart
 While it waits to start the sidecar again, and after it gave up, it says so in a small JSON
 state file, which the process supervisor reads for `status`.
 
-Run as `python -m installer.supervisors.keeper --state-file PATH [--throttle S] -- COMMAND...`.
+Run as `python -m supervisors.keeper --state-file PATH [--throttle S] -- COMMAND...`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
-from sidecar.files import atomic_write_json
+from common.files import atomic_write_json
 
 THROTTLE_S = 10.0
 MAX_QUICK_CRASHES = 5
@@ -59,7 +59,7 @@ class RestartPolicy:
 
 def keeper_command(command: list[str], state_file: Path, throttle_s: float = THROTTLE_S) -> list[str]:
     """The argument list that runs `command` under a keeper (this Python, this module)."""
-    keeper = [sys.executable, "-m", "installer.supervisors.keeper"]
+    keeper = [sys.executable, "-m", "supervisors.keeper"]
     return [*keeper, "--state-file", str(state_file), "--throttle", f"{throttle_s:g}", "--", *command]
 
 
@@ -200,7 +200,7 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, install the stop signals and keep the command running."""
     parser = argparse.ArgumentParser(
-        prog="python -m installer.supervisors.keeper",
+        prog="python -m supervisors.keeper",
         description="Run a command, start it again when it crashes, stop it on SIGTERM.",
     )
     parser.add_argument("--state-file", type=Path, required=True, help="Where to say that a restart is pending.")

@@ -12,7 +12,7 @@ import dataclasses
 import random
 from dataclasses import dataclass
 
-from bench.memory_eval.conversations import Conversation, Dataset, DatasetError, Message, Question
+from installer.memory_eval.conversations import Conversation, Dataset, DatasetError, Message, Question
 
 KINDS = ("fact", "correction", "preference", "multi-hop")
 MAX_FACTS = 16

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from installer.layout import RootLayout
-from installer.receipt import read_receipt
+from common.errors import UserError
+from common.layout import RootLayout
+from common.receipt import read_receipt
 
 SupervisorKind = Literal["launchd", "systemd", "process"]
 SupervisorState = Literal["running", "stopped", "not-installed"]
@@ -27,8 +28,10 @@ STOP_TIMEOUT_S = 20.0
 TAIL_READ_BYTES = 256 * 1024
 
 
-class SupervisorError(RuntimeError):
+class SupervisorError(UserError, RuntimeError):
     """A supervisor command that failed, with its output."""
+
+    topic = "supervisor"
 
 
 @dataclass(frozen=True)
@@ -178,15 +181,15 @@ def default_kind() -> SupervisorKind:
 def make_supervisor(kind: str, root: Path) -> Supervisor:
     """The supervisor of the given kind for a root."""
     if kind == "launchd":
-        from installer.supervisors.launchd import LaunchdSupervisor
+        from supervisors.launchd import LaunchdSupervisor
 
         return LaunchdSupervisor(root)
     if kind == "systemd":
-        from installer.supervisors.systemd import SystemdSupervisor
+        from supervisors.systemd import SystemdSupervisor
 
         return SystemdSupervisor(root)
     if kind == "process":
-        from installer.supervisors.process import ProcessSupervisor
+        from supervisors.process import ProcessSupervisor
 
         return ProcessSupervisor(root)
     raise SupervisorError(f"unknown supervisor {kind!r}: choose one of {', '.join(get_args(SupervisorKind))}")

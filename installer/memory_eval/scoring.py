@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bench.memory_eval.text import content_words, normalize, words
+from installer.memory_eval.text import content_words, normalize, words
 
 METRICS = ("exact_match", "token_f1", "key_term_recall")
 
