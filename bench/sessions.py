@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from installer.sidecar_client import SidecarClient
-from installer.memory_eval.conversations import Message
 from bench.runtime import OPENBLAS, QUICK
+from installer.memory_eval.conversations import Message
+from installer.sidecar_client import SidecarClient
 
 MODEL_ID = "delta-mem-bench"
 API_KEY = "bench"

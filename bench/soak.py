@@ -26,13 +26,13 @@ from typing import Any
 
 import psutil
 
-from installer.sidecar_client import SESSION_HEADER, SidecarClient, SidecarError
-from installer.memory_eval.conversations import Message
-from common.ports import free_port
 from common.health import open_local
+from common.ports import free_port
+from common.settings import SidecarSettings, save_settings
+from installer.memory_eval.conversations import Message
+from installer.sidecar_client import SESSION_HEADER, SidecarClient, SidecarError
 from supervisors.process import ProcessSupervisor
 from supervisors.readiness import wait_until_healthy
-from common.settings import SidecarSettings, save_settings
 
 MODEL_ID = "delta-mem-soak"
 API_KEY = "soak"

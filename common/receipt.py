@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
+from common.files import atomic_write_json
 from common.layout import RootLayout
 from common.settings import SettingsError, load_settings
-from common.files import atomic_write_json
 
 RECEIPT_VERSION = 1
 _PACKAGES = ("openclaw-delta-mem-mlx", "mlx", "mlx-lm", "huggingface-hub")

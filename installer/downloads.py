@@ -24,8 +24,8 @@ from huggingface_hub.utils import silent_tqdm
 from huggingface_hub.utils.sha import git_hash
 
 from common.errors import UserError
-from installer.checks import existing_ancestor
 from common.layout import RootLayout
+from installer.checks import existing_ancestor
 from presets.catalog import Preset
 from sidecar.delta.adapter_files import NPZ_FILE, PT_FILE
 from sidecar.delta.config import CONFIG_FILE

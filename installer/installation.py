@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
+from common.health import Health
+from common.layout import RootLayout
+from common.receipt import Receipt, new_receipt, remove_receipt, write_receipt
+from common.settings import SettingsError, SidecarSettings, load_settings, save_settings
 from installer.checks import failures, format_checks, run_checks
 from installer.downloads import (
     DownloadPlan,
@@ -25,13 +29,7 @@ from installer.downloads import (
     human_bytes,
     plan_downloads,
 )
-from common.health import Health
-from common.layout import RootLayout
 from presets.catalog import Preset, Source
-from common.receipt import Receipt, new_receipt, remove_receipt, write_receipt
-from supervisors import SupervisorKind, make_supervisor
-from supervisors.readiness import wait_until_healthy
-from common.settings import SettingsError, SidecarSettings, load_settings, save_settings
 from sidecar.delta.adapter_files import (
     NPZ_FILE,
     PT_FILE,
@@ -42,6 +40,8 @@ from sidecar.delta.adapter_files import (
     validate_adapter,
 )
 from sidecar.delta.config import CONFIG_FILE
+from supervisors import SupervisorKind, make_supervisor
+from supervisors.readiness import wait_until_healthy
 
 DEFAULT_HEALTH_TIMEOUT_S = 600.0
 

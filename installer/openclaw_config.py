@@ -18,8 +18,8 @@ from typing import Any
 import json5
 
 from common.errors import UserError
-from plugin_tools.payloads import ConfigPatch
 from common.files import atomic_write_bytes
+from plugin_tools.payloads import ConfigPatch
 
 CONFIG_FILE = "openclaw.json"
 # The config may carry API keys; a new file is readable by its owner only, as OpenClaw writes it.

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.errors import UserError
-from installer.memory_eval.conversations import Message
 from common.health import open_local
+from installer.memory_eval.conversations import Message
 
 SESSION_HEADER = "X-OpenClaw-Session-Key"
 REQUEST_TIMEOUT_S = 900.0

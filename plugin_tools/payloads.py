@@ -91,6 +91,7 @@ class SupervisorReport(TypedDict):
     state: str
     pid: int | None
     detail: str
+    uptime_s: float | None
 
 
 class HealthReport(TypedDict):

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
-from presets.catalog import MIN_CONTEXT_WINDOW, load_preset
 from plugin_tools.payloads import (
     PROVIDER_CONFIG_TOOL,
     PROVIDER_ID,
@@ -18,6 +17,7 @@ from plugin_tools.payloads import (
     ProviderConfigPayload,
 )
 from plugin_tools.target import install_root, installed_settings, resolve_api_base
+from presets.catalog import MIN_CONTEXT_WINDOW, load_preset
 
 # Before anything is installed, the block describes what the default preset will serve.
 DEFAULT_PRESET = "qwen3-delta"

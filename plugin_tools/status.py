@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import platform
+import time
 from pathlib import Path
+
+import psutil
 
 from common.health import probe_health
 from common.receipt import read_receipt, verify_receipt
-from supervisors import supervisor_for_root
+from common.settings import SettingsError, SidecarSettings
 from plugin_tools.payloads import (
     STATUS_TOOL,
     HealthReport,
@@ -24,7 +27,7 @@ from plugin_tools.target import (
     resolve_api_base,
     settings_for_url,
 )
-from common.settings import SettingsError, SidecarSettings
+from supervisors import supervisor_for_root
 
 # The tool runs inside an agent turn: a sidecar that does not answer quickly is reported, not awaited.
 HEALTH_TIMEOUT_S = 2.0
@@ -87,8 +90,15 @@ def supervisor_report(root: Path) -> SupervisorReport:
     try:
         state = supervisor_for_root(root).status()
     except Exception as exc:  # a status tool reports what it cannot read instead of failing
-        return {"kind": None, "state": "unknown", "pid": None, "detail": f"cannot ask the supervisor: {exc}"}
-    return {"kind": state.kind, "state": state.state, "pid": state.pid, "detail": state.detail}
+        problem = f"cannot ask the supervisor: {exc}"
+        return {"kind": None, "state": "unknown", "pid": None, "detail": problem, "uptime_s": None}
+    return {
+        "kind": state.kind,
+        "state": state.state,
+        "pid": state.pid,
+        "detail": state.detail,
+        "uptime_s": _uptime(state.pid),
+    }
 
 
 def health_report(target: SidecarSettings, api_base: str) -> HealthReport:
@@ -135,6 +145,15 @@ def build_status(config: PluginConfig) -> StatusPayload:
         "next_steps": _next_steps(root, install, health, ready),
         "notes": notes,
     }
+
+
+def _uptime(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        return round(max(0.0, time.time() - psutil.Process(pid).create_time()), 1)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
 
 
 def _summary(install: InstallReport, health: HealthReport, ready: bool) -> str:

@@ -8,8 +8,14 @@ from urllib.parse import urlsplit, urlunsplit
 from common.errors import UserError
 from common.health import base_url
 from common.layout import default_root
+from common.settings import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    SidecarSettings,
+    load_settings,
+    settings_path,
+)
 from plugin_tools.payloads import PluginConfig
-from common.settings import DEFAULT_HOST, DEFAULT_PORT, SidecarSettings, load_settings, settings_path
 
 
 class TargetError(UserError, ValueError):

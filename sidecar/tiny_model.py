@@ -17,12 +17,26 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    trainers,
+)
 
-from sidecar.delta.adapter_files import NPZ_FILE, PT_FILE, ModelDims, expected_shapes, model_dims
+from common.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from sidecar.delta.adapter_files import (
+    NPZ_FILE,
+    PT_FILE,
+    ModelDims,
+    expected_shapes,
+    model_dims,
+)
 from sidecar.delta.config import CONFIG_FILE, DeltaMemConfig, tensor_key
 from sidecar.delta.torch_archive import write_torch_archive
-from common.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Qwen3's added tokens: ordinary (non-special) tokens, so decoding keeps them in the text.

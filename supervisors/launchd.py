@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.files import atomic_write_bytes
 from supervisors import (
     Supervisor,
     SupervisorStatus,
@@ -22,7 +23,6 @@ from supervisors import (
     sidecar_command,
     sidecar_environment,
 )
-from common.files import atomic_write_bytes
 
 LABEL_PREFIX = "ai.openclaw.delta-mem-mlx"
 THROTTLE_INTERVAL_S = 10

@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from common.files import atomic_write_json
 from supervisors import (
     STOP_TIMEOUT_S,
     Supervisor,
@@ -26,7 +27,6 @@ from supervisors import (
     sidecar_environment,
 )
 from supervisors.keeper import THROTTLE_S, keeper_command
-from common.files import atomic_write_json
 
 # Least seconds between two starts of a crashing sidecar (a module constant so tests can shorten it).
 RESTART_THROTTLE_S = THROTTLE_S

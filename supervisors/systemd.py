@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.files import atomic_write_text
 from supervisors import (
     Supervisor,
     SupervisorStatus,
@@ -12,7 +13,6 @@ from supervisors import (
     sidecar_command,
     sidecar_environment,
 )
-from common.files import atomic_write_text
 
 UNIT_PREFIX = "delta-mem-mlx"
 RESTART_SEC = 10

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 from server_process import KEY, MODEL, Server, start_server
 
-from common.settings import SidecarSettings, save_settings
 from common.files import atomic_write_json
+from common.settings import SidecarSettings, save_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIGURES_DIR = REPO_ROOT / ".cache" / "reliability"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from common.ports import free_port
 from installer.checks import (
     GIB,
     check_disk,
@@ -24,7 +25,6 @@ from installer.checks import (
     run_checks,
 )
 from installer.cli import app
-from common.ports import free_port
 
 runner = CliRunner()
 

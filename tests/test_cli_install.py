@@ -14,12 +14,12 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from installer.cli import app
-from common.ports import free_port
 from common.layout import RootLayout
+from common.ports import free_port
 from common.receipt import read_receipt, verify_receipt
-from supervisors import supervisor_for_root
+from installer.cli import app
 from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+from supervisors import supervisor_for_root
 
 runner = CliRunner()
 
@@ -113,14 +113,14 @@ def test_install_start_status_stop_end_to_end(root: Path, tiny: dict[str, Path])
     assert "Healthy at http://127.0.0.1:" in out and "provider-config --apply" in out
 
     report = json.loads(_ok(["status", "--root", str(root), "--json"]))
-    assert report["install"] == "complete" and report["preset"] == "custom"
+    assert report["install"]["installed"] is True and report["install"]["preset"] == "custom"
     assert report["supervisor"]["kind"] == "process" and report["supervisor"]["state"] == "running"
     pid = report["supervisor"]["pid"]
     assert psutil.Process(pid).cmdline()[-4:] == ["installer", "serve", "--root", str(root)]
-    assert report["health"]["ready"] is True and report["health"]["body"]["model"] == "tiny-e2e"
-    assert report["model_id"] == "tiny-e2e"
-    assert report["adapter"] == str(RootLayout.of(root).adapter_dir(None))
-    assert report["uptime_s"] >= 0
+    assert report["health"]["problem"] is None and report["health"]["body"]["model"] == "tiny-e2e"
+    assert report["ready"] is True and report["install"]["model_id"] == "tiny-e2e"
+    assert report["install"]["adapter_path"] == str(RootLayout.of(root).adapter_dir(None))
+    assert report["supervisor"]["uptime_s"] >= 0
     text = _ok(["status", "--root", str(root)])
     assert "process: running" in text and "ready" in text
 
@@ -243,8 +243,8 @@ def test_uninstall_purge_needs_consent_and_an_install_root(
 
 def test_status_and_logs_of_an_empty_root(root: Path) -> None:
     report = json.loads(_ok(["status", "--root", str(root), "--json"]))
-    assert report["install"].startswith(f"{root} has no completed install")
-    assert report["health"] is None and report["supervisor"]["state"] in ("stopped", "not-installed")
+    assert report["install"]["problems"][0].startswith(f"{root} has no completed install")
+    assert report["health"]["reachable"] is False and report["supervisor"]["state"] in ("stopped", "not-installed")
     assert "sidecar.err.log" in _ok(["logs", "--root", str(root)])
 
 
@@ -276,5 +276,5 @@ def test_a_model_without_an_adapter_installs_and_starts(root: Path, tiny: dict[s
     out = _ok(args)
     assert "adapter: none (the sidecar serves the plain model)" in out
     report = json.loads(_ok(["status", "--root", str(root), "--json"]))
-    assert report["adapter"] is None and report["health"]["ready"] is True
+    assert report["install"]["adapter_path"] is None and report["ready"] is True
     assert json.loads(RootLayout.of(root).settings.read_text())["adapter_path"] is None

@@ -13,7 +13,6 @@ from mlx_lm.utils import load_model
 
 from sidecar.delta import attach_delta_mem, delta_states
 from sidecar.delta.adapter_files import AdapterError
-from sidecar.delta.cache import QUEUE_LIMIT
 from sidecar.delta.api import (
     delta_controls,
     delta_state_stats,
@@ -21,6 +20,7 @@ from sidecar.delta.api import (
     set_delta_states,
     write_context,
 )
+from sidecar.delta.cache import QUEUE_LIMIT
 from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
 
 ATOL = 1e-5

@@ -13,15 +13,15 @@ from types import SimpleNamespace
 import huggingface_hub.constants
 import numpy as np
 import pytest
+from fake_hub import FakeHub
 from typer.testing import CliRunner
 
-from fake_hub import FakeHub
-from installer.cli import app
-from common.ports import free_port
-from installer.downloads import DownloadError, download, plan_downloads
 from common.layout import RootLayout
-from presets.catalog import Source, load_preset, with_overrides
+from common.ports import free_port
 from common.receipt import read_receipt, verify_receipt
+from installer.cli import app
+from installer.downloads import DownloadError, download, plan_downloads
+from presets.catalog import Source, load_preset, with_overrides
 from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
 
 MODEL_REPO = "fake-org/tiny-qwen3-mlx"

@@ -9,12 +9,11 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import pytest
+from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, run, session_of
 from mlx_lm.models.cache import make_prompt_cache
 
 from sidecar.delta.api import delta_states, set_delta_controls
 from sidecar.engine_io import Failed, Finished, PromptDone, TextDelta
-
-from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, run, session_of
 
 
 def _assert_states_close(a: list[mx.array], b: list[mx.array]) -> None:

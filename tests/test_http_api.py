@@ -14,13 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_engine import FakeEngine, text_events
 from fastapi.testclient import TestClient
 from starlette.types import Message
 
-from fake_engine import FakeEngine, text_events
-from sidecar.app import create_app
 from common.settings import QmdSettings, SidecarSettings
-from sidecar.engine_io import ChatJob, EngineEvent, Failed, Finished, PromptDone, TextDelta
+from sidecar.app import create_app
+from sidecar.engine_io import (
+    ChatJob,
+    EngineEvent,
+    Failed,
+    Finished,
+    PromptDone,
+    TextDelta,
+)
 from sidecar.memory_input import MAX_ITEMS
 from sidecar.session_keys import hash_session_key
 

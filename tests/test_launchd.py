@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from installer.cli import app
 from common.receipt import new_receipt, write_receipt
+from installer.cli import app
 from supervisors import sidecar_command, supervisor_for_root
 from supervisors.launchd import LaunchctlError, LaunchdSupervisor, parse_print
 

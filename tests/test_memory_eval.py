@@ -18,14 +18,31 @@ from typing import Any
 
 import httpx
 import pytest
+from server_process import KEY, MODEL, Server, start_server, stop_server
 from typer.testing import CliRunner
 
+from common.settings import QmdSettings
+from installer.cli import app
 from installer.memory_eval.builtin_suite import MAX_FACTS, SuiteSize, builtin_suite
-from installer.sidecar_client import ChatReply, SidecarClient, SidecarError
-from installer.memory_eval.conversations import Conversation, Dataset, DatasetError, Message, Question
+from installer.memory_eval.conversations import (
+    Conversation,
+    Dataset,
+    DatasetError,
+    Message,
+    Question,
+)
 from installer.memory_eval.datasets import load_dataset
-from installer.memory_eval.file_formats import chunk_text, load_locomo, load_memory_agent_bench
-from installer.memory_eval.report import build_report, markdown_report, write_chart, write_reports
+from installer.memory_eval.file_formats import (
+    chunk_text,
+    load_locomo,
+    load_memory_agent_bench,
+)
+from installer.memory_eval.report import (
+    build_report,
+    markdown_report,
+    write_chart,
+    write_reports,
+)
 from installer.memory_eval.retrieval import LexicalRetriever, QmdRetriever
 from installer.memory_eval.runner import (
     MEMORY_NOTE,
@@ -45,10 +62,7 @@ from installer.memory_eval.scoring import (
     score_answer,
     token_f1,
 )
-from installer.cli import app
-from common.settings import QmdSettings
-
-from server_process import KEY, MODEL, Server, start_server, stop_server
+from installer.sidecar_client import ChatReply, SidecarClient, SidecarError
 
 ALL_MODES = tuple(MODES.values())
 SMALL = SuiteSize(conversations=2, facts=4, distractors=1, sessions=2)

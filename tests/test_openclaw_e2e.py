@@ -25,11 +25,11 @@ from typing import Any
 import json5
 import pytest
 import uvicorn
-
 from fake_engine import FakeEngine, text_events
+
+from common.settings import SidecarSettings
 from plugin_tools.payloads import PROVIDER_CONFIG_TOOL, PROVIDER_ID, STATUS_TOOL
 from sidecar.app import create_app
-from common.settings import SidecarSettings
 from sidecar.engine_io import ChatJob, EngineEvent
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]

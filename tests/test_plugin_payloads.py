@@ -10,16 +10,29 @@ import types
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints, is_typeddict
+from typing import (
+    Any,
+    Literal,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+    is_typeddict,
+)
 
 import jsonschema_rs
 import pytest
 
 from common.receipt import new_receipt, write_receipt
-from plugin_tools import payloads
-from plugin_tools.payloads import PluginConfig, ProviderConfigPayload, StatusPayload, ToolProblem
-from plugin_tools.status import build_status
 from common.settings import SidecarSettings, save_settings
+from plugin_tools import payloads
+from plugin_tools.payloads import (
+    PluginConfig,
+    ProviderConfigPayload,
+    StatusPayload,
+    ToolProblem,
+)
+from plugin_tools.status import build_status
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = json.loads((REPO_ROOT / "plugin_tools" / "openclaw.plugin.json").read_text(encoding="utf-8"))

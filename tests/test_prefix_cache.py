@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from engine_support import SYSTEM, job, one_shot_states, run, session_of
 
 from sidecar.delta.api import delta_states
 from sidecar.engine import Engine
-from engine_support import SYSTEM, job, one_shot_states, run, session_of
 
 QUESTION = [("user", "what did we decide about the garden?")]
 

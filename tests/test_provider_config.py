@@ -12,6 +12,7 @@ import json5
 import pytest
 from typer.testing import CliRunner
 
+from common.settings import SidecarSettings, save_settings
 from installer.cli import app
 from installer.openclaw_config import (
     OpenClawConfigError,
@@ -19,7 +20,6 @@ from installer.openclaw_config import (
     merge_patch,
     openclaw_config_path,
 )
-from presets.catalog import load_preset
 from plugin_tools.payloads import PROVIDER_ID, ConfigPatch
 from plugin_tools.provider_config import (
     HIDDEN_API_KEY,
@@ -30,7 +30,7 @@ from plugin_tools.provider_config import (
     timeout_seconds,
 )
 from plugin_tools.target import TargetError, api_base_url
-from common.settings import SidecarSettings, save_settings
+from presets.catalog import load_preset
 
 USER_CONFIG_JSON5 = """\
 // My OpenClaw setup: keep these comments in the backup.

@@ -23,16 +23,16 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from reliability import AUTH, health, record_figures, unexpected_files
 from fake_qmd import write_fake_qmd
+from reliability import AUTH, health, record_figures, unexpected_files
 from server_process import KEY, MODEL, Server, start_server, stop_server
 
 from common.ports import free_port
-from supervisors import process as process_module
-from supervisors.process import ProcessSupervisor
 from common.settings import QmdSettings
 from sidecar.qmd import MAX_OUTPUT_BYTES, qmd_lookup
 from sidecar.session_keys import hash_session_key
+from supervisors import process as process_module
+from supervisors.process import ProcessSupervisor
 
 pytestmark = pytest.mark.e2e
 

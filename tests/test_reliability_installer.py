@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from reliability import record_figures
 from typer.testing import CliRunner
 
-from installer.cli import app
-from common.ports import free_port
 from common.layout import RootLayout
+from common.ports import free_port
 from common.receipt import read_receipt, verify_receipt
+from installer.cli import app
 from plugin_tools.payloads import PROVIDER_ID
 from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
 

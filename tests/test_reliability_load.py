@@ -16,7 +16,6 @@ import pytest
 from reliability import health, record_figures, unexpected_files
 from server_process import KEY, MODEL, Server, start_server, stop_server
 
-from installer.sidecar_client import SidecarClient
 from bench.soak import (
     STATE_TOLERANCE,
     LoadReport,
@@ -27,6 +26,7 @@ from bench.soak import (
     run_load,
     state_stats,
 )
+from installer.sidecar_client import SidecarClient
 from sidecar.session_keys import hash_session_key
 
 pytestmark = pytest.mark.e2e

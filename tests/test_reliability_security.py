@@ -26,10 +26,10 @@ from reliability import AUTH, REPO_ROOT, health, is_openai_error, record_figures
 from server_process import KEY, MODEL, Server, start_server, stop_server
 from typer.testing import CliRunner
 
-from installer.cli import app
 from common.receipt import read_receipt
-from sidecar.app import create_app
 from common.settings import SettingsError, SidecarSettings
+from installer.cli import app
+from sidecar.app import create_app
 from sidecar.session_keys import SESSION_HEADERS, hash_session_key
 
 pytestmark = pytest.mark.e2e

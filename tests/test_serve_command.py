@@ -9,8 +9,8 @@ import pytest
 import uvicorn
 from typer.testing import CliRunner
 
-from installer.cli import app as cli
 from common.settings import QmdSettings, SidecarSettings, save_settings
+from installer.cli import app as cli
 
 runner = CliRunner()
 

@@ -13,11 +13,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-
-from sidecar.session_keys import hash_session_key
-
 from fake_qmd import write_fake_qmd
 from server_process import KEY, MODEL, Server, start_server, stop_server
+
+from sidecar.session_keys import hash_session_key
 
 pytestmark = pytest.mark.e2e
 

@@ -10,9 +10,18 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import psutil
 import typer
 
+from common.health import Health, base_url
+from common.layout import RootLayout
+from common.receipt import require_installed
+from common.settings import (
+    AttentionStateSource,
+    QmdMode,
+    SidecarSettings,
+    load_settings,
+    save_settings,
+)
 from installer.checks import check_qmd
 from installer.commands.options import (
     CommandRefused,
@@ -25,20 +34,10 @@ from installer.commands.options import (
     root_flag,
 )
 from installer.errors import cli_errors
-from common.health import Health, base_url, probe_health
 from installer.installation import DEFAULT_HEALTH_TIMEOUT_S
-from common.layout import RootLayout
-from common.receipt import read_receipt, require_installed, verify_receipt
+from plugin_tools.status import build_status
 from supervisors import Supervisor, sidecar_command, supervisor_for_root, tail_lines
 from supervisors.readiness import wait_until_healthy
-from common.settings import (
-    AttentionStateSource,
-    QmdMode,
-    SettingsError,
-    SidecarSettings,
-    load_settings,
-    save_settings,
-)
 
 FOLLOW_POLL_S = 0.5
 
@@ -125,49 +124,24 @@ def restart_sidecar(
 
 @cli_errors
 def status(root: RootOption = None, json_output: JsonOption = False) -> None:
-    """Show the install, the supervisor state and pid, health, model, adapter and uptime."""
+    """Show the install, the supervisor state and pid, health, model, adapter and uptime.
+
+    The report is the plugin's `delta_mem_mlx_status` payload; --json prints it as is.
+    """
     root_path = resolve_root(root)
-    report = status_report(root_path)
+    report = build_status({"sidecarRoot": str(root_path)})
     if json_output:
         print_json(report)
         return
-    supervisor, health = report["supervisor"], report["health"]
+    install, supervisor, health = report["install"], report["supervisor"], report["health"]
     typer.echo(f"root        {root_path}")
-    typer.echo(f"install     {report['install']}")
+    typer.echo(f"install     {'complete' if install['installed'] else (install['problems'] or ['incomplete'])[0]}")
     typer.echo(f"supervisor  {supervisor['kind']}: {supervisor['state']} ({supervisor['detail']})")
-    if report["url"]:
-        state = "ready" if health and health["ready"] else (health or {}).get("error", "not checked")
-        typer.echo(f"health      {report['url']}/health: {state}")
-    typer.echo(f"model       {report['model_id'] or '-'}")
-    typer.echo(f"adapter     {report['adapter'] or 'none'}")
-    if report["uptime_s"] is not None:
-        typer.echo(f"uptime      {report['uptime_s']:.0f} s")
-
-
-def status_report(root: Path) -> dict[str, Any]:
-    """Everything `status --json` prints, as a dict."""
-    supervisor = supervisor_for_root(root)
-    supervised = supervisor.status()
-    problems = verify_receipt(root, hashes=False)
-    receipt = read_receipt(root)
-    install_state = "complete" if not problems else problems[0]
-    try:
-        settings: SidecarSettings | None = load_settings(root)
-    except SettingsError:
-        settings = None
-    health: Health | None = probe_health(settings) if settings else None
-    return {
-        "root": str(root),
-        "install": install_state,
-        "preset": receipt.preset if receipt else None,
-        "installed_at": receipt.installed_at if receipt else None,
-        "supervisor": supervised.to_dict(),
-        "url": base_url(settings) if settings else None,
-        "health": health.to_dict() if health else None,
-        "model_id": settings.model_id if settings else None,
-        "adapter": settings.adapter_path if settings else None,
-        "uptime_s": _uptime(supervised.pid),
-    }
+    typer.echo(f"health      {health['url']}: {'ready' if health['problem'] is None else health['problem']}")
+    typer.echo(f"model       {install['model_id'] or '-'}")
+    typer.echo(f"adapter     {install['adapter_path'] or 'none'}")
+    if supervisor["uptime_s"] is not None:
+        typer.echo(f"uptime      {supervisor['uptime_s']:.0f} s")
 
 
 @cli_errors
@@ -248,15 +222,6 @@ def _echo_ready(settings: SidecarSettings, health: Health, supervisor: Superviso
     typer.echo(
         f"Next: 'delta-mem-mlx provider-config --apply{root_flag(supervisor.layout.root)}' connects OpenClaw."
     )
-
-
-def _uptime(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    try:
-        return max(0.0, time.time() - psutil.Process(pid).create_time())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
 
 
 def _follow(paths: tuple[Path, ...]) -> None:

@@ -6,13 +6,19 @@ from typing import Annotated
 
 import typer
 
+from common.settings import DEFAULT_HOST, DEFAULT_PORT
 from installer.checks import Check, check_disk, failures, format_checks, run_checks
-from installer.commands.options import JsonOption, RootOption, examples, print_json, resolve_root
+from installer.commands.options import (
+    JsonOption,
+    RootOption,
+    examples,
+    print_json,
+    resolve_root,
+)
 from installer.downloads import DownloadError, plan_downloads
 from installer.errors import cli_errors
 from presets.catalog import PresetError, load_preset
 from supervisors import supervisor_for_root
-from common.settings import DEFAULT_HOST, DEFAULT_PORT
 
 
 @cli_errors

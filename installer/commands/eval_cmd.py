@@ -12,8 +12,12 @@ from typing import Annotated
 
 import typer
 
+from common.health import base_url
+from common.settings import QmdSettings, SidecarSettings, load_settings
+from installer.commands.options import RootOption, examples, resolve_root
+from installer.commands.serve import API_KEY_ENV
+from installer.errors import cli_errors
 from installer.memory_eval.builtin_suite import SuiteSize
-from installer.sidecar_client import SidecarClient
 from installer.memory_eval.conversations import Conversation, DatasetError
 from installer.memory_eval.datasets import load_dataset
 from installer.memory_eval.file_formats import DEFAULT_CHUNK_CHARS
@@ -28,11 +32,7 @@ from installer.memory_eval.runner import (
     planned_requests,
     run_eval,
 )
-from installer.commands.options import RootOption, examples, resolve_root
-from installer.commands.serve import API_KEY_ENV
-from installer.errors import cli_errors
-from common.health import base_url
-from common.settings import QmdSettings, SidecarSettings, load_settings
+from installer.sidecar_client import SidecarClient
 
 RETRIEVERS = ("lexical", "qmd")
 

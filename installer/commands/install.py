@@ -8,12 +8,18 @@ from typing import Annotated
 
 import typer
 
-from installer.commands.options import RootOption, YesOption, examples, resolve_root, root_flag
+from common.settings import DEFAULT_HOST, DEFAULT_PORT
+from installer.commands.options import (
+    RootOption,
+    YesOption,
+    examples,
+    resolve_root,
+    root_flag,
+)
 from installer.errors import cli_errors
 from installer.installation import DEFAULT_HEALTH_TIMEOUT_S, InstallRequest, install
 from presets.catalog import load_preset, with_overrides
 from supervisors import SupervisorKind, default_kind
-from common.settings import DEFAULT_HOST, DEFAULT_PORT
 
 PresetOption = Annotated[str, typer.Option(help="Install preset (see 'delta-mem-mlx presets').")]
 ModelRepoOption = Annotated[

@@ -12,14 +12,14 @@ from typing import Annotated, Any
 
 import typer
 
+from common.health import base_url, open_local
+from common.ports import free_port
+from common.settings import DEFAULT_HOST, SidecarSettings
 from installer.commands.options import examples
 from installer.errors import cli_errors
-from common.health import base_url, open_local
 from installer.installation import InstallRequest, install
 from presets.catalog import load_preset, with_overrides
 from supervisors import make_supervisor, tail_lines
-from common.ports import free_port
-from common.settings import DEFAULT_HOST, SidecarSettings
 
 SELFTEST_MODEL_ID = "delta-mem-tiny-selftest"
 SELFTEST_SNIPPET = "The user's cat is called Miso and is afraid of the vacuum cleaner."

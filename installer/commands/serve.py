@@ -10,9 +10,9 @@ from typing import Annotated, Any
 import typer
 import uvicorn
 
+from common.settings import SettingsError, SidecarSettings, load_settings
 from installer.commands.options import RootOption, examples, resolve_root
 from installer.errors import cli_errors
-from common.settings import SettingsError, SidecarSettings, load_settings
 
 # In-flight streams get this long to finish after SIGTERM before uvicorn cancels them.
 GRACEFUL_SHUTDOWN_S = 10

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from installer.memory_eval.conversations import Dataset
 from common.files import atomic_write_text
+from installer.memory_eval.conversations import Dataset
 
 HISTORY_FILE = "conversation.md"
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from installer.memory_eval.conversations import Dataset
 from installer.memory_eval.runner import MODES, AnswerRecord, RunResult, RunSettings
 from installer.memory_eval.scoring import METRICS, bootstrap_difference
-from common.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 REPORT_FORMAT = "delta-mem-mlx-eval/1"
 # Each δ mode against the baseline it should beat: δ alone against the plain model, hidden

@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from common.settings import QmdSettings
 from installer.memory_eval.conversations import Conversation
 from installer.memory_eval.text import search_terms
-from common.settings import QmdSettings
 from sidecar.qmd import qmd_lookup
 
 # Okapi BM25's usual constants.

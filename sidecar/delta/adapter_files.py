@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import UserError
+from common.files import atomic_write_bytes
 from sidecar.delta.config import CONFIG_FILE, DeltaMemConfig, tensor_key, tensor_names
 from sidecar.delta.torch_archive import (
     TorchArchiveError,
@@ -23,7 +24,6 @@ from sidecar.delta.torch_archive import (
     bfloat16_bits_to_float32,
     read_torch_archive,
 )
-from common.files import atomic_write_bytes
 
 NPZ_FILE = "delta_mem_adapter_mlx.npz"
 PT_FILE = "delta_mem_adapter.pt"
