@@ -8,16 +8,15 @@ are written into the δ-state right there, and only the rest of the prompt is pr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
 import platform
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx_lm
@@ -26,18 +25,10 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from common.settings import SidecarSettings
-from sidecar.delta.api import (
-    attach_delta_mem,
-    delta_info,
-    delta_state_stats,
-    delta_states,
-    set_delta_controls,
-    write_context,
-)
+from sidecar.delta.api import attach_delta_mem, delta_info, delta_states, set_delta_controls, write_context
 from sidecar.engine_io import (
     ChatJob,
     EngineError,
-    EngineEvent,
     EngineInfo,
     Failed,
     Finished,
@@ -46,53 +37,19 @@ from sidecar.engine_io import (
     ToolCallFormat,
 )
 from sidecar.prefix_cache import PrefixCache
-from sidecar.prompts import SYSTEM_ROLES, leading_span, message_spans, render_prompt, render_text
+from sidecar.prompts import leading_span, message_spans, render_prompt, render_text
 from sidecar.session_keys import hash_session_key
-from sidecar.session_state import ContextWrite, Segment, SegmentKind, Session
+from sidecar.session_report import describe_session
+from sidecar.session_state import Segment, SegmentKind, Session, SnippetWrite
 from sidecar.sessions import SessionStore
 from sidecar.stop_strings import StopScanner
+from sidecar.worker import Cancelled, JobStream, Worker
+from sidecar.write_plan import WritePolicy, common_prefix, plan_writes, replay_steps, shared_boundary
 
 log = logging.getLogger("sidecar.engine")
 
 PREFILL_STEP = 512
 PREFIX_ENTRIES = 8
-
-
-class Cancelled(Exception):
-    """The client went away; the job stops between two steps."""
-
-
-class JobStream:
-    """Events of one job, delivered from the worker thread to the event loop that submitted it."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
-        self._events: asyncio.Queue[EngineEvent] = asyncio.Queue()
-        self._cancelled = threading.Event()
-        self._done = False
-
-    def __aiter__(self) -> "JobStream":
-        return self
-
-    async def __anext__(self) -> EngineEvent:
-        if self._done:
-            raise StopAsyncIteration
-        event = await self._events.get()
-        self._done = isinstance(event, (Finished, Failed))
-        return event
-
-    def cancel(self) -> None:
-        """Ask the worker to stop this job at its next step."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        """True once cancel() was called."""
-        return self._cancelled.is_set()
-
-    def emit(self, event: EngineEvent) -> None:
-        """Hand an event to the waiting coroutine (called from the worker thread)."""
-        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
 
 @dataclass
@@ -132,16 +89,19 @@ class Engine:
         self.prefixes = PrefixCache(max_entries=PREFIX_ENTRIES if settings.prefix_cache else 0)
         self.counters = _Counters()
         self.started = time.time()
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._work, name="delta-mem-engine", daemon=True)
-        self._worker.start()
+        self.policy = WritePolicy(
+            delta=True,
+            message_mean=adapter is not None and adapter.config.memory_write_granularity == "message_mean",
+            skip_system=settings.write_policy == "skip-system",
+        )
+        self._worker = Worker("delta-mem-engine")
 
     # ---- the interface the serving layer uses -------------------------------------------
 
     def submit(self, job: ChatJob) -> JobStream:
         """Queue a chat job; iterate the returned stream for its events."""
         stream = JobStream(asyncio.get_running_loop())
-        self._jobs.put(lambda: self._run_chat(job, stream))
+        self._worker.put(lambda: self._run_chat(job, stream))
         return stream
 
     async def health(self) -> dict[str, Any]:
@@ -167,7 +127,7 @@ class Engine:
                 "completed": self.counters.jobs,
                 "failed": self.counters.failed,
                 "cancelled": self.counters.cancelled,
-                "queued": self._jobs.qsize(),
+                "queued": self._worker.queued,
                 "prompt_tokens": self.counters.prompt_tokens,
                 "cached_tokens": self.counters.cached_tokens,
             },
@@ -176,48 +136,28 @@ class Engine:
 
     async def reset_session(self, session_key: str) -> bool:
         """Forget a session (both modes), in memory and on disk."""
-        return await self._call(lambda: self.store.remove(hash_session_key(session_key)))
+        return await self._worker.call(lambda: self.store.remove(hash_session_key(session_key)))
 
     async def session_stats(self, session_key: str) -> dict[str, Any] | None:
         """Tokens, cache and δ-state figures of a session, or None if it does not exist."""
-        return await self._call(lambda: self._stats(hash_session_key(session_key)))
+        return await self._worker.call(lambda: self._stats(hash_session_key(session_key)))
 
     async def save_session(self, session_key: str) -> dict[str, Any]:
         """Write a session to the state dir now."""
-        return await self._call(lambda: self._save(hash_session_key(session_key)))
+        return await self._worker.call(lambda: self._save(hash_session_key(session_key)))
 
     async def load_session(self, session_key: str) -> dict[str, Any]:
         """Bring a session back from the state dir (its KV is rebuilt at its next turn)."""
-        return await self._call(lambda: self._load(hash_session_key(session_key)))
+        return await self._worker.call(lambda: self._load(hash_session_key(session_key)))
 
     async def close(self) -> None:
         """Finish the queued work, save every session and stop the worker (once)."""
-        if not self._worker.is_alive():
+        if not self._worker.alive:
             return
-        await self._call(self._save_all)
-        self._jobs.put(None)
-        await asyncio.to_thread(self._worker.join, 30)
+        await self._worker.call(self._save_all)
+        await self._worker.stop()
 
     # ---- worker ---------------------------------------------------------------------------
-
-    def _work(self) -> None:
-        while (task := self._jobs.get()) is not None:
-            task()
-
-    async def _call(self, fn: Callable[[], Any]) -> Any:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-
-        def task() -> None:
-            try:
-                result = fn()
-            except Exception as exc:  # handed to the caller's coroutine
-                loop.call_soon_threadsafe(_set_exception, future, exc)
-            else:
-                loop.call_soon_threadsafe(_set_result, future, result)
-
-        self._jobs.put(task)
-        return await future
 
     def _run_chat(self, job: ChatJob, stream: JobStream) -> None:
         if stream.cancelled:
@@ -246,7 +186,7 @@ class Engine:
         delta = job.delta_enabled and delta_info(self.model) is not None
         session = self.store.get(hash_session_key(job.session_key), delta)
         began = time.perf_counter()
-        boundary = self._shared_boundary(prompt)
+        boundary = shared_boundary(leading_span(self.tokenizer, prompt), len(prompt))
         try:
             reused = self._prepare(session, prompt, boundary, stream)
             written = self._write_snippets(session, job.snippets) if delta else 0
@@ -268,14 +208,14 @@ class Engine:
     def _prepare(self, session: Session, prompt: list[int], boundary: int, stream: JobStream) -> int:
         """Cut the session back to what it shares with this prompt, then bring it up to the shared
         boundary (the end of the leading system prompt) from a zero state; returns tokens reused."""
-        common = _common_prefix(session.tokens, prompt)
+        common = common_prefix(session.tokens, prompt)
         target = session.safe_offset(min(common, len(prompt) - 1))
         if session.cache is None:
             reused = self._rebuild(session, target, stream)
         else:
             session.truncate(target)
             reused = target
-        if len(session.tokens) < boundary and not session.contexts:
+        if len(session.tokens) < boundary and not session.snippet_writes:
             reused = max(reused, self._start_from_shared_prefix(session, prompt, boundary))
             start = len(session.tokens)
             self._prefill(session, prompt[start:boundary], self._plan(session.delta, prompt, start, boundary), stream)
@@ -297,30 +237,28 @@ class Engine:
     def _rebuild(self, session: Session, target: int, stream: JobStream) -> int:
         """Recreate the KV cache of a new, evicted or restored session by replaying its history up to
         `target` (from a shared prefix when one matches); returns the tokens taken from that prefix."""
-        history = Session(session.key_hash, session.delta, list(session.tokens), list(session.segments), list(session.contexts))
+        history = Session(
+            session.key_hash, session.delta, list(session.tokens), list(session.segments), list(session.snippet_writes)
+        )
         history.truncate(target)
         fresh = Session(session.key_hash, session.delta, cache=self._new_cache(session.delta))
         shared = 0
-        first_context = history.contexts[0].offset if history.contexts else target
-        if first_context > 0:
-            hit = self.prefixes.fetch(_mode(session), history.tokens[:first_context])
+        first_write = history.snippet_writes[0].offset if history.snippet_writes else target
+        if first_write > 0:
+            hit = self.prefixes.fetch(_mode(session), history.tokens[:first_write])
             if hit is not None:
                 shared, fresh.cache = hit
                 fresh.tokens = history.tokens[:shared]
-                fresh.segments = [seg if seg.end <= shared else seg.cut(shared) for seg in history.segments if seg.start < shared]
-        contexts = list(history.contexts)
-        for seg in _split_at(history.segments, [c.offset for c in contexts] + [shared]):
-            if seg.end <= shared:
-                continue
-            while contexts and contexts[0].offset <= seg.start:
-                self._apply_context(fresh, contexts.pop(0))
-            self._run_segment(fresh, history.tokens[seg.start : seg.end], seg, stream)
-        for context in contexts:
-            self._apply_context(fresh, context)
+                fresh.segments = [s if s.end <= shared else s.cut(shared) for s in history.segments if s.start < shared]
+        for step in replay_steps(history.segments, history.snippet_writes, shared):
+            if step.snippets is not None:
+                self._apply_snippets(fresh, step.snippets)
+            else:
+                self._run_segment(fresh, history.tokens[step.segment.start : step.segment.end], step.segment, stream)
         # Only now, with the replay complete, does the session change: a cancelled replay loses nothing.
         if session.saved_states is not None and target == len(session.tokens) and session.delta:
             _check_replay(fresh, self.model, session.saved_states)
-        session.tokens, session.segments, session.contexts = fresh.tokens, fresh.segments, fresh.contexts
+        session.tokens, session.segments, session.snippet_writes = fresh.tokens, fresh.segments, fresh.snippet_writes
         session.cache, session.saved_states = fresh.cache, None
         session.prefilled_tokens += fresh.prefilled_tokens
         return shared
@@ -329,43 +267,21 @@ class Engine:
         if not snippets:
             return 0
         digest = hashlib.sha256(json.dumps(list(snippets)).encode("utf-8")).hexdigest()
-        if session.latest_context_digest() == digest:
+        if session.latest_snippets_digest() == digest:
             return 0  # the same snippets are already in memory (a retried request)
         tokens = tuple(render_text(self.tokenizer, "\n\n".join(snippets)))
-        self._apply_context(session, ContextWrite(len(session.tokens), digest, tokens, len(snippets)))
+        self._apply_snippets(session, SnippetWrite(len(session.tokens), digest, tokens, len(snippets)))
         return len(snippets)
 
-    def _apply_context(self, session: Session, context: ContextWrite) -> None:
-        write_context(self.model, session.cache, list(context.tokens))
-        session.contexts.append(context)
+    def _apply_snippets(self, session: Session, write: SnippetWrite) -> None:
+        write_context(self.model, session.cache, list(write.tokens))
+        session.snippet_writes.append(write)
 
     def _plan(self, delta: bool, prompt: list[int], start: int, end: int) -> list[Segment]:
-        """How to write prompt[start:end]: by mode, write policy and the adapter's write granularity."""
-        if start >= end:
-            return []
-        if not delta:
-            return [Segment(start, end, "plain")]
-        info = delta_info(self.model)
-        message_mean = info.config.memory_write_granularity == "message_mean"
-        if not (message_mean or self.settings.write_policy == "skip-system"):
-            return [Segment(start, end, "write")]
-        spans = message_spans(self.tokenizer, prompt)
-        # System messages are read, not written: the policy says so, and so does message-mean writing.
-        segments = _system_read_only(spans, start, end)
-        if not message_mean:
-            return segments
-        ids = _message_ids(spans, start, end)
-        return [
-            Segment(seg.start, seg.end, "messages", ids[seg.start - start : seg.end - start]) if seg.kind == "write" else seg
-            for seg in segments
-        ]
-
-    def _shared_boundary(self, prompt: list[int]) -> int:
-        """End of the leading system message: the prefix that sessions share."""
-        first = leading_span(self.tokenizer, prompt)
-        if first is not None and first.start == 0 and first.role in SYSTEM_ROLES:
-            return min(first.end, len(prompt) - 1)
-        return 0
+        """How to write prompt[start:end] (see write_plan.plan_writes)."""
+        policy = dataclasses.replace(self.policy, delta=delta)
+        spans = message_spans(self.tokenizer, prompt) if policy.needs_spans and start < end else []
+        return plan_writes(policy, spans, start, end)
 
     def _prefill(self, session: Session, tokens: list[int], plan: list[Segment], stream: JobStream) -> None:
         base = len(session.tokens)
@@ -473,28 +389,8 @@ class Engine:
         for delta in (True, False):
             session = self.store.peek(key_hash, delta)
             if session is not None:
-                found["delta" if delta else "base"] = self._describe(session)
+                found["delta" if delta else "base"] = describe_session(self.model, session)
         return found or None
-
-    def _describe(self, session: Session) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "tokens": len(session.tokens),
-            "cached_kv_tokens": session.cache[0].offset if session.cache else 0,
-            "kv_bytes": session.kv_bytes,
-            "turns": session.turns,
-            "prefilled_tokens": session.prefilled_tokens,
-            "reused_tokens": session.reused_tokens,
-            "memory_writes": sum(c.count for c in session.contexts),
-            "last_used": session.last_used,
-        }
-        if session.delta and session.cache is not None:
-            out["delta_state"] = delta_state_stats(self.model, session.cache)
-        elif session.saved_states:
-            out["delta_state"] = [
-                {"layer": layer, **_array_stats(s)}
-                for layer, s in zip(delta_info(self.model).layers, session.saved_states)
-            ]
-        return out
 
     def _save(self, key_hash: str) -> dict[str, Any]:
         if self.store.state_dir is None:
@@ -525,57 +421,8 @@ class Engine:
             self._persist(session)
 
 
-def _message_ids(spans: list[Any], start: int, end: int) -> tuple[int, ...]:
-    """Per token: the message's number, or -1 for system messages and the generation prompt."""
-    ids = [-1] * (end - start)
-    number = 0
-    for span in spans[:-1]:  # the last span is the generation prompt
-        if span.role not in SYSTEM_ROLES:
-            for t in range(max(span.start, start), min(span.end, end)):
-                ids[t - start] = number
-            number += 1
-    return tuple(ids)
-
-
-def _system_read_only(spans: list[Any], start: int, end: int) -> list[Segment]:
-    """Segments that read but do not write system and developer messages."""
-    out: list[Segment] = []
-    for span in spans or []:
-        a, b = max(span.start, start), min(span.end, end)
-        if a < b:
-            kind: SegmentKind = "read" if span.role in SYSTEM_ROLES else "write"
-            if out and out[-1].kind == kind:
-                out[-1] = Segment(out[-1].start, b, kind)
-            else:
-                out.append(Segment(a, b, kind))
-    if not out or out[-1].end < end:
-        out.append(Segment(out[-1].end if out else start, end, "write"))
-    return out
-
-
 def _mode(session: Session) -> str:
     return "delta" if session.delta else "base"
-
-
-def _split_at(segments: list[Segment], offsets: list[int]) -> list[Segment]:
-    """Segments cut wherever a hidden-memory write happened inside one."""
-    out: list[Segment] = []
-    for seg in segments:
-        for offset in sorted({o for o in offsets if seg.start < o < seg.end}):
-            head = seg.cut(offset)
-            out.append(head)
-            ids = seg.message_ids[offset - seg.start :] if seg.message_ids else ()
-            seg = Segment(offset, seg.end, seg.kind, ids)
-        out.append(seg)
-    return out
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _check_replay(session: Session, model: Any, saved: list[Any]) -> None:
@@ -584,11 +431,6 @@ def _check_replay(session: Session, model: Any, saved: list[Any]) -> None:
         diff = float(mx.max(mx.abs(now - mx.array(before))))
         if diff > 1e-3:
             log.warning("session %s: replayed δ-state of layer %d differs by %.2g", session.key_hash[:12], layer, diff)
-
-
-def _array_stats(state: Any) -> dict[str, Any]:
-    s = mx.array(state)
-    return {"norm": float(mx.sqrt(mx.sum(s * s))), "max_abs": float(mx.max(mx.abs(s))), "nonzero": int(mx.sum(s != 0))}
 
 
 def _backend() -> dict[str, Any]:
@@ -617,13 +459,3 @@ def _fingerprint(settings: SidecarSettings) -> str:
                 stat = path.stat()
                 digest.update(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
     return digest.hexdigest()[:32]
-
-
-def _set_result(future: asyncio.Future[Any], result: Any) -> None:
-    if not future.done():
-        future.set_result(result)
-
-
-def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)

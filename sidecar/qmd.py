@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from common.settings import QmdSettings
-from sidecar.memory_input import MemoryItem, memory_items
+from sidecar.memory_input import MemorySnippet, memory_snippets
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _HUNK_HEADER = re.compile(r"\A\s*@@[^\n]*?@@[^\n]*(?:\n|\Z)")
 class QmdResult:
     """What a QMD lookup found; `reason` says why it found nothing when it failed."""
 
-    items: list[MemoryItem]
+    snippets: list[MemorySnippet]
     reason: str | None = None
 
 
@@ -100,13 +100,13 @@ def _parse_output(stdout: bytes) -> QmdResult:
     if not isinstance(data, list):
         return QmdResult([], "qmd output is not a JSON array")
     problems: list[str] = []
-    items = memory_items([_as_memory_entry(entry) for entry in data], problems)
-    return QmdResult(items, "; ".join(problems) or None)
+    snippets = memory_snippets([_as_memory_entry(entry) for entry in data], problems)
+    return QmdResult(snippets, "; ".join(problems) or None)
 
 
 def _as_memory_entry(entry: Any) -> Any:
     # A QMD hit is {docid, score, file, line, title, context?, snippet}; anything else is left
-    # for memory_items to skip and count.
+    # for memory_snippets to skip and count.
     if not isinstance(entry, dict) or not isinstance(entry.get("snippet"), str):
         return entry
     return {"snippet": strip_hunk_header(entry["snippet"]), "source": entry.get("file"), "score": entry.get("score")}

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import JSONResponse, Response
 
 from common.settings import SidecarSettings
 from sidecar.engine_io import (
@@ -25,7 +23,7 @@ from sidecar.engine_io import (
     PromptDone,
     TextDelta,
 )
-from sidecar.memory_input import MEMORY_HEADER, ParsedMemory, bounded_items, parse_memory_input
+from sidecar.memory_input import MEMORY_HEADER, ParsedMemory, bounded_snippets, parse_memory_input
 from sidecar.protocol import (
     ApiError,
     ChatCompletionChunk,
@@ -50,6 +48,7 @@ from sidecar.protocol import (
 )
 from sidecar.qmd import qmd_lookup
 from sidecar.session_keys import hash_session_key, session_key_from_headers
+from sidecar.sse import SSE_DONE, EventStreamResponse, sse, until_disconnect
 from sidecar.tool_calls import ContentDelta, ParsedToolCall, ParserEvent, ToolCallStreamParser
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,6 @@ log = logging.getLogger(__name__)
 DELTA_MODE_HEADER = "x-delta-mode"
 DeltaMode = Literal["base", "delta"]
 MemorySource = Literal["request", "qmd", "none"]
-T = TypeVar("T")
 
 # A client that goes away while a non-streamed answer is generated never sees a status, but the
 # access log does; 499 is the usual "client closed request" code.
@@ -184,10 +182,10 @@ class ChatCompletionService:
         if source_setting != "qmd":
             return parsed, "none"
         result = await qmd_lookup(self.settings.qmd, latest_user_text(messages))
-        found = bounded_items(result.items)
+        found = bounded_snippets(result.snippets)
         if result.reason:
             log.warning("qmd: %s", result.reason)
-            if not result.items:
+            if not result.snippets:
                 found.problems.append("qmd found nothing usable (reason in the server log)")
         return found, "qmd"
 
@@ -234,7 +232,7 @@ def _response_headers(session_key: str, mode: DeltaMode, memory: ParsedMemory, s
     headers = {
         "X-Delta-Session": hash_session_key(session_key),
         "X-Delta-Mode": mode,
-        "X-Delta-Attention-State-Count": str(len(memory.items)),
+        "X-Delta-Attention-State-Count": str(len(memory.snippets)),
         "X-Delta-Attention-State-Source": source,
     }
     if memory.problems:
@@ -349,17 +347,6 @@ def _log_done(meta: _Meta, outcome: _Outcome) -> None:
     )
 
 
-# --------------------------------------------------------------------------- streaming
-
-
-def sse(payload: str) -> str:
-    """One server-sent event carrying `payload`."""
-    return f"data: {payload}\n\n"
-
-
-SSE_DONE = sse("[DONE]")
-
-
 async def _sse_events(
     stream: JobStream, parser: ToolCallStreamParser | None, meta: _Meta, include_usage: bool
 ) -> AsyncIterator[str]:
@@ -414,62 +401,3 @@ def _delta(event: ParserEvent) -> ChoiceDelta:
         function=FunctionCallDelta(name=event.name, arguments=event.arguments),
     )
     return ChoiceDelta(tool_calls=[call])
-
-
-class EventStreamResponse(StreamingResponse):
-    """SSE that notices a client leaving even while no event is due, and then cancels the job."""
-
-    media_type = "text/event-stream"
-
-    def __init__(
-        self, content: AsyncIterator[str], on_disconnect: Callable[[], None], headers: Mapping[str, str]
-    ) -> None:
-        super().__init__(content, headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._on_disconnect = on_disconnect
-        self._events = content
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        delivered = await until_disconnect(receive, self._pump(send), self._on_disconnect)
-        if delivered is False:
-            self._on_disconnect()
-        if not delivered:
-            aclose = getattr(self._events, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    async def _pump(self, send: Send) -> bool:
-        try:
-            await self.stream_response(send)
-        except OSError:
-            # ASGI 2.4 servers report a vanished client by failing the send.
-            return False
-        return True
-
-
-async def until_disconnect(receive: Receive, work: Awaitable[T], on_disconnect: Callable[[], None]) -> T | None:
-    """Await `work` unless the client disconnects first; then call `on_disconnect` and return None."""
-    work_task = asyncio.ensure_future(work)
-    watch_task = asyncio.ensure_future(_wait_for_disconnect(receive))
-    try:
-        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        # The server itself is cancelling this request (e.g. shutting down): free the worker too.
-        on_disconnect()
-        work_task.cancel()
-        raise
-    finally:
-        watch_task.cancel()
-    if work_task.done():
-        return work_task.result()
-    on_disconnect()
-    work_task.cancel()
-    try:
-        await work_task
-    except asyncio.CancelledError:
-        pass
-    return None
-
-
-async def _wait_for_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass

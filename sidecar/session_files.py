@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from common.files import atomic_write_bytes
-from sidecar.session_state import ContextWrite, Segment, Session
+from sidecar.session_state import Segment, Session, SnippetWrite
 
 FORMAT = 1
 _KINDS = ("write", "read", "messages", "plain")
@@ -38,9 +38,10 @@ def save_session_file(path: Path, session: Session, fingerprint: str, states: li
         "prefilled_tokens": session.prefilled_tokens,
         "reused_tokens": session.reused_tokens,
         "segments": [[s.start, s.end, s.kind] for s in session.segments],
+        # "contexts" and "context_tokens": the snippet writes, under the names of format 1.
         "contexts": [
             {"offset": c.offset, "digest": c.digest, "length": len(c.tokens), "count": c.count}
-            for c in session.contexts
+            for c in session.snippet_writes
         ],
         "layers": 0 if states is None else len(states),
     }
@@ -50,7 +51,7 @@ def save_session_file(path: Path, session: Session, fingerprint: str, states: li
         "message_ids": np.asarray(
             [i for s in session.segments for i in s.message_ids], dtype=np.int32
         ),
-        "context_tokens": np.asarray([t for c in session.contexts for t in c.tokens], dtype=np.int32),
+        "context_tokens": np.asarray([t for c in session.snippet_writes for t in c.tokens], dtype=np.int32),
     }
     for i, state in enumerate(states or []):
         arrays[f"state_{i}"] = np.asarray(state, dtype=np.float32)
@@ -98,12 +99,12 @@ def _session(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Session:
     if position != len(tokens) or ids:
         raise SessionFileError("segments do not cover the tokens")
     flat = _array(arrays, "context_tokens", np.int32).tolist()
-    contexts, previous = [], 0
+    writes, previous = [], 0
     for c in header["contexts"]:
         offset, length = int(c["offset"]), int(c["length"])
         if not previous <= offset <= len(tokens) or length < 0 or length > len(flat):
             raise SessionFileError("bad hidden-memory record")
-        contexts.append(ContextWrite(offset, str(c["digest"]), tuple(flat[:length]), int(c["count"])))
+        writes.append(SnippetWrite(offset, str(c["digest"]), tuple(flat[:length]), int(c["count"])))
         flat, previous = flat[length:], offset
     if flat:
         raise SessionFileError("stray hidden-memory tokens")
@@ -113,7 +114,7 @@ def _session(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Session:
         delta=bool(header["delta"]),
         tokens=tokens,
         segments=segments,
-        contexts=contexts,
+        snippet_writes=writes,
         created=float(header["created"]),
         last_used=float(header["last_used"]),
         turns=int(header["turns"]),

@@ -1,7 +1,7 @@
 """A session's state: its cache and the history that reproduces it exactly.
 
 The history is replayable: the tokens, how each run of tokens was written (segments) and the
-hidden-memory writes (contexts). With it the KV cache can be dropped (eviction, restart) and
+memory-snippet writes. With it the KV cache can be dropped (eviction, restart) and
 rebuilt, and a rollback can cut the history at any safe offset.
 """
 
@@ -30,8 +30,8 @@ class Segment:
 
 
 @dataclass(frozen=True)
-class ContextWrite:
-    """Hidden-memory snippets written into the δ-state at `offset` (no KV)."""
+class SnippetWrite:
+    """Memory snippets written into the δ-state at `offset` (no KV): their digest, tokens and count."""
 
     offset: int
     digest: str
@@ -47,7 +47,7 @@ class Session:
     delta: bool
     tokens: list[int] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
-    contexts: list[ContextWrite] = field(default_factory=list)
+    snippet_writes: list[SnippetWrite] = field(default_factory=list)
     cache: list[Any] | None = None
     saved_states: list[Any] | None = None  # δ-states read from disk, until the cache is rebuilt
     created: float = field(default_factory=time.time)
@@ -78,7 +78,7 @@ class Session:
         return offset
 
     def truncate(self, offset: int) -> None:
-        """Forget everything after `offset` tokens (contexts written at `offset` stay)."""
+        """Forget everything after `offset` tokens (snippets written at `offset` stay)."""
         offset = min(offset, len(self.tokens))
         if self.cache is not None and offset < len(self.tokens):
             for layer in self.cache:
@@ -87,7 +87,7 @@ class Session:
         self.segments = [
             seg if seg.end <= offset else seg.cut(offset) for seg in self.segments if seg.start < offset
         ]
-        self.contexts = [c for c in self.contexts if c.offset <= offset]
+        self.snippet_writes = [c for c in self.snippet_writes if c.offset <= offset]
 
     def record(self, tokens: list[int], kind: SegmentKind, message_ids: tuple[int, ...] = ()) -> None:
         """Append tokens that were just written into the cache."""
@@ -97,12 +97,12 @@ class Session:
         self.tokens.extend(tokens)
         last = self.segments[-1] if self.segments else None
         # A memory write between two runs keeps them apart, so a replay can put it back between them.
-        context_here = bool(self.contexts) and self.contexts[-1].offset == start
+        context_here = bool(self.snippet_writes) and self.snippet_writes[-1].offset == start
         if last is not None and last.kind == kind and kind != "messages" and not context_here:
             self.segments[-1] = Segment(last.start, len(self.tokens), kind)
         else:
             self.segments.append(Segment(start, len(self.tokens), kind, message_ids))
 
-    def latest_context_digest(self) -> str | None:
+    def latest_snippets_digest(self) -> str | None:
         """Digest of the most recent hidden-memory write still in the history."""
-        return self.contexts[-1].digest if self.contexts else None
+        return self.snippet_writes[-1].digest if self.snippet_writes else None

@@ -74,7 +74,7 @@ def one_shot_states(engine: Engine, session) -> list[mx.array]:
     """The δ-states from a single fresh pass over the session's final tokens, memory writes at their offsets."""
     cache = make_prompt_cache(engine.model)
     done = 0
-    for context in session.contexts:
+    for context in session.snippet_writes:
         if context.offset > done:
             engine.model(mx.array([session.tokens[done : context.offset]]), cache=cache)
             done = context.offset

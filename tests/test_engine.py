@@ -32,7 +32,7 @@ def test_every_token_is_written_exactly_once_over_openclaw_turns(engine_factory)
             assert done.cached_tokens > done.prompt_tokens // 2
         assert isinstance(events[-1], Finished)
     session = session_of(engine)
-    assert len(session.contexts) >= 2
+    assert len(session.snippet_writes) >= 2
     _assert_states_close(delta_states(engine.model, session.cache), one_shot_states(engine, session))
 
 
@@ -41,7 +41,7 @@ def test_without_memory_writes_the_state_is_a_plain_one_shot_pass(engine_factory
     for messages in openclaw_turns(3):
         run(engine, job(messages))
     session = session_of(engine)
-    assert session.contexts == []
+    assert session.snippet_writes == []
     cache = make_prompt_cache(engine.model)
     engine.model(mx.array([session.tokens]), cache=cache)
     _assert_states_close(delta_states(engine.model, session.cache), delta_states(engine.model, cache))
@@ -55,7 +55,7 @@ def test_a_retried_request_does_not_write_its_snippets_twice(engine_factory) -> 
     retry = run(engine, request)
     assert first[0].snippets_written == 1 and retry[0].snippets_written == 0
     assert retry[0].cached_tokens == retry[0].prompt_tokens - 1
-    assert len(session_of(engine).contexts) == 1
+    assert len(session_of(engine).snippet_writes) == 1
     # Same prompt, same memory, greedy decoding: the same answer and the same final state.
     assert [e for e in first if isinstance(e, TextDelta)] == [e for e in retry if isinstance(e, TextDelta)]
     _assert_states_close([mx.array(s) for s in states_after_first], delta_states(engine.model, session_of(engine).cache))
@@ -72,9 +72,9 @@ def test_sessions_are_isolated_and_base_mode_is_its_own_session(engine_factory) 
     for key in ("alice", "bob"):
         session = session_of(engine, key)
         _assert_states_close(delta_states(engine.model, session.cache), one_shot_states(engine, session))
-    assert len(session_of(engine, "alice").contexts) == 2 and session_of(engine, "bob").contexts == []
+    assert len(session_of(engine, "alice").snippet_writes) == 2 and session_of(engine, "bob").snippet_writes == []
     base = session_of(engine, "alice", delta=False)
-    assert base is not None and base.contexts == [] and all(s.kind == "plain" for s in base.segments)
+    assert base is not None and base.snippet_writes == [] and all(s.kind == "plain" for s in base.segments)
 
 
 def test_an_evicted_session_is_rebuilt_exactly_from_disk(engine_factory) -> None:
@@ -111,7 +111,7 @@ def test_a_restarted_server_continues_a_session(engine_factory) -> None:
         assert layer["norm"] == pytest.approx(float(np.linalg.norm(saved)), rel=1e-5)
     events = run(second, job(turns[1]))
     assert isinstance(events[-1], Finished) and events[-1].finish_reason != "cancelled"
-    assert len(session_of(second).contexts) == 1
+    assert len(session_of(second).snippet_writes) == 1
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])

@@ -28,7 +28,7 @@ from sidecar.engine_io import (
     PromptDone,
     TextDelta,
 )
-from sidecar.memory_input import MAX_ITEMS
+from sidecar.memory_input import MAX_SNIPPETS
 from sidecar.session_keys import hash_session_key
 
 MODEL = "fake-model"
@@ -330,13 +330,13 @@ def test_attention_state_header() -> None:
 def test_bad_attention_state_is_reported_in_a_header_never_a_500() -> None:
     with serving() as (client, engine):
         not_json = chat(client, headers={"X-Delta-Attention-State": "{oops"})
-        too_many = chat(client, attention_state=[f"fact {i}" for i in range(MAX_ITEMS + 5)])
+        too_many = chat(client, attention_state=[f"fact {i}" for i in range(MAX_SNIPPETS + 5)])
         odd = chat(client, attention_state={"nested": {"deep": [1, 2]}})
     assert not_json.status_code == 200 and "not JSON" in not_json.headers["X-Delta-Attention-State-Warning"]
     assert not_json.headers["X-Delta-Attention-State-Count"] == "0"
-    assert too_many.headers["X-Delta-Attention-State-Count"] == str(MAX_ITEMS)
-    assert "5 item(s) over the limit" in too_many.headers["X-Delta-Attention-State-Warning"]
-    assert len(engine.jobs[1].snippets) == MAX_ITEMS
+    assert too_many.headers["X-Delta-Attention-State-Count"] == str(MAX_SNIPPETS)
+    assert "5 snippet(s) over the limit" in too_many.headers["X-Delta-Attention-State-Warning"]
+    assert len(engine.jobs[1].snippets) == MAX_SNIPPETS
     assert odd.status_code == 200 and odd.headers["X-Delta-Attention-State-Count"] == "0"
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 from sidecar.memory_input import (
-    MAX_ITEM_CHARS,
-    MAX_ITEMS,
+    MAX_SNIPPET_CHARS,
+    MAX_SNIPPETS,
     MAX_TOTAL_CHARS,
-    MemoryItem,
-    bounded_items,
+    MemorySnippet,
+    bounded_snippets,
     parse_memory_input,
 )
 
@@ -28,8 +28,8 @@ def test_strings_and_objects_with_any_text_key() -> None:
     )
     assert parsed.present
     assert parsed.texts == ("The user has a cat.", "Cat is named Miso.", "User lives in Lisbon.", "User prefers tea.")
-    assert parsed.items[1] == MemoryItem("Cat is named Miso.", "notes/pets.md", 0.8)
-    assert parsed.items[3].score == 0.0
+    assert parsed.snippets[1] == MemorySnippet("Cat is named Miso.", "notes/pets.md", 0.8)
+    assert parsed.snippets[3].score == 0.0
     assert parsed.problems == []
 
 
@@ -65,24 +65,24 @@ def test_deeply_nested_header_is_reported_not_raised() -> None:
 def test_odd_items_are_skipped_and_counted() -> None:
     parsed = parse_memory_input([[1, None, ["nested"], {"title": "no text"}, {"text": 5}, "  ", "kept"]], None)
     assert parsed.texts == ("kept",)
-    assert parsed.problems == ["6 item(s) without text skipped"]
+    assert parsed.problems == ["6 snippet(s) without text skipped"]
 
 
 def test_count_bound_keeps_the_first_items() -> None:
-    parsed = parse_memory_input([[f"item {i}" for i in range(MAX_ITEMS + 10)]], None)
-    assert len(parsed.items) == MAX_ITEMS
-    assert parsed.texts[0] == "item 0" and parsed.texts[-1] == f"item {MAX_ITEMS - 1}"
-    assert any("10 item(s) over the limit" in problem for problem in parsed.problems)
+    parsed = parse_memory_input([[f"item {i}" for i in range(MAX_SNIPPETS + 10)]], None)
+    assert len(parsed.snippets) == MAX_SNIPPETS
+    assert parsed.texts[0] == "item 0" and parsed.texts[-1] == f"item {MAX_SNIPPETS - 1}"
+    assert any("10 snippet(s) over the limit" in problem for problem in parsed.problems)
 
 
 def test_item_and_total_size_bounds() -> None:
-    parsed = parse_memory_input([["x" * (MAX_ITEM_CHARS * 3)] * 1 + [f"{i}" * MAX_ITEM_CHARS for i in range(9)]], None)
+    parsed = parse_memory_input([["x" * (MAX_SNIPPET_CHARS * 3)] * 1 + [f"{i}" * MAX_SNIPPET_CHARS for i in range(9)]], None)
     sizes = [len(text) for text in parsed.texts]
-    assert max(sizes) <= MAX_ITEM_CHARS
+    assert max(sizes) <= MAX_SNIPPET_CHARS
     assert sum(sizes) <= MAX_TOTAL_CHARS
     assert sum(sizes) == MAX_TOTAL_CHARS  # filled up to the bound, not short of it
     assert any("cut" in problem for problem in parsed.problems)
-    assert any("later items dropped" in problem for problem in parsed.problems)
+    assert any("later snippets dropped" in problem for problem in parsed.problems)
 
 
 def test_empty_list_is_present_but_empty() -> None:
@@ -90,7 +90,7 @@ def test_empty_list_is_present_but_empty() -> None:
     assert parsed.present and parsed.texts == () and parsed.problems == []
 
 
-def test_bounded_items_applies_the_same_bounds() -> None:
-    items = [MemoryItem(f"qmd {i}") for i in range(MAX_ITEMS + 1)] + [MemoryItem("qmd 0")]
-    parsed = bounded_items(items)
-    assert len(parsed.items) == MAX_ITEMS and parsed.problems
+def test_bounded_snippets_applies_the_same_bounds() -> None:
+    items = [MemorySnippet(f"qmd {i}") for i in range(MAX_SNIPPETS + 1)] + [MemorySnippet("qmd 0")]
+    parsed = bounded_snippets(items)
+    assert len(parsed.snippets) == MAX_SNIPPETS and parsed.problems

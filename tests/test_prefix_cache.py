@@ -42,7 +42,7 @@ def test_a_new_session_starts_from_the_shared_system_prompt_and_matches_a_full_p
     for a, b in zip(delta_states(warm.model, session.cache), one_shot_states(warm, session)):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
     # The memory write lands right after the shared prefix, never inside it.
-    assert [c.offset for c in session.contexts] == [boundary]
+    assert [c.offset for c in session.snippet_writes] == [boundary]
 
 
 def test_the_prefix_is_stored_once_and_counted_in_the_byte_bound(engine_factory) -> None:

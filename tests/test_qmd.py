@@ -74,9 +74,9 @@ def lookup(settings: QmdSettings, text: str, **kwargs: int) -> QmdResult:
 
 def test_success_strips_hunk_headers_and_keeps_sources(fake_qmd: Path) -> None:
     result = lookup(QmdSettings(mode="search", limit=3), "what pet does the user have?")
-    assert [item.text for item in result.items] == ["The user has a cat named Miso.", "The user lives in Lisbon."]
-    assert result.items[0].source == "qmd://notes/pets.md" and result.items[0].score == 0.0
-    assert result.reason == "1 item(s) without text skipped"
+    assert [item.text for item in result.snippets] == ["The user has a cat named Miso.", "The user lives in Lisbon."]
+    assert result.snippets[0].source == "qmd://notes/pets.md" and result.snippets[0].score == 0.0
+    assert result.reason == "1 snippet(s) without text skipped"
     assert calls(fake_qmd) == [["search", "--json", "-n", "3", "--", "what pet does the user have?"]]
 
 
@@ -99,24 +99,24 @@ def test_optional_settings_become_flags(fake_qmd: Path) -> None:
 def test_empty_result(fake_qmd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_QMD", "empty")
     result = lookup(QmdSettings(), "anything")
-    assert result.items == [] and result.reason is None
+    assert result.snippets == [] and result.reason is None
 
 
 def test_missing_binary(tmp_path: Path) -> None:
     result = lookup(QmdSettings(bin=str(tmp_path / "no-such-qmd")), "anything")
-    assert result.items == [] and result.reason is not None and "not found" in result.reason
+    assert result.snippets == [] and result.reason is not None and "not found" in result.reason
 
 
 def test_no_query_skips_qmd(fake_qmd: Path) -> None:
     result = lookup(QmdSettings(), "  \n ")
-    assert result.items == [] and result.reason == "no user text to search for"
+    assert result.snippets == [] and result.reason == "no user text to search for"
     assert not fake_qmd.exists()
 
 
 def test_crash_reports_the_exit_status_and_the_end_of_stderr(fake_qmd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_QMD", "crash")
     result = lookup(QmdSettings(), "anything")
-    assert result.items == []
+    assert result.snippets == []
     assert result.reason is not None and "status 3" in result.reason
     assert "collection notes not found" in result.reason and len(result.reason) < 2_100
 
@@ -125,13 +125,13 @@ def test_crash_reports_the_exit_status_and_the_end_of_stderr(fake_qmd: Path, mon
 def test_bad_output(fake_qmd: Path, monkeypatch: pytest.MonkeyPatch, behaviour: str, reason: str) -> None:
     monkeypatch.setenv("FAKE_QMD", behaviour)
     result = lookup(QmdSettings(), "anything")
-    assert result.items == [] and result.reason is not None and reason in result.reason
+    assert result.snippets == [] and result.reason is not None and reason in result.reason
 
 
 def test_megabytes_of_output_are_cut_off(fake_qmd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_QMD", "megabytes")
     result = lookup(QmdSettings(), "anything")
-    assert result.items == []
+    assert result.snippets == []
     assert result.reason == f"qmd printed more than {MAX_OUTPUT_BYTES} bytes"
 
 
@@ -139,7 +139,7 @@ def test_timeout_kills_qmd_and_what_it_started(fake_qmd: Path, monkeypatch: pyte
     monkeypatch.setenv("FAKE_QMD", "hang")
     # Long enough for the fake to start its child and write the pids even on a busy machine.
     result = lookup(QmdSettings(timeout=2.0), "anything")
-    assert result.items == [] and result.reason == "qmd timed out after 2 s"
+    assert result.snippets == [] and result.reason == "qmd timed out after 2 s"
     pids = [int(pid) for pid in (tmp_path / "pids").read_text().split()]
     for pid in pids:
         assert _gone_within(pid, 10.0), f"process {pid} survived the timeout"

@@ -242,7 +242,7 @@ def test_qmd_output_over_the_cap_does_not_hang_the_lookup(tmp_path: Path, megaby
     fake.chmod(0o755)
     settings = QmdSettings(bin=str(fake), mode="search", timeout=QMD_TIMEOUT_S)
     result = asyncio.run(asyncio.wait_for(qmd_lookup(settings, "hello"), DEADLINE_S))
-    assert result.items == [] and result.reason == f"qmd printed more than {MAX_OUTPUT_BYTES} bytes"
+    assert result.snippets == [] and result.reason == f"qmd printed more than {MAX_OUTPUT_BYTES} bytes"
 
 
 def test_qmd_faults_never_fail_or_hang_a_request(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ class QmdRetriever:
     def search(self, query: str, k: int) -> Retrieved:
         """QMD's best `k` hits; a QMD failure gives no snippets and the reason."""
         result = asyncio.run(qmd_lookup(replace(self._settings, limit=k), query))
-        snippets = _distinct((Snippet(item.text, item.source or "qmd", item.score or 0.0) for item in result.items), k)
+        snippets = _distinct((Snippet(item.text, item.source or "qmd", item.score or 0.0) for item in result.snippets), k)
         return Retrieved(snippets, None if snippets else result.reason)
 
 

@@ -96,15 +96,13 @@ def delta_state_stats(model: nn.Module, cache: list[Any]) -> list[dict[str, Any]
     """Per δ layer: Frobenius norm, largest magnitude and non-zero count of the current state."""
     states = delta_states(model, cache)
     mx.eval(states)
-    return [
-        {
-            "layer": layer,
-            "norm": float(mx.sqrt(mx.sum(s * s))),
-            "max_abs": float(mx.max(mx.abs(s))),
-            "nonzero": int(mx.sum(s != 0)),
-        }
-        for layer, s in zip(_layers(model), states)
-    ]
+    return [{"layer": layer, **state_stats(s)} for layer, s in zip(_layers(model), states)]
+
+
+def state_stats(state: Any) -> dict[str, Any]:
+    """Frobenius norm, largest magnitude and non-zero count of one state (an MLX or NumPy array)."""
+    s = mx.array(state)
+    return {"norm": float(mx.sqrt(mx.sum(s * s))), "max_abs": float(mx.max(mx.abs(s))), "nonzero": int(mx.sum(s != 0))}
 
 
 def set_delta_controls(
