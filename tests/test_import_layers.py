@@ -1,0 +1,141 @@
+"""The product's packages import only downward, and none of them in a cycle.
+
+Layers, top to bottom (the README's Development section lists the same):
+  the CLI (installer) · the eval harness, the plugin payloads and the sidecar server · supervision and
+  presets · the δ-mem runtime · the leaf (common).
+Every import of the product's own modules is read from the source (module level and inside functions),
+so an import added anywhere that points upward, or closes a cycle between top-level packages, fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("common", "sidecar", "supervisors", "presets", "plugin_tools", "installer")
+
+# Module prefix → layer (higher imports lower; the longest matching prefix decides).
+LAYERS: dict[str, int] = {
+    "common": 0,
+    "sidecar.delta": 1,
+    "presets": 2,
+    "supervisors": 2,
+    "sidecar": 3,
+    "plugin_tools": 3,
+    "installer.memory_eval": 3,
+    "installer.sidecar_client": 3,
+    "installer": 4,
+}
+# Third-party packages a tool call must not load.
+HEAVY = ("mlx", "mlx_lm", "fastapi", "starlette", "uvicorn", "pydantic")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _product_modules() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """Absolute names imported by a module file, relative imports resolved."""
+    return _imports_in(path.read_text(encoding="utf-8"), module, is_package=path.name == "__init__.py")
+
+
+def _imports_in(source: str, module: str, is_package: bool) -> set[str]:
+    found: set[str] = set()
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _layer(module: str) -> int | None:
+    matches = [prefix for prefix in LAYERS if module == prefix or module.startswith(prefix + ".")]
+    return LAYERS[max(matches, key=len)] if matches else None
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _product_modules()
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        graph[module] = {name for name in _imports(path, module) if name in modules}
+    return graph
+
+
+def test_every_product_module_has_a_layer() -> None:
+    assert [m for m in _product_modules() if _layer(m) is None] == []
+
+
+def test_no_module_imports_upward() -> None:
+    upward = [
+        f"{module} (layer {_layer(module)}) imports {target} (layer {_layer(target)})"
+        for module, targets in _graph().items()
+        for target in targets
+        if _layer(target) > _layer(module)  # type: ignore[operator]
+    ]
+    assert upward == []
+
+
+def test_top_level_packages_form_no_cycle() -> None:
+    edges: dict[str, set[str]] = defaultdict(set)
+    for module, targets in _graph().items():
+        for target in targets:
+            a, b = module.split(".")[0], target.split(".")[0]
+            if a != b:
+                edges[a].add(b)
+    cycles = [f"{a} ⇄ {b}" for a in edges for b in edges[a] if a in edges.get(b, set())]
+    assert cycles == []
+
+    # And no longer cycle: a topological order exists.
+    remaining = {pkg: set(edges[pkg]) for pkg in PACKAGES}
+    while remaining:
+        leaves = [pkg for pkg, deps in remaining.items() if not deps & remaining.keys()]
+        assert leaves, f"a cycle among {sorted(remaining)}"
+        for pkg in leaves:
+            del remaining[pkg]
+
+
+def test_the_leaf_and_the_runtime_import_only_below_themselves() -> None:
+    graph = _graph()
+    leaf = {t for m, ts in graph.items() if m.startswith("common") for t in ts}
+    assert {t for t in leaf if not t.startswith("common")} == set()
+    runtime = {t for m, ts in graph.items() if m.startswith("sidecar.delta") for t in ts}
+    assert {t for t in runtime if not t.startswith(("sidecar.delta", "common"))} == set()
+
+
+@pytest.mark.parametrize("package", ["plugin_tools", "common", "supervisors", "presets"])
+def test_light_packages_never_import_mlx_or_the_web_stack(package: str) -> None:
+    # A tool call must not load MLX or FastAPI: checked on the source, module level or not.
+    heavy = [
+        f"{module} imports {name}"
+        for module, path in _product_modules().items()
+        if module.split(".")[0] == package
+        for name in _imports(path, module)
+        if name.split(".")[0] in HEAVY or name.startswith("sidecar")
+    ]
+    assert heavy == []
+
+
+def test_the_checker_sees_imports_anywhere_in_a_module() -> None:
+    # The parser itself: a relative and an absolute import, at module level and inside a function.
+    source = "from . import files\n\ndef f():\n    from installer.cli import app\n"
+    found = _imports_in(source, "common.example", is_package=False)
+    assert found >= {"common", "common.files", "installer.cli", "installer.cli.app"}
+    assert _layer("installer.cli") > _layer("common.example")  # type: ignore[operator]
