@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import stat
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,6 @@ from installer.memory_eval.conversations import (
     Conversation,
     Dataset,
     DatasetError,
-    Message,
     Question,
 )
 from installer.memory_eval.datasets import load_dataset
@@ -62,7 +59,7 @@ from installer.memory_eval.scoring import (
     score_answer,
     token_f1,
 )
-from installer.sidecar_client import ChatReply, SidecarClient, SidecarError
+from installer.sidecar_client import ChatReply, Message, SidecarClient
 
 ALL_MODES = tuple(MODES.values())
 SMALL = SuiteSize(conversations=2, facts=4, distractors=1, sessions=2)
@@ -352,53 +349,6 @@ def test_modes_and_settings_are_checked() -> None:
         RunSettings(ALL_MODES, history_window=-1).validate()
     history = [Message("user", "a"), Message("user", "b"), Message("assistant", "c"), Message("user", "d")]
     assert turn_ends(history) == [2, 4]
-
-
-@pytest.fixture
-def canned_sidecar() -> Iterator[tuple[str, dict[str, bytes]]]:
-    """A local HTTP server that answers every request with the body set in the returned dict."""
-    answer: dict[str, bytes] = {"body": b""}
-
-    class Handler(BaseHTTPRequestHandler):
-        def _send(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()
-            self.wfile.write(answer["body"])
-
-        do_GET = do_POST = _send
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", answer
-    httpd.shutdown()
-    thread.join()
-
-
-@pytest.mark.parametrize(
-    ("body", "message"),
-    [
-        (b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n', "ended early"),
-        (b"data: <html>\n\n", "not JSON"),
-        (b'data: {"error": {"message": "the prompt is 9000 tokens", "code": "context_length_exceeded"}}\n\n'
-         b"data: [DONE]\n\n", "the prompt is 9000 tokens; keep fewer history messages"),
-    ],
-)
-def test_client_turns_broken_streams_into_one_clear_error(
-    canned_sidecar: tuple[str, dict[str, bytes]], body: bytes, message: str
-) -> None:
-    url, answer = canned_sidecar
-    answer["body"] = body
-    with pytest.raises(SidecarError, match=message):
-        SidecarClient(url, None, MODEL).chat([Message("user", "hi")], "k", True, 4, 0)
-    answer["body"] = b"not json"
-    with pytest.raises(SidecarError, match="not JSON"):
-        SidecarClient(url, None, MODEL).get_json("/health")
 
 
 # --------------------------------------------------------------------------- against a real sidecar
