@@ -26,7 +26,7 @@ def _canonical(name: str) -> str:
 
 def _names(requirements: list[str]) -> set[str]:
     """Distribution names of PEP 508 requirement strings (extras, versions and markers dropped)."""
-    return {_canonical(re.match(r"[A-Za-z0-9._-]+", r.strip()).group()) for r in requirements}  # type: ignore[union-attr]
+    return {_canonical(re.split(r"[\s\[<>=!~;]", r.strip(), maxsplit=1)[0]) for r in requirements}
 
 
 def _third_party_imports() -> dict[str, set[str]]:
