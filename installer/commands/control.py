@@ -34,10 +34,9 @@ from installer.commands.options import (
     root_flag,
 )
 from installer.errors import cli_errors
-from installer.installation import DEFAULT_HEALTH_TIMEOUT_S
 from plugin_tools.status import build_status
 from supervisors import Supervisor, sidecar_command, supervisor_for_root, tail_lines
-from supervisors.readiness import wait_until_healthy
+from supervisors.readiness import DEFAULT_HEALTH_TIMEOUT_S, wait_until_healthy
 
 FOLLOW_POLL_S = 0.5
 

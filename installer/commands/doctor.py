@@ -15,7 +15,6 @@ from installer.commands.options import (
     print_json,
     resolve_root,
 )
-from installer.downloads import DownloadError, plan_downloads
 from installer.errors import cli_errors
 from presets.catalog import PresetError, load_preset
 from supervisors import supervisor_for_root
@@ -39,6 +38,9 @@ def doctor(
     The disk check reads the preset's download size from the Hugging Face Hub; without the Hub it
     reports the free space only. Exits 1 when a check fails.
     """
+    # Imported here: the Hub client and numpy are not needed for --help.
+    from installer.downloads import DownloadError, plan_downloads
+
     root_path = resolve_root(root)
     chosen = load_preset(preset)
     running = root_path.exists() and supervisor_for_root(root_path).status().state == "running"
