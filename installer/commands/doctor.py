@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from common.settings import DEFAULT_HOST, DEFAULT_PORT
-from installer.checks import Check, check_disk, failures, format_checks, run_checks
 from installer.commands.options import (
     JsonOption,
     RootOption,
@@ -16,7 +15,6 @@ from installer.commands.options import (
     resolve_root,
 )
 from installer.errors import cli_errors
-from presets.catalog import PresetError, load_preset
 from supervisors import supervisor_for_root
 
 
@@ -38,8 +36,10 @@ def doctor(
     The disk check reads the preset's download size from the Hugging Face Hub; without the Hub it
     reports the free space only. Exits 1 when a check fails.
     """
-    # Imported here: the Hub client and numpy are not needed for --help.
+    # Imported here: the Hub client, numpy, psutil and YAML are not needed for --help.
+    from installer.checks import Check, check_disk, failures, format_checks, run_checks
     from installer.downloads import DownloadError, plan_downloads
+    from presets.catalog import PresetError, load_preset
 
     root_path = resolve_root(root)
     chosen = load_preset(preset)

@@ -17,7 +17,6 @@ from installer.commands.options import (
     root_flag,
 )
 from installer.errors import cli_errors
-from presets.catalog import load_preset, with_overrides
 from supervisors import SupervisorKind, default_kind
 from supervisors.readiness import DEFAULT_HEALTH_TIMEOUT_S
 
@@ -84,6 +83,7 @@ def _run(
 ) -> None:
     # Imported here: downloads and adapter checks pull in the Hub client and numpy, which --help does not need.
     from installer.installation import InstallRequest, install
+    from presets.catalog import load_preset, with_overrides
 
     root_path = resolve_root(root)
     chosen = with_overrides(

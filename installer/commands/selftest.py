@@ -16,7 +16,6 @@ from common.settings import DEFAULT_HOST, SidecarSettings
 from installer.commands.options import examples
 from installer.errors import cli_errors
 from installer.sidecar_client import ChatReply, Message, SidecarClient, SidecarError
-from presets.catalog import load_preset, with_overrides
 from supervisors import make_supervisor, tail_lines
 
 SELFTEST_MODEL_ID = "delta-mem-tiny-selftest"
@@ -59,6 +58,7 @@ def selftest(
     """
     # Imported here: they pull in MLX, tokenizers and the Hub client, which --help does not need.
     from installer.installation import InstallRequest, install
+    from presets.catalog import load_preset, with_overrides
     from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
 
     workdir = Path(tempfile.mkdtemp(prefix="delta-mem-mlx-selftest-"))

@@ -6,7 +6,6 @@ differs (hidden `attention_state` or pasted into the prompt).
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -90,7 +89,9 @@ class QmdRetriever:
 
     def search(self, query: str, k: int) -> Retrieved:
         """QMD's best `k` hits; a QMD failure gives no snippets and the reason."""
-        # Imported here: the sidecar's memory input brings pydantic, which --help does not need.
+        # Imported here: only QMD lookups need asyncio and the sidecar's memory input (pydantic), not --help.
+        import asyncio
+
         from sidecar.qmd import qmd_lookup
 
         result = asyncio.run(qmd_lookup(replace(self._settings, limit=k), query))
