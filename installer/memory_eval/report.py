@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from common.files import atomic_write_json, atomic_write_text
 from installer.memory_eval.chart import write_chart
 from installer.memory_eval.conversations import Dataset
 from installer.memory_eval.runner import MODES, AnswerRecord, RunResult, RunSettings
