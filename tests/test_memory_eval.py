@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from common.settings import QmdSettings
 from installer.cli import app
 from installer.memory_eval.builtin_suite import MAX_FACTS, SuiteSize, builtin_suite
+from installer.memory_eval.chart import chart_figure, write_chart
 from installer.memory_eval.conversations import (
     Conversation,
     Dataset,
@@ -34,7 +35,6 @@ from installer.memory_eval.file_formats import (
     load_locomo,
     load_memory_agent_bench,
 )
-from installer.memory_eval.chart import chart_figure, write_chart
 from installer.memory_eval.report import build_report, markdown_report, write_reports
 from installer.memory_eval.retrieval import LexicalRetriever, QmdRetriever
 from installer.memory_eval.runner import (
