@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bench.runtime import OPENBLAS, QUICK
-from installer.memory_eval.conversations import Message
-from installer.sidecar_client import SidecarClient
+from installer.sidecar_client import Message, SidecarClient
 
 MODEL_ID = "delta-mem-bench"
 API_KEY = "bench"

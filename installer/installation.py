@@ -41,9 +41,7 @@ from sidecar.delta.adapter_files import (
 )
 from sidecar.delta.config import CONFIG_FILE
 from supervisors import SupervisorKind, make_supervisor
-from supervisors.readiness import wait_until_healthy
-
-DEFAULT_HEALTH_TIMEOUT_S = 600.0
+from supervisors.readiness import DEFAULT_HEALTH_TIMEOUT_S, wait_until_healthy
 
 
 class InstallError(UserError, RuntimeError):

@@ -10,6 +10,8 @@ from common.settings import SidecarSettings
 from supervisors import Supervisor, tail_lines
 
 POLL_INTERVAL_S = 0.5
+# How long a start waits for /health by default: loading a 4B model from a cold disk can take minutes.
+DEFAULT_HEALTH_TIMEOUT_S = 600.0
 
 
 class SidecarStartError(UserError):

@@ -22,7 +22,6 @@ from common.settings import (
     load_settings,
     save_settings,
 )
-from installer.checks import check_qmd
 from installer.commands.options import (
     CommandRefused,
     JsonOption,
@@ -34,10 +33,8 @@ from installer.commands.options import (
     root_flag,
 )
 from installer.errors import cli_errors
-from installer.installation import DEFAULT_HEALTH_TIMEOUT_S
-from plugin_tools.status import build_status
 from supervisors import Supervisor, sidecar_command, supervisor_for_root, tail_lines
-from supervisors.readiness import wait_until_healthy
+from supervisors.readiness import DEFAULT_HEALTH_TIMEOUT_S, wait_until_healthy
 
 FOLLOW_POLL_S = 0.5
 
@@ -128,6 +125,8 @@ def status(root: RootOption = None, json_output: JsonOption = False) -> None:
 
     The report is the plugin's `delta_mem_mlx_status` payload; --json prints it as is.
     """
+    from plugin_tools.status import build_status
+
     root_path = resolve_root(root)
     report = build_status({"sidecarRoot": str(root_path)})
     if json_output:
@@ -206,6 +205,8 @@ def _with_qmd_flags(
 
 
 def _with_resolved_qmd(settings: SidecarSettings) -> SidecarSettings:
+    from installer.checks import check_qmd
+
     # launchd and systemd run with a minimal PATH, so the settings keep the absolute path.
     check = check_qmd(settings.qmd.bin)
     if check.state != "ok":

@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from common.settings import DEFAULT_HOST, DEFAULT_PORT
-from installer.checks import Check, check_disk, failures, format_checks, run_checks
 from installer.commands.options import (
     JsonOption,
     RootOption,
@@ -15,9 +14,7 @@ from installer.commands.options import (
     print_json,
     resolve_root,
 )
-from installer.downloads import DownloadError, plan_downloads
 from installer.errors import cli_errors
-from presets.catalog import PresetError, load_preset
 from supervisors import supervisor_for_root
 
 
@@ -39,6 +36,11 @@ def doctor(
     The disk check reads the preset's download size from the Hugging Face Hub; without the Hub it
     reports the free space only. Exits 1 when a check fails.
     """
+    # Imported here: the Hub client, numpy, psutil and YAML are not needed for --help.
+    from installer.checks import Check, check_disk, failures, format_checks, run_checks
+    from installer.downloads import DownloadError, plan_downloads
+    from presets.catalog import PresetError, load_preset
+
     root_path = resolve_root(root)
     chosen = load_preset(preset)
     running = root_path.exists() and supervisor_for_root(root_path).status().state == "running"

@@ -17,9 +17,8 @@ from installer.commands.options import (
     root_flag,
 )
 from installer.errors import cli_errors
-from installer.installation import DEFAULT_HEALTH_TIMEOUT_S, InstallRequest, install
-from presets.catalog import load_preset, with_overrides
 from supervisors import SupervisorKind, default_kind
+from supervisors.readiness import DEFAULT_HEALTH_TIMEOUT_S
 
 PresetOption = Annotated[str, typer.Option(help="Install preset (see 'delta-mem-mlx presets').")]
 ModelRepoOption = Annotated[
@@ -82,6 +81,10 @@ def _run(
     supervisor: SupervisorKind | None,
     health_timeout: float,
 ) -> None:
+    # Imported here: downloads and adapter checks pull in the Hub client and numpy, which --help does not need.
+    from installer.installation import InstallRequest, install
+    from presets.catalog import load_preset, with_overrides
+
     root_path = resolve_root(root)
     chosen = with_overrides(
         load_preset(preset),

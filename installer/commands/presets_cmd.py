@@ -6,12 +6,13 @@ import typer
 
 from installer.commands.options import JsonOption, examples, print_json
 from installer.errors import cli_errors
-from presets.catalog import list_presets
 
 
 @cli_errors
 def presets(json_output: JsonOption = False) -> None:
     """List the install presets: model, served model id, minimum RAM and adapter."""
+    from presets.catalog import list_presets
+
     found = list_presets()
     if json_output:
         print_json({"presets": [p.to_dict() for p in found]})

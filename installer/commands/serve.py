@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import uvicorn
 
 from common.settings import SettingsError, SidecarSettings, load_settings
 from installer.commands.options import RootOption, examples, resolve_root
@@ -135,7 +134,9 @@ def _absolute(path: Path | None) -> str | None:
 
 
 def _run(settings: SidecarSettings, log_level: str) -> None:
-    # Imported here so that `delta-mem-mlx --help` does not load FastAPI.
+    # Imported here so that `delta-mem-mlx --help` does not load uvicorn, FastAPI or MLX.
+    import uvicorn
+
     from sidecar.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

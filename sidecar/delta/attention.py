@@ -132,13 +132,14 @@ class DeltaAttention(nn.Module):
 
 
 def _project(config: DeltaMemConfig, x: mx.array, weight: mx.array, bias: mx.array) -> tuple[mx.array, ...]:
-    """qk [B, T, 2, H, r] (tanh, unit length), v [B, T, H, r], keep/erase/write [B, T, H, g]."""
+    """qk [B, T, 2, H, r] (tanh, unit length if normalize_qk), v [B, T, H, r], keep/erase/write [B, T, H, g]."""
     B, T, _ = x.shape
     H, r = config.num_state_heads, config.rank
     proj = x.astype(mx.float32) @ weight + bias
     qk, v, keep, erase, write = _activations(config, proj, (B, T, 2, H, r), lambda width: (B, T, H, width))
-    # x / max(|x|, 1e-6), written with one reduction for q and k together.
-    qk = qk * mx.rsqrt(mx.maximum(mx.sum(qk * qk, axis=-1, keepdims=True), 1e-12))
+    if config.normalize_qk:
+        # x / max(|x|, 1e-6), written with one reduction for q and k together.
+        qk = qk * mx.rsqrt(mx.maximum(mx.sum(qk * qk, axis=-1, keepdims=True), 1e-12))
     return qk, v, keep, erase, write
 
 
@@ -196,10 +197,13 @@ def _decode_step(config: DeltaMemConfig, layout: DeltaLayout) -> Callable[..., t
         )
         s = state.reshape(B, 1, 1, H, r, r)
         sums = (with_state * (s * qk) + (1 - with_state) * (qk * qk)).sum(-1, keepdims=True)
-        inv_k = mx.rsqrt(mx.maximum(sums[:, 1:, 1:], 1e-12))  # 1 / max(|k|, 1e-6)
+        if config.normalize_qk:
+            inv_q, inv_k = (mx.rsqrt(mx.maximum(sums[:, 1:, i : i + 1], 1e-12)) for i in (0, 1))  # 1 / max(|x|, 1e-6)
+        else:
+            inv_q = inv_k = 1.0
         k_row = qk[:, :, 1:] * inv_k
         new_state = keep * s + (write * v - erase * sums[:, :1, 1:] * inv_k) * k_row
-        read = sums[:, :1, :1] * mx.rsqrt(mx.maximum(sums[:, 1:, :1], 1e-12))  # S q / max(|q|, 1e-6)
+        read = sums[:, :1, :1] * inv_q  # S q / max(|q|, 1e-6)
         fused = (read.reshape(B, H * r) @ delta_weight).astype(x.dtype)
         return layout.split(fused.reshape(B, 1, -1)), new_state.reshape(B, *state_shape)
 
