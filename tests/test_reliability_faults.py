@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+from fake_qmd import TIMEOUT_S as QMD_TIMEOUT_S
 from fake_qmd import write_fake_qmd
 from reliability import AUTH, health, record_figures, saved_session, unexpected_files
 from server_process import KEY, MODEL, Server, start_server, stop_server
@@ -234,7 +235,6 @@ def test_damaged_state_files_are_reported_and_skipped(server: Server) -> None:
 
 # --------------------------------------------------------------------------- QMD misbehaving
 
-QMD_TIMEOUT_S = 1.0
 QMD_CASES = {
     "ok": "1", "slow": "1", "hang": "0", "missing": "0", "crash": "0", "killed": "0", "garbage": "0",
     "megabytes": "0", "surrogates": "1", "stdout-closed": "0",

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from fake_qmd import TIMEOUT_S as QMD_TIMEOUT_S
 from fake_qmd import write_fake_qmd
 from server_process import KEY, MODEL, Server, start_server, stop_server
 
@@ -272,7 +273,8 @@ def test_qmd_source_in_a_real_server(tiny_model_dir: Path, tiny_adapter_dir: Pat
     qmd = write_fake_qmd(tmp_path / "bin")
     own = start_server(
         tiny_model_dir, tiny_adapter_dir, tmp_path,
-        "--attention-state-source", "qmd", "--qmd-bin", str(qmd), "--qmd-mode", "search", "--qmd-timeout", "2",
+        "--attention-state-source", "qmd", "--qmd-bin", str(qmd), "--qmd-mode", "search",
+        "--qmd-timeout", f"{QMD_TIMEOUT_S:g}",
     )
     client = openai.OpenAI(base_url=f"{own.base_url}/v1", api_key=KEY, max_retries=0, timeout=120)
     query = "Which pet? $(rm -rf ~); `id`"
@@ -292,4 +294,4 @@ def test_qmd_source_in_a_real_server(tiny_model_dir: Path, tiny_adapter_dir: Pat
     argvs = [json.loads(line) for line in (qmd.parent / "argv.jsonl").read_text().splitlines()]
     assert argvs == [["search", "--json", "-n", "6", "--", query]] * 3
     log = own.log_text()
-    assert "qmd timed out after 2 s" in log and "qmd output is not JSON" in log
+    assert f"qmd timed out after {QMD_TIMEOUT_S:g} s" in log and "qmd output is not JSON" in log
