@@ -587,7 +587,10 @@ def invoke(*args: str) -> Any:
     return CliRunner().invoke(app, ["eval", *args])
 
 
-def test_cli_runs_a_locomo_file_and_writes_the_report(server: Server, tmp_path: Path) -> None:
+def test_cli_runs_a_locomo_file_and_writes_the_report(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as when the 'plot' extra is not installed
     path = tmp_path / "locomo10.json"
     path.write_text(json.dumps([locomo_sample("conv-1"), locomo_sample("conv-2")]), encoding="utf-8")
     out = tmp_path / "out"
