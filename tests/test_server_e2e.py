@@ -113,7 +113,13 @@ def test_tools_round_trip(client: openai.OpenAI) -> None:
         model=MODEL, messages=messages, tools=tools, tool_choice="auto", max_completion_tokens=8, temperature=0,
         extra_headers=session("tools"),
     )
-    assert first.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # finish_reason says why the answer ended: a tool call, the token limit, or the model's own end.
+    choice = first.choices[0]
+    assert first.usage is not None
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls"
+    else:
+        assert choice.finish_reason == ("length" if first.usage.completion_tokens == 8 else "stop")
     # Whatever the random model said, the client runs the tool and sends the result back.
     messages += [
         {
@@ -206,6 +212,7 @@ def test_concurrent_sessions(server: Server, client: openai.OpenAI) -> None:
 
 
 def test_disconnect_frees_the_worker(server: Server, client: openai.OpenAI) -> None:
+    cancelled_before = _health(server)["jobs"]["cancelled"]
     with httpx.Client(timeout=120) as http:
         with http.stream(
             "POST",
@@ -221,11 +228,19 @@ def test_disconnect_frees_the_worker(server: Server, client: openai.OpenAI) -> N
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_completion_tokens=2,
         extra_headers=session("after-leaver"),
     )
-    assert after.choices[0].finish_reason in ("stop", "length")
+    assert after.usage is not None and after.usage.completion_tokens <= 2
+    # The engine stopped the abandoned job (nothing else runs in this server meanwhile).
     deadline = time.monotonic() + 60
-    while "cancelled" not in server.log_text():
+    while (cancelled := _health(server)["jobs"]["cancelled"]) == cancelled_before:
         assert time.monotonic() < deadline, "the abandoned job was never cancelled"
         time.sleep(0.2)
+    assert cancelled == cancelled_before + 1
+    left = f"session {hash_session_key('e2e:leaver')[:12]}: client left before the answer ended; job cancelled"
+    assert left in server.log_text()
+
+
+def _health(server: Server) -> dict[str, Any]:
+    return httpx.get(f"{server.base_url}/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
 
 
 def test_errors_have_the_openai_shape(server: Server, client: openai.OpenAI) -> None:
