@@ -37,7 +37,8 @@ from sidecar.engine_io import (
     ToolCallFormat,
 )
 from sidecar.prefix_cache import PrefixCache
-from sidecar.prompts import leading_span, message_spans, render_prompt, render_text
+from sidecar.prompts import leading_span, message_spans, message_start_id, render_prompt, render_text
+from sidecar.replay_check import ReplayChecks, checkpoint_offsets, checkpoint_states, saved_points
 from sidecar.session_keys import hash_session_key
 from sidecar.session_report import describe_session
 from sidecar.session_state import Segment, SegmentKind, Session, SnippetWrite
@@ -88,6 +89,8 @@ class Engine:
         self.store = SessionStore(settings.max_sessions, settings.max_kv_bytes, state_dir, _fingerprint(settings))
         self.prefixes = PrefixCache(max_entries=PREFIX_ENTRIES if settings.prefix_cache else 0)
         self.counters = _Counters()
+        self.replays = ReplayChecks()
+        self._message_start = message_start_id(tokenizer)
         self.started = time.time()
         self.policy = WritePolicy(
             delta=True,
@@ -121,6 +124,8 @@ class Engine:
                 "max_kv_bytes": self.store.max_kv_bytes,
                 "persisted": self.store.persisted_count(),
                 "evictions": self.store.evictions,
+                "replay_checks": self.replays.checks,
+                "replay_mismatches": self.replays.mismatches,
             },
             "prefix_cache": self.prefixes.stats(),
             "jobs": {
@@ -236,7 +241,9 @@ class Engine:
 
     def _rebuild(self, session: Session, target: int, stream: JobStream) -> int:
         """Recreate the KV cache of a new, evicted or restored session by replaying its history up to
-        `target` (from a shared prefix when one matches); returns the tokens taken from that prefix."""
+        `target` (from a shared prefix when one matches), checked against the δ-states it saved; returns
+        the tokens taken from that prefix."""
+        saved = saved_points(session)
         history = Session(
             session.key_hash, session.delta, list(session.tokens), list(session.segments), list(session.snippet_writes)
         )
@@ -256,10 +263,10 @@ class Engine:
             else:
                 self._run_segment(fresh, history.tokens[step.segment.start : step.segment.end], step.segment, stream)
         # Only now, with the replay complete, does the session change: a cancelled replay loses nothing.
-        if session.saved_states is not None and target == len(session.tokens) and session.delta:
-            _check_replay(fresh, self.model, session.saved_states)
+        if session.delta:
+            self.replays.check(self.model, fresh, saved)
         session.tokens, session.segments, session.snippet_writes = fresh.tokens, fresh.segments, fresh.snippet_writes
-        session.cache, session.saved_states = fresh.cache, None
+        session.cache, session.saved_states, session.saved_checkpoints = fresh.cache, None, {}
         session.prefilled_tokens += fresh.prefilled_tokens
         return shared
 
@@ -364,17 +371,18 @@ class Engine:
 
     def _persist(self, session: Session) -> None:
         try:
-            states = self._states_of(session)
-            self.store.save(session, states)
+            self.store.save(session, *self._states_of(session))
         except OSError as exc:
             log.error("could not save session %s: %s", session.key_hash[:12], exc)
 
-    def _states_of(self, session: Session) -> list[Any] | None:
+    def _states_of(self, session: Session) -> tuple[list[Any] | None, dict[int, list[Any]]]:
+        """The session's δ-states after its whole history, and at its checkpoints (for the replay check)."""
         if not session.delta or session.cache is None:
-            return session.saved_states
+            return session.saved_states, session.saved_checkpoints
         states = delta_states(self.model, session.cache)
         mx.eval(states)
-        return states
+        offsets = checkpoint_offsets(session.tokens, self._message_start)
+        return states, checkpoint_states(self.model, session.cache, offsets)
 
     def _new_cache(self, delta: bool) -> list[Any]:
         cache = make_prompt_cache(self.model)
@@ -423,14 +431,6 @@ class Engine:
 
 def _mode(session: Session) -> str:
     return "delta" if session.delta else "base"
-
-
-def _check_replay(session: Session, model: Any, saved: list[Any]) -> None:
-    """Compare a replayed δ-state with the one saved; a mismatch means the history is not exact."""
-    for layer, (now, before) in enumerate(zip(delta_states(model, session.cache), saved)):
-        diff = float(mx.max(mx.abs(now - mx.array(before))))
-        if diff > 1e-3:
-            log.warning("session %s: replayed δ-state of layer %d differs by %.2g", session.key_hash[:12], layer, diff)
 
 
 def _backend() -> dict[str, Any]:

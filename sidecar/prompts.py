@@ -64,9 +64,17 @@ def leading_span(tokenizer: Any, tokens: Sequence[int]) -> Span | None:
     return next(_spans(tokenizer, tokens), None)
 
 
-def _spans(tokenizer: Any, tokens: Sequence[int]) -> Iterator[Span]:
+def message_start_id(tokenizer: Any) -> int | None:
+    """The id of ChatML's `<|im_start|>` token, or None when the tokenizer has none."""
     start_id = tokenizer.convert_tokens_to_ids(IM_START)
     if not isinstance(start_id, int) or start_id == tokenizer.unk_token_id:
+        return None
+    return start_id
+
+
+def _spans(tokenizer: Any, tokens: Sequence[int]) -> Iterator[Span]:
+    start_id = message_start_id(tokenizer)
+    if start_id is None:
         return
     starts = [i for i, t in enumerate(tokens) if t == start_id]
     if not starts:

@@ -1,7 +1,9 @@
 """Session files: one `.npz` per session and mode, named by the key's hash, written atomically.
 
 The file holds only arrays (read back with allow_pickle=False): the token ids, a JSON header as
-bytes, the ids of message-mean writes, the hidden-memory tokens, and the current δ-state per layer.
+bytes, the ids of message-mean writes, the hidden-memory tokens, the δ-state per layer after the
+whole history (`state_{i}`) and at earlier checkpoints (`checkpoint_offsets`, and `checkpoint_{i}`
+stacked in that order). Files written before checkpoints existed have none and still load.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ class SessionFileError(ValueError):
     """A session file that cannot be used (corrupt, truncated, or made by another model)."""
 
 
-def save_session_file(path: Path, session: Session, fingerprint: str, states: list[Any] | None) -> None:
-    """Write a session's history and δ-states to `path` atomically (owner-only)."""
+def save_session_file(
+    path: Path, session: Session, fingerprint: str, states: list[Any] | None, checkpoints: dict[int, list[Any]]
+) -> None:
+    """Write a session's history, its δ-states and its checkpoints' δ-states to `path` atomically (owner-only)."""
     header = {
         "format": FORMAT,
         "fingerprint": fingerprint,
@@ -53,8 +57,12 @@ def save_session_file(path: Path, session: Session, fingerprint: str, states: li
         ),
         "context_tokens": np.asarray([t for c in session.snippet_writes for t in c.tokens], dtype=np.int32),
     }
+    offsets = sorted(checkpoints)
+    arrays["checkpoint_offsets"] = np.asarray(offsets, dtype=np.int32)
     for i, state in enumerate(states or []):
         arrays[f"state_{i}"] = np.asarray(state, dtype=np.float32)
+        if offsets:
+            arrays[f"checkpoint_{i}"] = np.stack([np.asarray(checkpoints[o][i], dtype=np.float32) for o in offsets])
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue(), mode=0o600)
@@ -121,7 +129,25 @@ def _session(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Session:
         prefilled_tokens=int(header["prefilled_tokens"]),
         reused_tokens=int(header["reused_tokens"]),
         saved_states=states or None,
+        saved_checkpoints=_checkpoints(arrays, states, len(tokens)),
     )
+
+
+def _checkpoints(arrays: dict[str, np.ndarray], states: list[np.ndarray], length: int) -> dict[int, list[np.ndarray]]:
+    if "checkpoint_offsets" not in arrays:
+        return {}  # written before checkpoints existed
+    offsets = _array(arrays, "checkpoint_offsets", np.int32).tolist()
+    if offsets and not states:
+        raise SessionFileError("checkpoints without δ-states")
+    if offsets != sorted(set(offsets)) or not all(0 < o <= length for o in offsets):
+        raise SessionFileError(f"bad checkpoint offsets {offsets[:8]}")
+    if not offsets:
+        return {}
+    layers = [_array(arrays, f"checkpoint_{i}", np.float32) for i in range(len(states))]
+    for i, (stacked, state) in enumerate(zip(layers, states)):
+        if stacked.shape != (len(offsets), *state.shape):
+            raise SessionFileError(f"'checkpoint_{i}' has shape {stacked.shape}")
+    return {offset: [stacked[j] for stacked in layers] for j, offset in enumerate(offsets)}
 
 
 def _array(arrays: dict[str, np.ndarray], name: str, dtype: type) -> np.ndarray:

@@ -49,7 +49,10 @@ class Session:
     segments: list[Segment] = field(default_factory=list)
     snippet_writes: list[SnippetWrite] = field(default_factory=list)
     cache: list[Any] | None = None
-    saved_states: list[Any] | None = None  # δ-states read from disk, until the cache is rebuilt
+    # δ-states read from disk, until the cache is rebuilt: after the whole history, and after the
+    # first `offset` tokens for each checkpoint offset (see sidecar/replay_check.py).
+    saved_states: list[Any] | None = None
+    saved_checkpoints: dict[int, list[Any]] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     turns: int = 0

@@ -61,12 +61,12 @@ class SessionStore:
         stem = Session(key_hash, delta).file_stem
         return self._sessions.get(stem) or self._from_disk(key_hash, delta)
 
-    def save(self, session: Session, states: list[Any] | None) -> Path | None:
-        """Write the session's history (and its current δ-states) to disk, atomically."""
+    def save(self, session: Session, states: list[Any] | None, checkpoints: dict[int, list[Any]]) -> Path | None:
+        """Write the session's history (and its current and checkpoint δ-states) to disk, atomically."""
         path = self._path(session.file_stem)
         if path is None:
             return None
-        save_session_file(path, session, self.fingerprint, states)
+        save_session_file(path, session, self.fingerprint, states, checkpoints)
         return path
 
     def remove(self, key_hash: str) -> bool:

@@ -56,6 +56,14 @@ class RestartPolicy:
     throttle_s: float = THROTTLE_S
     max_quick_crashes: int = MAX_QUICK_CRASHES
 
+    def after_crash(self, quick_crashes: int, uptime_s: float) -> tuple[int, float | None]:
+        """After a crash `uptime_s` seconds into a run that followed `quick_crashes` quick crashes in a
+        row: the new count, and the seconds to wait before the next start (None: give up)."""
+        crashes = quick_crashes + 1 if uptime_s < self.throttle_s else 0
+        if crashes >= self.max_quick_crashes:
+            return crashes, None
+        return crashes, max(0.0, self.throttle_s - uptime_s)
+
 
 def keeper_command(command: list[str], state_file: Path, throttle_s: float = THROTTLE_S) -> list[str]:
     """The argument list that runs `command` under a keeper (this Python, this module)."""
@@ -112,10 +120,10 @@ class Keeper:
                 if returncode is None or is_clean_exit(returncode):
                     return 0
                 uptime = time.monotonic() - started
-                quick_crashes = quick_crashes + 1 if uptime < self.policy.throttle_s else 0
+                quick_crashes, delay = self.policy.after_crash(quick_crashes, uptime)
                 exit_text = describe_exit(returncode)
                 what = f"the sidecar {exit_text} after {uptime:.1f} s"
-                if quick_crashes >= self.policy.max_quick_crashes:
+                if delay is None:
                     log.error(
                         "%s; it crashed %d times in a row within %g s of starting, so the keeper gives up: "
                         "fix the cause shown above, then run 'delta-mem-mlx start-sidecar'",
@@ -125,7 +133,6 @@ class Keeper:
                     )
                     self._write_state("gave-up", exit_text, quick_crashes, None)
                     return 1
-                delay = max(0.0, self.policy.throttle_s - uptime)
                 log.warning("%s; starting it again in %.1f s", what, delay)
                 self._write_state("restarting", exit_text, quick_crashes, delay)
                 self._sleep_until(time.monotonic() + delay)

@@ -34,8 +34,9 @@ def settings_for(model_dir: Path, adapter_dir: Path | None, state_dir: Path, **o
 def engine_factory(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path):
     engines: list[Engine] = []
 
-    def make(adapter: Path | None = tiny_adapter_dir, **overrides: Any) -> Engine:
-        engine = load_engine(settings_for(tiny_model_dir, adapter, tmp_path / "state", **overrides))
+    def make(adapter: Path | None = tiny_adapter_dir, state: str = "state", **overrides: Any) -> Engine:
+        # Engines made with the same `state` share their state dir, as a restarted server does.
+        engine = load_engine(settings_for(tiny_model_dir, adapter, tmp_path / state, **overrides))
         engines.append(engine)
         return engine
 

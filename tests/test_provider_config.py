@@ -249,11 +249,13 @@ def test_apply_over_json5_keeps_a_byte_exact_backup(tmp_path: Path) -> None:
     written = json.loads(path.read_text(encoding="utf-8"))
     assert written["gateway"] == {"port": 19999, "mode": "local"}
     assert written["agents"]["defaults"]["model"]["primary"] == "delta-mem-mlx/m1"
-    # Restoring the backup gives the original file back, byte for byte.
-    path.write_bytes(result.backup.read_bytes())
-    assert path.read_text(encoding="utf-8") == USER_CONFIG_JSON5
+    # A second apply in the same second keeps the first backup and writes another: the file it saves
+    # is the already merged one, not the original.
+    merged = path.read_bytes()
     second = apply_patch(path, _patch(), now=now)
     assert second.backup == tmp_path / "openclaw.json.bak-20260906T123005Z-2"
+    assert second.backup.read_bytes() == merged != result.backup.read_bytes()
+    assert result.backup.read_bytes() == USER_CONFIG_JSON5.encode("utf-8")
 
 
 def test_apply_over_plain_json_says_nothing_is_lost(tmp_path: Path) -> None:

@@ -80,6 +80,13 @@ def delta_states(model: nn.Module, cache: list[Any]) -> list[mx.array]:
     return [cache[i].current_state() for i in _layers(model)]
 
 
+def delta_states_at(model: nn.Module, cache: list[Any], offset: int) -> list[mx.array]:
+    """The δ-state of each δ layer after the first `offset` cached tokens (the cache keeps them all)."""
+    if not 0 <= offset <= cache[0].offset:
+        raise ValueError(f"offset {offset} is outside the cache's {cache[0].offset} tokens")
+    return [cache[i].state_at(offset, 1) for i in _layers(model)]
+
+
 def set_delta_states(model: nn.Module, cache: list[Any], states: list[mx.array]) -> None:
     """Replace the current δ-state of each δ layer (same order and shapes as delta_states)."""
     layers = _layers(model)
