@@ -102,7 +102,10 @@ def create_app(
             status = "error" if state.load_error else "loading"
             extra = {"error": state.load_error} if state.load_error else {}
             return JSONResponse({"status": status, **base, **extra}, status_code=503)
-        return JSONResponse({"status": "ok", **await state.chat.engine.health(), **base})
+        engine = await state.chat.engine.health()
+        # Still serving, but something the user relies on (saving sessions) is failing.
+        status = "degraded" if engine.get("problems") else "ok"
+        return JSONResponse({"status": status, **engine, **base})
 
     @app.get("/v1/models")
     async def models() -> ModelList:

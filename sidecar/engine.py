@@ -41,7 +41,7 @@ from sidecar.prompts import leading_span, message_spans, render_prompt, render_t
 from sidecar.session_keys import hash_session_key
 from sidecar.session_report import describe_session
 from sidecar.session_state import Segment, SegmentKind, Session, SnippetWrite
-from sidecar.sessions import SessionStore
+from sidecar.sessions import SessionStore, StateWriteError
 from sidecar.stop_strings import StopScanner
 from sidecar.worker import Cancelled, JobStream, Worker
 from sidecar.write_plan import WritePolicy, common_prefix, plan_writes, replay_steps, shared_boundary
@@ -121,7 +121,9 @@ class Engine:
                 "max_kv_bytes": self.store.max_kv_bytes,
                 "persisted": self.store.persisted_count(),
                 "evictions": self.store.evictions,
+                **self.store.saves.report(),
             },
+            "problems": self.store.saves.problems(),
             "prefix_cache": self.prefixes.stats(),
             "jobs": {
                 "completed": self.counters.jobs,
@@ -362,12 +364,14 @@ class Engine:
         self.store.enforce_limits(keep=active, reserved_bytes=self.prefixes.nbytes)
         self.prefixes.trim_to_bytes(max(0, self.store.max_kv_bytes - self.store.kv_bytes))
 
-    def _persist(self, session: Session) -> None:
+    def _persist(self, session: Session) -> bool:
+        """Save a session after a turn or at shutdown; a failure is logged and counted for /health."""
         try:
-            states = self._states_of(session)
-            self.store.save(session, states)
-        except OSError as exc:
-            log.error("could not save session %s: %s", session.key_hash[:12], exc)
+            self.store.save(session, self._states_of(session))
+        except StateWriteError as exc:
+            log.error("session %s: %s", session.key_hash[:12], exc)
+            return False
+        return True
 
     def _states_of(self, session: Session) -> list[Any] | None:
         if not session.delta or session.cache is None:
@@ -395,15 +399,13 @@ class Engine:
     def _save(self, key_hash: str) -> dict[str, Any]:
         if self.store.state_dir is None:
             raise EngineError("this server has no state dir (start it with --state-dir)", 409, "no_state_dir")
-        saved = []
-        for delta in (True, False):
-            session = self.store.peek(key_hash, delta)
-            if session is not None:
-                self._persist(session)
-                saved.append("delta" if delta else "base")
-        if not saved:
+        sessions = [s for s in (self.store.peek(key_hash, delta) for delta in (True, False)) if s is not None]
+        if not sessions:
             raise EngineError("this session has no state on the server", 404, "session_not_found")
-        return {"saved": saved}
+        for session in sessions:
+            # StateWriteError goes to the client: a save that wrote nothing must not answer 200.
+            self.store.save(session, self._states_of(session))
+        return {"saved": [_mode(session) for session in sessions]}
 
     def _load(self, key_hash: str) -> dict[str, Any]:
         loaded = {}
@@ -417,8 +419,9 @@ class Engine:
         return {"loaded": loaded}
 
     def _save_all(self) -> None:
-        for session in self.store.sessions():
-            self._persist(session)
+        failed = sum(not self._persist(session) for session in self.store.sessions())
+        if failed:
+            log.error("%d session(s) could not be saved at shutdown: their turns since the last save are lost", failed)
 
 
 def _mode(session: Session) -> str:

@@ -2,17 +2,65 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar.engine_io import EngineError
 from sidecar.session_files import SessionFileError, load_session_file, save_session_file
 from sidecar.session_state import Session
 
 log = logging.getLogger("sidecar.sessions")
+
+
+class StateWriteError(EngineError):
+    """A session file that could not be written or removed; safe to show the client."""
+
+    def __init__(self, what: str, exc: OSError) -> None:
+        super().__init__(f"could not {what}: {describe_os_error(exc)}", 500, "state_write_failed")
+
+
+def mode_name(delta: bool) -> str:
+    """How answers and logs name a session's mode."""
+    return "delta" if delta else "base"
+
+
+def describe_os_error(exc: OSError) -> str:
+    """What went wrong with a file in words a user acts on (no file name: names are key hashes)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied on the state dir"
+    if exc.errno == errno.EROFS:
+        return "the state dir is on a read-only file system"
+    return exc.strerror or type(exc).__name__
+
+
+@dataclass
+class SaveRecord:
+    """How saving session files went: counts and the latest failure, for /health."""
+
+    saved: int = 0
+    failed: int = 0
+    failing: bool = False  # the latest save failed
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+    def report(self) -> dict[str, Any]:
+        """The figures /health shows under `sessions`."""
+        return {"saves": self.saved, "save_failures": self.failed, "last_save_error": self.last_error}
+
+    def problems(self) -> list[str]:
+        """A line for /health while saving fails; empty once a save works again."""
+        if not self.failing:
+            return []
+        return [f"sessions cannot be saved: {self.last_error} ({self.failed} failed saves so far)"]
+
 
 class SessionStore:
     """Sessions in memory, least recently used first out, bounded by count and by KV bytes.
@@ -30,11 +78,10 @@ class SessionStore:
         # The worker changes the store; /health reads it from the event loop thread.
         self._lock = threading.Lock()
         self.evictions = 0
+        self.saves = SaveRecord()
         if state_dir is not None:
             state_dir.mkdir(parents=True, exist_ok=True)
-            # A process killed in the middle of an atomic write leaves its temporary file behind.
-            for leftover in state_dir.glob(".*.session.npz.*.tmp"):
-                leftover.unlink(missing_ok=True)
+            _remove_leftovers(state_dir)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -62,24 +109,46 @@ class SessionStore:
         return self._sessions.get(stem) or self._from_disk(key_hash, delta)
 
     def save(self, session: Session, states: list[Any] | None) -> Path | None:
-        """Write the session's history (and its current δ-states) to disk, atomically."""
+        """Write the session's history (and its current δ-states) to disk, atomically.
+
+        Raises StateWriteError (and counts the failure) when the file cannot be written.
+        """
         path = self._path(session.file_stem)
         if path is None:
             return None
-        save_session_file(path, session, self.fingerprint, states)
+        try:
+            save_session_file(path, session, self.fingerprint, states)
+        except OSError as exc:
+            error = StateWriteError(f"save the session's {mode_name(session.delta)} state", exc)
+            self.saves.failed += 1
+            self.saves.failing = True
+            self.saves.last_error, self.saves.last_error_at = str(error), time.time()
+            raise error from exc
+        self.saves.saved += 1
+        self.saves.failing = False
         return path
 
     def remove(self, key_hash: str) -> bool:
-        """Forget a key in both modes, in memory and on disk; True if anything existed."""
+        """Forget a key in both modes, on disk and in memory; True if anything existed.
+
+        Each mode's file goes first: if it cannot be removed, StateWriteError is raised and that
+        mode is kept in memory, so the state on disk never outlives newer state in memory.
+        """
         found = False
         for delta in (True, False):
             stem = Session(key_hash, delta).file_stem
+            path = self._path(stem)
+            if path is not None:
+                try:
+                    path.unlink()
+                    found = True
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    what = f"remove the session's {mode_name(delta)} file, so it was not reset"
+                    raise StateWriteError(what, exc) from exc
             with self._lock:
                 found |= self._sessions.pop(stem, None) is not None
-            path = self._path(stem)
-            if path is not None and path.exists():
-                path.unlink()
-                found = True
         return found
 
     def enforce_limits(self, keep: Session | None = None, reserved_bytes: int = 0) -> list[Session]:
@@ -125,3 +194,13 @@ class SessionStore:
         except SessionFileError as exc:
             log.warning("ignoring session file %s: %s", path.name, exc)
             return None
+
+
+def _remove_leftovers(state_dir: Path) -> None:
+    # A process killed in the middle of an atomic write leaves its temporary file behind. One that
+    # cannot be removed is only clutter: it must not stop the server from starting.
+    for leftover in state_dir.glob(".*.session.npz.*.tmp"):
+        try:
+            leftover.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove the leftover temporary file %s: %s", leftover.name, describe_os_error(exc))
