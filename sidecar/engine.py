@@ -36,6 +36,7 @@ from sidecar.engine_io import (
     TextDelta,
     ToolCallFormat,
 )
+from sidecar.fingerprint import SessionFingerprint
 from sidecar.prefix_cache import PrefixCache
 from sidecar.prompts import leading_span, message_spans, render_prompt, render_text
 from sidecar.session_keys import hash_session_key
@@ -453,12 +454,8 @@ def _tool_call_format(tokenizer: Any) -> ToolCallFormat | None:
     return ToolCallFormat(tokenizer.tool_call_start, tokenizer.tool_call_end, parser)
 
 
-def _fingerprint(settings: SidecarSettings) -> str:
-    """What saved δ-states depend on: the model's config and weights files, and the adapter's."""
-    digest = hashlib.sha256(settings.model_id.encode())
-    for root in filter(None, (settings.model_path, settings.adapter_path)):
-        for path in sorted(Path(root).glob("*")):
-            if path.suffix in (".json", ".safetensors", ".npz", ".pt") and path.is_file():
-                stat = path.stat()
-                digest.update(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
-    return digest.hexdigest()[:32]
+def _fingerprint(settings: SidecarSettings) -> SessionFingerprint | None:
+    """What saved δ-states depend on (see sidecar/fingerprint.py); nothing to hash without a state dir."""
+    if settings.state_dir is None:
+        return None
+    return SessionFingerprint(settings.model_id, settings.model_path, settings.adapter_path)

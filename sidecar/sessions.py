@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.engine_io import EngineError
+from sidecar.fingerprint import SessionFingerprint
 from sidecar.session_files import SessionFileError, load_session_file, save_session_file
 from sidecar.session_state import Session
 
@@ -69,7 +70,9 @@ class SessionStore:
     evicted session, or every session after a restart, comes back from disk with its history.
     """
 
-    def __init__(self, max_sessions: int, max_kv_bytes: int, state_dir: Path | None, fingerprint: str):
+    def __init__(
+        self, max_sessions: int, max_kv_bytes: int, state_dir: Path | None, fingerprint: SessionFingerprint | None
+    ):
         self.max_sessions = max_sessions
         self.max_kv_bytes = max_kv_bytes
         self.state_dir = state_dir
@@ -117,7 +120,7 @@ class SessionStore:
         if path is None:
             return None
         try:
-            save_session_file(path, session, self.fingerprint, states)
+            save_session_file(path, session, self._fingerprint().current, states)
         except OSError as exc:
             error = StateWriteError(f"save the session's {mode_name(session.delta)} state", exc)
             self.saves.failed += 1
@@ -182,6 +185,11 @@ class SessionStore:
             return 0
         return sum(1 for _ in self.state_dir.glob("*.session.npz"))
 
+    def _fingerprint(self) -> SessionFingerprint:
+        if self.fingerprint is None:
+            raise RuntimeError("a store with a state dir needs the fingerprint of what it serves")
+        return self.fingerprint
+
     def _path(self, stem: str) -> Path | None:
         return None if self.state_dir is None else self.state_dir / f"{stem}.session.npz"
 
@@ -190,7 +198,8 @@ class SessionStore:
         if path is None or not path.exists():
             return None
         try:
-            return load_session_file(path, self.fingerprint)
+            fingerprint = self._fingerprint()
+            return load_session_file(path, fingerprint.current, fingerprint.legacy)
         except SessionFileError as exc:
             log.warning("ignoring session file %s: %s", path.name, exc)
             return None
