@@ -16,9 +16,11 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from fake_engine import FakeEngine
+from reliability import record_figures
 
 from common.exit_codes import CONFIG_ERROR, PORT_IN_USE
 from common.settings import SidecarSettings
@@ -27,13 +29,17 @@ from sidecar.delta.adapter_files import AdapterError
 from sidecar.http_server import LOAD_FAILED, exit_status_for
 
 
-def serve(model: Path, adapter: Path, port: int, *extra: str) -> subprocess.CompletedProcess[str]:
+def serve(case: str, model: Path, adapter: Path, port: int, *extra: str) -> subprocess.CompletedProcess[str]:
     argv = [
         sys.executable, "-c", "from installer.cli import main; main()", "serve", "--model", str(model),
         "--adapter", str(adapter), "--model-id", "tiny", "--port", str(port), *extra,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    began = time.monotonic()
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    elapsed = round(time.monotonic() - began, 2)
+    record_figures(f"serve_exit_{case}", {"status": result.returncode, "seconds_to_exit": elapsed})
+    return result
 
 
 def free_port() -> int:
@@ -47,7 +53,7 @@ def test_a_busy_port_exits_port_in_use_before_loading(tiny_model_dir: Path, tiny
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = serve(tiny_model_dir, tiny_adapter_dir, port)
+        result = serve("busy_port", tiny_model_dir, tiny_adapter_dir, port)
     assert result.returncode == PORT_IN_USE, result.stderr[-2000:]
     assert f"Error: port {port} is in use" in result.stderr
     assert "startup" not in result.stderr and "fingerprint" not in result.stderr  # nothing started
@@ -58,7 +64,7 @@ def test_a_state_dir_that_is_a_file_exits_config_error_before_binding(
 ) -> None:
     not_a_dir = tmp_path / "state"
     not_a_dir.write_text("a file where the state dir should be")
-    result = serve(tiny_model_dir, tiny_adapter_dir, free_port(), "--state-dir", str(not_a_dir))
+    result = serve("state_dir_is_a_file", tiny_model_dir, tiny_adapter_dir, free_port(), "--state-dir", str(not_a_dir))
     assert result.returncode == CONFIG_ERROR, result.stderr[-2000:]
     assert f"the state dir {not_a_dir} is not a directory" in result.stderr
     assert "listening on" not in result.stderr
@@ -72,7 +78,7 @@ def test_a_model_that_fails_to_load_exits_instead_of_serving_503(
     shutil.copytree(tiny_model_dir, broken)
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**config, "model_type": "no_such_architecture"}))
-    result = serve(broken, tiny_adapter_dir, free_port())
+    result = serve("model_fails_to_load", broken, tiny_adapter_dir, free_port())
     assert result.returncode == CONFIG_ERROR, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert "the model failed to load" in last and "no_such_architecture" in last
