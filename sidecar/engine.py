@@ -122,7 +122,7 @@ class Engine:
                 "max_kv_bytes": self.store.max_kv_bytes,
                 "persisted": self.store.persisted_count(),
                 "evictions": self.store.evictions,
-                **self.store.saves.report(),
+                **self.store.save_report(),
             },
             "problems": self.store.saves.problems(),
             "prefix_cache": self.prefixes.stats(),
@@ -420,7 +420,8 @@ class Engine:
         return {"loaded": loaded}
 
     def _save_all(self) -> None:
-        failed = sum(not self._persist(session) for session in self.store.sessions())
+        sessions = self.store.sessions() + self.store.evicted_unsaved()
+        failed = sum(not self._persist(session) for session in sessions)
         if failed:
             log.error("%d session(s) could not be saved at shutdown: their turns since the last save are lost", failed)
 

@@ -9,6 +9,7 @@ and the file is truncated. Appending writers then continue at the new end, whoev
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -59,13 +60,15 @@ class OutputCap:
     def rotate(self, size: int) -> None:
         """Copy the file to `<name>.1`, then empty it."""
         backup = self.path.with_name(self.path.name + ".1")
+        staging = backup.with_name(backup.name + ".tmp")
         try:
             if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
-                staging = backup.with_name(backup.name + ".tmp")
                 shutil.copyfile(self.path, staging)
                 os.replace(staging, backup)
         except OSError:
-            pass  # a full disk: losing the old lines is better than filling it further
+            # A full disk: losing the old lines is better than filling it further.
+            with contextlib.suppress(OSError):
+                staging.unlink(missing_ok=True)
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"(log rotated at {size} bytes: the earlier lines are in {backup.name})\n".encode())
 

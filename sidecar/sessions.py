@@ -67,7 +67,9 @@ class SessionStore:
     """Sessions in memory, least recently used first out, bounded by count and by KV bytes.
 
     Every session is saved to `state_dir` after each turn (atomic write, hashed file name), so an
-    evicted session, or every session after a restart, comes back from disk with its history.
+    evicted session, or every session after a restart, comes back from disk with its history. A
+    session whose latest save failed keeps its history in memory when evicted (only its KV goes),
+    so that a full disk never turns an eviction into lost turns.
     """
 
     def __init__(
@@ -78,6 +80,8 @@ class SessionStore:
         self.state_dir = state_dir
         self.fingerprint = fingerprint
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._unsaved: set[str] = set()  # file stems whose latest save failed
+        self._evicted_unsaved: dict[str, Session] = {}  # their histories, once evicted (no KV)
         # The worker changes the store; /health reads it from the event loop thread.
         self._lock = threading.Lock()
         self.evictions = 0
@@ -97,7 +101,7 @@ class SessionStore:
     def get(self, key_hash: str, delta: bool) -> Session:
         """The session for a key and mode: in memory, else from disk, else new."""
         stem = Session(key_hash, delta).file_stem
-        session = self._sessions.get(stem)
+        session = self._sessions.get(stem) or self._evicted_unsaved.pop(stem, None)
         if session is None:
             session = self._from_disk(key_hash, delta) or Session(key_hash, delta)
         with self._lock:
@@ -109,7 +113,7 @@ class SessionStore:
     def peek(self, key_hash: str, delta: bool) -> Session | None:
         """The session if it is in memory or on disk, without creating one."""
         stem = Session(key_hash, delta).file_stem
-        return self._sessions.get(stem) or self._from_disk(key_hash, delta)
+        return self._sessions.get(stem) or self._evicted_unsaved.get(stem) or self._from_disk(key_hash, delta)
 
     def save(self, session: Session, states: list[Any] | None) -> Path | None:
         """Write the session's history (and its current δ-states) to disk, atomically.
@@ -126,9 +130,12 @@ class SessionStore:
             self.saves.failed += 1
             self.saves.failing = True
             self.saves.last_error, self.saves.last_error_at = str(error), time.time()
+            self._unsaved.add(session.file_stem)
             raise error from exc
         self.saves.saved += 1
         self.saves.failing = False
+        self._unsaved.discard(session.file_stem)
+        self._evicted_unsaved.pop(session.file_stem, None)
         return path
 
     def remove(self, key_hash: str) -> bool:
@@ -152,6 +159,8 @@ class SessionStore:
                     raise StateWriteError(what, exc) from exc
             with self._lock:
                 found |= self._sessions.pop(stem, None) is not None
+            found |= self._evicted_unsaved.pop(stem, None) is not None
+            self._unsaved.discard(stem)
         return found
 
     def enforce_limits(self, keep: Session | None = None, reserved_bytes: int = 0) -> list[Session]:
@@ -169,6 +178,8 @@ class SessionStore:
             with self._lock:
                 del self._sessions[stem]
             session.cache = None
+            if stem in self._unsaved:
+                self._evicted_unsaved[stem] = session
             dropped.append(session)
             self.evictions += 1
             log.info("evicted session %s (%s)", session.key_hash[:12], "count" if over_count else "kv bytes")
@@ -178,6 +189,14 @@ class SessionStore:
         """Sessions in memory, least recently used first."""
         with self._lock:
             return list(self._sessions.values())
+
+    def evicted_unsaved(self) -> list[Session]:
+        """Evicted sessions whose latest state is not on disk yet (their history only)."""
+        return list(self._evicted_unsaved.values())
+
+    def save_report(self) -> dict[str, Any]:
+        """Saving figures for /health: counts, the latest failure, sessions not on disk."""
+        return {**self.saves.report(), "unsaved": len(self._unsaved)}
 
     def persisted_count(self) -> int:
         """How many session files the state dir holds."""

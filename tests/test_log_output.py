@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import subprocess
 import sys
@@ -76,3 +77,23 @@ def test_a_descriptor_that_is_not_the_supervised_file_is_left_alone(tmp_path: Pa
     with elsewhere.open("ab") as handle:
         cap = sidecar.log_output.OutputCap.of(handle.fileno(), tmp_path / "sidecar.err.log", CAP)
     assert cap is None
+
+
+def test_on_a_full_disk_the_log_is_emptied_without_a_partial_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "sidecar.err.log"
+
+    def copy_until_the_disk_fills(source: Path, target: Path) -> None:
+        Path(target).write_bytes(b"half a copy")
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(sidecar.log_output.shutil, "copyfile", copy_until_the_disk_fills)
+    with path.open("ab") as handle:
+        handle.write(b"x" * (CAP + 1))
+        handle.flush()
+        cap = sidecar.log_output.OutputCap.of(handle.fileno(), path, CAP)
+        assert cap is not None
+        cap.check()
+    assert path.read_bytes().startswith(b"(log rotated at ") and path.stat().st_size < 200
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sidecar.err.log"]

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 import sidecar.session_files
 from sidecar.app import create_app
 from sidecar.engine import Engine
+from sidecar.session_files import load_session_file
 from sidecar.session_keys import hash_session_key
 
 KEY = "state-faults"
@@ -134,3 +135,30 @@ def test_a_leftover_that_cannot_be_removed_does_not_stop_the_engine(
         engine = engine_factory()
     assert "cannot remove the leftover temporary file .abc.delta.session.npz.x1y2.tmp" in caplog.text
     assert engine.store.state_dir == state
+
+
+def test_an_eviction_while_saves_fail_keeps_the_unsaved_history(
+    engine_factory: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_factory(max_sessions=1)
+    app = create_app(engine.settings, load_engine=lambda _: engine)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline
+        turn(client, "first")  # on disk: one turn
+        disk_full(monkeypatch)
+        turn(client, "second")  # in memory only: two turns
+        other = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2}
+        assert client.post("/v1/chat/completions", json=other, headers={"X-OpenClaw-Session-Key": "other"}).is_success
+        assert health(client)["sessions"]["unsaved"] == 2
+        # The other session evicted this one (one session in memory): its history must not fall back to disk.
+        assert engine.store.sessions()[-1].key_hash == hash_session_key("other")
+        stats = client.get("/v1/session", headers=HEADERS).json()
+        assert stats["delta"]["turns"] == 2, "the turn that could not be saved was lost at eviction"
+        turn(client, "third")
+        assert client.get("/v1/session", headers=HEADERS).json()["delta"]["turns"] == 3
+        monkeypatch.undo()
+    # At shutdown the store saved what it could not before.
+    assert engine.store.peek(hash_session_key(KEY), True).turns == 3
+    assert load_session_file(state_file(engine), engine.store.fingerprint.current).turns == 3
