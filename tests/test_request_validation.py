@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fake_engine import FakeEngine
 from fastapi.testclient import TestClient
 
 from common.settings import SidecarSettings
@@ -35,11 +36,16 @@ WRONG: dict[str, list[Any]] = {
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[TestClient]:
-    never = threading.Event()
-    app = create_app(SidecarSettings(model_path="/models/none", model_id=MODEL), load_engine=lambda _: never.wait())
+    done = threading.Event()
+
+    def load_when_done(_: SidecarSettings) -> FakeEngine:
+        done.wait()
+        return FakeEngine(model_id=MODEL)
+
+    app = create_app(SidecarSettings(model_path="/models/none", model_id=MODEL), load_engine=load_when_done)
     with TestClient(app) as test_client:
         yield test_client
-        never.set()
+        done.set()  # the shutdown waits for the load
 
 
 def post(client: TestClient, body: dict[str, Any] | bytes) -> tuple[int, dict[str, Any]]:

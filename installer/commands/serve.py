@@ -155,7 +155,8 @@ def check_paths(settings: SidecarSettings) -> None:
     state dir is not a directory the server can create and write."""
     for what, path in (("model", settings.model_path), ("adapter", settings.adapter_path)):
         if path is not None and not Path(path).is_dir():
-            raise SettingsError(f"the {what} directory {path} does not exist: download it first or fix the path")
+            problem = "is not a directory" if Path(path).exists() else "does not exist"
+            raise SettingsError(f"the {what} directory {path} {problem}: download it first or fix the path")
     if settings.state_dir is not None:
         check_state_dir(Path(settings.state_dir))
 
