@@ -156,7 +156,9 @@ class GuardedProtocol(H11Protocol):
         phase: Phase = "head" if state is h11.IDLE else "body" if state is h11.SEND_BODY else "busy"
         if phase == self._phase:
             return
-        self._phase, self._heard = phase, False if phase == "head" else self._heard
+        if phase == "head":
+            self._heard = False  # a new request is awaited: none of it has come yet
+        self._phase = phase
         self._cancel_deadline()
         self.registry.set_waiting(self, phase != "busy")
         if phase != "busy":

@@ -36,6 +36,7 @@ log = logging.getLogger("sidecar.server")
 
 # Time for the ended answers to send their last event before uvicorn cancels what is left.
 WIND_DOWN_S = 5.0
+BACKLOG = 2048  # uvicorn's default
 # A model that fails to load for another reason (memory, a busy device) may load on a retry.
 LOAD_FAILED = 1
 _BAD_FILES = (UserError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -50,7 +51,7 @@ class BindError(UserError):
 
 
 def bind_listeners(host: str, port: int) -> list[socket.socket]:
-    """Listening-ready sockets for every address `host` resolves to (as asyncio would bind them)."""
+    """Listening sockets for every address `host` resolves to (as asyncio would bind them)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -64,6 +65,9 @@ def bind_listeners(host: str, port: int) -> list[socket.socket]:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             sock.bind(address)
+            # Listening now, not when uvicorn starts: on Linux a second process may bind a port
+            # (SO_REUSEADDR) until someone listens on it, and would then fail only after loading.
+            sock.listen(BACKLOG)
         except OSError as exc:
             for opened in sockets:
                 opened.close()
@@ -124,7 +128,7 @@ def run_server(
     before anything is loaded.
     """
     configure_logging(log_level, log_outputs, log_max_bytes)
-    # Importing mlx-lm caps the limit at OPEN_FILES while the model loads; size the cap for that.
+    # mlx-lm, imported while the model loads, caps the limit at OPEN_FILES: size the cap for that.
     open_files = min(raise_open_file_limit(), OPEN_FILES)
     limits = fit_to_open_files(limits, open_files)
     listeners = bind_listeners(settings.host, settings.port)
@@ -136,6 +140,7 @@ def run_server(
         http=guarded_protocol(limits),
         lifespan="on",
         timeout_graceful_shutdown=round(shutdown_grace_s + WIND_DOWN_S),
+        backlog=BACKLOG,
     )
     server = SidecarServer(config, app.state.server, shutdown_grace_s)
     for sock in listeners:
