@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.settings import SidecarSettings
-from sidecar.connections import raise_open_file_limit
+from sidecar.connection_limits import raise_open_file_limit
 from sidecar.engine_io import EngineError, EngineLike
 from sidecar.protocol import ApiError, ChatCompletionRequest, ErrorType, ModelCard, ModelList
 from sidecar.serving import ChatCompletionService

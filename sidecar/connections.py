@@ -1,4 +1,4 @@
-"""Connections the server will hold: a cap, deadlines for a request's headers and body, open files.
+"""Connections the server will hold: a cap, and deadlines for a request's headers and body.
 
 A client that opens connections and sends half a request (or nothing) would otherwise hold a file
 descriptor each for ever; a couple of thousand of them exhaust the process's open files, and then
@@ -9,27 +9,23 @@ the server can accept nothing, `/health` included. So:
 - at most `max_connections` are open; a new one beyond that closes the connection that has waited
   longest for its client (a request being answered is never closed), so a client that sends its
   request at once, as every real one does, still gets in during a flood;
-- the soft limit on open files is raised so that the cap and the server's own files fit.
+- the soft limit on open files is raised so that the cap and the server's own files fit
+  (sidecar/connection_limits.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Literal
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-log = logging.getLogger("sidecar.connections")
+from sidecar.connection_limits import ConnectionLimits
 
-# mlx-lm sets the open-file limits to (2048, 4096) when imported; 4096 is the most it leaves.
-OPEN_FILES = 4096
-# Model and state files, QMD pipes, logs, the listening socket, the event loop's own.
-RESERVED_FILES = 256
+log = logging.getLogger("sidecar.connections")
 
 Phase = Literal["head", "body", "busy"]
 
@@ -43,34 +39,6 @@ _FULL_503 = (
     + f"content-length: {len(_FULL_BODY)}\r\n\r\n".encode()
     + _FULL_BODY
 )
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """How many connections the server holds, and how long a request may take to arrive."""
-
-    max_connections: int = 1000
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 60.0
-
-
-def raise_open_file_limit(wanted: int = OPEN_FILES) -> int:
-    """Raise the soft limit on open files to `wanted` (within the hard limit); returns the limit now."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def fit_to_open_files(limits: ConnectionLimits, open_files: int) -> ConnectionLimits:
-    """The limits with the connection cap lowered, if needed, to leave RESERVED_FILES free."""
-    room = max(1, open_files - RESERVED_FILES)
-    if limits.max_connections <= room:
-        return limits
-    log.warning("the open-file limit is %d: holding at most %d connections instead of %d",
-                open_files, room, limits.max_connections)
-    return ConnectionLimits(room, limits.header_timeout_s, limits.body_timeout_s)
 
 
 class _Registry:

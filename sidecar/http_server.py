@@ -23,13 +23,8 @@ from common.errors import UserError
 from common.exit_codes import CONFIG_ERROR
 from common.settings import SidecarSettings
 from sidecar.app import ServerState, create_app
-from sidecar.connections import (
-    OPEN_FILES,
-    ConnectionLimits,
-    fit_to_open_files,
-    guarded_protocol,
-    raise_open_file_limit,
-)
+from sidecar.connection_limits import OPEN_FILES, ConnectionLimits, fit_to_open_files, raise_open_file_limit
+from sidecar.connections import guarded_protocol
 from sidecar.log_output import configure_logging, report_dropped
 
 log = logging.getLogger("sidecar.server")

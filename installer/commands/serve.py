@@ -22,7 +22,7 @@ from common.layout import RootLayout
 from common.settings import SettingsError, SidecarSettings, load_settings
 from installer.commands.options import RootOption, examples, resolve_root
 from installer.errors import describe
-from sidecar.connections import ConnectionLimits
+from sidecar.connection_limits import ConnectionLimits
 from supervisors import LOG_MAX_BYTES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
