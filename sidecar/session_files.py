@@ -86,7 +86,7 @@ def load_session_file(path: Path, fingerprint: str, legacy: str | None = None) -
             return _session(header, arrays)
         if legacy is None or header.get("fingerprint") != legacy:
             raise SessionFileError("written for another model or adapter")
-        log.info("session file %s predates content fingerprints: its history is kept, its δ-states rebuilt", path.name)
+        log.info("session file %s predates content fingerprints: history kept, δ-states rebuilt", path.name)
         return dataclasses.replace(_session(header, arrays), saved_states=None)
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, SessionFileError):

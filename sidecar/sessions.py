@@ -50,11 +50,6 @@ class SaveRecord:
     failed: int = 0
     failing: bool = False  # the latest save failed
     last_error: str | None = None
-    last_error_at: float | None = None
-
-    def report(self) -> dict[str, Any]:
-        """The figures /health shows under `sessions`."""
-        return {"saves": self.saved, "save_failures": self.failed, "last_save_error": self.last_error}
 
     def problems(self) -> list[str]:
         """A line for /health while saving fails; empty once a save works again."""
@@ -129,7 +124,7 @@ class SessionStore:
             error = StateWriteError(f"save the session's {mode_name(session.delta)} state", exc)
             self.saves.failed += 1
             self.saves.failing = True
-            self.saves.last_error, self.saves.last_error_at = str(error), time.time()
+            self.saves.last_error = str(error)
             self._unsaved.add(session.file_stem)
             raise error from exc
         self.saves.saved += 1
@@ -196,7 +191,13 @@ class SessionStore:
 
     def save_report(self) -> dict[str, Any]:
         """Saving figures for /health: counts, the latest failure, sessions not on disk."""
-        return {**self.saves.report(), "unsaved": len(self._unsaved)}
+        saves = self.saves
+        return {
+            "saves": saves.saved,
+            "save_failures": saves.failed,
+            "last_save_error": saves.last_error,
+            "unsaved": len(self._unsaved),
+        }
 
     def persisted_count(self) -> int:
         """How many session files the state dir holds."""
