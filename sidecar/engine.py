@@ -36,13 +36,14 @@ from sidecar.engine_io import (
     TextDelta,
     ToolCallFormat,
 )
+from sidecar.fingerprint import SessionFingerprint
 from sidecar.prefix_cache import PrefixCache
 from sidecar.prompts import leading_span, message_spans, message_start_id, render_prompt, render_text
 from sidecar.replay_check import ReplayChecks, checkpoint_offsets, checkpoint_states, saved_points
 from sidecar.session_keys import hash_session_key
 from sidecar.session_report import describe_session
 from sidecar.session_state import Segment, SegmentKind, Session, SnippetWrite
-from sidecar.sessions import SessionStore
+from sidecar.sessions import SessionStore, StateWriteError
 from sidecar.stop_strings import StopScanner
 from sidecar.worker import Cancelled, JobStream, Worker
 from sidecar.write_plan import WritePolicy, common_prefix, plan_writes, replay_steps, shared_boundary
@@ -126,7 +127,9 @@ class Engine:
                 "evictions": self.store.evictions,
                 "replay_checks": self.replays.checks,
                 "replay_mismatches": self.replays.mismatches,
+                **self.store.save_report(),
             },
+            "problems": self.store.saves.problems(),
             "prefix_cache": self.prefixes.stats(),
             "jobs": {
                 "completed": self.counters.jobs,
@@ -369,11 +372,14 @@ class Engine:
         self.store.enforce_limits(keep=active, reserved_bytes=self.prefixes.nbytes)
         self.prefixes.trim_to_bytes(max(0, self.store.max_kv_bytes - self.store.kv_bytes))
 
-    def _persist(self, session: Session) -> None:
+    def _persist(self, session: Session) -> bool:
+        """Save a session after a turn or at shutdown; a failure is logged and counted for /health."""
         try:
             self.store.save(session, *self._states_of(session))
-        except OSError as exc:
-            log.error("could not save session %s: %s", session.key_hash[:12], exc)
+        except StateWriteError as exc:
+            log.error("session %s: %s", session.key_hash[:12], exc)
+            return False
+        return True
 
     def _states_of(self, session: Session) -> tuple[list[Any] | None, dict[int, list[Any]]]:
         """The session's δ-states after its whole history, and at its checkpoints (for the replay check)."""
@@ -403,15 +409,13 @@ class Engine:
     def _save(self, key_hash: str) -> dict[str, Any]:
         if self.store.state_dir is None:
             raise EngineError("this server has no state dir (start it with --state-dir)", 409, "no_state_dir")
-        saved = []
-        for delta in (True, False):
-            session = self.store.peek(key_hash, delta)
-            if session is not None:
-                self._persist(session)
-                saved.append("delta" if delta else "base")
-        if not saved:
+        sessions = [s for s in (self.store.peek(key_hash, delta) for delta in (True, False)) if s is not None]
+        if not sessions:
             raise EngineError("this session has no state on the server", 404, "session_not_found")
-        return {"saved": saved}
+        for session in sessions:
+            # StateWriteError goes to the client: a save that wrote nothing must not answer 200.
+            self.store.save(session, self._states_of(session))
+        return {"saved": [_mode(session) for session in sessions]}
 
     def _load(self, key_hash: str) -> dict[str, Any]:
         loaded = {}
@@ -425,8 +429,10 @@ class Engine:
         return {"loaded": loaded}
 
     def _save_all(self) -> None:
-        for session in self.store.sessions():
-            self._persist(session)
+        sessions = self.store.sessions() + self.store.evicted_unsaved()
+        failed = sum(not self._persist(session) for session in sessions)
+        if failed:
+            log.error("%d session(s) could not be saved at shutdown: their turns since the last save are lost", failed)
 
 
 def _mode(session: Session) -> str:
@@ -450,12 +456,8 @@ def _tool_call_format(tokenizer: Any) -> ToolCallFormat | None:
     return ToolCallFormat(tokenizer.tool_call_start, tokenizer.tool_call_end, parser)
 
 
-def _fingerprint(settings: SidecarSettings) -> str:
-    """What saved δ-states depend on: the model's config and weights files, and the adapter's."""
-    digest = hashlib.sha256(settings.model_id.encode())
-    for root in filter(None, (settings.model_path, settings.adapter_path)):
-        for path in sorted(Path(root).glob("*")):
-            if path.suffix in (".json", ".safetensors", ".npz", ".pt") and path.is_file():
-                stat = path.stat()
-                digest.update(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
-    return digest.hexdigest()[:32]
+def _fingerprint(settings: SidecarSettings) -> SessionFingerprint | None:
+    """What saved δ-states depend on (see sidecar/fingerprint.py); nothing to hash without a state dir."""
+    if settings.state_dir is None:
+        return None
+    return SessionFingerprint(settings.model_id, settings.model_path, settings.adapter_path)

@@ -8,8 +8,10 @@ stacked in that order). Files written before checkpoints existed have none and s
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import logging
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ import numpy as np
 
 from common.files import atomic_write_bytes
 from sidecar.session_state import Segment, Session, SnippetWrite
+
+log = logging.getLogger("sidecar.sessions")
 
 FORMAT = 1
 _KINDS = ("write", "read", "messages", "plain")
@@ -68,8 +72,13 @@ def save_session_file(
     atomic_write_bytes(path, buffer.getvalue(), mode=0o600)
 
 
-def load_session_file(path: Path, fingerprint: str) -> Session:
-    """Read a session file, checking every field; raises SessionFileError on anything odd."""
+def load_session_file(path: Path, fingerprint: str, legacy: str | None = None) -> Session:
+    """Read a session file, checking every field; raises SessionFileError on anything odd.
+
+    A file written before fingerprints hashed content carries `legacy`, the older fingerprint by
+    file names, sizes and times: its history is kept (the KV and δ-states are rebuilt from it by
+    replay) but its saved δ-states are not trusted, since that fingerprint misses a swapped file.
+    """
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
@@ -81,9 +90,12 @@ def load_session_file(path: Path, fingerprint: str) -> Session:
             raise SessionFileError("header is not an object")
         if header.get("format") != FORMAT:
             raise SessionFileError(f"format {header.get('format')!r} is not {FORMAT}")
-        if header.get("fingerprint") != fingerprint:
+        if header.get("fingerprint") == fingerprint:
+            return _session(header, arrays)
+        if legacy is None or header.get("fingerprint") != legacy:
             raise SessionFileError("written for another model or adapter")
-        return _session(header, arrays)
+        log.info("session file %s predates content fingerprints: history kept, δ-states rebuilt", path.name)
+        return dataclasses.replace(_session(header, arrays), saved_states=None)
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, SessionFileError):
             raise
