@@ -414,7 +414,7 @@ class Engine:
             raise EngineError("this session has no state on the server", 404, "session_not_found")
         for session in sessions:
             # StateWriteError goes to the client: a save that wrote nothing must not answer 200.
-            self.store.save(session, self._states_of(session))
+            self.store.save(session, *self._states_of(session))
         return {"saved": [_mode(session) for session in sessions]}
 
     def _load(self, key_hash: str) -> dict[str, Any]:

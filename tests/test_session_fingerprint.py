@@ -92,7 +92,7 @@ def test_files_from_before_content_fingerprints_keep_their_history_not_their_sta
     path = state / f"{hash_session_key(KEY)}.delta.session.npz"
     saved = load_session_file(path, engine.store.fingerprint.current)
     old = legacy_fingerprint("tiny", str(tiny_model_dir), str(tiny_adapter_dir))
-    save_session_file(path, saved, old, saved.saved_states)
+    save_session_file(path, saved, old, saved.saved_states, {})
     with caplog.at_level(logging.INFO, logger="sidecar.sessions"):
         kept = load_session_file(path, "sha256:new", legacy=old)
     assert kept.tokens == saved.tokens and kept.saved_states is None
