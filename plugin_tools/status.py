@@ -28,6 +28,7 @@ from plugin_tools.target import (
     settings_for_url,
 )
 from supervisors import supervisor_for_root
+from supervisors.port_owner import describe_listener, listener_pid
 
 # The tool runs inside an agent turn: a sidecar that does not answer quickly is reported, not awaited.
 HEALTH_TIMEOUT_S = 2.0
@@ -139,12 +140,28 @@ def build_status(config: PluginConfig) -> StatusPayload:
         "ready": ready,
         "platform": platform_report(),
         "install": install,
-        "supervisor": supervisor_report(root),
+        "supervisor": _reconciled(supervisor_report(root), settings, health),
         "health": health,
         "plugin_config": config,
         "next_steps": _next_steps(root, install, health, ready),
         "notes": notes,
     }
+
+
+def _reconciled(
+    supervisor: SupervisorReport, settings: SidecarSettings | None, health: HealthReport
+) -> SupervisorReport:
+    """The supervisor's report, unless a sidecar of this root answers while the supervisor runs none."""
+    body = health["body"] or {}
+    if supervisor["state"] == "running" or settings is None or body.get("model") != settings.model_id:
+        return supervisor
+    pid = listener_pid(settings.port)
+    detail = (
+        f"a sidecar of this root answers at {health['url']} ({describe_listener(settings.port)}), but "
+        f"{supervisor['kind'] or 'no supervisor'} does not run it ({supervisor['detail']}): it was started "
+        "with --foreground or by hand, or outlived its keeper; stop-sidecar cannot stop it"
+    )
+    return {**supervisor, "state": "unsupervised", "pid": pid, "detail": detail, "uptime_s": _uptime(pid)}
 
 
 def _uptime(pid: int | None) -> float | None:
