@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -215,7 +216,7 @@ def _config_notes(config: PluginConfig, settings: SidecarSettings | None) -> lis
         )
     adapter = config.get("attentionAdapter")
     served = Path(settings.adapter_path) if settings.adapter_path else None
-    if adapter and Path(adapter).expanduser().resolve() != served:
+    if adapter and Path(os.path.realpath(Path(adapter).expanduser())) != served:
         notes.append(
             f"the plugin config's attentionAdapter {adapter} is not the adapter the sidecar serves ({served})"
         )

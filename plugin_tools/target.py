@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,7 +27,8 @@ def install_root(config: PluginConfig) -> Path:
     """The plugin's `sidecarRoot`, else the default install root."""
     configured = config.get("sidecarRoot")
     if configured:
-        return Path(configured).expanduser().resolve()
+        # realpath, not Path.resolve: Python 3.11 raises RuntimeError for a loop of symlinks.
+        return Path(os.path.realpath(Path(configured).expanduser()))
     return default_root()
 
 
