@@ -17,6 +17,7 @@ from common.exit_codes import CONFIG_ERROR
 from common.settings import SidecarSettings, save_settings
 from supervisors.keeper import keeper_command, keeper_lock_path
 from supervisors.root_lock import RootBusyError, hold_root, lock_path
+from supervisors.systemd import SystemdSupervisor
 
 DEADLINE_S = 60.0
 
@@ -148,3 +149,8 @@ def test_a_configuration_error_is_not_restarted(tmp_path: Path) -> None:
     assert record["state"] == "gave-up" and record["returncode"] == CONFIG_ERROR
     assert "its configuration is wrong; a restart cannot fix it" in record["last_exit"]
     assert "does not start it again" in keeper.stderr
+
+
+def test_systemd_does_not_restart_a_configuration_error(tmp_path: Path) -> None:
+    unit = SystemdSupervisor(tmp_path / "root", unit_dir=tmp_path / "units").unit_text()
+    assert f"RestartPreventExitStatus={CONFIG_ERROR}" in unit.splitlines()
