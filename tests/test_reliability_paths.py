@@ -9,10 +9,10 @@ exit 0 or with one `Error:` line, and leave the hostile object as it was.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from typer.testing import CliRunner
 
 import common.files
 from installer.cli import app
-from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
 
 runner = CliRunner()
 
@@ -41,11 +40,17 @@ CONFIG_REFUSALS = {
 OUTCOMES: Counter[str] = Counter()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("tiny")
-    model = write_tiny_model(base / "model")
-    return {"model": model, "adapter": write_tiny_adapter(base / "adapter", model)}
+@pytest.fixture
+def tiny(tiny_model_dir: Path, tiny_adapter_dir: Path) -> dict[str, Path]:
+    return {"model": tiny_model_dir, "adapter": tiny_adapter_dir}
+
+
+@pytest.fixture
+def hostile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], Path]]:
+    """Makes a hostile path of a kind under tmp_path; a read-only folder is made writable again afterwards."""
+    yield lambda kind: make_hostile(kind, tmp_path, monkeypatch)
+    for folder in tmp_path.glob("read-only-folder"):
+        folder.chmod(0o755)
 
 
 def make_hostile(kind: str, base: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -94,21 +99,25 @@ def fingerprint(path: Path) -> Any:
     return ("special", stat.S_IFMT(info.st_mode))
 
 
-def root_cells(tiny: dict[str, Path]) -> list[tuple[str, list[str]]]:
-    install = ["--preset", "custom", "--model-path", str(tiny["model"]), "--adapter-path", str(tiny["adapter"]),
-               "--model-id", "tiny", "--min-memory-gb", "1", "--supervisor", "process", "--yes"]  # fmt: skip
-    return [
-        ("doctor", ["doctor", "--preset", "smoke"]),
-        ("install-sidecar-only", ["install-sidecar-only", *install]),
-        ("start-sidecar", ["start-sidecar", "--health-timeout", "5"]),
-        ("stop-sidecar", ["stop-sidecar"]),
-        ("restart-sidecar", ["restart-sidecar", "--health-timeout", "5"]),
-        ("status", ["status", "--json"]),
-        ("logs", ["logs"]),
-        ("uninstall", ["uninstall"]),
-        ("uninstall --purge", ["uninstall", "--purge", "--yes"]),
-        ("provider-config", ["provider-config", "--json"]),
-    ]
+def install_args(model: Path, adapter: Path) -> list[str]:
+    return ["install-sidecar-only", "--preset", "custom", "--model-path", str(model), "--adapter-path", str(adapter),
+            "--model-id", "tiny", "--min-memory-gb", "1", "--supervisor", "process", "--yes"]  # fmt: skip
+
+
+def root_command(command: str, tiny: dict[str, Path]) -> list[str]:
+    """The command line of one --root cell, without --root."""
+    return {
+        "doctor": ["doctor", "--preset", "smoke"],
+        "install-sidecar-only": install_args(tiny["model"], tiny["adapter"]),
+        "start-sidecar": ["start-sidecar", "--health-timeout", "5"],
+        "stop-sidecar": ["stop-sidecar"],
+        "restart-sidecar": ["restart-sidecar", "--health-timeout", "5"],
+        "status": ["status", "--json"],
+        "logs": ["logs"],
+        "uninstall": ["uninstall"],
+        "uninstall --purge": ["uninstall", "--purge", "--yes"],
+        "provider-config": ["provider-config", "--json"],
+    }[command]
 
 
 ROOT_COMMANDS = ["doctor", "install-sidecar-only", "start-sidecar", "stop-sidecar", "restart-sidecar", "status",
@@ -117,7 +126,8 @@ OTHER_OPTIONS = ["provider-config --apply --config", "install-sidecar-only --mod
                  "install-sidecar-only --adapter-path"]  # fmt: skip
 
 
-def check_cell(args: list[str], hostile: Path, cell: str) -> str:
+def check_cell(args: list[str], hostile: Path, cell: str) -> tuple[str, str]:
+    """Run one cell and check it; its outcome (ok, refused, usage error) and its output."""
     # A path that did not exist (the full disk's) has nothing to protect: a command may create it.
     before = fingerprint(hostile)
     result = runner.invoke(app, args)
@@ -131,50 +141,38 @@ def check_cell(args: list[str], hostile: Path, cell: str) -> str:
     assert before is None or fingerprint(hostile) == before, (cell, "the hostile path was changed")
     outcome = "ok" if result.exit_code == 0 else "refused" if result.exit_code == 1 else "usage error"
     OUTCOMES[outcome] += 1
-    return outcome
+    return outcome, result.output
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("command", ROOT_COMMANDS)
 def test_root_option_with_a_hostile_path(
-    command: str, kind: str, tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    command: str, kind: str, tiny: dict[str, Path], hostile: Callable[[str], Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     monkeypatch.setenv("OPENCLAW_CONFIG_PATH", str(tmp_path / "openclaw.json"))
-    root = make_hostile(kind, tmp_path, monkeypatch)
-    args = dict(root_cells(tiny))[command]
-    try:
-        check_cell([*args, "--root", str(root)], root, f"{command} --root <{kind}>")
-    finally:
-        if kind == "read-only-folder":
-            root.chmod(0o755)  # so that pytest can clean up
+    root = hostile(kind)
+    check_cell([*root_command(command, tiny), "--root", str(root)], root, f"{command} --root <{kind}>")
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("option", OTHER_OPTIONS)
 def test_path_option_with_a_hostile_path(
-    option: str, kind: str, tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    option: str, kind: str, tiny: dict[str, Path], hostile: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    hostile = make_hostile(kind, tmp_path, monkeypatch)
+    path = hostile(kind)
     root = ["--root", str(tmp_path / "root")]
     if option.startswith("provider-config"):
-        args = ["provider-config", "--apply", "--config", str(hostile), *root]
+        args = ["provider-config", "--apply", "--config", str(path), *root]
     else:
-        flag = option.split()[-1]
-        paths = {"--model-path": str(tiny["model"]), "--adapter-path": str(tiny["adapter"]), flag: str(hostile)}
-        args = ["install-sidecar-only", "--preset", "custom", "--model-path", paths["--model-path"],
-                "--adapter-path", paths["--adapter-path"], "--model-id", "tiny", "--min-memory-gb", "1",
-                "--supervisor", "process", "--yes", *root]  # fmt: skip
-    try:
-        outcome = check_cell(args, hostile, f"{option} <{kind}>")
-    finally:
-        if kind == "read-only-folder":
-            hostile.chmod(0o755)
+        paths = {"--model-path": tiny["model"], "--adapter-path": tiny["adapter"], option.split()[-1]: path}
+        args = [*install_args(paths["--model-path"], paths["--adapter-path"]), *root]
+    outcome, output = check_cell(args, path, f"{option} <{kind}>")
     if option.startswith("provider-config") and kind != "read-only-folder":
         # Only a writable folder can take a new config; everything else is refused, saying why.
-        assert outcome == "refused", kind
-        assert CONFIG_REFUSALS[kind] in runner.invoke(app, args).output
+        assert outcome == "refused" and CONFIG_REFUSALS[kind] in output, (kind, output)
     if kind == "read-only-folder" and not AS_ROOT:
         assert outcome == "refused"
 

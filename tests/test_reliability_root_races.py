@@ -31,7 +31,6 @@ from common.layout import RootLayout
 from common.ports import free_port
 from common.settings import load_settings
 from installer.cli import app
-from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
 from supervisors import process as process_module
 from supervisors import supervisor_for_root
 
@@ -43,11 +42,9 @@ CONCURRENT_STARTS = 4
 BUSY = "is being changed by pid"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("tiny")
-    model = write_tiny_model(base / "model")
-    return {"model": model, "adapter": write_tiny_adapter(base / "adapter", model)}
+@pytest.fixture
+def tiny(tiny_model_dir: Path, tiny_adapter_dir: Path) -> dict[str, Path]:
+    return {"model": tiny_model_dir, "adapter": tiny_adapter_dir}
 
 
 def install_args(root: Path, tiny: dict[str, Path], port: int) -> list[str]:
