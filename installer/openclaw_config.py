@@ -23,7 +23,7 @@ from typing import Any
 import json5
 
 from common.errors import UserError
-from common.files import atomic_write_bytes
+from common.files import atomic_write_bytes, read_regular_file
 from plugin_tools.payloads import ConfigPatch
 
 CONFIG_FILE = "openclaw.json"
@@ -32,13 +32,6 @@ NEW_FILE_MODE = 0o600
 # OpenClaw's own config is a few KB; these bounds keep a wrong --config from hanging the command.
 MAX_CONFIG_BYTES = 4 * 1024**2
 MAX_JSON5_BYTES = 256 * 1024
-_FILE_KINDS = {
-    stat.S_IFDIR: "a directory",
-    stat.S_IFIFO: "a named pipe (FIFO)",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
 
 
 class OpenClawConfigError(UserError, ValueError):
@@ -89,30 +82,16 @@ def read_config(path: Path) -> bytes | None:
     Refuses anything but a regular file of at most MAX_CONFIG_BYTES, without blocking on a FIFO.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        return read_regular_file(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise OpenClawConfigError(f"{path} cannot be read ({exc.strerror}); nothing was changed") from exc
-    kind = stat.S_IFMT(os.fstat(fd).st_mode)
-    if kind != stat.S_IFREG:
-        os.close(fd)
-        raise OpenClawConfigError(
-            f"{path} is {_FILE_KINDS.get(kind, 'not a regular file')}, not a config file; nothing was changed",
-            hint="pass --config with the path of OpenClaw's JSON config file (openclaw.json)",
-        )
-    with os.fdopen(fd, "rb") as handle:
-        try:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
-        except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EFBIG):
             raise OpenClawConfigError(f"{path} cannot be read ({exc.strerror}); nothing was changed") from exc
-    if len(data) > MAX_CONFIG_BYTES:
         raise OpenClawConfigError(
-            f"{path} is larger than {MAX_CONFIG_BYTES // 1024**2} MB, far more than an OpenClaw config; "
-            "nothing was changed",
-            hint="check that --config names OpenClaw's config file",
-        )
-    return data
+            f"{path} {exc.strerror}, so it is not OpenClaw's config; nothing was changed",
+            hint="pass --config with the path of OpenClaw's JSON config file (openclaw.json)",
+        ) from exc
 
 
 def parse_config(raw: bytes, path: Path) -> tuple[dict[str, Any], bool]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 
+from common.files import read_regular_file
 from supervisors import (
     STOP_TIMEOUT_S,
     Supervisor,
@@ -34,6 +35,8 @@ RESTART_THROTTLE_S = THROTTLE_S
 # How long a new keeper may take to start Python and record itself (a loaded machine is slow).
 KEEPER_STARTUP_S = 60.0
 _STARTUP_POLL_S = 0.05
+# The pidfile and the keeper's state are a few hundred bytes.
+_MAX_RECORD_BYTES = 64 * 1024
 
 
 class ProcessSupervisorError(SupervisorError):
@@ -178,7 +181,7 @@ class ProcessSupervisor(Supervisor):
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(read_regular_file(path, _MAX_RECORD_BYTES))
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}

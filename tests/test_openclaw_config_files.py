@@ -45,7 +45,8 @@ def test_a_config_larger_than_any_openclaw_config_is_refused_unread(tmp_path: Pa
     config = tmp_path / "openclaw.json"
     config.write_bytes(b'{"pad": "' + b"x" * MAX_CONFIG_BYTES + b'"}')
     done = apply(config)
-    assert done.exit_code == 1 and "far more than an OpenClaw config; nothing was changed" in done.output
+    assert done.exit_code == 1
+    assert f"is larger than {MAX_CONFIG_BYTES} bytes, so it is not OpenClaw's config; nothing was changed" in done.output
 
 
 def test_json5_too_large_to_parse_quickly_is_refused_without_parsing(

@@ -29,11 +29,11 @@ KINDS = ["fifo", "directory", "symlink-loop", "dev-zero", "link-to-dev-zero", "r
          "full-disk"]  # fmt: skip
 AS_ROOT = os.geteuid() == 0
 CONFIG_REFUSALS = {
-    "fifo": "is a named pipe (FIFO), not a config file; nothing was changed",
-    "directory": "is a directory, not a config file; nothing was changed",
+    "fifo": "is a named pipe (FIFO), not a regular file, so it is not OpenClaw's config; nothing was changed",
+    "directory": "is a directory, not a regular file, so it is not OpenClaw's config; nothing was changed",
     "symlink-loop": "is a loop of symbolic links; nothing was changed",
-    "dev-zero": "/dev/zero is a character device, not a config file",
-    "link-to-dev-zero": "/dev/zero is a character device, not a config file",
+    "dev-zero": "/dev/zero is a character device, not a regular file",
+    "link-to-dev-zero": "/dev/zero is a character device, not a regular file",
     "read-only-file": "is read-only (mode 0444); nothing was changed",
     "full-disk": "(No space left on device)",
 }
@@ -126,10 +126,10 @@ OTHER_OPTIONS = ["provider-config --apply --config", "install-sidecar-only --mod
                  "install-sidecar-only --adapter-path"]  # fmt: skip
 
 
-def check_cell(args: list[str], hostile: Path, cell: str) -> tuple[str, str]:
+def check_cell(args: list[str], hostile: Path | None, cell: str) -> tuple[str, str]:
     """Run one cell and check it; its outcome (ok, refused, usage error) and its output."""
     # A path that did not exist (the full disk's) has nothing to protect: a command may create it.
-    before = fingerprint(hostile)
+    before = fingerprint(hostile) if hostile is not None else None
     result = runner.invoke(app, args)
     assert result.exception is None or isinstance(result.exception, SystemExit), (cell, repr(result.exception))
     assert "Traceback" not in result.output, (cell, result.output)
@@ -138,7 +138,7 @@ def check_cell(args: list[str], hostile: Path, cell: str) -> tuple[str, str]:
         errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
         # doctor reports failed checks as its table, not as an error.
         assert len(errors) == 1 or (args[0] == "doctor" and "check(s) failed" in result.output), (cell, result.output)
-    assert before is None or fingerprint(hostile) == before, (cell, "the hostile path was changed")
+    assert before is None or fingerprint(hostile) == before, (cell, "the hostile path was changed")  # type: ignore[arg-type]
     outcome = "ok" if result.exit_code == 0 else "refused" if result.exit_code == 1 else "usage error"
     OUTCOMES[outcome] += 1
     return outcome, result.output
@@ -175,6 +175,21 @@ def test_path_option_with_a_hostile_path(
         assert outcome == "refused" and CONFIG_REFUSALS[kind] in output, (kind, output)
     if kind == "read-only-folder" and not AS_ROOT:
         assert outcome == "refused"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("inside", ["sidecar.json", "receipt.json", "run/sidecar.pid.json", "run/keeper.json"])
+@pytest.mark.parametrize("command", ["status", "start-sidecar", "stop-sidecar", "uninstall --purge"])
+def test_a_fifo_inside_a_root_blocks_no_command(command: str, inside: str, tiny: dict[str, Path], tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    done = runner.invoke(app, [*install_args(tiny["model"], tiny["adapter"]), "--root", str(root)])
+    assert done.exit_code == 0, done.output
+    fifo = root / inside
+    fifo.unlink(missing_ok=True)
+    fifo.parent.mkdir(exist_ok=True)
+    os.mkfifo(fifo)
+    # The root's own files may be removed or replaced by the command: only hangs and tracebacks count here.
+    check_cell([*root_command(command, tiny), "--root", str(root)], None, f"{command} with {inside} a FIFO")
 
 
 def test_zz_record_the_sweep() -> None:

@@ -47,7 +47,6 @@ from supervisors.root_lock import hold_root
 FOLLOW_POLL_S = 0.5
 
 
-
 class PortTakenError(UserError, RuntimeError):
     """The sidecar's port is held by another program."""
 
