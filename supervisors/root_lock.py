@@ -96,11 +96,15 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def _holder(fd: int) -> str:
-    """'pid 123 (delta-mem-mlx start-sidecar, since 2026-12-01T14:00:00)', as the holder wrote it."""
+    """'pid 123 (delta-mem-mlx start-sidecar, since 2026-12-01T14:00:00)', as the holder wrote it.
+
+    The record is empty between a holder's lock and its write, and between its truncation and its
+    release: then the holder cannot be named.
+    """
     try:
         record = json.loads(os.pread(fd, 4096, 0) or b"{}")
     except (OSError, ValueError):
         record = {}
     if not isinstance(record, dict) or not isinstance(record.get("pid"), int):
-        return "another delta-mem-mlx command (it has just started)"
+        return "another delta-mem-mlx command that is just starting or finishing"
     return f"pid {record['pid']} ({record.get('command', 'a delta-mem-mlx command')}, since {record.get('since', '?')})"

@@ -39,7 +39,8 @@ pytestmark = pytest.mark.e2e
 runner = CliRunner()
 DEADLINE_S = 240.0
 CONCURRENT_STARTS = 4
-BUSY = "is being changed by pid"
+# The holder is named by pid, unless it is caught in the moment between taking the lock and saying who it is.
+BUSY = " is being changed by "
 
 
 @pytest.fixture
@@ -92,15 +93,42 @@ def sidecars(root: Path) -> list[psutil.Process]:
     return found
 
 
-def cli(*args: str) -> subprocess.Popen[str]:
-    """The real CLI in its own process (as two terminals would run it)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "installer", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+# Each CLI process imports everything, says it is ready, then waits at a FIFO: opening it for reading
+# blocks until the test opens the other end, which releases them all within the same moment.
+AT_THE_GATE = """
+import os, sys
+from installer.cli import app
+open(f"{sys.argv[1]}.ready.{os.getpid()}", "w").close()
+os.close(os.open(sys.argv[1], os.O_RDONLY))
+app(args=sys.argv[2:], prog_name="delta-mem-mlx")
+"""
 
 
-def finish(processes: list[subprocess.Popen[str]]) -> list[tuple[int, str]]:
-    return [(p.wait(timeout=DEADLINE_S), p.stdout.read() if p.stdout else "") for p in processes]
+def at_once(gate_dir: Path, commands: list[list[str]]) -> list[tuple[int, str]]:
+    """Run the real CLI commands in their own processes, released at the same moment; (status, output) each."""
+    gate = gate_dir / "gate"
+    os.mkfifo(gate)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", AT_THE_GATE, str(gate), *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for command in commands
+    ]
+    deadline = time.monotonic() + DEADLINE_S
+    while len(list(gate_dir.glob("gate.ready.*"))) < len(commands):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes), "a command died early"
+        time.sleep(0.02)
+    opened = os.open(gate, os.O_RDWR)  # kept open until all are done, so that none can miss it
+    try:
+        return [(p.wait(timeout=DEADLINE_S), p.stdout.read() if p.stdout else "") for p in processes]
+    finally:
+        os.close(opened)
+        gate.unlink()
+        for ready in gate_dir.glob("gate.ready.*"):
+            ready.unlink()
 
 
 def status(root: Path) -> dict[str, Any]:
@@ -122,10 +150,10 @@ def assert_consistent(root: Path) -> str:
     return state
 
 
-def test_concurrent_starts_leave_one_keeper_and_a_true_status(root: Path) -> None:
-    outcomes = finish([cli("start-sidecar", "--root", str(root)) for _ in range(CONCURRENT_STARTS)])
+def test_concurrent_starts_leave_one_keeper_and_a_true_status(root: Path, tmp_path: Path) -> None:
+    outcomes = at_once(tmp_path, [["start-sidecar", "--root", str(root)]] * CONCURRENT_STARTS)
     started = [out for code, out in outcomes if code == 0]
-    refused = [out for code, out in outcomes if code == 1 and BUSY in out and "start-sidecar" in out]
+    refused = [out for code, out in outcomes if code == 1 and BUSY in out]
     assert len(started) + len(refused) == CONCURRENT_STARTS, outcomes
     assert started and all("Healthy at" in out for out in started)
     kept = len(keepers(root))
@@ -133,8 +161,9 @@ def test_concurrent_starts_leave_one_keeper_and_a_true_status(root: Path) -> Non
     assert assert_consistent(root) == "running"
     # A second round mixing every command that changes the root.
     mixed = ["start-sidecar", "restart-sidecar", "stop-sidecar", "start-sidecar"]
-    second = finish([cli(command, "--root", str(root)) for command in mixed])
-    assert all(code == 0 or BUSY in out for code, out in second), second
+    second = at_once(tmp_path, [[command, "--root", str(root)] for command in mixed])
+    failed = [(command, out) for command, (code, out) in zip(mixed, second, strict=True) if code and BUSY not in out]
+    assert failed == []
     final = assert_consistent(root)
     stopped = runner.invoke(app, ["stop-sidecar", "--root", str(root)])
     assert stopped.exit_code == 0, stopped.output
@@ -145,7 +174,8 @@ def test_concurrent_starts_leave_one_keeper_and_a_true_status(root: Path) -> Non
         {
             "concurrent_starts": CONCURRENT_STARTS,
             "started": len(started),
-            "refused_naming_the_holder": len(refused),
+            "refused": len(refused),
+            "refused_naming_the_holder": sum(f"{BUSY}pid " in out and "start-sidecar" in out for out in refused),
             "keepers_after_the_starts": kept,
             "mixed_round": [[command, code] for command, (code, _) in zip(mixed, second, strict=True)],
             "mixed_round_final_state": final,
@@ -154,14 +184,16 @@ def test_concurrent_starts_leave_one_keeper_and_a_true_status(root: Path) -> Non
     )
 
 
-def test_install_start_and_purge_at_once_end_in_a_true_state(root: Path, tiny: dict[str, Path]) -> None:
+def test_install_start_and_purge_at_once_end_in_a_true_state(
+    root: Path, tiny: dict[str, Path], tmp_path: Path
+) -> None:
     port = load_settings(root).port
     commands = [
         install_args(root, tiny, port),
         ["start-sidecar", "--root", str(root)],
         ["uninstall", "--purge", "--yes", "--root", str(root)],
     ]
-    outcomes = finish([cli(*command) for command in commands])
+    outcomes = at_once(tmp_path, commands)
     for code, out in outcomes:
         assert code == 0 or BUSY in out or "no completed install" in out, outcomes
     assert "Traceback" not in "".join(out for _, out in outcomes)
