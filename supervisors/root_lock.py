@@ -48,21 +48,22 @@ def hold_root(root: Path, command: str, *, create: bool = False) -> Iterator[Non
     A root with nothing installed in it has nothing to protect and is not written into: the block
     runs without a lock there, unless `create` (the install) asks to create the root and lock it.
     """
-    if not create and not has_install(root):
-        yield
-        return
-    fd = _acquire(lock_path(root), command)
+    fd = _acquire(root, command, create)
     try:
         yield
     finally:
-        os.ftruncate(fd, 0)  # the next reader must not mistake us for a holder
-        os.close(fd)
+        if fd is not None:
+            os.ftruncate(fd, 0)  # the next reader must not mistake us for a holder
+            os.close(fd)
 
 
-def _acquire(path: Path, command: str) -> int:
-    """An open descriptor holding the lock on `path`, with this process written into it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _acquire(root: Path, command: str, create: bool) -> int | None:
+    """An open descriptor holding the root's lock, with this process written into it; None when unneeded."""
+    path = lock_path(root)
     for _ in range(_REOPEN_ATTEMPTS):
+        if not create and not has_install(root):
+            return None  # nothing installed, or no longer (a purge moved the root away)
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -70,7 +71,7 @@ def _acquire(path: Path, command: str) -> int:
             holder = _holder(fd)
             os.close(fd)
             raise RootBusyError(
-                f"{path.parent.parent} is being changed by {holder}; nothing was done",
+                f"{RootLayout.of(root).root} is being changed by {holder}; nothing was done",
                 hint="wait until that command has finished (or stop it) and run this one again",
             ) from None
         except BaseException:
@@ -81,8 +82,7 @@ def _acquire(path: Path, command: str) -> int:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
             return fd
-        os.close(fd)  # the file was renamed or removed while we opened it: lock the one there now
-        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(fd)  # the file was renamed or removed while we opened it: look at the root again
     raise RootBusyError(f"{path} keeps changing while it is being locked; nothing was done")
 
 

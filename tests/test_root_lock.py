@@ -154,3 +154,4 @@ def test_a_configuration_error_is_not_restarted(tmp_path: Path) -> None:
 def test_systemd_does_not_restart_a_configuration_error(tmp_path: Path) -> None:
     unit = SystemdSupervisor(tmp_path / "root", unit_dir=tmp_path / "units").unit_text()
     assert f"RestartPreventExitStatus={CONFIG_ERROR}" in unit.splitlines()
+
