@@ -21,7 +21,9 @@ from reliability import record_figures
 from typer.testing import CliRunner
 
 import common.files
+from common.ports import free_port
 from installer.cli import app
+from supervisors.process import ProcessSupervisor
 
 runner = CliRunner()
 
@@ -100,8 +102,10 @@ def fingerprint(path: Path) -> Any:
 
 
 def install_args(model: Path, adapter: Path) -> list[str]:
+    # A port of its own: a cell that does start a sidecar must not take the default one.
     return ["install-sidecar-only", "--preset", "custom", "--model-path", str(model), "--adapter-path", str(adapter),
-            "--model-id", "tiny", "--min-memory-gb", "1", "--supervisor", "process", "--yes"]  # fmt: skip
+            "--model-id", "tiny", "--min-memory-gb", "1", "--supervisor", "process", "--port", str(free_port()),
+            "--yes"]  # fmt: skip
 
 
 def root_command(command: str, tiny: dict[str, Path]) -> list[str]:
@@ -188,8 +192,12 @@ def test_a_fifo_inside_a_root_blocks_no_command(command: str, inside: str, tiny:
     fifo.unlink(missing_ok=True)
     fifo.parent.mkdir(exist_ok=True)
     os.mkfifo(fifo)
-    # The root's own files may be removed or replaced by the command: only hangs and tracebacks count here.
-    check_cell([*root_command(command, tiny), "--root", str(root)], None, f"{command} with {inside} a FIFO")
+    try:
+        # The root's own files may be removed or replaced by the command: only hangs and tracebacks count here.
+        check_cell([*root_command(command, tiny), "--root", str(root)], None, f"{command} with {inside} a FIFO")
+    finally:
+        if root.exists():
+            ProcessSupervisor(root).stop()  # start-sidecar may have started it (with the FIFO replaced)
 
 
 def test_zz_record_the_sweep() -> None:
