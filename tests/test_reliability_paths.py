@@ -181,9 +181,13 @@ def test_path_option_with_a_hostile_path(
         assert outcome == "refused"
 
 
+FIFO_INSIDE = ["sidecar.json", "receipt.json", "run/sidecar.pid.json", "run/keeper.json"]
+FIFO_COMMANDS = ["status", "start-sidecar", "stop-sidecar", "uninstall --purge"]
+
+
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("inside", ["sidecar.json", "receipt.json", "run/sidecar.pid.json", "run/keeper.json"])
-@pytest.mark.parametrize("command", ["status", "start-sidecar", "stop-sidecar", "uninstall --purge"])
+@pytest.mark.parametrize("inside", FIFO_INSIDE)
+@pytest.mark.parametrize("command", FIFO_COMMANDS)
 def test_a_fifo_inside_a_root_blocks_no_command(command: str, inside: str, tiny: dict[str, Path], tmp_path: Path) -> None:
     root = tmp_path / "root"
     done = runner.invoke(app, [*install_args(tiny["model"], tiny["adapter"]), "--root", str(root)])
@@ -202,7 +206,7 @@ def test_a_fifo_inside_a_root_blocks_no_command(command: str, inside: str, tiny:
 
 def test_zz_record_the_sweep() -> None:
     """Runs last in this file: the figures of the sweep above."""
-    cells = len(ROOT_COMMANDS) * len(KINDS) + len(OTHER_OPTIONS) * len(KINDS)
+    cells = len(ROOT_COMMANDS) * len(KINDS) + len(OTHER_OPTIONS) * len(KINDS) + len(FIFO_INSIDE) * len(FIFO_COMMANDS)
     if sum(OUTCOMES.values()) != cells:
         pytest.skip("the sweep did not run in full (a subset was selected)")
     record_figures("cli_path_sweep", {"cells": cells, "kinds": KINDS, "outcomes": dict(OUTCOMES),
