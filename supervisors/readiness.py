@@ -10,7 +10,6 @@ from common.health import Health, base_url, probe_health
 from common.settings import SidecarSettings
 from supervisors import Supervisor, tail_lines
 from supervisors.keeper import describe_exit
-from supervisors.port_owner import describe_listener
 
 POLL_INTERVAL_S = 0.5
 # Lines the keeper writes into the sidecar's error log; the sidecar's own last line says more.
@@ -57,6 +56,8 @@ def _exit_text(settings: SidecarSettings, supervisor: Supervisor, detail: str) -
         return f"the sidecar stopped before it was ready ({detail})"
     text = f"the sidecar {describe_exit(returncode)} before it was ready"
     if returncode == PORT_IN_USE:
+        from supervisors.port_owner import describe_listener  # psutil, only when it is needed
+
         text += f": {settings.host}:{settings.port} is taken by {describe_listener(settings.port)}"
     return text
 

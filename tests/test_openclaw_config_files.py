@@ -24,7 +24,9 @@ def apply(config: Path) -> Any:
     return runner.invoke(app, ["provider-config", "--apply", "--config", str(config)])
 
 
-def test_a_folder_it_may_not_write_is_named_and_nothing_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_folder_it_may_not_write_is_named_and_nothing_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = tmp_path / "openclaw.json"
     config.write_text('{"gateway": {"port": 1}}\n')
 
@@ -46,7 +48,8 @@ def test_a_config_larger_than_any_openclaw_config_is_refused_unread(tmp_path: Pa
     config.write_bytes(b'{"pad": "' + b"x" * MAX_CONFIG_BYTES + b'"}')
     done = apply(config)
     assert done.exit_code == 1
-    assert f"is larger than {MAX_CONFIG_BYTES} bytes, so it is not OpenClaw's config; nothing was changed" in done.output
+    said = f"is larger than {MAX_CONFIG_BYTES} bytes, so it is not OpenClaw's config; nothing was changed"
+    assert said in done.output
 
 
 def test_json5_too_large_to_parse_quickly_is_refused_without_parsing(

@@ -142,7 +142,8 @@ def check_cell(args: list[str], hostile: Path | None, cell: str) -> tuple[str, s
         errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
         # doctor reports failed checks as its table, not as an error.
         assert len(errors) == 1 or (args[0] == "doctor" and "check(s) failed" in result.output), (cell, result.output)
-    assert before is None or fingerprint(hostile) == before, (cell, "the hostile path was changed")  # type: ignore[arg-type]
+    if before is not None:
+        assert hostile is not None and fingerprint(hostile) == before, (cell, "the hostile path was changed")
     outcome = "ok" if result.exit_code == 0 else "refused" if result.exit_code == 1 else "usage error"
     OUTCOMES[outcome] += 1
     return outcome, result.output
@@ -188,7 +189,9 @@ FIFO_COMMANDS = ["status", "start-sidecar", "stop-sidecar", "uninstall --purge"]
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("inside", FIFO_INSIDE)
 @pytest.mark.parametrize("command", FIFO_COMMANDS)
-def test_a_fifo_inside_a_root_blocks_no_command(command: str, inside: str, tiny: dict[str, Path], tmp_path: Path) -> None:
+def test_a_fifo_inside_a_root_blocks_no_command(
+    command: str, inside: str, tiny: dict[str, Path], tmp_path: Path
+) -> None:
     root = tmp_path / "root"
     done = runner.invoke(app, [*install_args(tiny["model"], tiny["adapter"]), "--root", str(root)])
     assert done.exit_code == 0, done.output

@@ -44,7 +44,8 @@ def test_a_second_command_is_refused_at_once_naming_the_holder(root: Path) -> No
             with hold_root(root, "delta-mem-mlx uninstall"):
                 pytest.fail("two holders at once")
     message = refused.value.describe()
-    assert message.startswith(f"root busy: {root} is being changed by pid {os.getpid()} (delta-mem-mlx install-sidecar, since ")
+    holder = f"pid {os.getpid()} (delta-mem-mlx install-sidecar, since "
+    assert message.startswith(f"root busy: {root} is being changed by {holder}")
     with hold_root(root, "delta-mem-mlx uninstall"):
         pass  # free again once the first block ended
     assert lock_path(root).read_bytes() == b""
@@ -118,7 +119,8 @@ def test_concurrent_keepers_of_one_pidfile_leave_exactly_one(tmp_path: Path) -> 
         winners = [k for k in keepers if k.poll() is None]
         losers = [k for k in keepers if k.poll() is not None]
         assert len(winners) == 1 and len(losers) == 3
-        assert all(k.returncode == 0 and "another keeper already keeps" in (k.stderr.read() if k.stderr else "") for k in losers)
+        said = [k.stderr.read() if k.stderr else "" for k in losers]
+        assert [k.returncode for k in losers] == [0, 0, 0] and all("another keeper already keeps" in s for s in said)
         record = json.loads(pidfile.read_text())
         assert record["pid"] == winners[0].pid
         assert record["create_time"] == pytest.approx(psutil.Process(winners[0].pid).create_time(), abs=0.01)

@@ -40,7 +40,6 @@ from installer.installation import DEFAULT_HEALTH_TIMEOUT_S
 from installer.purge import purge_refusal, purge_root
 from plugin_tools.status import build_status
 from supervisors import Supervisor, sidecar_command, supervisor_for_root, tail_lines
-from supervisors.port_owner import describe_listener, port_is_free
 from supervisors.readiness import SidecarStartError, wait_until_healthy
 from supervisors.root_lock import hold_root
 
@@ -223,6 +222,8 @@ def _start_and_wait(
     if supervisor.status().state == "running" and not restart:
         typer.echo(f"Already running ({supervisor.status().detail}).")
         return wait_until_healthy(settings, supervisor, timeout_s)
+    from supervisors.port_owner import describe_listener, port_is_free  # psutil: loaded only to start
+
     supervisor.install()
     supervisor.stop()
     if not port_is_free(settings.host, settings.port):
@@ -248,6 +249,8 @@ def _refuse_if_still_served(root: Path) -> None:
         return  # nothing installed: no address to check
     health = probe_health(settings)
     if health.body is not None and health.body.get("model") == settings.model_id:
+        from supervisors.port_owner import describe_listener
+
         raise StillServedError(
             f"the supervisor's sidecar is stopped, but {base_url(settings)} still answers with this root's "
             f"model: {describe_listener(settings.port)} was not started by the supervisor",
