@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from common.errors import UserError
-from common.files import atomic_write_json
+from common.files import atomic_write_json, read_regular_file
 
 SETTINGS_FILE = "sidecar.json"
 SETTINGS_VERSION = 1
@@ -25,6 +25,8 @@ WritePolicy = Literal["all", "skip-system"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
+# A settings file is under a kilobyte; anything far bigger is not one.
+MAX_SETTINGS_BYTES = 1024**2
 
 
 class SettingsError(UserError, ValueError):
@@ -123,7 +125,7 @@ def load_settings(root: Path) -> SidecarSettings:
     """Read and validate the settings file of an install root."""
     path = settings_path(root)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular_file(path, MAX_SETTINGS_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise SettingsError(
             f"{path} does not exist: run 'delta-mem-mlx install-sidecar --root {root}' first"

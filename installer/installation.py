@@ -1,6 +1,7 @@
 """The install, step by step: checks → plan → consent → downloads → adapter → settings → start → receipt.
 
-Each step raises InstallError naming what failed and what to do. Nothing is written before consent;
+Each step raises InstallError naming what failed and what to do. Nothing is written before consent,
+and from then on the root is locked (supervisors.root_lock) against other commands changing it;
 an existing receipt is removed before anything changes and the new one is written only after every
 other step worked, so a root without a receipt is never mistaken for a working install. A rerun
 reuses every file that is already complete.
@@ -42,6 +43,7 @@ from sidecar.delta.adapter_files import (
 from sidecar.delta.config import CONFIG_FILE
 from supervisors import SupervisorKind, make_supervisor
 from supervisors.readiness import DEFAULT_HEALTH_TIMEOUT_S, wait_until_healthy
+from supervisors.root_lock import hold_root
 
 
 class InstallError(UserError, RuntimeError):
@@ -124,38 +126,39 @@ def install(request: InstallRequest, *, echo: Echo, confirm: Confirm) -> Install
         )
     _ask_consent(plan, request, confirm)
 
-    remove_receipt(layout.root)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    if plan.missing_bytes:
-        echo(f"Downloading {human_bytes(plan.missing_bytes)}…")
-    download(plan, progress=request.progress)
+    # From here on the root changes: one command at a time (created first so that it can be locked).
+    with hold_root(layout.root, "delta-mem-mlx install-sidecar", create=True):
+        remove_receipt(layout.root)
+        if plan.missing_bytes:
+            echo(f"Downloading {human_bytes(plan.missing_bytes)}…")
+        download(plan, progress=request.progress)
 
-    model_files = installed_model_files(model_dir, preset.model_files)
-    adapter_files = prepare_adapter(preset.adapter, layout, model_dir) if preset.adapter else []
-    if adapter_dir:
-        echo(f"Adapter ready and matching the model: {adapter_dir}")
+        model_files = installed_model_files(model_dir, preset.model_files)
+        adapter_files = prepare_adapter(preset.adapter, layout, model_dir) if preset.adapter else []
+        if adapter_dir:
+            echo(f"Adapter ready and matching the model: {adapter_dir}")
 
-    save_settings(layout.root, settings)
-    echo(f"Settings written: {layout.settings}")
+        save_settings(layout.root, settings)
+        echo(f"Settings written: {layout.settings}")
 
-    health = _start(request, settings, echo) if request.start else None
-    if not request.start and supervisor.status().state == "running":
-        echo("Note: the sidecar that is running keeps the old install until 'delta-mem-mlx restart-sidecar'.")
+        health = _start(request, settings, echo) if request.start else None
+        if not request.start and supervisor.status().state == "running":
+            echo("Note: the sidecar that is running keeps the old install until 'delta-mem-mlx restart-sidecar'.")
 
-    receipt = new_receipt(
-        layout.root,
-        preset=preset.name,
-        model_id=settings.model_id,
-        model_source=_source_text(preset.model, plan, "model"),
-        adapter_source=_source_text(preset.adapter, plan, "adapter") if preset.adapter else None,
-        model_path=model_dir,
-        adapter_path=adapter_dir,
-        supervisor=request.supervisor,
-        files=model_files + adapter_files,
-    )
-    write_receipt(layout.root, receipt)
-    echo(f"Install receipt written: {layout.receipt}")
-    return InstallResult(receipt, settings, health)
+        receipt = new_receipt(
+            layout.root,
+            preset=preset.name,
+            model_id=settings.model_id,
+            model_source=_source_text(preset.model, plan, "model"),
+            adapter_source=_source_text(preset.adapter, plan, "adapter") if preset.adapter else None,
+            model_path=model_dir,
+            adapter_path=adapter_dir,
+            supervisor=request.supervisor,
+            files=model_files + adapter_files,
+        )
+        write_receipt(layout.root, receipt)
+        echo(f"Install receipt written: {layout.receipt}")
+        return InstallResult(receipt, settings, health)
 
 
 def installed_model_files(model_dir: Path, patterns: tuple[str, ...]) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from plugin_tools.target import (
     settings_for_url,
 )
 from supervisors import supervisor_for_root
+from supervisors.port_owner import describe_listener, listener_pid
 
 # The tool runs inside an agent turn: a sidecar that does not answer quickly is reported, not awaited.
 HEALTH_TIMEOUT_S = 2.0
@@ -139,12 +141,28 @@ def build_status(config: PluginConfig) -> StatusPayload:
         "ready": ready,
         "platform": platform_report(),
         "install": install,
-        "supervisor": supervisor_report(root),
+        "supervisor": _reconciled(supervisor_report(root), settings, health),
         "health": health,
         "plugin_config": config,
         "next_steps": _next_steps(root, install, health, ready),
         "notes": notes,
     }
+
+
+def _reconciled(
+    supervisor: SupervisorReport, settings: SidecarSettings | None, health: HealthReport
+) -> SupervisorReport:
+    """The supervisor's report, unless a sidecar of this root answers while the supervisor runs none."""
+    body = health["body"] or {}
+    if supervisor["state"] == "running" or settings is None or body.get("model") != settings.model_id:
+        return supervisor
+    pid = listener_pid(settings.port)
+    detail = (
+        f"a sidecar of this root answers at {health['url']} ({describe_listener(settings.port)}), but "
+        f"{supervisor['kind'] or 'no supervisor'} does not run it ({supervisor['detail']}): it was started "
+        "with --foreground or by hand, or outlived its keeper; stop-sidecar cannot stop it"
+    )
+    return {**supervisor, "state": "unsupervised", "pid": pid, "detail": detail, "uptime_s": _uptime(pid)}
 
 
 def _uptime(pid: int | None) -> float | None:
@@ -198,7 +216,7 @@ def _config_notes(config: PluginConfig, settings: SidecarSettings | None) -> lis
         )
     adapter = config.get("attentionAdapter")
     served = Path(settings.adapter_path) if settings.adapter_path else None
-    if adapter and Path(adapter).expanduser().resolve() != served:
+    if adapter and Path(os.path.realpath(Path(adapter).expanduser())) != served:
         notes.append(
             f"the plugin config's attentionAdapter {adapter} is not the adapter the sidecar serves ({served})"
         )

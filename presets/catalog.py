@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -263,7 +264,8 @@ def _context_window(value: Any, where: str) -> int:
 
 
 def _existing_dir(path: Path, where: str) -> Path:
-    resolved = Path(path).expanduser().resolve()
+    # realpath, not Path.resolve: Python 3.11 raises RuntimeError for a loop of symlinks.
+    resolved = Path(os.path.realpath(Path(path).expanduser()))
     if not resolved.is_dir():
         raise PresetError(f"{where}: {resolved} is not a directory")
     return resolved

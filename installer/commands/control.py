@@ -12,12 +12,14 @@ from typing import Annotated, Any
 
 import typer
 
-from common.health import Health, base_url
+from common.errors import UserError
+from common.health import Health, base_url, probe_health
 from common.layout import RootLayout
 from common.receipt import require_installed
 from common.settings import (
     AttentionStateSource,
     QmdMode,
+    SettingsError,
     SidecarSettings,
     load_settings,
     save_settings,
@@ -33,10 +35,21 @@ from installer.commands.options import (
     root_flag,
 )
 from installer.errors import cli_errors
+from installer.purge import purge_refusal, purge_root
 from supervisors import Supervisor, sidecar_command, supervisor_for_root, tail_lines
-from supervisors.readiness import DEFAULT_HEALTH_TIMEOUT_S, wait_until_healthy
+from supervisors.readiness import DEFAULT_HEALTH_TIMEOUT_S, SidecarStartError, wait_until_healthy
+from supervisors.root_lock import hold_root
 
 FOLLOW_POLL_S = 0.5
+
+
+class PortTakenError(UserError, RuntimeError):
+    """The sidecar's port is held by another program."""
+
+
+class StillServedError(UserError, RuntimeError):
+    """A sidecar of this root answers although its supervisor stopped."""
+
 
 HealthTimeoutOption = Annotated[
     float, typer.Option(help="Seconds to wait for the sidecar to answer /health.")
@@ -62,45 +75,51 @@ def start_sidecar(
 ) -> None:
     """Start the installed sidecar under its supervisor and wait until it is healthy.
 
-    Refuses, naming what is missing, when the root has no completed install or its files changed.
-    The QMD options are saved in the root's settings; a running sidecar is restarted to apply them.
+    Refuses, naming what is missing, when the root has no completed install or its files changed,
+    and names the program in the way when the sidecar's port is taken. The QMD options are saved
+    in the root's settings; a running sidecar is restarted to apply them. A start that fails
+    stops the supervision again, so nothing keeps retrying in the background.
     """
     root_path = resolve_root(root)
-    require_installed(root_path)
-    settings = load_settings(root_path)
-    updated = _with_qmd_flags(
-        settings,
-        attention_state_source=attention_state_source,
-        mode=qmd_mode,
-        limit=qmd_limit,
-        timeout=qmd_timeout,
-        bin=qmd_bin,
-        collection=qmd_collection,
-    )
-    if updated.attention_state_source == "qmd":
-        updated = _with_resolved_qmd(updated)
-    changed = updated != settings
-    if changed:
-        save_settings(root_path, updated)
-        typer.echo(f"Settings updated: {RootLayout.of(root_path).settings}")
-    if foreground:
-        raise typer.Exit(subprocess.call(sidecar_command(root_path)))
-    supervisor = supervisor_for_root(root_path)
-    running = supervisor.status().state == "running"
-    if running and not changed:
-        typer.echo(f"Already running ({supervisor.status().detail}).")
-    else:
-        supervisor.install()
-        (supervisor.restart if running else supervisor.start)()
-    health = wait_until_healthy(updated, supervisor, health_timeout)
-    _echo_ready(updated, health, supervisor)
+    with hold_root(root_path, "delta-mem-mlx start-sidecar"):
+        require_installed(root_path)
+        settings = load_settings(root_path)
+        updated = _with_qmd_flags(
+            settings,
+            attention_state_source=attention_state_source,
+            mode=qmd_mode,
+            limit=qmd_limit,
+            timeout=qmd_timeout,
+            bin=qmd_bin,
+            collection=qmd_collection,
+        )
+        if updated.attention_state_source == "qmd":
+            updated = _with_resolved_qmd(updated)
+        changed = updated != settings
+        if changed:
+            save_settings(root_path, updated)
+            typer.echo(f"Settings updated: {RootLayout.of(root_path).settings}")
+        if not foreground:
+            supervisor = supervisor_for_root(root_path)
+            health = _start_and_wait(updated, supervisor, health_timeout, restart=changed)
+            _echo_ready(updated, health, supervisor)
+            return
+    # In the foreground the sidecar runs as long as the terminal wants: it does not hold the root.
+    raise typer.Exit(subprocess.call(sidecar_command(root_path)))
 
 
 @cli_errors
 def stop_sidecar(root: RootOption = None) -> None:
-    """Stop the sidecar; it stays stopped (also across logins) until start-sidecar."""
-    supervisor = supervisor_for_root(resolve_root(root))
-    supervisor.stop()
+    """Stop the sidecar; it stays stopped (also across logins) until start-sidecar.
+
+    Fails, naming the process, when a sidecar of this root still answers afterwards (one its
+    supervisor did not start, such as a --foreground run).
+    """
+    root_path = resolve_root(root)
+    with hold_root(root_path, "delta-mem-mlx stop-sidecar"):
+        supervisor = supervisor_for_root(root_path)
+        supervisor.stop()
+        _refuse_if_still_served(root_path)
     typer.echo(f"Stopped ({supervisor.status().detail}).")
 
 
@@ -110,12 +129,11 @@ def restart_sidecar(
 ) -> None:
     """Restart the sidecar (picking up changed settings) and wait until it is healthy."""
     root_path = resolve_root(root)
-    require_installed(root_path)
-    settings = load_settings(root_path)
-    supervisor = supervisor_for_root(root_path)
-    supervisor.install()
-    supervisor.restart()
-    health = wait_until_healthy(settings, supervisor, health_timeout)
+    with hold_root(root_path, "delta-mem-mlx restart-sidecar"):
+        require_installed(root_path)
+        settings = load_settings(root_path)
+        supervisor = supervisor_for_root(root_path)
+        health = _start_and_wait(settings, supervisor, health_timeout, restart=True)
     _echo_ready(settings, health, supervisor)
 
 
@@ -171,27 +189,72 @@ def uninstall(
     ] = False,
     yes: YesOption = False,
 ) -> None:
-    """Stop the sidecar and remove its supervision; with --purge, delete the root after confirmation."""
+    """Stop the sidecar and remove its supervision; with --purge, delete the root after confirmation.
+
+    --purge deletes only a folder an install made: one holding this tool's settings or receipt and
+    nothing else than what an install puts there.
+    """
     root_path = resolve_root(root)
-    supervisor_for_root(root_path).uninstall()
-    typer.echo(f"Supervision removed for {root_path}.")
-    if not purge:
-        return
-    layout = RootLayout.of(root_path)
-    if not root_path.exists():
-        typer.echo(f"{root_path} does not exist; nothing to delete.")
-        return
-    if not (layout.receipt.exists() or layout.settings.exists()):
-        raise CommandRefused(
-            f"{root_path} has no {layout.receipt.name} or {layout.settings.name}: it does not look like "
-            "an install root, so it was not deleted"
-        )
-    if not yes:
-        if not sys.stdin.isatty():
-            raise CommandRefused(f"no terminal to confirm deleting {root_path}: pass --yes to delete it")
-        typer.confirm(f"Delete {root_path} and everything in it?", default=False, abort=True)
-    shutil.rmtree(root_path)
+    with hold_root(root_path, "delta-mem-mlx uninstall"):
+        supervisor_for_root(root_path).uninstall()
+        typer.echo(f"Supervision removed for {root_path}.")
+        if not purge:
+            return
+        if not root_path.exists() and not root_path.is_symlink():
+            typer.echo(f"{root_path} does not exist; nothing to delete.")
+            return
+        refusal = purge_refusal(root_path)
+        if refusal is not None:
+            raise CommandRefused(f"{refusal}; nothing was deleted")
+        if not yes:
+            if not sys.stdin.isatty():
+                raise CommandRefused(f"no terminal to confirm deleting {root_path}: pass --yes to delete it")
+            typer.confirm(f"Delete {root_path} and everything in it?", default=False, abort=True)
+        purge_root(root_path)
     typer.echo(f"Deleted {root_path}.")
+
+
+def _start_and_wait(
+    settings: SidecarSettings, supervisor: Supervisor, timeout_s: float, *, restart: bool
+) -> Health:
+    """Start (or restart) the sidecar and wait for /health; a failed start leaves it stopped."""
+    if supervisor.status().state == "running" and not restart:
+        typer.echo(f"Already running ({supervisor.status().detail}).")
+        return wait_until_healthy(settings, supervisor, timeout_s)
+    from supervisors.port_owner import describe_listener, port_is_free  # psutil: loaded only to start
+
+    supervisor.install()
+    supervisor.stop()
+    if not port_is_free(settings.host, settings.port):
+        raise PortTakenError(
+            f"{settings.host}:{settings.port} is taken by {describe_listener(settings.port)}, "
+            "so the sidecar cannot listen there; nothing was started",
+            hint="stop that program, or reinstall with another --port",
+        )
+    supervisor.start()
+    try:
+        return wait_until_healthy(settings, supervisor, timeout_s)
+    except SidecarStartError as exc:
+        supervisor.stop()
+        raise SidecarStartError(
+            f"{exc}. Its supervision is stopped again, so nothing retries it in the background", exc.hint
+        ) from exc
+
+
+def _refuse_if_still_served(root: Path) -> None:
+    try:
+        settings = load_settings(root)
+    except SettingsError:
+        return  # nothing installed: no address to check
+    health = probe_health(settings)
+    if health.body is not None and health.body.get("model") == settings.model_id:
+        from supervisors.port_owner import describe_listener
+
+        raise StillServedError(
+            f"the supervisor's sidecar is stopped, but {base_url(settings)} still answers with this root's "
+            f"model: {describe_listener(settings.port)} was not started by the supervisor",
+            hint="stop it where it runs (Ctrl-C in its terminal) or with 'kill PID'",
+        )
 
 
 def _with_qmd_flags(
