@@ -34,8 +34,12 @@ from sidecar.engine_io import ChatJob, EngineEvent
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
+# The repository root is the plugin: openclaw.plugin.json and package.json sit beside pyproject.toml.
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PLUGIN_DIR = REPO_ROOT / "plugin_tools"
+# What a fresh clone does not hold: .git and what .gitignore lists.
+NOT_IN_A_CLONE = shutil.ignore_patterns(
+    ".git", ".venv", ".cache", "__pycache__", ".pytest_cache", "*.egg-info", "build", "dist", "node_modules"
+)
 CACHE = REPO_ROOT / ".cache" / "openclaw-e2e"
 OPENCLAW_VERSION = "2026.9.6"
 NODE_MAJOR = 24
@@ -189,14 +193,38 @@ def apply_provider_config(config: Path, *args: str) -> subprocess.CompletedProce
     return done
 
 
-def install_plugin(openclaw: OpenClaw, home: Path) -> None:
-    """Link this checkout's plugin into OpenClaw, as the README says."""
-    openclaw.run(["plugins", "install", "-l", str(PLUGIN_DIR), "--force", "--accept-capabilities"], home)
+def clone_checkout(target: Path) -> Path:
+    """This checkout's files as a fresh clone of it holds them, copied to target."""
+    shutil.copytree(REPO_ROOT, target, symlinks=True, ignore=NOT_IN_A_CLONE)
+    return target
 
 
-def test_the_plugin_installs_and_registers_both_tools(openclaw: OpenClaw, home: Path) -> None:
-    install_plugin(openclaw, home)
-    inspected = openclaw.json(["plugins", "inspect", PROVIDER_ID, "--runtime", "--json"], home)
+@pytest.fixture(scope="module")
+def plugin_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The plugin as the README sets it up: a clone whose .venv links to a venv beside it (here the
+    venv running these tests).
+
+    Not this checkout in place: OpenClaw refuses to link a directory that holds the roots of its own
+    bundled plugins ("conflicting child rows"), and the OpenClaw these tests run is in .cache/ here.
+    """
+    root = clone_checkout(tmp_path_factory.mktemp("clone") / "openclaw-delta-mem-mlx")
+    (root / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    return root
+
+
+def install_plugin(openclaw: OpenClaw, home: Path, root: Path) -> None:
+    """Link a clone into OpenClaw as a plugin, as the README says."""
+    openclaw.run(["plugins", "install", "-l", str(root), "--force", "--accept-capabilities"], home)
+
+
+def inspect_plugin(openclaw: OpenClaw, home: Path) -> dict[str, Any]:
+    """`openclaw plugins inspect delta-mem-mlx --runtime --json`: it loads the plugin and lists its tools."""
+    return openclaw.json(["plugins", "inspect", PROVIDER_ID, "--runtime", "--json"], home)
+
+
+def test_the_plugin_installs_and_registers_both_tools(openclaw: OpenClaw, home: Path, plugin_root: Path) -> None:
+    install_plugin(openclaw, home, plugin_root)
+    inspected = inspect_plugin(openclaw, home)
     plugin = inspected["plugin"]
     assert plugin["status"] == "loaded", plugin.get("error")
     assert {STATUS_TOOL, PROVIDER_CONFIG_TOOL} <= set(plugin["toolNames"])
@@ -355,10 +383,10 @@ def scripted_sidecar() -> Iterator[tuple[str, FakeEngine]]:
 
 
 def test_openclaw_runs_both_plugin_tools_inside_an_agent_turn(
-    openclaw: OpenClaw, home: Path, scripted_sidecar: tuple[str, FakeEngine]
+    openclaw: OpenClaw, home: Path, plugin_root: Path, scripted_sidecar: tuple[str, FakeEngine]
 ) -> None:
     api_base, engine = scripted_sidecar
-    install_plugin(openclaw, home)
+    install_plugin(openclaw, home, plugin_root)
     apply_provider_config(
         home / ".openclaw" / "openclaw.json",
         "--base-url", api_base,
