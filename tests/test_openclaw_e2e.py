@@ -222,6 +222,22 @@ def inspect_plugin(openclaw: OpenClaw, home: Path) -> dict[str, Any]:
     return openclaw.json(["plugins", "inspect", PROVIDER_ID, "--runtime", "--json"], home)
 
 
+def fake_venv(path: Path) -> Path:
+    """A stand-in for the quick start's venv: bin/python, 16 MB of files and a FIFO as a tripwire.
+
+    OpenClaw refuses to load a plugin when its copy of the plugin directory meets a FIFO ("not a
+    regular file"), so the load fails if and only if OpenClaw copies this venv.
+    """
+    (path / "bin").mkdir(parents=True)
+    (path / "bin" / "python").symlink_to(sys.executable)
+    site = path / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    for i in range(64):
+        (site / f"module_{i}.py").write_bytes(os.urandom(256 * 1024))
+    os.mkfifo(path / "tripwire")
+    return path
+
+
 def test_the_plugin_installs_and_registers_both_tools(openclaw: OpenClaw, home: Path, plugin_root: Path) -> None:
     install_plugin(openclaw, home, plugin_root)
     inspected = inspect_plugin(openclaw, home)
@@ -229,6 +245,39 @@ def test_the_plugin_installs_and_registers_both_tools(openclaw: OpenClaw, home: 
     assert plugin["status"] == "loaded", plugin.get("error")
     assert {STATUS_TOOL, PROVIDER_CONFIG_TOOL} <= set(plugin["toolNames"])
     assert inspected["diagnostics"] == []
+
+
+def test_a_clone_with_the_quick_start_venv_loads_without_copying_the_venv(
+    openclaw: OpenClaw, home: Path, tmp_path: Path
+) -> None:
+    root = clone_checkout(tmp_path / "clone")
+    # The quick start's layout: the venv beside the clone, .venv a link to it.
+    (root / ".venv").symlink_to(fake_venv(tmp_path / "clone.venv"))
+    # OpenClaw also skips every entry named .git or node_modules (the tests' Node and OpenClaw are
+    # in .cache/openclaw-e2e/*/node_modules): the same tripwire there must not matter either.
+    for skipped in (root / ".git", root / ".cache" / "openclaw-e2e" / "openclaw" / "node_modules"):
+        skipped.mkdir(parents=True)
+        os.mkfifo(skipped / "tripwire")
+
+    install_plugin(openclaw, home, root)
+    inspected = inspect_plugin(openclaw, home)
+
+    plugin = inspected["plugin"]
+    assert plugin["status"] == "loaded", plugin.get("error")
+    assert {STATUS_TOOL, PROVIDER_CONFIG_TOOL} <= set(plugin["toolNames"])
+    assert inspected["diagnostics"] == []
+
+
+def test_a_venv_inside_the_clone_is_copied_on_every_load(openclaw: OpenClaw, home: Path, tmp_path: Path) -> None:
+    # The layout the quick start avoids: OpenClaw copies a real .venv directory like any other.
+    root = clone_checkout(tmp_path / "clone")
+    fake_venv(root / ".venv")
+
+    install_plugin(openclaw, home, root)
+    plugin = inspect_plugin(openclaw, home)["plugin"]
+
+    assert plugin["status"] == "error"
+    assert f"not a regular file: {root.resolve() / '.venv' / 'tripwire'}" in plugin["error"]
 
 
 def test_the_applied_provider_block_validates_and_keeps_user_settings(openclaw: OpenClaw, home: Path) -> None:
