@@ -10,10 +10,13 @@ three times:
   avoids; its scripts still point at the other venv, which loading never runs).
 
 Each clone is linked into its own OpenClaw home (`plugins install -l`), then `openclaw plugins
-inspect delta-mem-mlx --runtime --json` is timed `--runs` times per clone, the clones taking turns
-round by round so that the machine's noise falls on all of them. Every run must report the plugin
-loaded with both tools. Reports the medians, their ratios to `no_venv`, and what OpenClaw copies from
-each clone on a load. Uses the Node 24 and OpenClaw 2026.9.6 that tests/test_openclaw_e2e.py installs
+inspect delta-mem-mlx --runtime --json` is timed `--runs` times per clone: `no_venv` and
+`quick_start` take turns round by round (which goes first alternates), so that the machine's noise
+falls on both; `venv_inside` runs after them, because each of its loads writes ~0.8 GB and the next
+command paid for it (run in the same rounds, `no_venv`, which followed it, came out slower than
+`quick_start`). Every run must report the plugin loaded with both
+tools. Reports the medians, their ratios to `no_venv`, what OpenClaw copies from each clone on a
+load, and the load average. Uses the Node 24 and OpenClaw 2026.9.6 that tests/test_openclaw_e2e.py installs
 into .cache/openclaw-e2e/ (or --node and --openclaw). Prints one JSON object.
 """
 
@@ -36,6 +39,7 @@ E2E_CACHE = REPO_ROOT / ".cache" / "openclaw-e2e"
 PLUGIN_ID = "delta-mem-mlx"
 TOOLS = {"delta_mem_mlx_status", "delta_mem_mlx_provider_config"}
 CASES = ("no_venv", "quick_start", "venv_inside")
+COMPARED = ("no_venv", "quick_start")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     node, openclaw = _openclaw(args)
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     commit = _git(REPO_ROOT, "rev-parse", "HEAD").strip()
     with tempfile.TemporaryDirectory(prefix="delta-mem-plugin-load-") as tmp:
         work = Path(tmp)
@@ -56,10 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             install = ["plugins", "install", "-l", str(clones[case]), "--force", "--accept-capabilities"]
             _openclaw_run(node, openclaw, homes[case], install)
         seconds: dict[str, list[float]] = {case: [] for case in CASES}
-        for round_ in range(1, args.runs + 1):
-            for case in CASES:
+        for round_ in range(args.runs):
+            for case in COMPARED if round_ % 2 == 0 else COMPARED[::-1]:
                 seconds[case].append(_time_inspect(node, openclaw, homes[case]))
-            _log(f"round {round_}: " + ", ".join(f"{case} {seconds[case][-1]:.2f} s" for case in CASES))
+            _log(f"round {round_ + 1}: " + ", ".join(f"{case} {seconds[case][-1]:.2f} s" for case in COMPARED))
+        for _ in range(args.runs):
+            seconds["venv_inside"].append(_time_inspect(node, openclaw, homes["venv_inside"]))
+            _log(f"venv_inside {seconds['venv_inside'][-1]:.2f} s")
         copied = {case: copied_by_openclaw(clones[case]) for case in CASES}
         venv_mb = _megabytes(_tree_bytes(venv))
         version = _openclaw_run(node, openclaw, homes["no_venv"], ["--version"]).strip()
@@ -80,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             for case in CASES
         },
         "targets": {"quick_start_within_1_3x_no_venv": ratio <= 1.3},
+        "load_average_1min": {"before": round(load_before, 1), "after": round(os.getloadavg()[0], 1)},
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(report, indent=None if args.json else 2))
