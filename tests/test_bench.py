@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import runtime, sessions
+from bench import plugin_load, runtime, sessions
 
 
 def test_runtime_bench_reports_every_figure() -> None:
@@ -31,3 +31,18 @@ def test_sessions_bench_replays_openclaw_turns(
         assert turn["cached_tokens"] > 0 and turn["prefilled_tokens"] <= turn["new_tokens"] + 512
     assert all(t["cached_tokens"] == 0 for t in report["no_cache_turns"])
     assert report["prefix_cache"]["hits"] >= 2 and report["non_shared_tokens"] > 0
+
+
+def test_plugin_load_bench_counts_what_openclaw_copies(tmp_path: Path) -> None:
+    root = tmp_path / "clone"
+    outside = tmp_path / "clone.venv"
+    for folder in (root / "plugin_tools", root / ".git", root / ".cache" / "x" / "node_modules", outside):
+        folder.mkdir(parents=True)
+    (root / "plugin_tools" / "index.js").write_bytes(b"x" * 1_000_000)
+    (root / ".cache" / "x" / "package.json").write_bytes(b"x" * 200_000)
+    for skipped in (root / ".git" / "HEAD", root / ".cache" / "x" / "node_modules" / "big", outside / "big"):
+        skipped.write_bytes(b"x" * 10_000_000)
+    (root / ".venv").symlink_to(outside)  # leaves the root: left out
+    (root / "tools").symlink_to(root / "plugin_tools")  # stays inside: followed, copied again
+    copied = plugin_load.copied_by_openclaw(root)
+    assert copied == {"files": 3, "mb": 2.2}
