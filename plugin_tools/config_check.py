@@ -16,7 +16,8 @@ from typing import Any
 from common.errors import UserError
 from plugin_tools.payloads import PluginConfig
 
-MANIFEST = Path(__file__).with_name("openclaw.plugin.json")
+# The plugin is the repository root: the manifest sits beside this package.
+MANIFEST = Path(__file__).resolve().parents[1] / "openclaw.plugin.json"
 # Longer than any path or URL a config holds, short enough to keep every answer small.
 MAX_STRING_CHARS = 4096
 _JSON_TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int,), "boolean": (bool,)}
@@ -29,7 +30,14 @@ class PluginConfigError(UserError, ValueError):
 @functools.cache
 def config_schema() -> dict[str, Any]:
     """The manifest's `configSchema` (the one OpenClaw checks the config against)."""
-    schema: dict[str, Any] = json.loads(MANIFEST.read_text(encoding="utf-8"))["configSchema"]
+    try:
+        text = MANIFEST.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PluginConfigError(
+            f"the plugin manifest {MANIFEST} is missing",
+            hint="run the tools from a clone of openclaw-delta-mem-mlx (the plugin is the clone)",
+        ) from None
+    schema: dict[str, Any] = json.loads(text)["configSchema"]
     return schema
 
 
