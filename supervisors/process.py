@@ -101,6 +101,8 @@ class ProcessSupervisor(Supervisor):
             if child.poll() is not None:
                 if keeper is not None:
                     return  # another start won the race: its keeper runs the sidecar
+                if self.last_exit_status() is not None:
+                    return  # it ran the sidecar and gave up at once: the health wait reports why
                 raise ProcessSupervisorError(
                     f"the sidecar's keeper exited at once (status {child.returncode}): see {err_path} "
                     "(or 'delta-mem-mlx logs')"

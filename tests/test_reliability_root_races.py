@@ -228,6 +228,8 @@ def test_a_sidecar_exiting_for_its_port_or_config_is_not_retried_behind_the_user
     fake = f"import sys; print('serve: the reason, in one line', file=sys.stderr); sys.exit({status_code})"
     monkeypatch.setattr(process_module, "sidecar_command", lambda _root: [sys.executable, "-c", fake])
     monkeypatch.setattr(process_module, "RESTART_THROTTLE_S", 0.2)
+    # The start looks for the keeper only every 3 s, so a keeper that gave up at once is gone by then.
+    monkeypatch.setattr(process_module, "_STARTUP_POLL_S", 3.0)
     done = runner.invoke(app, ["start-sidecar", "--root", str(root), "--health-timeout", "60"])
     assert done.exit_code == 1
     assert f"exited with status {status_code} ({said}" in done.output
