@@ -47,3 +47,15 @@ def tiny_msw_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_di
 def tiny_qwen2_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_model_dir: Path) -> Path:
     """A TSW adapter for `tiny_qwen2_model_dir`."""
     return write_tiny_adapter(tmp_path_factory.mktemp("tiny-qwen2-tsw"), tiny_qwen2_model_dir, seed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_kv_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny float32 Qwen3 model whose head_dim (64) mlx-lm's KV quantization can group."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-hd64"), head_dim=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_kv_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_kv_model_dir: Path) -> Path:
+    """A TSW adapter for `tiny_kv_model_dir`."""
+    return write_tiny_adapter(tmp_path_factory.mktemp("tiny-hd64-tsw"), tiny_kv_model_dir, seed=5)
