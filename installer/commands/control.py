@@ -13,8 +13,9 @@ from typing import Annotated, Any
 import typer
 
 from common.health import Health, base_url
+from common.kv_budget import KV_GROUP_SIZES, human_gib, parse_kv_bits
 from common.layout import RootLayout
-from common.receipt import require_installed
+from common.receipt import read_receipt, require_installed
 from common.settings import (
     AttentionStateSource,
     QmdMode,
@@ -35,7 +36,10 @@ from installer.commands.options import (
 )
 from installer.errors import cli_errors
 from installer.installation import DEFAULT_HEALTH_TIMEOUT_S
+from plugin_tools.payloads import MemoryReport
 from plugin_tools.status import build_status
+from presets.catalog import load_preset
+from presets.memory_plan import announced_window, installed_shape
 from supervisors import Supervisor, sidecar_command, supervisor_for_root, tail_lines
 from supervisors.readiness import wait_until_healthy
 
@@ -58,6 +62,10 @@ def start_sidecar(
     qmd_timeout: Annotated[float | None, typer.Option(help="Seconds QMD may take per request.")] = None,
     qmd_bin: Annotated[str | None, typer.Option(help="The qmd binary (a name on PATH or a path).")] = None,
     qmd_collection: Annotated[str | None, typer.Option(help="QMD collection to search.")] = None,
+    kv_bits: Annotated[
+        str | None, typer.Option(help="KV cache precision: none (float), 8 or 4 bits.", show_default=False)
+    ] = None,
+    kv_group_size: Annotated[int | None, typer.Option(help="Values per KV quantization group: 32, 64 or 128.")] = None,
     foreground: Annotated[
         bool, typer.Option("--foreground", help="Run in this terminal instead of under the supervisor.")
     ] = False,
@@ -66,7 +74,8 @@ def start_sidecar(
     """Start the installed sidecar under its supervisor and wait until it is healthy.
 
     Refuses, naming what is missing, when the root has no completed install or its files changed.
-    The QMD options are saved in the root's settings; a running sidecar is restarted to apply them.
+    The QMD and KV options are saved in the root's settings; a running sidecar is restarted to apply
+    them. A new KV precision also sets the context window the KV budget holds at that precision.
     """
     root_path = resolve_root(root)
     require_installed(root_path)
@@ -82,10 +91,16 @@ def start_sidecar(
     )
     if updated.attention_state_source == "qmd":
         updated = _with_resolved_qmd(updated)
+    updated = _with_kv_flags(root_path, updated, kv_bits, kv_group_size)
     changed = updated != settings
     if changed:
         save_settings(root_path, updated)
         typer.echo(f"Settings updated: {RootLayout.of(root_path).settings}")
+    if updated.context_window != settings.context_window:
+        typer.echo(
+            f"The context window is now {updated.context_window} tokens: run 'delta-mem-mlx provider-config "
+            f"--apply{root_flag(root_path)}' so that OpenClaw knows."
+        )
     if foreground:
         raise typer.Exit(subprocess.call(sidecar_command(root_path)))
     supervisor = supervisor_for_root(root_path)
@@ -140,6 +155,8 @@ def status(root: RootOption = None, json_output: JsonOption = False) -> None:
     typer.echo(f"health      {health['url']}: {'ready' if health['problem'] is None else health['problem']}")
     typer.echo(f"model       {install['model_id'] or '-'}")
     typer.echo(f"adapter     {install['adapter_path'] or 'none'}")
+    if report["memory"] is not None:
+        typer.echo(f"memory      {_describe_memory(report['memory'])}")
     if supervisor["uptime_s"] is not None:
         typer.echo(f"uptime      {supervisor['uptime_s']:.0f} s")
 
@@ -203,6 +220,42 @@ def _with_qmd_flags(
     if attention_state_source is not None:
         updated = dataclasses.replace(updated, attention_state_source=attention_state_source)
     return updated
+
+
+def _describe_memory(memory: MemoryReport) -> str:
+    names = {"none": "float", "8": "8-bit", "4": "4-bit"}
+    sessions = {names[name]: row["sessions"] for name, row in memory["openclaw_sessions"].items()}
+    chosen = names[memory["kv_bits"]]
+    others = ", ".join(f"{name} {count}" for name, count in sessions.items() if name != chosen)
+    return (
+        f"KV budget {human_gib(memory['kv_budget_bytes'])}, {chosen} KV: {sessions[chosen]} OpenClaw-sized "
+        f"sessions ({others}); context window {memory['context_window']}"
+    )
+
+
+def _with_kv_flags(
+    root: Path, settings: SidecarSettings, kv_bits: str | None, kv_group_size: int | None
+) -> SidecarSettings:
+    """The settings with a new KV precision and group size, and the window the budget holds with them."""
+    if kv_bits is None and kv_group_size is None:
+        return settings
+    try:
+        bits = settings.kv_bits if kv_bits is None else parse_kv_bits(kv_bits)
+    except ValueError as exc:
+        raise CommandRefused(f"--kv-bits: {exc}") from None
+    group = kv_group_size or settings.kv_group_size
+    if group not in KV_GROUP_SIZES:
+        raise CommandRefused(f"--kv-group-size must be one of {', '.join(map(str, KV_GROUP_SIZES))}")
+    installed = installed_shape(settings.model_path, settings.adapter_path)
+    if installed is None:
+        raise CommandRefused(f"cannot read the model's config.json in {settings.model_path}: reinstall")
+    shape, _ = installed
+    if bits is not None and shape.head_dim % group:
+        raise CommandRefused(f"this model's head_dim {shape.head_dim} is not a multiple of the KV group size {group}")
+    receipt = read_receipt(root)
+    preset = load_preset(receipt.preset if receipt is not None else "custom")
+    window = announced_window(preset, shape, settings.max_kv_bytes, bits, group)
+    return dataclasses.replace(settings, kv_bits=bits, kv_group_size=group, context_window=window)
 
 
 def _with_resolved_qmd(settings: SidecarSettings) -> SidecarSettings:
