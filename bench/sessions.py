@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = _tokenizer(model_dir)
         system = _system_prompt(tokenizer, system_tokens, args.seed)
         window = system_tokens + 4096
-        cached = stack.enter_context(_sidecar(model_dir, adapter_dir, work / "cached", window))
-        uncached = stack.enter_context(_sidecar(model_dir, adapter_dir, work / "uncached", window, "--no-prefix-cache"))
+        cached = stack.enter_context(serve_sidecar(model_dir, adapter_dir, work / "cached", window))
+        uncached = stack.enter_context(serve_sidecar(model_dir, adapter_dir, work / "uncached", window, "--no-prefix-cache"))
         turns = _replay(cached.client, tokenizer, system, args.turns, args.max_tokens, fresh_sessions=False)
         no_cache = _replay(uncached.client, tokenizer, system, args.turns, args.max_tokens, fresh_sessions=True)
         new_sessions = _new_sessions(cached.client, uncached.client, system, args)
@@ -162,7 +162,8 @@ def _new_sessions(
 
 
 @contextmanager
-def _sidecar(model_dir: Path, adapter_dir: Path, work: Path, window: int, *extra: str) -> Iterator[Sidecar]:
+def serve_sidecar(model_dir: Path, adapter_dir: Path, work: Path, window: int, *extra: str) -> Iterator[Sidecar]:
+    """A `serve` process for the model (OpenBLAS preloaded on Linux), stopped when the block ends."""
     work.mkdir(parents=True)
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

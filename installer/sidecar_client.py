@@ -76,6 +76,7 @@ class SidecarClient:
         max_tokens: int,
         seed: int,
         attention_state: list[dict[str, Any]] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> ChatReply:
         """Stream one greedy (temperature 0) answer in the given session and δ mode."""
         body: dict[str, Any] = {
@@ -89,6 +90,8 @@ class SidecarClient:
         }
         if attention_state is not None:
             body["attention_state"] = attention_state
+        if tools:
+            body["tools"] = tools
         headers = {SESSION_HEADER: session_key, "X-Delta-Mode": "delta" if delta else "base"}
         request = self._request("POST", "/v1/chat/completions", body, headers)
         started = time.perf_counter()
