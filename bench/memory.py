@@ -41,6 +41,9 @@ VOCAB_CACHE = REPO / ".cache" / "qwen-vocab"
 QWEN_VOCAB_SIZE = 151936
 SETTINGS: tuple[int | None, ...] = (None, 8, 4)
 FIXED_ANSWER = "Noted."  # the assistant text each later request carries (as in the captured turn 2)
+# A 12k-token prefill takes minutes on a loaded 2-core CPU, longer with a quantized cache there.
+REQUEST_TIMEOUT_S = 4 * 3600.0
+QUICK_SYSTEM_CHARS = 6000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,12 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     turns = args.turns or (2 if args.quick else 4)
     agreement_sessions = args.agreement_sessions if args.agreement_sessions is not None else (1 if args.quick else 8)
     agreement_tokens = args.agreement_tokens or (64 if args.quick else 256)
+    system_chars = args.system_chars or (QUICK_SYSTEM_CHARS if args.quick else None)
     captured = json.loads(Path(args.turns_file).read_text(encoding="utf-8"))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="delta-mem-bench-memory-") as tmp:
         work = Path(tmp)
-        model_dir, adapter_dir = _model(work, Path(args.vocab_dir), args.vocab_tool)
-        requests = [_session_requests(captured, s, turns) for s in range(sessions)]
+        if args.model:
+            model_dir, adapter_dir = Path(args.model), Path(args.adapter)
+        else:
+            model_dir, adapter_dir = _model(work, Path(args.vocab_dir), args.vocab_tool)
+        requests = [_session_requests(captured, s, turns, system_chars, args.tools) for s in range(sessions)]
         runs = {}
         for bits in SETTINGS:
             name = "none" if bits is None else str(bits)
@@ -68,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": _describe_model(model_dir),
         "sessions": sessions,
         "turns_per_session": turns,
+        "system_prompt_chars": system_chars or "all",
         "first_request_tokens": runs["none"]["requests"][0]["prompt_tokens"],
         "settings": {name: {**run, **agreement.get(name, {})} for name, run in runs.items()},
         "ratios": _ratios(runs),
@@ -79,35 +87,42 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _session_requests(captured: list[dict[str, Any]], session: int, turns: int) -> list[dict[str, Any]]:
+def _session_requests(
+    captured: list[dict[str, Any]], session: int, turns: int, system_chars: int | None = None, tools: int | None = None
+) -> list[dict[str, Any]]:
     """Request bodies of one OpenClaw-shaped session: the captured first request with this session's
-    id and fact, then turns that add an answer and a user message and drop the internal context."""
+    id and fact (the system prompt cut to `system_chars` and the tools to the first `tools` if given),
+    then turns that add an answer and a user message and drop the internal context."""
     first = captured[0]["body"]
     system, user, context = first["messages"]
     own_user = re.sub(r"sessionId=[0-9a-f-]+", f"sessionId=bench-session-{session:04d}", _text(user["content"]))
     own_user = own_user.replace("remember the number 41", f"remember the number {41 + 10 * session}")
-    history = [Message("system", _text(system["content"])), Message("user", own_user)]
+    history = [Message("system", _text(system["content"])[:system_chars]), Message("user", own_user)]
     ctx = Message("user", _text(context["content"]))
     out = []
     for turn in range(1, turns + 1):
         if turn > 1:
-            history += [
-                Message("assistant", FIXED_ANSWER),
-                Message("user", f"[Tue 2026-12-01 13:{turn:02d} UTC] turn {turn}: remember the number {turn + session}"),
-            ]
-        out.append({"messages": [*history, ctx], "tools": first["tools"]})
+            said = f"[Tue 2026-12-01 13:{turn:02d} UTC] turn {turn}: remember the number {turn + session}"
+            history += [Message("assistant", FIXED_ANSWER), Message("user", said)]
+        out.append({"messages": [*history, ctx], "tools": first["tools"][:tools]})
     return out
 
 
 def _serve_run(
-    model_dir: Path, adapter_dir: Path, work: Path, bits: int | None, requests: list[list[dict[str, Any]]], max_tokens: int
+    model_dir: Path,
+    adapter_dir: Path,
+    work: Path,
+    bits: int | None,
+    requests: list[list[dict[str, Any]]],
+    max_tokens: int,
 ) -> dict[str, Any]:
     """Every session's turns, interleaved as concurrent agents would send them, against one server."""
     extra = ["--max-sessions", str(len(requests) + 1), "--max-kv-bytes", str(64 * 1024**3)]
     if bits is not None:
         extra += ["--kv-bits", str(bits)]
     window = 32768
-    with serve_sidecar(model_dir, adapter_dir, work, window, *extra) as sidecar, _peak_rss(sidecar.process.pid) as peak:
+    served = serve_sidecar(model_dir, adapter_dir, work, window, *extra, timeout=REQUEST_TIMEOUT_S)
+    with served as sidecar, _peak_rss(sidecar.process.pid) as peak:
         rows = []
         for turn in range(len(requests[0])):
             for session, session_requests in enumerate(requests):
@@ -135,9 +150,9 @@ def _serve_run(
         "shared_prefix_bytes": memory["shared_prefix_bytes"],
         "delta_record_bytes": memory["delta_record_bytes"],
         "rss_peak_bytes": peak(),
-        "prefill_tok_s": round(sum(r["prefilled_tokens"] for r in rows) / sum(r["ttft_s"] for r in rows), 1),
-        "first_prefill_tok_s": round(rows[0]["prefilled_tokens"] / rows[0]["ttft_s"], 1),
-        "decode_tok_s": round(sum(n for n, _ in decode) / sum(t for _, t in decode), 2),
+        "prefill_tok_s": _rate(sum(r["prefilled_tokens"] for r in rows), sum(r["ttft_s"] for r in rows)),
+        "first_prefill_tok_s": _rate(rows[0]["prefilled_tokens"], rows[0]["ttft_s"]),
+        "decode_tok_s": _rate(sum(n for n, _ in decode), sum(t for _, t in decode)),
         "requests": rows,
     }
 
@@ -218,10 +233,15 @@ def _ratios(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         run = runs[name]
         out[name] = {
             "kv_bytes": round((run["kv_bytes"] - run["delta_record_bytes"]) / float_kv, 4),
-            "decode_tok_s": round(run["decode_tok_s"] / float_run["decode_tok_s"], 3),
-            "prefill_tok_s": round(run["prefill_tok_s"] / float_run["prefill_tok_s"], 3),
+            "decode_tok_s": _rate(run["decode_tok_s"], float_run["decode_tok_s"], 3),
+            "prefill_tok_s": _rate(run["prefill_tok_s"], float_run["prefill_tok_s"], 3),
         }
     return out
+
+
+def _rate(amount: float, seconds: float, digits: int = 2) -> float:
+    """amount / seconds, rounded; 0 when nothing was timed."""
+    return round(amount / seconds, digits) if seconds > 0 else 0.0
 
 
 def _targets(report: dict[str, Any]) -> dict[str, bool]:
@@ -306,13 +326,22 @@ def _log(message: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the report on one line")
-    parser.add_argument("--quick", action="store_true", help="2 sessions of 2 turns, agreement on 1 session × 64 tokens")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"2 sessions of 2 turns, the system prompt cut to {QUICK_SYSTEM_CHARS} characters, agreement on "
+        "1 session × 64 tokens",
+    )
     parser.add_argument("--sessions", type=int, default=None, help="sessions per precision (default 8)")
     parser.add_argument("--turns", type=int, default=None, help="requests per session (default 4: the first + 3)")
     parser.add_argument("--max-tokens", type=int, default=16, help="answer length per request")
     parser.add_argument("--agreement-sessions", type=int, default=None, help="sessions checked in process (default 8)")
     parser.add_argument("--agreement-tokens", type=int, default=None, help="greedy tokens compared (default 256)")
+    parser.add_argument("--system-chars", type=int, default=None, help="cut OpenClaw's system prompt to this length")
+    parser.add_argument("--tools", type=int, default=None, help="send only OpenClaw's first N tools (default all 12)")
     parser.add_argument("--turns-file", default=str(SHARED / "openclaw" / "agent-turns.json"))
+    parser.add_argument("--model", help="a model dir (default: a generated Qwen3-shaped model, real vocabulary)")
+    parser.add_argument("--adapter", help="the δ-mem adapter dir for --model")
     parser.add_argument("--vocab-dir", default=str(VOCAB_CACHE), help="where Qwen's tokenizer.json is (or goes)")
     parser.add_argument("--vocab-tool", default=str(SHARED / "tools" / "qwen_vocab.py"))
     return parser

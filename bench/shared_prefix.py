@@ -65,7 +65,7 @@ def _measure(args: argparse.Namespace, bits: int | None) -> dict[str, Any]:
         candidates = {
             "two_segment": lambda: _two_segment(query, (prefix_k, prefix_v), (own_k, own_v), scale, mx.matmul),
             "concat_per_step": lambda: mx.fast.scaled_dot_product_attention(
-                query, mx.concatenate([prefix_k, own_k], 2), mx.concatenate([prefix_v, own_v], 2), scale=scale, mask=None
+                query, *(mx.concatenate(pair, 2) for pair in ((prefix_k, own_k), (prefix_v, own_v))), scale=scale
             ),
         }
     else:
