@@ -200,7 +200,10 @@ def _agreement(
 
     reference, reference_logits, float_speed = decode(None)
     _log(f"agreement: float decode {float_speed:.2f} tok/s")
-    results: dict[str, dict[str, Any]] = {"none": {"decode_tok_s_in_process": round(float_speed, 2)}}
+    results: dict[str, dict[str, Any]] = {
+        "none": {"decode_tok_s_in_process": round(float_speed, 2), "sparse_record": _record_and_trim(model, prompts[0])}
+    }
+    _log(f"sparse record: {json.dumps(results['none']['sparse_record'])}")
     for bits in (8, 4):
         outputs, logits, speed = decode(bits)
         same = [sum(a == b for a, b in zip(o, r)) / tokens for o, r in zip(outputs, reference)]
@@ -214,6 +217,48 @@ def _agreement(
         }
         _log(f"agreement kv-bits {bits}: {json.dumps(results[str(bits)])}")
     return results
+
+
+def _record_and_trim(model: Any, prompt: list[int], repeats: int = 3) -> dict[str, Any]:
+    """The sparse δ record against a state after every token, and what a trim to an offset it did not
+    keep costs: the worst case, 63 tokens prefilled again, against a 512-token prefill step."""
+    import mlx.core as mx
+
+    from common.kv_budget import DELTA_RECORD_INTERVAL
+    from sidecar.delta.api import delta_record_nbytes, make_cache, restorable_offset
+
+    cache = make_cache(model)
+    end = len(prompt) - 1
+    _prefill(model, cache, prompt[:end])
+    delta_layers = [c for c in cache if hasattr(c, "record")]
+    every_token = (end + 1) * sum(int(mx.prod(mx.array(c.state_shape)).item()) * 4 for c in delta_layers)
+    # The worst case: one token short of the next kept state, a few intervals back from the end.
+    target = (end // DELTA_RECORD_INTERVAL - 4) * DELTA_RECORD_INTERVAL + DELTA_RECORD_INTERVAL - 1
+    trims, steps = [], []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        start = restorable_offset(cache, target)
+        for c in cache:
+            c.trim(c.offset - start)
+        _prefill(model, cache, prompt[start:target])
+        trims.append(time.perf_counter() - began)
+        _prefill(model, cache, prompt[target:end])  # back where it was
+        start = restorable_offset(cache, end - 600)
+        for c in cache:
+            c.trim(c.offset - start)
+        began = time.perf_counter()
+        _prefill(model, cache, prompt[start : start + 512])
+        steps.append(time.perf_counter() - began)
+        _prefill(model, cache, prompt[start + 512 : end])
+    return {
+        "tokens": end,
+        "record_bytes": delta_record_nbytes(cache),
+        "every_token_record_bytes": every_token,
+        "record_vs_every_token": round(delta_record_nbytes(cache) / every_token, 4),
+        "trim_refill_tokens": target - restorable_offset(cache, target),
+        "trim_worst_s": round(statistics.median(trims), 4),
+        "prefill_512_step_s": round(statistics.median(steps), 4),
+    }
 
 
 def _prefill(model: Any, cache: list[Any], tokens: list[int], step: int = 512) -> None:

@@ -16,7 +16,7 @@ from common.kv_budget import MIB, KvShape, session_bytes
 # mlx-lm's quantized attention materialises its scores (and their softmax): a prefill step over a
 # quantized cache is cut so that both stay under this many bytes, whatever the context length.
 SCORES_BYTES = 256 * MIB
-MIN_PREFILL_STEP = 32
+MIN_PREFILL_STEP = 8
 # MLX memory a forward pass needs beyond the weights and the caches (activations of one step).
 WORKING_BYTES = 512 * MIB
 

@@ -59,3 +59,5 @@ def test_memory_bench_reports_every_kv_setting(
     assert report["ratios"]["8"]["kv_bytes"] == pytest.approx(0.28125, abs=0.01)
     assert report["ratios"]["4"]["kv_bytes"] == pytest.approx(0.15625, abs=0.01)
     assert set(report["targets"]) >= {"kv8_bytes_at_most_0_55", "delta_record_at_most_1_percent"}
+    record = report["settings"]["none"]["sparse_record"]
+    assert record["record_bytes"] < record["every_token_record_bytes"] and record["trim_refill_tokens"] == 63
