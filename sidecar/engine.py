@@ -242,16 +242,13 @@ class Engine:
     def _prepare(self, session: Session, prompt: list[int], boundary: int, stream: JobStream) -> int:
         """Cut the session back to what it shares with this prompt, then bring it up to the shared
         boundary (the end of the leading system prompt) from a zero state; returns tokens reused."""
-        common = common_prefix(session.tokens, prompt)
+        limit = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
         if session.cache is None:
-            target = session.safe_offset(min(common, len(prompt) - 1))
+            reused = self._rebuild(session, session.safe_offset(limit), stream)
         else:
-            target = session.cut_point(min(common, len(prompt) - 1), lambda o: restorable_offset(session.cache, o))
-        if session.cache is None:
-            reused = self._rebuild(session, target, stream)
-        else:
-            session.truncate(target)
-            reused = target
+            # Back to a cut the δ record restores exactly: at most 63 tokens before `limit`.
+            reused = session.cut_point(limit, lambda offset: restorable_offset(session.cache, offset))
+            session.truncate(reused)
         if len(session.tokens) < boundary and not session.snippet_writes:
             reused = max(reused, self._start_from_shared_prefix(session, prompt, boundary))
             start = len(session.tokens)
