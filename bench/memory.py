@@ -9,7 +9,10 @@ and δ-record bytes (from /health), the server's peak RSS, prefill and decode to
 
 Then, in this process, greedy agreement with the float cache: each session's first request is
 prefilled with a float and a quantized cache, 256 tokens are decoded greedily from each, and the
-share of identical tokens and the largest |logit difference| at the first step are reported.
+share of identical tokens, the same share when the quantized cache is fed the float run's tokens
+(teacher forcing: one early difference does not decide the rest), and the largest |logit
+difference| at the first step are reported; also the sparse δ record's bytes and the cost of a trim
+to an offset it did not keep.
 Prints one JSON object.
 """
 
@@ -71,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             runs[name] = _serve_run(model_dir, adapter_dir, work / f"kv-{name}", bits, requests, args.max_tokens)
             _log(f"kv-bits {name}: {json.dumps({k: v for k, v in runs[name].items() if k != 'requests'})}")
         agreement = _agreement(model_dir, adapter_dir, requests[:agreement_sessions], agreement_tokens)
+        model = _describe_model(model_dir)
     report = {
-        "model": _describe_model(model_dir),
+        "model": model,
         "sessions": sessions,
         "turns_per_session": turns,
         "system_prompt_chars": system_chars or "all",
@@ -179,11 +183,12 @@ def _agreement(
     ]
     shared = min(_common_prefix(prompts[0], p) for p in prompts)
 
-    def decode(bits: int | None) -> tuple[list[list[int]], list[Any], float]:
+    def decode(bits: int | None, forced: list[list[int]] | None = None) -> tuple[list[list[int]], list[Any], float]:
+        """Greedy tokens per session (with `forced`: the argmax after each of those tokens instead)."""
         base = make_cache(model, bits)
         _prefill(model, base, prompts[0][:shared])
         outputs, first_logits, elapsed = [], [], 0.0
-        for prompt in prompts:
+        for session, prompt in enumerate(prompts):
             cache = copy.deepcopy(base)
             _prefill(model, cache, prompt[shared:-1])
             logits = model(mx.array([prompt[-1:]]), cache=cache)[:, -1]
@@ -191,8 +196,9 @@ def _agreement(
             token = logits.argmax(-1)
             out = [int(token.item())]
             began = time.perf_counter()
-            for _ in range(tokens - 1):
-                token = model(token[:, None], cache=cache)[:, -1].argmax(-1)
+            for step in range(tokens - 1):
+                fed = token if forced is None else mx.array([forced[session][step]])
+                token = model(fed[:, None], cache=cache)[:, -1].argmax(-1)
                 out.append(int(token.item()))
             elapsed += time.perf_counter() - began
             outputs.append(out)
@@ -206,11 +212,15 @@ def _agreement(
     _log(f"sparse record: {json.dumps(results['none']['sparse_record'])}")
     for bits in (8, 4):
         outputs, logits, speed = decode(bits)
+        forced, _, _ = decode(bits, forced=reference)
         same = [sum(a == b for a, b in zip(o, r)) / tokens for o, r in zip(outputs, reference)]
+        same_forced = [sum(a == b for a, b in zip(o, r)) / tokens for o, r in zip(forced, reference)]
         diff = max(float(mx.abs(q - f).max()) for q, f in zip(logits, reference_logits))
         results[str(bits)] = {
             "token_agreement": round(statistics.mean(same), 4),
             "token_agreement_per_session": [round(x, 4) for x in same],
+            # Fed the float run's tokens, how often the quantized cache picks the same next token.
+            "teacher_forced_agreement": round(statistics.mean(same_forced), 4),
             "max_logit_diff_first_step": round(diff, 4),
             "logit_spread_first_step": round(max(float(mx.abs(f).max()) for f in reference_logits), 4),
             "decode_tok_s_in_process": round(speed, 2),

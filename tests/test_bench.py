@@ -53,7 +53,8 @@ def test_memory_bench_reports_every_kv_setting(
             assert setting[key] > 0, (name, key)
         assert [r["turn"] for r in setting["requests"]] == [1, 1, 2, 2]
     for name in ("8", "4"):
-        assert 0 <= report["settings"][name]["token_agreement"] <= 1
+        for key in ("token_agreement", "teacher_forced_agreement"):
+            assert 0 <= report["settings"][name][key] <= 1
         assert report["settings"][name]["max_logit_diff_first_step"] > 0
     # float32 K/V here: 8 bits hold (1 + 8/64)/4 of the float bytes, 4 bits (0.5 + 8/64)/4.
     assert report["ratios"]["8"]["kv_bytes"] == pytest.approx(0.28125, abs=0.01)
