@@ -19,7 +19,7 @@ from typing import Any
 
 from common.errors import UserError
 from common.health import Health
-from common.kv_budget import KvShape, human_gib, kv_bits_name, model_weight_bytes, parse_kv_bits
+from common.kv_budget import KvShape, human_gib, model_weight_bytes, parse_kv_bits
 from common.layout import RootLayout
 from common.receipt import Receipt, new_receipt, remove_receipt, write_receipt
 from common.settings import SettingsError, SidecarSettings, load_settings, save_settings
@@ -31,7 +31,14 @@ from installer.downloads import (
     plan_downloads,
 )
 from presets.catalog import Preset, Source
-from presets.memory_plan import MemoryPlan, announced_window, machine_ram, plan_memory
+from presets.memory_plan import (
+    MemoryPlan,
+    announced_window,
+    describe_memory,
+    machine_ram,
+    plan_memory,
+    quantization_problem,
+)
 from sidecar.delta.adapter_files import (
     NPZ_FILE,
     PT_FILE,
@@ -144,7 +151,8 @@ def install(request: InstallRequest, *, echo: Echo, confirm: Confirm) -> Install
     shape = KvShape.from_dirs(model_dir, adapter_dir)
     memory = plan_memory(preset, shape, model_weight_bytes(model_dir), kv_bits, settings.kv_group_size)
     settings = _with_memory(settings, preset, memory, previous)
-    echo(_describe_memory(memory, settings))
+    installed = MemoryPlan(memory.budget, shape, settings.kv_bits, settings.kv_group_size, settings.context_window)
+    echo(f"Memory: {describe_memory(installed.report(settings.max_kv_bytes))}")
     save_settings(layout.root, settings)
     echo(f"Settings written: {layout.settings}")
 
@@ -313,28 +321,15 @@ def _with_memory(
             f"{human_gib(memory.budget.ram_bytes)} of RAM leaves no room for a KV cache next to the "
             f"{human_gib(memory.budget.model_bytes)} model, macOS and OpenClaw: choose a smaller model",
         )
-    if memory.kv_bits is not None and memory.shape.head_dim % memory.kv_group_size:
-        raise InstallError(
-            "settings",
-            f"--kv-bits {memory.kv_bits}: this model's head_dim {memory.shape.head_dim} is not a multiple of the "
-            f"KV group size {memory.kv_group_size}; use --kv-bits none",
-        )
+    problem = quantization_problem(memory.shape, memory.kv_bits, memory.kv_group_size)
+    if problem is not None:
+        raise InstallError("settings", f"--kv-bits {memory.kv_bits}: {problem}; use --kv-bits none")
     budget = memory.budget.kv_bytes
     if previous is not None:
         budget = min(budget, previous.max_kv_bytes)
     window = announced_window(preset, memory.shape, budget, memory.kv_bits, memory.kv_group_size)
     return dataclasses.replace(
         settings, max_kv_bytes=budget, kv_bits=memory.kv_bits, kv_group_size=memory.kv_group_size, context_window=window
-    )
-
-
-def _describe_memory(memory: MemoryPlan, settings: SidecarSettings) -> str:
-    sessions = memory.report(settings.max_kv_bytes)["openclaw_sessions"][kv_bits_name(settings.kv_bits)]["sessions"]
-    precision = "float" if settings.kv_bits is None else f"{settings.kv_bits}-bit"
-    return (
-        f"Memory: a KV budget of {human_gib(settings.max_kv_bytes)} on this machine "
-        f"({human_gib(memory.budget.ram_bytes)} of RAM); {precision} KV holds {sessions} OpenClaw-sized "
-        f"session(s); context window {settings.context_window} tokens"
     )
 
 

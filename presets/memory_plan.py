@@ -17,6 +17,7 @@ from common.kv_budget import (
     Budget,
     KvShape,
     context_window_for,
+    human_gib,
     kv_bits_name,
     kv_budget,
     model_weight_bytes,
@@ -46,6 +47,25 @@ class MemoryPlan:
             "context_window": self.context_window,
             "openclaw_sessions": sessions_report(budget, self.shape, self.kv_group_size),
         }
+
+
+def describe_memory(report: dict[str, Any]) -> str:
+    """One line for people: the budget, the precision, OpenClaw sessions per precision, the window."""
+    names = {"none": "float", "8": "8-bit", "4": "4-bit"}
+    sessions = {names[name]: row["sessions"] for name, row in report["openclaw_sessions"].items()}
+    chosen = names[report["kv_bits"]]
+    others = ", ".join(f"{name} {count}" for name, count in sessions.items() if name != chosen)
+    return (
+        f"KV budget {human_gib(report['kv_budget_bytes'])}, {chosen} KV: {sessions[chosen]} OpenClaw-sized "
+        f"sessions ({others}); context window {report['context_window']}"
+    )
+
+
+def quantization_problem(shape: KvShape, kv_bits: int | None, kv_group_size: int) -> str | None:
+    """Why mlx-lm cannot quantize this model's K/V so (a group must divide head_dim), or None."""
+    if kv_bits is not None and shape.head_dim % kv_group_size:
+        return f"this model's head_dim {shape.head_dim} is not a multiple of the KV group size {kv_group_size}"
+    return None
 
 
 def machine_ram() -> int:

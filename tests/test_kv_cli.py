@@ -71,7 +71,7 @@ def test_install_writes_the_budget_the_formula_allows(root: Path, tiny: dict[str
     expected = kv_budget(sixteen_gb, model_weight_bytes(tiny["narrow"])).kv_bytes
     assert settings.max_kv_bytes == expected > 0
     assert settings.kv_bits is None and settings.context_window == 32768  # the custom preset: float, its window
-    assert "Memory: a KV budget of" in result.output and "OpenClaw-sized session(s)" in result.output
+    assert "Memory: KV budget" in result.output and "float KV: " in result.output and "OpenClaw-sized sessions" in result.output
 
 
 def test_a_rerun_keeps_a_smaller_budget_and_lowers_a_larger_one(

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from common.health import Health, base_url
-from common.kv_budget import KV_GROUP_SIZES, human_gib, parse_kv_bits
+from common.kv_budget import KV_GROUP_SIZES, parse_kv_bits
 from common.layout import RootLayout
 from common.receipt import read_receipt, require_installed
 from common.settings import (
@@ -36,10 +36,9 @@ from installer.commands.options import (
 )
 from installer.errors import cli_errors
 from installer.installation import DEFAULT_HEALTH_TIMEOUT_S
-from plugin_tools.payloads import MemoryReport
 from plugin_tools.status import build_status
 from presets.catalog import load_preset
-from presets.memory_plan import announced_window, installed_shape
+from presets.memory_plan import announced_window, describe_memory, installed_shape, quantization_problem
 from supervisors import Supervisor, sidecar_command, supervisor_for_root, tail_lines
 from supervisors.readiness import wait_until_healthy
 
@@ -156,7 +155,7 @@ def status(root: RootOption = None, json_output: JsonOption = False) -> None:
     typer.echo(f"model       {install['model_id'] or '-'}")
     typer.echo(f"adapter     {install['adapter_path'] or 'none'}")
     if report["memory"] is not None:
-        typer.echo(f"memory      {_describe_memory(report['memory'])}")
+        typer.echo(f"memory      {describe_memory(report['memory'])}")
     if supervisor["uptime_s"] is not None:
         typer.echo(f"uptime      {supervisor['uptime_s']:.0f} s")
 
@@ -222,17 +221,6 @@ def _with_qmd_flags(
     return updated
 
 
-def _describe_memory(memory: MemoryReport) -> str:
-    names = {"none": "float", "8": "8-bit", "4": "4-bit"}
-    sessions = {names[name]: row["sessions"] for name, row in memory["openclaw_sessions"].items()}
-    chosen = names[memory["kv_bits"]]
-    others = ", ".join(f"{name} {count}" for name, count in sessions.items() if name != chosen)
-    return (
-        f"KV budget {human_gib(memory['kv_budget_bytes'])}, {chosen} KV: {sessions[chosen]} OpenClaw-sized "
-        f"sessions ({others}); context window {memory['context_window']}"
-    )
-
-
 def _with_kv_flags(
     root: Path, settings: SidecarSettings, kv_bits: str | None, kv_group_size: int | None
 ) -> SidecarSettings:
@@ -250,8 +238,9 @@ def _with_kv_flags(
     if installed is None:
         raise CommandRefused(f"cannot read the model's config.json in {settings.model_path}: reinstall")
     shape, _ = installed
-    if bits is not None and shape.head_dim % group:
-        raise CommandRefused(f"this model's head_dim {shape.head_dim} is not a multiple of the KV group size {group}")
+    problem = quantization_problem(shape, bits, group)
+    if problem is not None:
+        raise CommandRefused(problem)
     receipt = read_receipt(root)
     preset = load_preset(receipt.preset if receipt is not None else "custom")
     window = announced_window(preset, shape, settings.max_kv_bytes, bits, group)
