@@ -37,6 +37,7 @@ import psutil
 from bench.runtime import QUICK, reexec_with_openblas
 from bench.sessions import serve_sidecar
 from installer.memory_eval.conversations import Message
+from sidecar.write_plan import common_prefix
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -181,7 +182,7 @@ def _agreement(
         render_prompt(tokenizer, [ChatMessage(m.role, m.content) for m in r[0]["messages"]], r[0]["tools"])
         for r in requests
     ]
-    shared = min(_common_prefix(prompts[0], p) for p in prompts)
+    shared = min(common_prefix(prompts[0], p) for p in prompts)
 
     def decode(bits: int | None, forced: list[list[int]] | None = None) -> tuple[list[list[int]], list[Any], float]:
         """Greedy tokens per session (with `forced`: the argmax after each of those tokens instead)."""
@@ -363,15 +364,6 @@ def _describe_model(model_dir: Path) -> dict[str, Any]:
 
 def _text(content: Any) -> str:
     return content if isinstance(content, str) else "\n".join(part["text"] for part in content)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _log(message: str) -> None:

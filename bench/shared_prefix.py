@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from bench.runtime import reexec_with_openblas
+from bench.runtime import alternate, reexec_with_openblas
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,25 +122,17 @@ def _two_segment(query: Any, prefix: tuple[Any, Any], own: tuple[Any, Any], scal
 
 
 def _pairs(first: Callable[[], Any], second: Callable[[], Any], repeats: int) -> list[tuple[float, float]]:
+    """(first, second) times per call, alternating which runs first, after a warm-up of each."""
     import mlx.core as mx
 
-    def timed(fn: Callable[[], Any]) -> float:
+    def timed(candidate: bool) -> float:
+        fn = second if candidate else first
         began = time.perf_counter()
         for _ in range(8):
             mx.eval(fn())
         return (time.perf_counter() - began) / 8
 
-    timed(first), timed(second)
-    pairs = []
-    for i in range(repeats):  # alternate which goes first: the machine's noise comes in bursts
-        if i % 2:
-            b = timed(second)
-            a = timed(first)
-        else:
-            a = timed(first)
-            b = timed(second)
-        pairs.append((a, b))
-    return pairs
+    return alternate(timed, repeats)
 
 
 def _log(message: str) -> None:
