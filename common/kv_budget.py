@@ -96,10 +96,6 @@ class KvShape:
             adapter = json.loads((Path(adapter_dir) / "delta_mem_config.json").read_text(encoding="utf-8"))
         return cls.from_config(config, adapter)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form used in reports."""
-        return asdict(self)
-
 
 def kv_bytes_per_token(shape: KvShape, bits: int | None = None, group_size: int = 64) -> float:
     """K and V of one token in all layers: float, or mlx-lm's quantized format (packed values plus a
