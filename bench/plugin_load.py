@@ -32,7 +32,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 E2E_CACHE = REPO_ROOT / ".cache" / "openclaw-e2e"

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print its JSON report."""
     args = _parser().parse_args(argv)
     if args.blas == "openblas":
-        _reexec_with_openblas()
+        reexec_with_openblas("bench.runtime")
     import mlx.core as mx
 
     started = time.perf_counter()
@@ -151,8 +151,8 @@ def _run(
         return elapsed
 
     _log(f"{shape.name}: warming up")
-    prefill_timings = _alternate(prefill, prefill_pairs)
-    decode_timings = _alternate(decode, decode_pairs)
+    prefill_timings = alternate(prefill, prefill_pairs)
+    decode_timings = alternate(decode, decode_pairs)
     plain_prefill, delta_prefill = (statistics.median(p[i] for p in prefill_timings) for i in (0, 1))
     plain_decode, delta_decode = (statistics.median(p[i] for p in decode_timings) for i in (0, 1))
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
@@ -182,7 +182,7 @@ def _median_ratio(pairs: list[tuple[float, float]]) -> float:
     return round(statistics.median(plain / delta for plain, delta in pairs), 3)
 
 
-def _alternate(measure: Callable[[bool], float], repeats: int) -> list[tuple[float, float]]:
+def alternate(measure: Callable[[bool], float], repeats: int) -> list[tuple[float, float]]:
     """(plain, δ) timings, alternating which goes first, after one warm-up of each."""
     measure(False)
     measure(True)
@@ -198,7 +198,8 @@ def _alternate(measure: Callable[[bool], float], repeats: int) -> list[tuple[flo
     return pairs
 
 
-def _reexec_with_openblas() -> None:
+def reexec_with_openblas(module: str) -> None:
+    """Run `python -m module` again with Debian's OpenBLAS preloaded (Linux, when installed)."""
     # MLX's Linux CPU wheel bundles a slow reference BLAS; Debian's OpenBLAS is ~10x faster.
     if platform.system() != "Linux" or not OPENBLAS.exists():
         return
@@ -208,7 +209,7 @@ def _reexec_with_openblas() -> None:
     # One BLAS thread: MLX's own CPU stream thread plus OpenBLAS's pool oversubscribe small
     # machines, which mostly adds noise (on 2 cores the pair ratios spread from 0.8 to 1.1).
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    os.execve(sys.executable, [sys.executable, "-m", "bench.runtime", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
 
 
 def _log(message: str) -> None:

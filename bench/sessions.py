@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bench.runtime import OPENBLAS, QUICK
-from installer.sidecar_client import Message, SidecarClient
+from installer.sidecar_client import REQUEST_TIMEOUT_S, Message, SidecarClient
 
 MODEL_ID = "delta-mem-bench"
 API_KEY = "bench"
@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = _tokenizer(model_dir)
         system = _system_prompt(tokenizer, system_tokens, args.seed)
         window = system_tokens + 4096
-        cached = stack.enter_context(_sidecar(model_dir, adapter_dir, work / "cached", window))
-        uncached = stack.enter_context(_sidecar(model_dir, adapter_dir, work / "uncached", window, "--no-prefix-cache"))
+        cached = stack.enter_context(serve_sidecar(model_dir, adapter_dir, work / "cached", window))
+        uncached = stack.enter_context(
+            serve_sidecar(model_dir, adapter_dir, work / "uncached", window, "--no-prefix-cache")
+        )
         turns = _replay(cached.client, tokenizer, system, args.turns, args.max_tokens, fresh_sessions=False)
         no_cache = _replay(uncached.client, tokenizer, system, args.turns, args.max_tokens, fresh_sessions=True)
         new_sessions = _new_sessions(cached.client, uncached.client, system, args)
@@ -161,7 +163,11 @@ def _new_sessions(
 
 
 @contextmanager
-def _sidecar(model_dir: Path, adapter_dir: Path, work: Path, window: int, *extra: str) -> Iterator[Sidecar]:
+def serve_sidecar(
+    model_dir: Path, adapter_dir: Path, work: Path, window: int, *extra: str, timeout: float = REQUEST_TIMEOUT_S
+) -> Iterator[Sidecar]:
+    """A `serve` process for the model (OpenBLAS preloaded on Linux), stopped when the block ends;
+    `timeout` bounds each request."""
     work.mkdir(parents=True)
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -175,7 +181,7 @@ def _sidecar(model_dir: Path, adapter_dir: Path, work: Path, window: int, *extra
     ]  # fmt: skip
     log = (work / "serve.log").open("wb")
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    client = SidecarClient(f"http://127.0.0.1:{port}", API_KEY, MODEL_ID)
+    client = SidecarClient(f"http://127.0.0.1:{port}", API_KEY, MODEL_ID, timeout=timeout)
     try:
         _wait_healthy(client, process, work / "serve.log")
         yield Sidecar(process, client)

@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 
 from common.errors import UserError
 from common.files import atomic_write_json, read_regular_file
+from common.kv_budget import KV_BITS, KV_GROUP_SIZES
 
 SETTINGS_FILE = "sidecar.json"
 SETTINGS_VERSION = 1
@@ -61,6 +62,8 @@ class SidecarSettings:
     api_key: str | None = None
     max_sessions: int = 16
     max_kv_bytes: int = 8 * 1024**3
+    kv_bits: int | None = None  # None: float K/V; 8 or 4: mlx-lm's quantized format
+    kv_group_size: int = 64
     attention_state_source: AttentionStateSource = "request"
     write_policy: WritePolicy = "all"
     prefix_cache: bool = True
@@ -80,6 +83,10 @@ class SidecarSettings:
             raise SettingsError("max_sessions must be at least 1")
         if self.max_kv_bytes < 1:
             raise SettingsError("max_kv_bytes must be positive")
+        if self.kv_bits is not None and self.kv_bits not in KV_BITS:
+            raise SettingsError(f"kv_bits must be null (float), 8 or 4 (got {self.kv_bits!r})")
+        if self.kv_group_size not in KV_GROUP_SIZES:
+            raise SettingsError(f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}")
         _check_choice("attention_state_source", self.attention_state_source, AttentionStateSource)
         _check_choice("write_policy", self.write_policy, WritePolicy)
         _check_choice("qmd.mode", self.qmd.mode, QmdMode)
@@ -171,6 +178,7 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
     "float": (int, float),
     "str | None": (str, type(None)),
+    "int | None": (int, type(None)),
     "float | None": (int, float, type(None)),
     "bool": (bool,),
 }

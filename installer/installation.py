@@ -20,6 +20,7 @@ from typing import Any
 
 from common.errors import UserError
 from common.health import Health
+from common.kv_budget import KvShape, human_gib, model_weight_bytes, parse_kv_bits
 from common.layout import RootLayout
 from common.receipt import Receipt, new_receipt, remove_receipt, write_receipt
 from common.settings import SettingsError, SidecarSettings, load_settings, save_settings
@@ -31,6 +32,14 @@ from installer.downloads import (
     plan_downloads,
 )
 from presets.catalog import Preset, Source
+from presets.memory_plan import (
+    MemoryPlan,
+    announced_window,
+    describe_memory,
+    machine_ram,
+    plan_memory,
+    quantization_problem,
+)
 from sidecar.delta.adapter_files import (
     NPZ_FILE,
     PT_FILE,
@@ -73,6 +82,7 @@ class InstallRequest:
     interactive: bool = False
     progress: bool = True
     health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S
+    kv_bits: str | None = None  # "none", "8" or "4"; None: kept from a previous install, else the preset's for this RAM
 
 
 @dataclass(frozen=True)
@@ -111,9 +121,10 @@ def install(request: InstallRequest, *, echo: Echo, confirm: Confirm) -> Install
         raise InstallError("checks", f"{failed[0].detail} (run 'delta-mem-mlx doctor' for all checks)")
     model_dir = preset.model.path or layout.model_dir(preset.model.repo or "")
     adapter_dir = layout.adapter_dir(preset.adapter.repo) if preset.adapter else None
-    # Settings are checked now, so that a bad --host or --port fails before any download.
+    # Settings are checked now, so that a bad --host, --port or --kv-bits fails before any download.
     settings = _settings_for(preset, request, layout, model_dir, adapter_dir, previous)
     settings.validate()
+    kv_bits = _kv_bits(request, preset, previous)
 
     plan = plan_downloads(preset, layout.root)
     for line in _describe_install(plan, preset, request, supervisor.kind):
@@ -138,6 +149,11 @@ def install(request: InstallRequest, *, echo: Echo, confirm: Confirm) -> Install
         if adapter_dir:
             echo(f"Adapter ready and matching the model: {adapter_dir}")
 
+        shape = KvShape.from_dirs(model_dir, adapter_dir)
+        memory = plan_memory(preset, shape, model_weight_bytes(model_dir), kv_bits, settings.kv_group_size)
+        settings = _with_memory(settings, preset, memory, previous)
+        installed = MemoryPlan(memory.budget, shape, settings.kv_bits, settings.kv_group_size, settings.context_window)
+        echo(f"Memory: {describe_memory(installed.report(settings.max_kv_bytes))}")
         save_settings(layout.root, settings)
         echo(f"Settings written: {layout.settings}")
 
@@ -283,6 +299,39 @@ def _settings_for(
     if previous is None:
         return SidecarSettings(**chosen)
     return dataclasses.replace(previous, **chosen)
+
+
+def _kv_bits(request: InstallRequest, preset: Preset, previous: SidecarSettings | None) -> int | None:
+    if request.kv_bits is not None:
+        try:
+            return parse_kv_bits(request.kv_bits)
+        except ValueError as exc:
+            raise InstallError("settings", f"--kv-bits: {exc}") from None
+    if previous is not None:
+        return previous.kv_bits
+    return preset.kv_bits_for(machine_ram())
+
+
+def _with_memory(
+    settings: SidecarSettings, preset: Preset, memory: MemoryPlan, previous: SidecarSettings | None
+) -> SidecarSettings:
+    """The plan's precision, budget and window; a smaller budget set before is kept (never more than fits)."""
+    if memory.budget.kv_bytes == 0:
+        raise InstallError(
+            "memory",
+            f"{human_gib(memory.budget.ram_bytes)} of RAM leaves no room for a KV cache next to the "
+            f"{human_gib(memory.budget.model_bytes)} model, macOS and OpenClaw: choose a smaller model",
+        )
+    problem = quantization_problem(memory.shape, memory.kv_bits, memory.kv_group_size)
+    if problem is not None:
+        raise InstallError("settings", f"--kv-bits {memory.kv_bits}: {problem}; use --kv-bits none")
+    budget = memory.budget.kv_bytes
+    if previous is not None:
+        budget = min(budget, previous.max_kv_bytes)
+    window = announced_window(preset, memory.shape, budget, memory.kv_bits, memory.kv_group_size)
+    return dataclasses.replace(
+        settings, max_kv_bytes=budget, kv_bits=memory.kv_bits, kv_group_size=memory.kv_group_size, context_window=window
+    )
 
 
 def _start(request: InstallRequest, settings: SidecarSettings, echo: Echo) -> Health:

@@ -140,9 +140,10 @@ class SidecarClient:
         max_tokens: int,
         seed: int,
         attention_state: AttentionState | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> ChatReply:
         """Stream one greedy (temperature 0) answer in the given session and δ mode, read to the end."""
-        with self.stream(messages, session_key, delta, max_tokens, seed, attention_state) as answer:
+        with self.stream(messages, session_key, delta, max_tokens, seed, attention_state, tools) as answer:
             return _collect(answer)
 
     @contextmanager
@@ -154,6 +155,7 @@ class SidecarClient:
         max_tokens: int,
         seed: int,
         attention_state: AttentionState | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> Iterator[ChatStream]:
         """Open a greedy streamed answer; leaving the block early hangs up (the sidecar cancels the job)."""
         body: dict[str, Any] = {
@@ -167,6 +169,8 @@ class SidecarClient:
         }
         if attention_state is not None:
             body["attention_state"] = list(attention_state)
+        if tools:
+            body["tools"] = tools
         headers = {SESSION_HEADER: session_key, "X-Delta-Mode": "delta" if delta else "base"}
         started = time.perf_counter()
         # urllib sends "Connection: close", so closing the response drops the connection.

@@ -19,6 +19,7 @@ from plugin_tools.payloads import (
 )
 from plugin_tools.target import install_root, installed_settings, resolve_api_base
 from presets.catalog import MIN_CONTEXT_WINDOW, load_preset
+from presets.memory_plan import preset_plan
 
 # Before anything is installed, the block describes what the default preset will serve.
 DEFAULT_PRESET = "qwen3-delta"
@@ -62,8 +63,10 @@ def resolve_inputs(root: Path, config: PluginConfig, params: ProviderConfigParam
     notes: list[str] = []
     if settings is None:
         preset = load_preset(DEFAULT_PRESET)
-        defaults_from = f"the {DEFAULT_PRESET} preset (nothing installed at {root} yet)"
-        installed_window, installed_max = preset.context_window, preset.max_output_tokens
+        defaults_from = f"the {DEFAULT_PRESET} preset on this machine (nothing installed at {root} yet)"
+        plan = preset_plan(preset)  # the window an install would announce here
+        installed_window = plan.context_window if plan is not None else preset.context_window
+        installed_max = preset.max_output_tokens
         installed_id = preset.model_id or ""
     else:
         defaults_from = f"the sidecar installed at {root}"

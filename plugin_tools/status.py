@@ -10,12 +10,14 @@ from pathlib import Path
 import psutil
 
 from common.health import probe_health
+from common.kv_budget import kv_budget
 from common.receipt import read_receipt, verify_receipt
 from common.settings import SettingsError, SidecarSettings
 from plugin_tools.payloads import (
     STATUS_TOOL,
     HealthReport,
     InstallReport,
+    MemoryReport,
     PlatformReport,
     PluginConfig,
     StatusPayload,
@@ -28,6 +30,7 @@ from plugin_tools.target import (
     resolve_api_base,
     settings_for_url,
 )
+from presets.memory_plan import MemoryPlan, installed_shape, machine_ram
 from supervisors import supervisor_for_root
 from supervisors.port_owner import describe_listener, listener_pid
 
@@ -115,6 +118,17 @@ def health_report(target: SidecarSettings, api_base: str) -> HealthReport:
     }
 
 
+def memory_report(settings: SidecarSettings) -> MemoryReport | None:
+    """The installed KV budget and precision against this machine's formula (None: the model is unreadable)."""
+    installed = installed_shape(settings.model_path, settings.adapter_path)
+    if installed is None:
+        return None
+    shape, weights = installed
+    budget = kv_budget(machine_ram(), weights)
+    plan = MemoryPlan(budget, shape, settings.kv_bits, settings.kv_group_size, settings.context_window)
+    return plan.report(settings.max_kv_bytes)  # type: ignore[return-value]
+
+
 def build_status(config: PluginConfig) -> StatusPayload:
     """The `delta_mem_mlx_status` payload for the configured install root."""
     root = install_root(config)
@@ -143,6 +157,7 @@ def build_status(config: PluginConfig) -> StatusPayload:
         "install": install,
         "supervisor": _reconciled(supervisor_report(root), settings, health),
         "health": health,
+        "memory": memory_report(settings) if settings is not None else None,
         "plugin_config": config,
         "next_steps": _next_steps(root, install, health, ready),
         "notes": notes,

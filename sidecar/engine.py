@@ -21,11 +21,21 @@ from typing import Any
 import mlx.core as mx
 import mlx_lm
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from common.kv_budget import KvShape, kv_bits_name
 from common.settings import SidecarSettings
-from sidecar.delta.api import attach_delta_mem, delta_info, delta_states, set_delta_controls, write_context
+from sidecar.delta.api import (
+    attach_delta_mem,
+    check_kv_quantization,
+    delta_info,
+    delta_record_nbytes,
+    delta_states,
+    make_cache,
+    restorable_offset,
+    set_delta_controls,
+    write_context,
+)
 from sidecar.engine_io import (
     ChatJob,
     EngineError,
@@ -37,8 +47,16 @@ from sidecar.engine_io import (
     ToolCallFormat,
 )
 from sidecar.fingerprint import SessionFingerprint
+from sidecar.memory_guard import KvBudgetExceeded, KvGuard, effective_budget, eviction_plan, is_allocation_failure
 from sidecar.prefix_cache import PrefixCache
-from sidecar.prompts import leading_span, message_spans, message_start_id, render_prompt, render_text
+from sidecar.prompts import (
+    leading_span,
+    message_spans,
+    message_start_id,
+    message_starts,
+    render_prompt,
+    render_text,
+)
 from sidecar.replay_check import ReplayChecks, checkpoint_offsets, checkpoint_states, saved_points
 from sidecar.session_keys import hash_session_key
 from sidecar.session_report import describe_session
@@ -61,6 +79,8 @@ class _Counters:
     cancelled: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    refused_for_memory: int = 0
+    allocation_failures: int = 0
 
 
 def load_engine(settings: SidecarSettings) -> "Engine":
@@ -68,6 +88,8 @@ def load_engine(settings: SidecarSettings) -> "Engine":
     model, tokenizer = mlx_lm.load(settings.model_path)
     if settings.adapter_path:
         attach_delta_mem(model, settings.adapter_path)
+    if settings.kv_bits is not None:
+        check_kv_quantization(model, settings.kv_bits, settings.kv_group_size)
     return Engine(model, tokenizer, settings)
 
 
@@ -87,7 +109,8 @@ class Engine:
             tool_call_format=_tool_call_format(tokenizer),
         )
         state_dir = Path(settings.state_dir) if settings.state_dir else None
-        self.store = SessionStore(settings.max_sessions, settings.max_kv_bytes, state_dir, _fingerprint(settings))
+        self.guard = _kv_guard(model, settings)
+        self.store = SessionStore(settings.max_sessions, self.guard.budget, state_dir, _fingerprint(settings))
         self.prefixes = PrefixCache(max_entries=PREFIX_ENTRIES if settings.prefix_cache else 0)
         self.counters = _Counters()
         self.replays = ReplayChecks()
@@ -131,6 +154,7 @@ class Engine:
             },
             "problems": self.store.saves.problems(),
             "prefix_cache": self.prefixes.stats(),
+            "memory": self._memory_report(sessions),
             "jobs": {
                 "completed": self.counters.jobs,
                 "failed": self.counters.failed,
@@ -138,6 +162,8 @@ class Engine:
                 "queued": self._worker.queued,
                 "prompt_tokens": self.counters.prompt_tokens,
                 "cached_tokens": self.counters.cached_tokens,
+                "refused_for_memory": self.counters.refused_for_memory,
+                "allocation_failures": self.counters.allocation_failures,
             },
             "engine_uptime_s": round(time.time() - self.started, 1),
         }
@@ -174,10 +200,19 @@ class Engine:
             return
         try:
             self._chat(job, stream)
-        except Exception:
+        except KvBudgetExceeded as exc:
+            self.counters.refused_for_memory += 1
+            stream.emit(Failed(str(exc), "kv_budget_exceeded", 413))
+        except Exception as exc:
             self.counters.failed += 1
-            log.exception("chat job failed (session %s)", hash_session_key(job.session_key)[:12])
-            stream.emit(Failed("the engine failed while answering; see the server log", "engine_error", 500))
+            if not is_allocation_failure(exc):
+                log.exception("chat job failed (session %s)", hash_session_key(job.session_key)[:12])
+                stream.emit(Failed("the engine failed while answering; see the server log", "engine_error", 500))
+                return
+            self._after_allocation_failure(job, exc)
+            stream.emit(
+                Failed("the server ran out of memory for this request; it is healthy, retry", "out_of_memory", 503)
+            )
 
     def _chat(self, job: ChatJob, stream: JobStream) -> None:
         prompt = render_prompt(self.tokenizer, job.messages, job.tools)
@@ -195,6 +230,10 @@ class Engine:
         session = self.store.get(hash_session_key(job.session_key), delta)
         began = time.perf_counter()
         boundary = shared_boundary(leading_span(self.tokenizer, prompt), len(prompt))
+        max_tokens = min(job.max_tokens, window - len(prompt))
+        # Memory guard: room for the whole request (and a new shared-prefix snapshot) before any prefill.
+        snapshot = boundary if boundary and not self.prefixes.contains(_mode(session), prompt[:boundary]) else 0
+        self._reserve(session, len(prompt) + max_tokens, _count_messages(self.tokenizer, prompt), snapshot)
         try:
             reused = self._prepare(session, prompt, boundary, stream)
             written = self._write_snippets(session, job.snippets) if delta else 0
@@ -211,18 +250,20 @@ class Engine:
             time.perf_counter() - began, written,
         )
         stream.emit(PromptDone(prompt_tokens=len(prompt), cached_tokens=reused, snippets_written=written))
-        self._decode(session, prompt[-1], job, min(job.max_tokens, window - len(prompt)), stream)
+        # Memory guard: the answer's room again, now that the prompt (and any snapshot) is in.
+        self._reserve(session, len(session.tokens) + max_tokens, _count_messages(self.tokenizer, prompt))
+        self._decode(session, prompt[-1], job, max_tokens, stream)
 
     def _prepare(self, session: Session, prompt: list[int], boundary: int, stream: JobStream) -> int:
         """Cut the session back to what it shares with this prompt, then bring it up to the shared
         boundary (the end of the leading system prompt) from a zero state; returns tokens reused."""
-        common = common_prefix(session.tokens, prompt)
-        target = session.safe_offset(min(common, len(prompt) - 1))
+        limit = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
         if session.cache is None:
-            reused = self._rebuild(session, target, stream)
+            reused = self._rebuild(session, session.safe_offset(limit), stream)
         else:
-            session.truncate(target)
-            reused = target
+            # Back to a cut the δ record restores exactly: at most 63 tokens before `limit`.
+            reused = session.cut_point(limit, lambda offset: restorable_offset(session.cache, offset))
+            session.truncate(reused)
         if len(session.tokens) < boundary and not session.snippet_writes:
             reused = max(reused, self._start_from_shared_prefix(session, prompt, boundary))
             start = len(session.tokens)
@@ -304,13 +345,17 @@ class Engine:
         if seg.kind == "messages":
             steps = [(0, len(tokens))]  # one call: message-mean writes depend on call boundaries
         else:
-            steps = [(i, min(i + PREFILL_STEP, len(tokens))) for i in range(0, len(tokens), PREFILL_STEP)]
+            size = self.guard.prefill_step(seg.end, PREFILL_STEP)
+            steps = [(i, min(i + size, len(tokens))) for i in range(0, len(tokens), size)]
+        # The δ record keeps the state before and after every message's `<|im_start|>`: a new request
+        # diverges from the session right after one (the next role differs), so rollbacks land there.
+        marks = [seg.start + i + j for i in message_starts(self.tokenizer, tokens) for j in (0, 1)]
         for a, b in steps:
             if stream.cancelled:
                 raise Cancelled
             if session.delta:
                 ids = [list(seg.message_ids[a:b])] if seg.kind == "messages" else None
-                set_delta_controls(cache, write=seg.kind != "read", message_ids=ids)
+                set_delta_controls(cache, write=seg.kind != "read", message_ids=ids, keep=marks)
             self.model(mx.array([tokens[a:b]]), cache=cache)
             mx.eval([c.state for c in cache])
             piece = Segment(seg.start + a, seg.start + b, seg.kind, seg.message_ids[a:b] if seg.message_ids else ())
@@ -321,7 +366,9 @@ class Engine:
     def _decode(self, session: Session, last: int, job: ChatJob, max_tokens: int, stream: JobStream) -> None:
         cache = session.cache
         if session.delta:
-            set_delta_controls(cache)  # token writes while decoding, as the reference does
+            # Token writes while decoding, as the reference does; the state where the answer starts
+            # is kept, so that a retried request rolls back to it without prefilling again.
+            set_delta_controls(cache, keep=[cache[0].offset])
         if job.seed is not None:
             mx.random.seed(job.seed)
         sampler = make_sampler(job.temperature, job.top_p)
@@ -367,6 +414,59 @@ class Engine:
         self._enforce_limits(session)
         stream.emit(Finished(reason, completion_tokens))  # type: ignore[arg-type]
 
+    # ---- memory guard: the one place that keeps the caches within the KV budget ----------
+
+    def _reserve(self, session: Session, tokens: int, messages: int, snapshot_tokens: int = 0) -> None:
+        """Make room for `session` to hold `tokens` tokens (plus a prefix snapshot): evict least recently
+        used sessions, then shared prefixes; raise KvBudgetExceeded when it cannot fit even alone."""
+        needed = self.guard.session_bytes(tokens, messages)
+        if snapshot_tokens:
+            needed += self.guard.session_bytes(snapshot_tokens)
+        held = [(("session", s.file_stem), s.kv_bytes) for s in self.store.sessions() if s is not session and s.cache]
+        held += [(("prefix", key), nbytes) for key, nbytes in self.prefixes.entries()]
+        plan = eviction_plan(needed, self.guard.budget, held)
+        if plan is None:
+            raise KvBudgetExceeded(needed, self.guard.budget, tokens)
+        for kind, key in plan:
+            if kind == "session":
+                self.store.evict(key, "kv budget")
+            else:
+                self.prefixes.evict(key)
+
+    def _after_allocation_failure(self, job: ChatJob, exc: BaseException) -> None:
+        """Drop the caches a failed allocation may have left half-written, and MLX's free buffers."""
+        self.counters.allocation_failures += 1
+        key_hash = hash_session_key(job.session_key)
+        log.error("out of memory while answering session %s: %s", key_hash[:12], exc)
+        for delta in (True, False):
+            session = self.store.peek(key_hash, delta)
+            if session is not None:
+                session.cache = None  # rebuilt from its history at its next turn
+        mx.clear_cache()
+
+    def _memory_report(self, sessions: list[Session]) -> dict[str, Any]:
+        with_kv = [s for s in sessions if s.cache is not None]
+        return {
+            "kv_budget_bytes": self.guard.budget,
+            "kv_bits": kv_bits_name(self.settings.kv_bits),
+            "kv_group_size": self.settings.kv_group_size,
+            "kv_bytes": self.store.kv_bytes + self.prefixes.nbytes,
+            "shared_prefix_bytes": self.prefixes.nbytes,
+            "delta_record_bytes": sum(delta_record_nbytes(s.cache) for s in with_kv) + self.prefixes.delta_nbytes,
+            "sessions": [
+                {
+                    "session": s.key_hash[:12],
+                    "mode": _mode(s),
+                    "tokens": len(s.tokens),
+                    "kv_bytes": s.kv_bytes,
+                    "delta_record_bytes": delta_record_nbytes(s.cache),
+                }
+                for s in with_kv
+            ],
+            "mlx_active_bytes": mx.get_active_memory(),
+            "mlx_peak_bytes": mx.get_peak_memory(),
+        }
+
     def _enforce_limits(self, active: Session) -> None:
         """Sessions and shared prefixes together stay within the KV byte bound (sessions go first)."""
         self.store.enforce_limits(keep=active, reserved_bytes=self.prefixes.nbytes)
@@ -391,7 +491,7 @@ class Engine:
         return states, checkpoint_states(self.model, session.cache, offsets)
 
     def _new_cache(self, delta: bool) -> list[Any]:
-        cache = make_prompt_cache(self.model)
+        cache = make_cache(self.model, self.settings.kv_bits, self.settings.kv_group_size)
         if delta_info(self.model) is not None:
             set_delta_controls(cache, enabled=delta)
         return cache
@@ -437,6 +537,19 @@ class Engine:
 
 def _mode(session: Session) -> str:
     return "delta" if session.delta else "base"
+
+
+def _count_messages(tokenizer: Any, prompt: list[int]) -> int:
+    return len(message_starts(tokenizer, prompt)) * 2  # two kept δ-states per message (see _run_segment)
+
+
+def _kv_guard(model: Any, settings: SidecarSettings) -> KvGuard:
+    """The arithmetic for this model's caches, and the budget in force (MLX's memory limit may lower it)."""
+    shape = KvShape.from_dirs(settings.model_path, settings.adapter_path)
+    budget = effective_budget(settings.max_kv_bytes, mx.get_memory_limit(), mx.get_active_memory())
+    if budget < settings.max_kv_bytes:
+        log.warning("KV budget %d bytes: MLX's memory limit leaves less than --max-kv-bytes", budget)
+    return KvGuard(shape, model.args.num_attention_heads, budget, settings.kv_bits, settings.kv_group_size)
 
 
 def _backend() -> dict[str, Any]:

@@ -8,6 +8,7 @@ rebuilt, and a rollback can cut the history at any safe offset.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -79,6 +80,15 @@ class Session:
                     i -= 1
                 return seg.start + i
         return offset
+
+    def cut_point(self, offset: int, restorable: Callable[[int], int]) -> int:
+        """The largest offset ≤ `offset` that is safe (see safe_offset) and that the cache restores
+        exactly (`restorable`: its δ record keeps states only at some offsets)."""
+        while True:
+            cut = restorable(self.safe_offset(offset))
+            if cut == offset:
+                return cut
+            offset = cut
 
     def truncate(self, offset: int) -> None:
         """Forget everything after `offset` tokens (snippets written at `offset` stay)."""

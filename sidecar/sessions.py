@@ -158,27 +158,27 @@ class SessionStore:
             self._unsaved.discard(stem)
         return found
 
-    def enforce_limits(self, keep: Session | None = None, reserved_bytes: int = 0) -> list[Session]:
+    def enforce_limits(self, keep: Session | None = None, reserved_bytes: int = 0) -> None:
         """Drop least recently used sessions until within bounds (counting `reserved_bytes` held
         elsewhere); `keep`, the active session, stays."""
-        dropped: list[Session] = []
         for stem in list(self._sessions):
             over_count = len(self._sessions) > self.max_sessions
             over_bytes = self.kv_bytes + reserved_bytes > self.max_kv_bytes
             if not (over_count or over_bytes):
                 break
-            session = self._sessions[stem]
-            if session is keep:
-                continue
-            with self._lock:
-                del self._sessions[stem]
+            if self._sessions[stem] is not keep:
+                self.evict(stem, "count" if over_count else "kv bytes")
+
+    def evict(self, stem: str, reason: str) -> None:
+        """Drop a session's cache from memory (its history stays on disk and rebuilds it)."""
+        with self._lock:
+            session = self._sessions.pop(stem, None)
+        if session is not None:
             session.cache = None
             if stem in self._unsaved:
                 self._evicted_unsaved[stem] = session
-            dropped.append(session)
             self.evictions += 1
-            log.info("evicted session %s (%s)", session.key_hash[:12], "count" if over_count else "kv bytes")
-        return dropped
+            log.info("evicted session %s (%s)", session.key_hash[:12], reason)
 
     def sessions(self) -> list[Session]:
         """Sessions in memory, least recently used first."""

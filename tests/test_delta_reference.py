@@ -56,8 +56,9 @@ class Layer:
         monkeypatch.setattr(attention, "_attend", recording)
 
     def cache(self, message_ids: np.ndarray | None = None) -> DeltaKVCache:
-        """A fresh per-layer cache (zero state)."""
-        return DeltaKVCache(self.module.state_shape, DeltaControls(message_ids=message_ids))
+        """A fresh per-layer cache (zero state) that keeps the state after every token, to compare each."""
+        every_offset = frozenset(range(1, 1024))
+        return DeltaKVCache(self.module.state_shape, DeltaControls(message_ids=message_ids, keep=every_offset))
 
     def __call__(self, x: np.ndarray, cache: DeltaKVCache) -> None:
         self.module(mx.array(x[None]), mask="causal" if len(x) > 1 else None, cache=cache)

@@ -13,16 +13,18 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import load_model
 
+from common.kv_budget import DELTA_RECORD_INTERVAL
 from sidecar.delta import attach_delta_mem, delta_states
 from sidecar.delta.adapter_files import AdapterError
 from sidecar.delta.api import (
     delta_controls,
     delta_state_stats,
+    restorable_offset,
     set_delta_controls,
     set_delta_states,
     write_context,
 )
-from sidecar.delta.cache import QUEUE_LIMIT
+from sidecar.delta.cache import MissingDeltaState
 from sidecar.delta.config import CONFIG_FILE
 from sidecar.delta.scan import scan
 from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
@@ -68,25 +70,52 @@ def test_any_chunking_equals_one_shot(model) -> None:
     _assert_states_close(delta_states(model, cache), delta_states(model, full_cache))
 
 
-@pytest.mark.parametrize("back_to", [0, 1, 17, 39])
-def test_trim_is_exact_at_any_offset(model, back_to: int) -> None:
-    tokens, other = _tokens(60), _tokens(60, seed=1)
+def _cut_back(model, cache, tokens: list[int], to: int) -> int:
+    """Trim to `to` exactly: back to the kept state at or before it, then prefill the rest again."""
+    start = restorable_offset(cache, to)
+    trim_prompt_cache(cache, cache[0].offset - start)
+    if to > start:
+        _run(model, cache, tokens[start:to])
+    return start
+
+
+@pytest.mark.parametrize("back_to", [0, DELTA_RECORD_INTERVAL, 2 * DELTA_RECORD_INTERVAL, 100])
+def test_trim_to_a_kept_offset_is_exact_at_once(model, back_to: int) -> None:
+    # Kept: every DELTA_RECORD_INTERVAL-th token and the marked offset 100 (a message start).
+    tokens, other = _tokens(160), _tokens(160, seed=1)
     reference = make_prompt_cache(model)
     expected = _run(model, reference, tokens[:back_to] + other[back_to:])
 
     cache = make_prompt_cache(model)
-    _run(model, cache, tokens[:40])
-    assert trim_prompt_cache(cache, 40 - back_to) == 40 - back_to
-    assert cache[0].offset == back_to
+    set_delta_controls(cache, keep=[100])
+    _run(model, cache, tokens[:150])
+    assert restorable_offset(cache, back_to) == back_to
+    assert trim_prompt_cache(cache, 150 - back_to) == 150 - back_to
     continued = _run(model, cache, other[back_to:])
     np.testing.assert_allclose(np.array(continued), np.array(expected[:, back_to:]), atol=ATOL)
     _assert_states_close(delta_states(model, cache), delta_states(model, reference))
 
 
-@pytest.mark.parametrize("back_to", [0, 70, 135, 140])
+@pytest.mark.parametrize("back_to", [1, 17, 63, 65, 127, 149])
+def test_trim_elsewhere_is_exact_once_refilled_from_the_restorable_offset(model, back_to: int) -> None:
+    tokens, other = _tokens(160), _tokens(160, seed=1)
+    reference = make_prompt_cache(model)
+    expected = _run(model, reference, tokens[:back_to] + other[back_to:])
+
+    cache = make_prompt_cache(model)
+    _run(model, cache, tokens[:150])
+    trim_prompt_cache(cache, 150 - back_to)
+    with pytest.raises(MissingDeltaState):
+        _run(model, cache, other[back_to:])  # never a silently wrong state
+    start = _cut_back(model, cache, tokens, back_to)
+    assert start == back_to // DELTA_RECORD_INTERVAL * DELTA_RECORD_INTERVAL
+    continued = _run(model, cache, other[back_to:])
+    np.testing.assert_allclose(np.array(continued), np.array(expected[:, back_to:]), atol=ATOL)
+    _assert_states_close(delta_states(model, cache), delta_states(model, reference))
+
+
+@pytest.mark.parametrize("back_to", [0, 70, 128, 139])
 def test_token_by_token_states_are_exact_at_any_offset(model, back_to: int) -> None:
-    # 140 single-token calls: two full write queues flushed to the buffer and one still queued.
-    assert 2 * QUEUE_LIMIT < 140 < 3 * QUEUE_LIMIT
     tokens, other = _tokens(150), _tokens(150, seed=1)
     reference = make_prompt_cache(model)
     expected = _run(model, reference, tokens[:back_to] + other[back_to:])
@@ -94,10 +123,23 @@ def test_token_by_token_states_are_exact_at_any_offset(model, back_to: int) -> N
     cache = make_prompt_cache(model)
     for token in tokens[:140]:
         _run(model, cache, [token])
-    assert trim_prompt_cache(cache, 140 - back_to) == 140 - back_to
+    trim_prompt_cache(cache, 140 - back_to)
+    _cut_back(model, cache, tokens, back_to)
     continued = _run(model, cache, other[back_to:])
     np.testing.assert_allclose(np.array(continued), np.array(expected[:, back_to:]), atol=ATOL)
     _assert_states_close(delta_states(model, cache), delta_states(model, reference))
+
+
+def test_the_record_keeps_one_state_per_interval_and_per_mark(model) -> None:
+    cache = make_prompt_cache(model)
+    set_delta_controls(cache, keep=[5, 130])
+    _run(model, cache, _tokens(100))
+    for token in _tokens(100, seed=2):  # decoding keeps states on the same schedule
+        _run(model, cache, [token])
+    record = cache[0].record
+    assert list(zip(record.starts, record.ends)) == [(o, o) for o in (5, 64, 128, 130, 192)]
+    assert cache[0].delta_nbytes == record.kept.nbytes + record.latest.nbytes
+    assert record.kept.shape[1] == 64  # one buffer step for up to 64 kept states
 
 
 def test_decoding_continues_the_sequence(model) -> None:
@@ -141,7 +183,8 @@ def test_delta_off_calls_leave_the_state_untouched(model) -> None:
     for expected, state in zip(after_a, delta_states(model, cache)):
         np.testing.assert_array_equal(expected, np.array(state))
     _run(model, cache, c)
-    trim_prompt_cache(cache, len(c) + 3)  # back into the δ-off stretch
+    trim_prompt_cache(cache, len(c) + 3)  # back into the δ-off stretch: kept as one run
+    assert restorable_offset(cache, cache[0].offset) == cache[0].offset
     for expected, state in zip(after_a, delta_states(model, cache)):
         np.testing.assert_array_equal(expected, np.array(state))
 
@@ -172,7 +215,7 @@ def test_message_mean_state_at_a_message_boundary_equals_a_split_call(tiny_model
     tokens = _tokens(24)
     ids = np.array([[-1] * 4 + [0] * 10 + [1] * 10])
     cache = make_prompt_cache(model)
-    set_delta_controls(cache, message_ids=ids)
+    set_delta_controls(cache, message_ids=ids, keep=[4, 14])  # the message starts, as the engine marks them
     _run(model, cache, tokens)
     trim_prompt_cache(cache, 10)  # back to the end of message 0
 

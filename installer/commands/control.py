@@ -14,8 +14,9 @@ import typer
 
 from common.errors import UserError
 from common.health import Health, base_url, probe_health
+from common.kv_budget import KV_GROUP_SIZES, parse_kv_bits
 from common.layout import RootLayout
-from common.receipt import require_installed
+from common.receipt import read_receipt, require_installed
 from common.settings import (
     AttentionStateSource,
     QmdMode,
@@ -68,6 +69,10 @@ def start_sidecar(
     qmd_timeout: Annotated[float | None, typer.Option(help="Seconds QMD may take per request.")] = None,
     qmd_bin: Annotated[str | None, typer.Option(help="The qmd binary (a name on PATH or a path).")] = None,
     qmd_collection: Annotated[str | None, typer.Option(help="QMD collection to search.")] = None,
+    kv_bits: Annotated[
+        str | None, typer.Option(help="KV cache precision: none (float), 8 or 4 bits.", show_default=False)
+    ] = None,
+    kv_group_size: Annotated[int | None, typer.Option(help="Values per KV quantization group: 32, 64 or 128.")] = None,
     foreground: Annotated[
         bool, typer.Option("--foreground", help="Run in this terminal instead of under the supervisor.")
     ] = False,
@@ -76,9 +81,10 @@ def start_sidecar(
     """Start the installed sidecar under its supervisor and wait until it is healthy.
 
     Refuses, naming what is missing, when the root has no completed install or its files changed,
-    and names the program in the way when the sidecar's port is taken. The QMD options are saved
-    in the root's settings; a running sidecar is restarted to apply them. A start that fails
-    stops the supervision again, so nothing keeps retrying in the background.
+    and names the program in the way when the sidecar's port is taken. The QMD and KV options are
+    saved in the root's settings; a running sidecar is restarted to apply them. A new KV precision
+    also sets the context window the KV budget holds at that precision. A start that fails stops
+    the supervision again, so nothing keeps retrying in the background.
     """
     root_path = resolve_root(root)
     with hold_root(root_path, "delta-mem-mlx start-sidecar"):
@@ -95,10 +101,16 @@ def start_sidecar(
         )
         if updated.attention_state_source == "qmd":
             updated = _with_resolved_qmd(updated)
+        updated = _with_kv_flags(root_path, updated, kv_bits, kv_group_size)
         changed = updated != settings
         if changed:
             save_settings(root_path, updated)
             typer.echo(f"Settings updated: {RootLayout.of(root_path).settings}")
+        if updated.context_window != settings.context_window:
+            typer.echo(
+                f"The context window is now {updated.context_window} tokens: run 'delta-mem-mlx provider-config "
+                f"--apply{root_flag(root_path)}' so that OpenClaw knows."
+            )
         if not foreground:
             supervisor = supervisor_for_root(root_path)
             health = _start_and_wait(updated, supervisor, health_timeout, restart=changed)
@@ -144,6 +156,7 @@ def status(root: RootOption = None, json_output: JsonOption = False) -> None:
     The report is the plugin's `delta_mem_mlx_status` payload; --json prints it as is.
     """
     from plugin_tools.status import build_status
+    from presets.memory_plan import describe_memory
 
     root_path = resolve_root(root)
     report = build_status({"sidecarRoot": str(root_path)})
@@ -157,6 +170,8 @@ def status(root: RootOption = None, json_output: JsonOption = False) -> None:
     typer.echo(f"health      {health['url']}: {'ready' if health['problem'] is None else health['problem']}")
     typer.echo(f"model       {install['model_id'] or '-'}")
     typer.echo(f"adapter     {install['adapter_path'] or 'none'}")
+    if report["memory"] is not None:
+        typer.echo(f"memory      {describe_memory(report['memory'])}")
     if supervisor["uptime_s"] is not None:
         typer.echo(f"uptime      {supervisor['uptime_s']:.0f} s")
 
@@ -265,6 +280,36 @@ def _with_qmd_flags(
     if attention_state_source is not None:
         updated = dataclasses.replace(updated, attention_state_source=attention_state_source)
     return updated
+
+
+def _with_kv_flags(
+    root: Path, settings: SidecarSettings, kv_bits: str | None, kv_group_size: int | None
+) -> SidecarSettings:
+    """The settings with a new KV precision and group size, and the window the budget holds with them."""
+    if kv_bits is None and kv_group_size is None:
+        return settings
+    try:
+        bits = settings.kv_bits if kv_bits is None else parse_kv_bits(kv_bits)
+    except ValueError as exc:
+        raise CommandRefused(f"--kv-bits: {exc}") from None
+    # Imported here: psutil and YAML are not needed for --help.
+    from presets.catalog import load_preset
+    from presets.memory_plan import announced_window, installed_shape, quantization_problem
+
+    group = kv_group_size or settings.kv_group_size
+    if group not in KV_GROUP_SIZES:
+        raise CommandRefused(f"--kv-group-size must be one of {', '.join(map(str, KV_GROUP_SIZES))}")
+    installed = installed_shape(settings.model_path, settings.adapter_path)
+    if installed is None:
+        raise CommandRefused(f"cannot read the model's config.json in {settings.model_path}: reinstall")
+    shape, _ = installed
+    problem = quantization_problem(shape, bits, group)
+    if problem is not None:
+        raise CommandRefused(problem)
+    receipt = read_receipt(root)
+    preset = load_preset(receipt.preset if receipt is not None else "custom")
+    window = announced_window(preset, shape, settings.max_kv_bytes, bits, group)
+    return dataclasses.replace(settings, kv_bits=bits, kv_group_size=group, context_window=window)
 
 
 def _with_resolved_qmd(settings: SidecarSettings) -> SidecarSettings:

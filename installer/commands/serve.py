@@ -18,6 +18,7 @@ import typer
 
 from common.errors import UserError
 from common.exit_codes import CONFIG_ERROR, PORT_IN_USE
+from common.kv_budget import parse_kv_bits
 from common.layout import RootLayout
 from common.settings import SettingsError, SidecarSettings, load_settings
 from installer.commands.options import RootOption, examples, resolve_root
@@ -59,7 +60,15 @@ def serve(
         ),
     ] = None,
     max_sessions: Annotated[int | None, typer.Option("--max-sessions", help="Sessions kept in memory.")] = None,
-    max_kv_bytes: Annotated[int | None, typer.Option("--max-kv-bytes", help="KV cache bytes in all.")] = None,
+    max_kv_bytes: Annotated[
+        int | None, typer.Option("--max-kv-bytes", help="KV cache bytes in all (sessions and shared prefixes).")
+    ] = None,
+    kv_bits: Annotated[
+        str | None, typer.Option("--kv-bits", help="KV cache precision: none (float), 8 or 4 bits.", show_default=False)
+    ] = None,
+    kv_group_size: Annotated[
+        int | None, typer.Option("--kv-group-size", help="Values per quantization group: 32, 64 or 128.")
+    ] = None,
     attention_state_source: Annotated[
         str | None, typer.Option("--attention-state-source", help="Hidden memory: request, qmd or none.")
     ] = None,
@@ -108,12 +117,18 @@ def serve(
         api_key=api_key,
         max_sessions=max_sessions,
         max_kv_bytes=max_kv_bytes,
+        kv_group_size=kv_group_size,
         attention_state_source=attention_state_source,
         write_policy=write_policy,
         prefix_cache=prefix_cache,
     )
     if no_adapter or adapter is not None:
         flags["adapter_path"] = _absolute(adapter)
+    if kv_bits is not None:
+        try:
+            flags["kv_bits"] = parse_kv_bits(kv_bits)
+        except ValueError as exc:
+            raise SettingsError(f"--kv-bits: {exc}") from None
     qmd_flags = _given(bin=qmd_bin, mode=qmd_mode, limit=qmd_limit, timeout=qmd_timeout, collection=qmd_collection)
     if root is None and "model_path" not in flags:
         root = resolve_root(None)

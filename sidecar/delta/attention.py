@@ -16,7 +16,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import scaled_dot_product_attention
 
-from sidecar.delta.cache import DeltaControls, DeltaKVCache
+from sidecar.delta.cache import DeltaControls, DeltaLayerCache
 from sidecar.delta.config import DeltaMemConfig
 from sidecar.delta.scan import scan
 
@@ -67,7 +67,7 @@ class DeltaAttention(nn.Module):
         return (r, r) if H == 1 else (H, r, r)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        delta_cache = cache if isinstance(cache, DeltaKVCache) else None
+        delta_cache = cache if isinstance(cache, DeltaLayerCache) else None
         controls = delta_cache.controls if delta_cache is not None else _STATELESS
         if not controls.enabled:
             return self.base(x, mask, cache)
