@@ -101,8 +101,8 @@ class ProcessSupervisor(Supervisor):
             if child.poll() is not None:
                 if keeper is not None:
                     return  # another start won the race: its keeper runs the sidecar
-                if self.last_exit_status() is not None:
-                    return  # it ran the sidecar and gave up at once: the health wait reports why
+                if _recorded_pid(self.layout.pidfile) == child.pid:
+                    return  # it ran the sidecar, which ended at once: status and the health wait say how
                 raise ProcessSupervisorError(
                     f"the sidecar's keeper exited at once (status {child.returncode}): see {err_path} "
                     "(or 'delta-mem-mlx logs')"
@@ -197,6 +197,11 @@ def _read_pidfile(path: Path) -> dict[str, Any] | None:
         and isinstance(record.get("cmdline"), list)
     )
     return record if valid else None
+
+
+def _recorded_pid(pidfile: Path) -> int | None:
+    record = _read_pidfile(pidfile)
+    return None if record is None else record["pid"]
 
 
 def _is_zombie(process: psutil.Process) -> bool:
