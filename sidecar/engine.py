@@ -36,6 +36,7 @@ from sidecar.delta.api import (
     set_delta_controls,
     write_context,
 )
+from sidecar.delta.cache_chunks import fill_cache
 from sidecar.engine_io import (
     ChatJob,
     EngineError,
@@ -48,7 +49,7 @@ from sidecar.engine_io import (
 )
 from sidecar.fingerprint import SessionFingerprint
 from sidecar.memory_guard import KvBudgetExceeded, KvGuard, effective_budget, eviction_plan, is_allocation_failure
-from sidecar.kv_disk import KvDisk
+from sidecar.kv_disk import KvDisk, Restored
 from sidecar.prefix_cache import PrefixCache
 from sidecar.prompts import (
     leading_span,
@@ -303,11 +304,9 @@ class Engine:
         fresh = Session(session.key_hash, session.delta, cache=self._new_cache(session.delta))
         shared = 0
         first_write = history.snippet_writes[0].offset if history.snippet_writes else target
-        restored = None
-        if self.kv_disk is not None and target > 0:
-            restored = self.kv_disk.restore(history, lambda: self._new_cache(session.delta))
+        restored = self._restore_from_disk(history) if target > 0 else None
         if restored is not None:
-            shared, fresh.cache, fresh.snippet_writes = restored
+            shared, fresh.cache, fresh.snippet_writes = restored.length, restored.cache, restored.snippet_writes
         elif first_write > 0:
             hit = self._fetch_prefix(_mode(session), history.tokens[:first_write])
             if hit is not None:
@@ -337,6 +336,20 @@ class Engine:
                 self.prefixes.insert(mode, tokens[: loaded[0]], loaded[1])
                 hit = self.prefixes.fetch(mode, tokens)
         return hit
+
+    def _restore_from_disk(self, history: Session) -> Restored | None:
+        """A session's cache read back from the disk cache; a shared prefix read with it is kept in memory."""
+        if self.kv_disk is None:
+            return None
+        mode = _mode(history)
+        restored = self.kv_disk.restore(
+            history, lambda: self._new_cache(history.delta), lambda tokens: self.prefixes.peek(mode, tokens)
+        )
+        if restored is not None and restored.prefix_read is not None and self.prefixes.max_entries:
+            prefix = self._new_cache(history.delta)
+            fill_cache(prefix, [restored.prefix_read])
+            self.prefixes.insert(mode, history.tokens[: restored.prefix_read.end], prefix)
+        return restored
 
     def _remove(self, key_hash: str) -> bool:
         """Forget a session in memory, in its session files and in the disk cache."""

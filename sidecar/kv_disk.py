@@ -64,6 +64,22 @@ class History:
     writes: tuple[tuple[int, str], ...]
 
 
+@dataclass(frozen=True)
+class Restored:
+    """A session's cache read back from disk: the tokens it holds, the memory writes among them, and
+    the shared prefix it starts with if that was read from disk (None when it came from memory)."""
+
+    length: int
+    cache: list[Any]
+    snippet_writes: list[SnippetWrite]
+    prefix_read: CacheChunk | None
+
+
+NewCache = Callable[[], list[Any]]
+# A shared prefix kept in memory for exactly these tokens (not to be changed), or None.
+SharedPrefix = Callable[[list[int]], list[Any] | None]
+
+
 @dataclass
 class _Job:
     """One write for the writer thread: a session's new chunk, or a shared prefix."""
@@ -77,6 +93,10 @@ class _Job:
     prefix: tuple[str, int] | None = None  # sessions: a shared prefix as the first chunk
     record: PrefixRecord | None = None  # prefixes
     generation: int = 0
+
+
+class _Behind(Exception):
+    """A chunk that cannot go on its session's files: an earlier write failed, so it would leave a gap."""
 
 
 @dataclass
@@ -96,7 +116,7 @@ class DiskCounters:
     partial_hits: int = 0  # restores that stopped early (the rest was replayed)
     fallbacks: int = 0  # restores that found nothing usable on disk (replayed)
     restored_tokens: int = 0
-    prefix_loads: int = 0
+    prefix_loads: int = 0  # shared prefixes read from disk (each is kept in memory afterwards)
     writes: int = 0
     bytes_written: int = 0
     write_failures: int = 0
@@ -113,7 +133,10 @@ class KvDisk:
         self._fingerprint = fingerprint
         self.counters = DiskCounters()
         self.last_error: str | None = None
-        self._lock = threading.Lock()  # files and the tables below
+        # Two locks, always taken in this order: the files (the writer holds it through an fsync) and
+        # the tables below (held briefly, so that taking a turn's chunk never waits for a disk).
+        self._files = threading.Lock()
+        self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._planned: dict[str, History] = {}  # what each session will hold once its queue drains
         self._committed: dict[str, History] = {}  # what its manifest holds now
@@ -139,7 +162,7 @@ class KvDisk:
         with self._lock:
             before = self._planned.get(name)
             cut = 0 if before is None else _divergence(before, history)
-            prefix = self._shared_prefix(_mode(session), history, cut) if cut == 0 else None
+            prefix = self._shared_prefix(_mode(session), history) if cut == 0 else None
             start = prefix[1] if prefix else cut
             if start >= len(history.tokens):
                 return None
@@ -171,19 +194,19 @@ class KvDisk:
             self._queue.put_nowait(job)
         except queue.Full:
             self.counters.skipped_writes += 1
+            self._failed(job)
             with self._lock:
-                self._failed(job)
+                self._done(job)
 
-    def restore(
-        self, session: Session, new_cache: Callable[[], list[Any]]
-    ) -> tuple[int, list[Any], list[SnippetWrite]] | None:
+    def restore(self, session: Session, new_cache: NewCache, in_memory: SharedPrefix) -> Restored | None:
         """The session's cache from disk, for as much of its history as the files hold and pass every
-        check: (tokens restored, cache, memory writes included), or None. Logs why it stopped early."""
+        check, or None; logs why it stopped early. A shared prefix the session starts with is taken
+        from `in_memory` when there, else read too (and handed back, to be kept in memory)."""
         name = session.file_stem
         history = History(tuple(session.tokens), tuple((w.offset, w.digest) for w in session.snippet_writes))
-        with self._idle:
-            self._idle.wait_for(lambda: self._pending[name] == 0, timeout=PENDING_WAIT_S)  # its newest turn
-            chunks, reason = self._read_chunks(name, history)
+        self.wait(name)  # its queued chunks hold its newest turns
+        with self._files:
+            chunks, reason, prefix_read = self._read_chunks(name, history, in_memory)
         length = chunks[-1].end if chunks else 0
         cache = new_cache()
         if chunks:
@@ -199,24 +222,23 @@ class KvDisk:
                 self._sessions[name][0] = time.time()
         if length == 0:
             return None
-        return length, cache, [w for w in session.snippet_writes if w.offset < length]
+        return Restored(length, cache, [w for w in session.snippet_writes if w.offset < length], prefix_read)
 
-    def load_prefix(
-        self, mode: str, tokens: list[int], new_cache: Callable[[], list[Any]]
-    ) -> tuple[int, list[Any]] | None:
+    def load_prefix(self, mode: str, tokens: list[int], new_cache: NewCache) -> tuple[int, list[Any]] | None:
         """The longest shared prefix of `tokens` on disk, as a cache, or None."""
         fingerprint = self._fingerprint()
-        with self._idle:
+        with self._lock:
             found = self._longest_prefix(fingerprint, mode, tokens, limit=len(tokens))
-            if found is None:
-                return None
-            name, record = found
-            self._idle.wait_for(lambda: self._pending[name] == 0, timeout=PENDING_WAIT_S)
-            if not record.sha256:
-                return None  # its write failed
-            record.last_used = time.time()
+        if found is None:
+            return None
+        name, record = found
+        self.wait(name)
+        if not record.sha256:
+            return None  # its write failed
+        record.last_used = time.time()
         try:
-            chunk, stored = read_chunk(self._prefix_file(name), record.sha256, fingerprint)
+            with self._files:
+                chunk, stored = read_chunk(self._prefix_file(name), record.sha256, fingerprint)
         except KvFileError as exc:
             log.warning("shared prefix %s not used: %s", name[:12], exc)
             self.counters.fallbacks += 1
@@ -229,17 +251,19 @@ class KvDisk:
         return record.length, cache
 
     def wait(self, name: str) -> bool:
-        """Wait (at most PENDING_WAIT_S) until a session's queued chunks are written; False on timeout."""
+        """Wait (at most PENDING_WAIT_S) until the chunks queued for a session or prefix are written;
+        False on timeout."""
         with self._idle:
             return self._idle.wait_for(lambda: self._pending[name] == 0, timeout=PENDING_WAIT_S)
 
     def remove(self, name: str) -> bool:
         """Delete a session's files now (its queued writes are dropped); True if it had any. Raises OSError."""
-        with self._lock:
-            self._generation[name] += 1
-            self._planned.pop(name, None)
-            self._committed.pop(name, None)
-            self._sessions.pop(name, None)
+        with self._files:
+            with self._lock:
+                self._generation[name] += 1
+                self._planned.pop(name, None)
+                self._committed.pop(name, None)
+                self._sessions.pop(name, None)
             folder = self._session_dir(name)
             if not folder.exists():
                 return False
@@ -286,25 +310,36 @@ class KvDisk:
 
     def _write_loop(self) -> None:
         while (job := self._queue.get()) is not None:
-            with self._lock:
-                try:
+            try:
+                with self._files:
                     if job.record is not None:
                         self._write_prefix(job)
                     else:
                         self._write_session(job)
-                except OSError as exc:
-                    self.counters.write_failures += 1
-                    self.last_error = describe_os_error(exc)
-                    log.error("disk cache: could not write %s: %s", _label(job), self.last_error)
-                    self._failed(job)
-                finally:
-                    self._pending[job.name] -= 1
-                    self._idle.notify_all()
-                self._enforce_budget(keep=job.name)
+                    with self._lock:
+                        self._enforce_budget(keep=job.name)
+            except _Behind as exc:
+                self.counters.skipped_writes += 1
+                log.info("disk cache: %s written with its next turn: %s", _label(job), exc)
+                self._failed(job)
+            except OSError as exc:
+                self.counters.write_failures += 1
+                self.last_error = describe_os_error(exc)
+                log.error("disk cache: could not write %s: %s", _label(job), self.last_error)
+                self._failed(job)
+            except Exception:  # the writer must outlive any one write
+                self.counters.write_failures += 1
+                log.exception("disk cache: could not write %s", _label(job))
+                self._failed(job)
+            finally:
+                with self._lock:
+                    self._done(job)
 
     def _write_session(self, job: _Job) -> None:
-        if job.generation != self._generation[job.name]:
-            return  # the session was removed after this chunk was taken
+        with self._lock:
+            if job.generation != self._generation[job.name]:
+                return  # the session was removed after this chunk was taken
+            prefix = self._prefixes.get(job.prefix[0]) if job.prefix is not None else None
         folder = self._session_dir(job.name)
         fingerprint = self._fingerprint()
         manifest = self._manifest_or_none(job.name, fingerprint)
@@ -314,12 +349,11 @@ class KvDisk:
         dropped = manifest.cut(job.cut)
         if job.prefix is not None:
             prefix_id, length = job.prefix
-            record = self._prefixes.get(prefix_id)
-            if record is None or not record.sha256:
-                raise OSError(0, f"the shared prefix {prefix_id[:12]} it starts with was not written")
+            if prefix is None or not prefix.sha256:
+                raise _Behind(f"the shared prefix {prefix_id[:12]} it starts with was not written")
             manifest.chunks = [ChunkEntry(0, length, prefix=prefix_id)]
         if manifest.end != job.start:
-            raise OSError(0, f"the files end at token {manifest.end}, the new chunk starts at {job.start}")
+            raise _Behind(f"its files end at token {manifest.end}, the new chunk starts at {job.start}")
         name = f"{manifest.next_file}{CHUNK_SUFFIX}"
         folder.mkdir(parents=True, exist_ok=True)
         writes = [w for w in job.history.writes if job.start <= w[0] < job.end]
@@ -331,8 +365,9 @@ class KvDisk:
         for entry in dropped:
             if entry.file is not None:
                 (folder / entry.file).unlink(missing_ok=True)
-        self._committed[job.name] = job.history
-        self._sessions[job.name] = [manifest.last_used, _own_bytes(manifest)]
+        with self._lock:
+            self._committed[job.name] = job.history
+            self._sessions[job.name] = [manifest.last_used, _own_bytes(manifest)]
         self._count_write(len(job.data))
 
     def _write_prefix(self, job: _Job) -> None:
@@ -342,17 +377,24 @@ class KvDisk:
         write_prefix_record(self.root / "prefixes" / f"{job.name}.json", record)
         self._count_write(len(job.data))
 
+    def _done(self, job: _Job) -> None:
+        """One queued chunk fewer (the tables' lock held)."""
+        self._pending[job.name] -= 1
+        self._idle.notify_all()
+
     def _failed(self, job: _Job) -> None:
-        """After a write that did not happen: the next turn writes from what the files hold."""
+        """After a chunk that was not written: the session's next turn writes from what its files hold."""
+        with self._lock:
+            if job.record is not None:
+                self._prefixes.pop(job.name, None)
+            elif job.generation == self._generation[job.name]:
+                committed = self._committed.get(job.name)
+                if committed is None:
+                    self._planned.pop(job.name, None)
+                else:
+                    self._planned[job.name] = committed
         if job.record is not None:
-            self._prefixes.pop(job.name, None)
             self._prefix_file(job.name).unlink(missing_ok=True)
-        elif job.generation == self._generation[job.name]:
-            committed = self._committed.get(job.name)
-            if committed is None:
-                self._planned.pop(job.name, None)
-            else:
-                self._planned[job.name] = committed
 
     # ---- budget ----------------------------------------------------------------------------
 
@@ -386,39 +428,51 @@ class KvDisk:
 
     # ---- reading ---------------------------------------------------------------------------
 
-    def _read_chunks(self, name: str, history: History) -> tuple[list[CacheChunk], str | None]:
-        """The chunks that match the history, in order; and why reading stopped before its end."""
+    def _read_chunks(
+        self, name: str, history: History, in_memory: SharedPrefix
+    ) -> tuple[list[CacheChunk], str | None, CacheChunk | None]:
+        """The chunks that match the history, in order; why reading stopped before its end; the shared
+        prefix, if it was read from disk."""
         fingerprint = self._fingerprint()
         try:
             manifest = read_manifest(self._session_dir(name) / MANIFEST)
         except KvFileError as exc:
-            return [], str(exc)
+            return [], str(exc), None
         if manifest.fingerprint != fingerprint:
-            return [], "written for another model, adapter or KV format"
+            return [], "written for another model, adapter or KV format", None
         chunks: list[CacheChunk] = []
+        prefix_read = None
         for entry in manifest.chunks:
             if entry.start >= len(history.tokens):
                 break
             end = min(entry.end, len(history.tokens))
+            shared = in_memory(list(history.tokens[: entry.end])) if entry.prefix is not None else None
             try:
-                chunk, stored = self._read_entry(name, entry, fingerprint)
+                if shared is not None:
+                    chunk, stored = cache_chunk(shared, 0), list(history.tokens[: entry.end])
+                else:
+                    chunk, stored = self._read_entry(name, entry, fingerprint)
             except KvFileError as exc:
-                return chunks, str(exc)
+                return chunks, str(exc), prefix_read
             owned = [w for w in history.writes if entry.start <= w[0] < end]
             if stored[: end - entry.start] != list(history.tokens[entry.start : end]):
-                return chunks, f"chunk at token {entry.start} holds other tokens than the session's history"
+                return chunks, f"chunk at token {entry.start} holds other tokens than the history", prefix_read
             if [w for w in entry.writes if w[0] < end] != owned:
-                return chunks, f"chunk at token {entry.start} holds other memory writes than the session's history"
+                return chunks, f"chunk at token {entry.start} holds other memory writes than the history", prefix_read
+            if entry.prefix is not None and shared is None and end == entry.end:
+                prefix_read = chunk  # whole and checked: worth keeping in memory
             chunks.append(chunk.cut(end))
-        return chunks, None if chunks and chunks[-1].end == len(history.tokens) else "the files end early"
+        reason = None if chunks and chunks[-1].end == len(history.tokens) else "the files end early"
+        return chunks, reason, prefix_read
 
     def _read_entry(self, name: str, entry: ChunkEntry, fingerprint: str) -> tuple[CacheChunk, list[int]]:
         if entry.prefix is None:
-            return read_chunk(self._session_dir(name) / entry.file, entry.sha256 or "", fingerprint)
+            return read_chunk(self._session_dir(name) / (entry.file or ""), entry.sha256 or "", fingerprint)
         record = self._prefixes.get(entry.prefix)
         if record is None or not record.sha256:
             raise KvFileError(f"shared prefix {entry.prefix[:12]} is no longer on disk")
         record.last_used = time.time()
+        self.counters.prefix_loads += 1
         return read_chunk(self._prefix_file(entry.prefix), record.sha256, fingerprint)
 
     def _manifest_or_none(self, name: str, fingerprint: str) -> Manifest | None:
@@ -428,7 +482,7 @@ class KvDisk:
             return None
         return manifest if manifest.fingerprint == fingerprint else None
 
-    def _shared_prefix(self, mode: str, history: History, cut: int) -> tuple[str, int] | None:
+    def _shared_prefix(self, mode: str, history: History) -> tuple[str, int] | None:
         """A shared prefix this history starts with, written before any memory write; (id, length)."""
         first_write = history.writes[0][0] if history.writes else len(history.tokens)
         found = self._longest_prefix(self._fingerprint(), mode, list(history.tokens), limit=first_write)

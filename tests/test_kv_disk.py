@@ -61,6 +61,19 @@ def replayed(model: Path, adapter: Path, state: Path, **overrides: Any) -> tuple
         stop(engine)
 
 
+def third_turn(
+    model: Path, adapter: Path, state: Path, caplog: pytest.LogCaptureFixture, **overrides: Any
+) -> tuple[str, dict[str, Any]]:
+    """The third turn's answer on a new engine over `state` (its disk cache's log captured), and its stats."""
+    engine = start(model, adapter, state, **overrides)
+    try:
+        with caplog.at_level(logging.INFO, logger="sidecar.kv_disk"):
+            text = answer(run(engine, job(TURNS[2])))
+        return text, engine.kv_disk.stats()
+    finally:
+        stop(engine)
+
+
 def assert_states_equal(a: list[mx.array], b: list[mx.array]) -> None:
     for x, y in zip(a, b, strict=True):
         assert float(mx.max(mx.abs(x - y))) < 1e-5
@@ -78,10 +91,13 @@ def test_a_restarted_engine_takes_sessions_from_disk_and_answers_as_a_replay(
     try:
         events = run(engine, job(TURNS[2]))
         done = prompt_done(events)
-        disk = engine.kv_disk.stats()
         # Only the new turn's tokens (plus at most the 63 before the last kept δ-state) were prefilled.
         assert done.prompt_tokens - done.cached_tokens < 64 + 40
-        assert disk["hits"] == 1 and disk["fallbacks"] == 0
+        run(engine, job(TURNS[2], key="s2"))
+        disk = engine.kv_disk.stats()
+        assert disk["hits"] == 2 and disk["fallbacks"] == 0
+        assert disk["prefix_loads"] == 1  # the shared prefix was read once, then taken from memory
+        assert engine.replays.checks >= 1 and engine.replays.mismatches == 0  # δ-states as saved
         states = delta_states(engine.model, session_of(engine).cache)
         text = answer(events)
     finally:
@@ -130,13 +146,7 @@ def test_a_damaged_chunk_is_replayed_with_a_log_line_saying_why(
         newest.write_bytes(data[:-9] + bytes([data[-9] ^ 0xFF]) + data[-8:])
     else:
         newest.unlink()
-    engine = start(tiny_model_dir, tiny_adapter_dir, tmp_path / "state")
-    try:
-        with caplog.at_level(logging.INFO, logger="sidecar.kv_disk"):
-            text = answer(run(engine, job(TURNS[2])))
-        stats = engine.kv_disk.stats()
-    finally:
-        stop(engine)
+    text, stats = third_turn(tiny_model_dir, tiny_adapter_dir, tmp_path / "state", caplog)
     assert stats["hits"] == 0 and stats["partial_hits"] == 1  # the chunks before the damaged one were used
     reason = "cannot be read" if damage == "delete" else "fails its checksum"
     assert any(reason in r.getMessage() and "replayed" in r.getMessage() for r in caplog.records)
@@ -150,13 +160,7 @@ def test_files_written_for_another_kv_format_are_not_used(
     for messages in TURNS[:2]:
         run(first, job(messages))
     stop(first)
-    engine = start(tiny_kv_model_dir, tiny_kv_adapter_dir, tmp_path / "state", kv_bits=8)
-    try:
-        with caplog.at_level(logging.INFO, logger="sidecar.kv_disk"):
-            text = answer(run(engine, job(TURNS[2])))
-        stats = engine.kv_disk.stats()
-    finally:
-        stop(engine)
+    text, stats = third_turn(tiny_kv_model_dir, tiny_kv_adapter_dir, tmp_path / "state", caplog, kv_bits=8)
     assert stats["hits"] == 0 and stats["partial_hits"] == 0 and stats["fallbacks"] == 1
     assert any("another model, adapter or KV format" in r.getMessage() for r in caplog.records)
     assert text == replayed(tiny_kv_model_dir, tiny_kv_adapter_dir, tmp_path / "reference", kv_bits=8)[0]
