@@ -93,11 +93,12 @@ def check_memory(min_gb: float, total_bytes: int | None = None) -> Check:
 
 
 def check_disk(root: Path, needed_bytes: int | None) -> Check:
-    """Free space where the root lives against what the install will download."""
+    """Free space where the root lives against what the install will download; the disk cache budget it leaves."""
     free = shutil.disk_usage(existing_ancestor(root)).free
     if needed_bytes is None:
         cache = human_gib(disk_budget(free))
-        return Check("disk", "ok", f"{free / GIB:.1f} GB free (download size not yet known); disk cache budget {cache}")
+        detail = f"{free / GIB:.1f} GB free (download size not known yet); disk cache budget {cache}"
+        return Check("disk", "ok", detail)
     if needed_bytes > free:
         return Check(
             "disk",
