@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         reexec_with_openblas("bench.restart")
     system_chars = args.system_chars or (QUICK_SYSTEM_CHARS if args.quick else None)
     captured = json.loads(Path(args.turns_file).read_text(encoding="utf-8"))
-    requests = [session_requests(captured, s, TURNS_BEFORE + 1, system_chars) for s in range(SESSIONS)]
+    requests = [session_requests(captured, s, TURNS_BEFORE + 1, system_chars, args.tools) for s in range(SESSIONS)]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="delta-mem-bench-restart-") as tmp:
         work = Path(tmp)
@@ -150,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-tokens", type=int, default=16, help="answer length per request")
     parser.add_argument("--system-chars", type=int, default=None, help="cut OpenClaw's system prompt to this length")
+    parser.add_argument("--tools", type=int, default=None, help="send only OpenClaw's first N tools (default all 12)")
     add_model_options(parser)
     return parser
 
