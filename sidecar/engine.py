@@ -48,8 +48,8 @@ from sidecar.engine_io import (
     ToolCallFormat,
 )
 from sidecar.fingerprint import SessionFingerprint
+from sidecar.kv_disk import KvDisk, PendingChunk, Restored
 from sidecar.memory_guard import KvBudgetExceeded, KvGuard, effective_budget, eviction_plan, is_allocation_failure
-from sidecar.kv_disk import KvDisk, Restored
 from sidecar.prefix_cache import PrefixCache
 from sidecar.prompts import (
     leading_span,
@@ -115,7 +115,7 @@ class Engine:
         self.store = SessionStore(settings.max_sessions, self.guard.budget, state_dir, _fingerprint(settings))
         self.prefixes = PrefixCache(max_entries=PREFIX_ENTRIES if settings.prefix_cache else 0)
         self.kv_disk = _kv_disk(model, settings, self.store.fingerprint)
-        self._disk_writes: list[Any] = []  # chunks taken during a turn, written once its answer has ended
+        self._disk_writes: list[PendingChunk | None] = []  # taken during a job, written once it has answered
         self.counters = _Counters()
         self.replays = ReplayChecks()
         self._message_start = message_start_id(tokenizer)
@@ -220,6 +220,8 @@ class Engine:
             stream.emit(
                 Failed("the server ran out of memory for this request; it is healthy, retry", "out_of_memory", 503)
             )
+        finally:
+            self._write_taken_chunks()
 
     def _chat(self, job: ChatJob, stream: JobStream) -> None:
         prompt = render_prompt(self.tokenizer, job.messages, job.tools)
@@ -461,7 +463,10 @@ class Engine:
             self._disk_writes.append(self.kv_disk.take_session(session))
         self._enforce_limits(session)
         stream.emit(Finished(reason, completion_tokens))  # type: ignore[arg-type]
-        while self._disk_writes:
+
+    def _write_taken_chunks(self) -> None:
+        """Encode and queue the chunks a job took for the disk cache, now that its answer has ended."""
+        while self.kv_disk is not None and self._disk_writes:
             self.kv_disk.submit(self._disk_writes.pop(0))
 
     # ---- memory guard: the one place that keeps the caches within the KV budget ----------
