@@ -30,7 +30,7 @@ def prompt_done(events: list[Any]) -> PromptDone:
     return next(e for e in events if isinstance(e, PromptDone))
 
 
-def start(model: Path, adapter: Path, state: Path, **overrides: Any) -> Engine:
+def start(model: Path, adapter: Path | None, state: Path, **overrides: Any) -> Engine:
     overrides.setdefault("max_disk_bytes", 1024**3)
     return load_engine(settings_for(model, adapter, state, **overrides))
 
@@ -239,3 +239,23 @@ def session_of_stem(key: str) -> str:
     from sidecar.session_keys import hash_session_key
 
     return f"{hash_session_key(key)}.delta"
+
+
+def test_a_plain_model_without_adapter_restores_its_sessions_too(tiny_model_dir: Path, tmp_path: Path) -> None:
+    first = start(tiny_model_dir, None, tmp_path / "state")
+    for messages in TURNS[:2]:
+        run(first, job(messages))
+    stop(first)
+    engine = start(tiny_model_dir, None, tmp_path / "state")
+    try:
+        events = run(engine, job(TURNS[2]))
+        assert engine.kv_disk.stats()["hits"] == 1
+    finally:
+        stop(engine)
+    reference = start(tiny_model_dir, None, tmp_path / "reference", max_disk_bytes=0)
+    try:
+        for messages in TURNS[:2]:
+            run(reference, job(messages))
+        assert answer(events) == answer(run(reference, job(TURNS[2])))
+    finally:
+        stop(reference)
