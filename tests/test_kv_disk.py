@@ -111,15 +111,31 @@ def chunk_files(state: Path) -> list[Path]:
     return sorted((state / "kv" / "sessions").glob("*/*.safetensors"))
 
 
+def kv_bound_for_one_session(model: Path, adapter: Path, state: Path) -> int:
+    """A --max-kv-bytes that holds the shared prefix and one two-turn session, not two."""
+    probe = start(model, adapter, state)
+    try:
+        for messages in TURNS[:2]:
+            run(probe, job(messages))
+        return probe.prefixes.nbytes + int(session_of(probe).kv_bytes * 1.5)
+    finally:
+        stop(probe)
+
+
+@pytest.mark.parametrize("bound", ["max_kv_bytes", "max_sessions"])
 def test_an_evicted_session_comes_back_from_disk_not_by_replay(
-    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path, bound: str
 ) -> None:
-    engine = start(tiny_model_dir, tiny_adapter_dir, tmp_path / "state", max_sessions=1)
+    if bound == "max_kv_bytes":
+        limit = kv_bound_for_one_session(tiny_model_dir, tiny_adapter_dir, tmp_path / "probe")
+    else:
+        limit = 1
+    engine = start(tiny_model_dir, tiny_adapter_dir, tmp_path / "state", **{bound: limit})
     try:
         for messages in TURNS[:2]:
             run(engine, job(messages))
-        run(engine, job(TURNS[0], key="other"))  # evicts s1 from memory (one session at a time)
-        assert engine.store.evictions >= 1
+        run(engine, job(TURNS[1], key="other"))  # evicts s1 from memory: no room for two sessions
+        assert engine.store.evictions >= 1 and session_of(engine).cache is None
         events = run(engine, job(TURNS[2]))
         done = prompt_done(events)
         assert engine.kv_disk.stats()["hits"] == 1
