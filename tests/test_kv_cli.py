@@ -210,7 +210,7 @@ def test_doctor_shows_what_the_disk_cache_would_get(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.e2e
-def test_start_sidecar_sets_the_disk_cache_budget_and_status_and_health_show_it(
+def test_start_sidecar_sets_the_disk_cache_budget_status_and_health_show_it_purge_removes_it(
     root: Path, tiny: dict[str, Path]
 ) -> None:
     assert _install(root, tiny["narrow"], tiny["narrow_adapter"]).exit_code == 0
@@ -227,6 +227,15 @@ def test_start_sidecar_sets_the_disk_cache_budget_and_status_and_health_show_it(
     assert "disk cache  3.00 GiB for sessions' KV across restarts, 0.0 MiB used" in text
     refused = runner.invoke(app, ["start-sidecar", "--root", str(root), "--max-disk-bytes", "-5"])
     assert refused.exit_code == 1 and "--max-disk-bytes must be 0" in refused.output
+    # A turn leaves chunk files under the root's state dir; uninstall --purge takes them with the root.
+    base = f"http://127.0.0.1:{settings.port}/v1"
+    headers = {"X-OpenClaw-Session-Key": "purged"}
+    body = {"model": "tiny-kv", "messages": [{"role": "user", "content": "hello"}], "max_completion_tokens": 2}
+    assert httpx.post(f"{base}/chat/completions", json=body, headers=headers, timeout=60).status_code == 200
+    assert httpx.post(f"{base}/session/save", headers=headers, timeout=60).status_code == 200
+    assert list((Path(settings.state_dir) / "kv" / "sessions").glob("*/*.safetensors"))
+    assert runner.invoke(app, ["uninstall", "--root", str(root), "--purge", "--yes"]).exit_code == 0
+    assert not root.exists()
 
 
 def _no_hub(*args: Any, **kwargs: Any) -> Any:
