@@ -27,6 +27,11 @@ STATE_PATHS = (
     re.compile(r"^kv(/sessions|/prefixes)?$"),
     re.compile(r"^kv/sessions/[0-9a-f]{64}\.(delta|base)(/(manifest\.json|[0-9]+\.safetensors))?$"),
     re.compile(r"^kv/prefixes/[0-9a-f]{32}\.(json|safetensors)$"),
+    # The disk cache's writer runs after each answer: a file it is writing has a temporary name.
+    re.compile(
+        r"^kv/(sessions/[0-9a-f]{64}\.(delta|base)/\.(manifest\.json|[0-9]+\.safetensors)"
+        r"|prefixes/\.[0-9a-f]{32}\.(json|safetensors))\.[a-z0-9_]+\.tmp$"
+    ),
 )
 
 
