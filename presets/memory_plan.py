@@ -14,8 +14,8 @@ from typing import Any
 import psutil
 
 from common.kv_budget import (
-    Budget,
     MIB,
+    Budget,
     KvShape,
     context_window_for,
     human_gib,

@@ -56,6 +56,7 @@ QUEUE_LENGTH = 8
 # How long restoring a session waits for its own queued writes (they hold its newest turn).
 PENDING_WAIT_S = 30.0
 
+
 @dataclass(frozen=True)
 class History:
     """What a session's cache holds on disk, or will once the queued writes are done."""

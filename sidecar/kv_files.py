@@ -43,7 +43,7 @@ class ChunkEntry:
     prefix: str | None = None  # the id of a shared prefix record instead of a file of its own
     writes: list[tuple[int, str]] = field(default_factory=list)  # memory writes in [start, end): offset, digest
 
-    def cut(self, end: int) -> "ChunkEntry":
+    def cut(self, end: int) -> ChunkEntry:
         """This entry used only up to `end`: the writes at or after it are gone with the tokens."""
         kept = [w for w in self.writes if w[0] < end]
         return ChunkEntry(self.start, min(self.end, end), self.file, self.sha256, self.nbytes, self.prefix, kept)

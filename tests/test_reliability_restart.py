@@ -4,7 +4,6 @@ equals that of a server that never kept KV on disk (greedy, float32)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 

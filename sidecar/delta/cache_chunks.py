@@ -26,7 +26,7 @@ class CacheChunk:
     arrays: dict[str, mx.array]
     records: list[dict[str, Any] | None]  # per layer: recorded, known, has_latest; None: no δ
 
-    def cut(self, end: int) -> "CacheChunk":
+    def cut(self, end: int) -> CacheChunk:
         """The same chunk used only up to `end` (start <= end <= self.end); arrays are sliced when filled."""
         return CacheChunk(self.start, end, self.arrays, self.records) if end < self.end else self
 
