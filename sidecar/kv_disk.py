@@ -273,10 +273,9 @@ class KvDisk:
 
     def stats(self) -> dict[str, Any]:
         """Bytes, entries and counters, for /health."""
-        # Read without the lock (the writer may hold it through an fsync): list() copies atomically.
-        prefix_records = list(self._prefixes.values())
-        bytes_now = sum(int(v[1]) for v in list(self._sessions.values())) + sum(r.nbytes for r in prefix_records)
-        sessions, prefixes = len(self._sessions), sum(1 for r in prefix_records if r.sha256)
+        with self._lock:  # never held through a disk write: /health does not wait for one
+            bytes_now = self._total_bytes()
+            sessions, prefixes = len(self._sessions), sum(1 for r in self._prefixes.values() if r.sha256)
         counters = self.counters
         return {
             "enabled": True,

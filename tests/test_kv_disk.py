@@ -257,21 +257,25 @@ def session_of_stem(key: str) -> str:
     return f"{hash_session_key(key)}.delta"
 
 
-def test_a_plain_model_without_adapter_restores_its_sessions_too(tiny_model_dir: Path, tmp_path: Path) -> None:
-    first = start(tiny_model_dir, None, tmp_path / "state")
+@pytest.mark.parametrize("plain", ["no adapter", "delta off"])
+def test_sessions_without_delta_are_restored_too(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path, plain: str
+) -> None:
+    adapter = None if plain == "no adapter" else tiny_adapter_dir  # the smoke preset; X-Delta-Mode: base
+    first = start(tiny_model_dir, adapter, tmp_path / "state")
     for messages in TURNS[:2]:
-        run(first, job(messages))
+        run(first, job(messages, delta_enabled=False))
     stop(first)
-    engine = start(tiny_model_dir, None, tmp_path / "state")
+    engine = start(tiny_model_dir, adapter, tmp_path / "state")
     try:
-        events = run(engine, job(TURNS[2]))
+        events = run(engine, job(TURNS[2], delta_enabled=False))
         assert engine.kv_disk.stats()["hits"] == 1
     finally:
         stop(engine)
-    reference = start(tiny_model_dir, None, tmp_path / "reference", max_disk_bytes=0)
+    reference = start(tiny_model_dir, adapter, tmp_path / "reference", max_disk_bytes=0)
     try:
         for messages in TURNS[:2]:
-            run(reference, job(messages))
-        assert answer(events) == answer(run(reference, job(TURNS[2])))
+            run(reference, job(messages, delta_enabled=False))
+        assert answer(events) == answer(run(reference, job(TURNS[2], delta_enabled=False)))
     finally:
         stop(reference)
