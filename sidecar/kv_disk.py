@@ -212,7 +212,7 @@ class KvDisk:
         cache = new_cache()
         if chunks:
             fill_cache(cache, chunks)
-            length = _restorable_point(cache, length, history.writes)
+            length = _restorable_point(cache, length, history.writes, session.safe_offset)
             for layer in cache:
                 layer.trim(layer.offset - length)
         self._count_restore(name, length, len(history.tokens), reason)
@@ -562,12 +562,15 @@ def _divergence(before: History, after: History) -> int:
     return min(point, longer[0][0]) if longer else point
 
 
-def _restorable_point(cache: list[Any], length: int, writes: Sequence[tuple[int, str]]) -> int:
-    """The largest offset ≤ `length` whose δ-state the cache keeps exactly and where no memory write
-    happened (a write there would leave it unclear whether the state holds it)."""
+def _restorable_point(
+    cache: list[Any], length: int, writes: Sequence[tuple[int, str]], safe: Callable[[int], int]
+) -> int:
+    """The largest offset ≤ `length` whose δ-state the cache keeps exactly, where the history may be cut
+    (`safe`: never inside a message-mean write) and where no memory write happened (a write there
+    would leave it unclear whether the state holds it)."""
     at = {w[0] for w in writes}
     while length > 0:
-        cut = restorable_offset(cache, length)
+        cut = safe(restorable_offset(cache, length))
         if cut == length and cut not in at:
             return cut
         length = cut if cut < length else length - 1

@@ -81,7 +81,11 @@ def assert_states_equal(a: list[mx.array], b: list[mx.array]) -> None:
 
 @pytest.mark.parametrize(
     ("kv_bits", "model", "adapter"),
-    [(None, "tiny_model_dir", "tiny_adapter_dir"), (8, "tiny_kv_model_dir", "tiny_kv_adapter_dir")],
+    [
+        (None, "tiny_model_dir", "tiny_adapter_dir"),
+        (None, "tiny_model_dir", "tiny_ssw_adapter_dir"),  # message-mean writes: cut only between messages
+        (8, "tiny_kv_model_dir", "tiny_kv_adapter_dir"),
+    ],
 )
 def test_a_restarted_engine_takes_sessions_from_disk_and_answers_as_a_replay(
     request: pytest.FixtureRequest, tmp_path: Path, kv_bits: int | None, model: str, adapter: str
