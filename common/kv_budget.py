@@ -23,7 +23,7 @@ that holds the root when installing:
     disk = min(F / 4, 64 GiB)          rounded down to 256 MiB
 
 A quarter leaves the disk to its owner; 64 GiB holds hundreds of OpenClaw sessions at 8-bit (the
-shared system prompt is stored once, ≈ 0.9 GB for Qwen3-4B, and each session adds only its own
+shared system prompt is stored once, ≈ 0.96 GB for Qwen3-4B, and each session adds only its own
 tokens, ≈ 80 KB a token).
 """
 

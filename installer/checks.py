@@ -93,7 +93,7 @@ def check_memory(min_gb: float, total_bytes: int | None = None) -> Check:
 
 
 def check_disk(root: Path, needed_bytes: int | None) -> Check:
-    """Free space where the root lives against what the install will download; the disk cache budget it leaves."""
+    """Free space where the root lives against the download, and the disk cache budget it leaves."""
     free = shutil.disk_usage(existing_ancestor(root)).free
     if needed_bytes is None:
         cache = human_gib(disk_budget(free))
