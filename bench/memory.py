@@ -64,18 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="delta-mem-bench-memory-") as tmp:
         work = Path(tmp)
-        if args.model:
-            model_dir, adapter_dir = Path(args.model), Path(args.adapter)
-        else:
-            model_dir, adapter_dir = _model(work, Path(args.vocab_dir), args.vocab_tool)
-        requests = [_session_requests(captured, s, turns, system_chars, args.tools) for s in range(sessions)]
+        model_dir, adapter_dir = chosen_model(args, work)
+        requests = [session_requests(captured, s, turns, system_chars, args.tools) for s in range(sessions)]
         runs = {}
         for bits in SETTINGS:
             name = "none" if bits is None else str(bits)
             runs[name] = _serve_run(model_dir, adapter_dir, work / f"kv-{name}", bits, requests, args.max_tokens)
             _log(f"kv-bits {name}: {json.dumps({k: v for k, v in runs[name].items() if k != 'requests'})}")
         agreement = _agreement(model_dir, adapter_dir, requests[:agreement_sessions], agreement_tokens)
-        model = _describe_model(model_dir)
+        model = describe_model(model_dir)
     report = {
         "model": model,
         "sessions": sessions,
@@ -92,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _session_requests(
+def session_requests(
     captured: list[dict[str, Any]], session: int, turns: int, system_chars: int | None = None, tools: int | None = None
 ) -> list[dict[str, Any]]:
     """Request bodies of one OpenClaw-shaped session: the captured first request with this session's
@@ -130,8 +127,8 @@ def _serve_run(
     with served as sidecar, _peak_rss(sidecar.process.pid) as peak:
         rows = []
         for turn in range(len(requests[0])):
-            for session, session_requests in enumerate(requests):
-                request = session_requests[turn]
+            for session, own in enumerate(requests):
+                request = own[turn]
                 reply = sidecar.client.chat(
                     request["messages"], f"bench-{session}", True, max_tokens, 0, tools=request["tools"]
                 )
@@ -333,7 +330,14 @@ def _peak_rss(pid: int, every_s: float = 0.2) -> Iterator[Any]:
         thread.join()
 
 
-def _model(work: Path, vocab_dir: Path, vocab_tool: str) -> tuple[Path, Path]:
+def chosen_model(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+    """The model and adapter the options name (add_model_options), else the generated one in `work`."""
+    if args.model:
+        return Path(args.model), Path(args.adapter)
+    return vocab_model(work, Path(args.vocab_dir), args.vocab_tool)
+
+
+def vocab_model(work: Path, vocab_dir: Path, vocab_tool: str) -> tuple[Path, Path]:
     """The bench's float32 Qwen3-shaped model (bench.runtime's small shape) with Qwen3's vocabulary."""
     from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
 
@@ -355,7 +359,7 @@ def _model(work: Path, vocab_dir: Path, vocab_tool: str) -> tuple[Path, Path]:
     return model_dir, write_tiny_adapter(work / "adapter", model_dir)
 
 
-def _describe_model(model_dir: Path) -> dict[str, Any]:
+def describe_model(model_dir: Path) -> dict[str, Any]:
     config = json.loads((model_dir / "config.json").read_text())
     keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "head_dim", "vocab_size", "torch_dtype")  # fmt: skip
@@ -386,12 +390,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--agreement-tokens", type=int, default=None, help="greedy tokens compared (default 256)")
     parser.add_argument("--system-chars", type=int, default=None, help="cut OpenClaw's system prompt to this length")
     parser.add_argument("--tools", type=int, default=None, help="send only OpenClaw's first N tools (default all 12)")
+    add_model_options(parser)
+    return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options that choose OpenClaw's captured requests and the model they are sent to."""
     parser.add_argument("--turns-file", default=str(SHARED / "openclaw" / "agent-turns.json"))
     parser.add_argument("--model", help="a model dir (default: a generated Qwen3-shaped model, real vocabulary)")
     parser.add_argument("--adapter", help="the δ-mem adapter dir for --model")
     parser.add_argument("--vocab-dir", default=str(VOCAB_CACHE), help="where Qwen's tokenizer.json is (or goes)")
     parser.add_argument("--vocab-tool", default=str(SHARED / "tools" / "qwen_vocab.py"))
-    return parser
 
 
 if __name__ == "__main__":

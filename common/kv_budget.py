@@ -16,6 +16,15 @@ The budget (`kv_budget`), for RAM R and model weights W (both in bytes):
   working memory (the engine keeps a quantized-cache step's attention scores under 256 MiB).
 - gpu_limit(R): what Metal lets one process keep resident, macOS's recommended working set
   (2/3 of RAM up to 36 GB, 3/4 above); model and KV both live there.
+
+The disk cache (sessions' KV kept across restarts, `disk_budget`), for F bytes free on the disk
+that holds the root when installing:
+
+    disk = min(F / 4, 64 GiB)          rounded down to 256 MiB
+
+A quarter leaves the disk to its owner; 64 GiB holds hundreds of OpenClaw sessions at 8-bit (the
+shared system prompt is stored once, ≈ 0.96 GB for Qwen3-4B, and each session adds only its own
+tokens, ≈ 80 KB a token).
 """
 
 from __future__ import annotations
@@ -51,6 +60,10 @@ OS_RESERVE_FRACTION = 1 / 3
 OPENCLAW_RESERVE = 1 * GIB
 RUNTIME_RESERVE = GIB + GIB // 2
 BUDGET_QUANTUM = 256 * MIB
+DISK_FRACTION = 1 / 4
+DISK_BUDGET_MAX = 64 * GIB
+# `serve` without an install's settings (and settings written before the disk cache existed).
+DEFAULT_MAX_DISK_BYTES = 4 * GIB
 
 
 @dataclass(frozen=True)
@@ -186,6 +199,12 @@ def context_window_for(
     while window * 2 <= ceiling and session_bytes(shape, window * 2, bits, group_size) <= budget_bytes:
         window *= 2
     return window
+
+
+def disk_budget(free_bytes: int) -> int:
+    """The disk cache's byte budget for this much free disk (the formula above)."""
+    budget = min(int(free_bytes * DISK_FRACTION), DISK_BUDGET_MAX)
+    return budget // BUDGET_QUANTUM * BUDGET_QUANTUM
 
 
 def kv_bits_name(bits: int | None) -> str:

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 
 from common.errors import UserError
 from common.files import atomic_write_json, read_regular_file
-from common.kv_budget import KV_BITS, KV_GROUP_SIZES
+from common.kv_budget import DEFAULT_MAX_DISK_BYTES, KV_BITS, KV_GROUP_SIZES
 
 SETTINGS_FILE = "sidecar.json"
 SETTINGS_VERSION = 1
@@ -64,6 +64,7 @@ class SidecarSettings:
     max_kv_bytes: int = 8 * 1024**3
     kv_bits: int | None = None  # None: float K/V; 8 or 4: mlx-lm's quantized format
     kv_group_size: int = 64
+    max_disk_bytes: int = DEFAULT_MAX_DISK_BYTES  # KV kept on disk across restarts; 0: off
     attention_state_source: AttentionStateSource = "request"
     write_policy: WritePolicy = "all"
     prefix_cache: bool = True
@@ -83,6 +84,8 @@ class SidecarSettings:
             raise SettingsError("max_sessions must be at least 1")
         if self.max_kv_bytes < 1:
             raise SettingsError("max_kv_bytes must be positive")
+        if self.max_disk_bytes < 0:
+            raise SettingsError("max_disk_bytes must be 0 (no disk cache) or positive")
         if self.kv_bits is not None and self.kv_bits not in KV_BITS:
             raise SettingsError(f"kv_bits must be null (float), 8 or 4 (got {self.kv_bits!r})")
         if self.kv_group_size not in KV_GROUP_SIZES:

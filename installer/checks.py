@@ -13,7 +13,7 @@ from typing import Literal
 
 import psutil
 
-from common.kv_budget import GIB, human_gib, kv_bits_name
+from common.kv_budget import GIB, disk_budget, human_gib, kv_bits_name
 from presets.memory_plan import MemoryPlan
 
 CheckState = Literal["ok", "warn", "fail"]
@@ -93,10 +93,12 @@ def check_memory(min_gb: float, total_bytes: int | None = None) -> Check:
 
 
 def check_disk(root: Path, needed_bytes: int | None) -> Check:
-    """Free space where the root lives against what the install will download."""
+    """Free space where the root lives against the download, and the disk cache budget it leaves."""
     free = shutil.disk_usage(existing_ancestor(root)).free
     if needed_bytes is None:
-        return Check("disk", "ok", f"{free / GIB:.1f} GB free (download size not known yet)")
+        cache = human_gib(disk_budget(free))
+        detail = f"{free / GIB:.1f} GB free (download size not known yet); disk cache budget {cache}"
+        return Check("disk", "ok", detail)
     if needed_bytes > free:
         return Check(
             "disk",
@@ -104,7 +106,12 @@ def check_disk(root: Path, needed_bytes: int | None) -> Check:
             f"{free / GIB:.2f} GB free, the download needs {needed_bytes / GIB:.2f} GB: "
             "free some space or choose another --root",
         )
-    return Check("disk", "ok", f"{free / GIB:.1f} GB free, the download needs {needed_bytes / GIB:.2f} GB")
+    cache = human_gib(disk_budget(free - needed_bytes))
+    return Check(
+        "disk",
+        "ok",
+        f"{free / GIB:.1f} GB free, the download needs {needed_bytes / GIB:.2f} GB; disk cache budget {cache}",
+    )
 
 
 def check_port(host: str, port: int, held_by_this_root: bool = False) -> Check:

@@ -20,7 +20,7 @@ from typing import Any
 
 from common.errors import UserError
 from common.health import Health
-from common.kv_budget import KvShape, human_gib, model_weight_bytes, parse_kv_bits
+from common.kv_budget import KvShape, disk_budget, human_gib, model_weight_bytes, parse_kv_bits
 from common.layout import RootLayout
 from common.receipt import Receipt, new_receipt, remove_receipt, write_receipt
 from common.settings import SettingsError, SidecarSettings, load_settings, save_settings
@@ -35,6 +35,7 @@ from presets.catalog import Preset, Source
 from presets.memory_plan import (
     MemoryPlan,
     announced_window,
+    describe_disk_cache,
     describe_memory,
     machine_ram,
     plan_memory,
@@ -83,6 +84,7 @@ class InstallRequest:
     progress: bool = True
     health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S
     kv_bits: str | None = None  # "none", "8" or "4"; None: kept from a previous install, else the preset's for this RAM
+    max_disk_bytes: int | None = None  # None: from the free disk (common.kv_budget.disk_budget)
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,8 @@ def install(request: InstallRequest, *, echo: Echo, confirm: Confirm) -> Install
     settings = _settings_for(preset, request, layout, model_dir, adapter_dir, previous)
     settings.validate()
     kv_bits = _kv_bits(request, preset, previous)
+    if request.max_disk_bytes is not None and request.max_disk_bytes < 0:
+        raise InstallError("settings", "--max-disk-bytes must be 0 (no disk cache) or positive")
 
     plan = plan_downloads(preset, layout.root)
     for line in _describe_install(plan, preset, request, supervisor.kind):
@@ -152,6 +156,8 @@ def install(request: InstallRequest, *, echo: Echo, confirm: Confirm) -> Install
         shape = KvShape.from_dirs(model_dir, adapter_dir)
         memory = plan_memory(preset, shape, model_weight_bytes(model_dir), kv_bits, settings.kv_group_size)
         settings = _with_memory(settings, preset, memory, previous)
+        settings = dataclasses.replace(settings, max_disk_bytes=_disk_bytes(request, layout, previous))
+        echo(f"Disk cache: {describe_disk_cache(settings.max_disk_bytes)}")
         installed = MemoryPlan(memory.budget, shape, settings.kv_bits, settings.kv_group_size, settings.context_window)
         echo(f"Memory: {describe_memory(installed.report(settings.max_kv_bytes))}")
         save_settings(layout.root, settings)
@@ -332,6 +338,14 @@ def _with_memory(
     return dataclasses.replace(
         settings, max_kv_bytes=budget, kv_bits=memory.kv_bits, kv_group_size=memory.kv_group_size, context_window=window
     )
+
+
+def _disk_bytes(request: InstallRequest, layout: RootLayout, previous: SidecarSettings | None) -> int:
+    """The disk cache's budget: as asked, else from the free disk, never more than a previous install's."""
+    if request.max_disk_bytes is not None:
+        return request.max_disk_bytes
+    budget = disk_budget(shutil.disk_usage(layout.root).free)
+    return budget if previous is None else min(budget, previous.max_disk_bytes)
 
 
 def _start(request: InstallRequest, settings: SidecarSettings, echo: Echo) -> Health:

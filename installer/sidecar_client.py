@@ -186,6 +186,11 @@ class SidecarClient:
         with self._open("DELETE", "/v1/session", None, {SESSION_HEADER: session_key}) as response:
             response.read()
 
+    def save_session(self, session_key: str) -> None:
+        """`POST /v1/session/save`: persist a session now; returns once its KV is on disk too."""
+        with self._open("POST", "/v1/session/save", None, {SESSION_HEADER: session_key}) as response:
+            response.read()
+
     def get_json(self, path: str) -> dict[str, Any]:
         """GET a JSON object, e.g. `/health` or `/v1/models`."""
         return self._get_object(path, {})

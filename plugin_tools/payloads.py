@@ -121,6 +121,7 @@ class MemoryReport(TypedDict):
     kv_group_size: int
     context_window: int
     openclaw_sessions: dict[str, SessionsAtPrecision]
+    disk_cache_bytes: int  # the disk cache's budget (max_disk_bytes; 0: off)
 
 
 class StatusPayload(TypedDict):

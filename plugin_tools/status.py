@@ -126,7 +126,8 @@ def memory_report(settings: SidecarSettings) -> MemoryReport | None:
     shape, weights = installed
     budget = kv_budget(machine_ram(), weights)
     plan = MemoryPlan(budget, shape, settings.kv_bits, settings.kv_group_size, settings.context_window)
-    return plan.report(settings.max_kv_bytes)  # type: ignore[return-value]
+    report = {**plan.report(settings.max_kv_bytes), "disk_cache_bytes": settings.max_disk_bytes}
+    return report  # type: ignore[return-value]
 
 
 def build_status(config: PluginConfig) -> StatusPayload:

@@ -14,6 +14,7 @@ from typing import Any
 import psutil
 
 from common.kv_budget import (
+    MIB,
     Budget,
     KvShape,
     context_window_for,
@@ -59,6 +60,14 @@ def describe_memory(report: dict[str, Any]) -> str:
         f"KV budget {human_gib(report['kv_budget_bytes'])}, {chosen} KV: {sessions[chosen]} OpenClaw-sized "
         f"sessions ({others}); context window {report['context_window']}"
     )
+
+
+def describe_disk_cache(budget_bytes: int, used_bytes: int | None = None) -> str:
+    """One line for people: the disk cache's budget (and what a running sidecar uses of it)."""
+    if budget_bytes == 0:
+        return "off (--max-disk-bytes 0): a restarted session replays its history"
+    used = "" if used_bytes is None else f", {used_bytes / MIB:.1f} MiB used"
+    return f"{human_gib(budget_bytes)} for sessions' KV across restarts{used}"
 
 
 def quantization_problem(shape: KvShape, kv_bits: int | None, kv_group_size: int) -> str | None:

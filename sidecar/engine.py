@@ -36,6 +36,7 @@ from sidecar.delta.api import (
     set_delta_controls,
     write_context,
 )
+from sidecar.delta.cache_chunks import fill_cache
 from sidecar.engine_io import (
     ChatJob,
     EngineError,
@@ -47,6 +48,7 @@ from sidecar.engine_io import (
     ToolCallFormat,
 )
 from sidecar.fingerprint import SessionFingerprint
+from sidecar.kv_disk import KvDisk, PendingChunk, Restored
 from sidecar.memory_guard import KvBudgetExceeded, KvGuard, effective_budget, eviction_plan, is_allocation_failure
 from sidecar.prefix_cache import PrefixCache
 from sidecar.prompts import (
@@ -112,6 +114,8 @@ class Engine:
         self.guard = _kv_guard(model, settings)
         self.store = SessionStore(settings.max_sessions, self.guard.budget, state_dir, _fingerprint(settings))
         self.prefixes = PrefixCache(max_entries=PREFIX_ENTRIES if settings.prefix_cache else 0)
+        self.kv_disk = _kv_disk(model, settings, self.store.fingerprint)
+        self._disk_writes: list[PendingChunk | None] = []  # taken during a job, written once it has answered
         self.counters = _Counters()
         self.replays = ReplayChecks()
         self._message_start = message_start_id(tokenizer)
@@ -154,6 +158,7 @@ class Engine:
             },
             "problems": self.store.saves.problems(),
             "prefix_cache": self.prefixes.stats(),
+            "disk_cache": self.kv_disk.stats() if self.kv_disk is not None else {"enabled": False},
             "memory": self._memory_report(sessions),
             "jobs": {
                 "completed": self.counters.jobs,
@@ -170,7 +175,7 @@ class Engine:
 
     async def reset_session(self, session_key: str) -> bool:
         """Forget a session (both modes), in memory and on disk."""
-        return await self._worker.call(lambda: self.store.remove(hash_session_key(session_key)))
+        return await self._worker.call(lambda: self._remove(hash_session_key(session_key)))
 
     async def session_stats(self, session_key: str) -> dict[str, Any] | None:
         """Tokens, cache and δ-state figures of a session, or None if it does not exist."""
@@ -190,6 +195,8 @@ class Engine:
             return
         await self._worker.call(self._save_all)
         await self._worker.stop()
+        if self.kv_disk is not None:
+            await asyncio.to_thread(self.kv_disk.close)
 
     # ---- worker ---------------------------------------------------------------------------
 
@@ -213,6 +220,8 @@ class Engine:
             stream.emit(
                 Failed("the server ran out of memory for this request; it is healthy, retry", "out_of_memory", 503)
             )
+        finally:
+            self._write_taken_chunks()
 
     def _chat(self, job: ChatJob, stream: JobStream) -> None:
         prompt = render_prompt(self.tokenizer, job.messages, job.tools)
@@ -269,12 +278,14 @@ class Engine:
             start = len(session.tokens)
             self._prefill(session, prompt[start:boundary], self._plan(session.delta, prompt, start, boundary), stream)
             self.prefixes.insert(_mode(session), prompt[:boundary], session.cache)
+            if self.kv_disk is not None:
+                self._disk_writes.append(self.kv_disk.take_prefix(_mode(session), prompt[:boundary], session.cache))
         session.reused_tokens += reused
         return reused
 
     def _start_from_shared_prefix(self, session: Session, prompt: list[int], boundary: int) -> int:
         """Replace the session's cache with the longest shared prefix of prompt[:boundary], if longer."""
-        hit = self.prefixes.fetch(_mode(session), prompt[:boundary])
+        hit = self._fetch_prefix(_mode(session), prompt[:boundary])
         if hit is None or hit[0] <= len(session.tokens):
             return 0
         length, cache = hit
@@ -284,9 +295,9 @@ class Engine:
         return length
 
     def _rebuild(self, session: Session, target: int, stream: JobStream) -> int:
-        """Recreate the KV cache of a new, evicted or restored session by replaying its history up to
-        `target` (from a shared prefix when one matches), checked against the δ-states it saved; returns
-        the tokens taken from that prefix."""
+        """Recreate the KV cache of a new, evicted or restored session up to `target`: from the disk
+        cache as far as it holds the history, else from a shared prefix, replaying the rest; checked
+        against the δ-states it saved. Returns the tokens not replayed."""
         saved = saved_points(session)
         history = Session(
             session.key_hash, session.delta, list(session.tokens), list(session.segments), list(session.snippet_writes)
@@ -295,13 +306,17 @@ class Engine:
         fresh = Session(session.key_hash, session.delta, cache=self._new_cache(session.delta))
         shared = 0
         first_write = history.snippet_writes[0].offset if history.snippet_writes else target
-        if first_write > 0:
-            hit = self.prefixes.fetch(_mode(session), history.tokens[:first_write])
+        restored = self._restore_from_disk(history) if target > 0 else None
+        if restored is not None:
+            shared, fresh.cache, fresh.snippet_writes = restored.length, restored.cache, restored.snippet_writes
+        elif first_write > 0:
+            hit = self._fetch_prefix(_mode(session), history.tokens[:first_write])
             if hit is not None:
                 shared, fresh.cache = hit
-                fresh.tokens = history.tokens[:shared]
-                fresh.segments = [s if s.end <= shared else s.cut(shared) for s in history.segments if s.start < shared]
-        for step in replay_steps(history.segments, history.snippet_writes, shared):
+        fresh.tokens = history.tokens[:shared]
+        fresh.segments = [s if s.end <= shared else s.cut(shared) for s in history.segments if s.start < shared]
+        pending = [w for w in history.snippet_writes if w.offset >= shared]
+        for step in replay_steps(history.segments, pending, shared):
             if step.snippets is not None:
                 self._apply_snippets(fresh, step.snippets)
             else:
@@ -313,6 +328,38 @@ class Engine:
         session.cache, session.saved_states, session.saved_checkpoints = fresh.cache, None, {}
         session.prefilled_tokens += fresh.prefilled_tokens
         return shared
+
+    def _fetch_prefix(self, mode: str, tokens: list[int]) -> tuple[int, list[Any]] | None:
+        """The longest shared prefix of `tokens` in memory, else from disk (kept in memory from then on)."""
+        hit = self.prefixes.fetch(mode, tokens)
+        if hit is None and self.kv_disk is not None and self.prefixes.max_entries:
+            loaded = self.kv_disk.load_prefix(mode, tokens, lambda: self._new_cache(mode == "delta"))
+            if loaded is not None:
+                self.prefixes.insert(mode, tokens[: loaded[0]], loaded[1])
+                hit = self.prefixes.fetch(mode, tokens)
+        return hit
+
+    def _restore_from_disk(self, history: Session) -> Restored | None:
+        """A session's cache read back from the disk cache; a shared prefix read with it is kept in memory."""
+        if self.kv_disk is None:
+            return None
+        mode = _mode(history)
+        restored = self.kv_disk.restore(
+            history, lambda: self._new_cache(history.delta), lambda tokens: self.prefixes.peek(mode, tokens)
+        )
+        if restored is not None and restored.prefix_read is not None and self.prefixes.max_entries:
+            prefix = self._new_cache(history.delta)
+            fill_cache(prefix, [restored.prefix_read])
+            self.prefixes.insert(mode, history.tokens[: restored.prefix_read.end], prefix)
+        return restored
+
+    def _remove(self, key_hash: str) -> bool:
+        """Forget a session in memory, in its session files and in the disk cache."""
+        found = self.store.remove(key_hash)
+        if self.kv_disk is not None:
+            for delta in (True, False):
+                found |= self.kv_disk.remove(Session(key_hash, delta).file_stem)
+        return found
 
     def _write_snippets(self, session: Session, snippets: tuple[str, ...]) -> int:
         if not snippets:
@@ -411,8 +458,16 @@ class Engine:
         else:
             self.counters.jobs += 1
         self._persist(session)
+        if self.kv_disk is not None:
+            # Taken before the limits may evict the cache; written once the answer has ended.
+            self._disk_writes.append(self.kv_disk.take_session(session))
         self._enforce_limits(session)
         stream.emit(Finished(reason, completion_tokens))  # type: ignore[arg-type]
+
+    def _write_taken_chunks(self) -> None:
+        """Encode and queue the chunks a job took for the disk cache, now that its answer has ended."""
+        while self.kv_disk is not None and self._disk_writes:
+            self.kv_disk.submit(self._disk_writes.pop(0))
 
     # ---- memory guard: the one place that keeps the caches within the KV budget ----------
 
@@ -515,6 +570,8 @@ class Engine:
         for session in sessions:
             # StateWriteError goes to the client: a save that wrote nothing must not answer 200.
             self.store.save(session, *self._states_of(session))
+            if self.kv_disk is not None:
+                self.kv_disk.wait(session.file_stem)
         return {"saved": [_mode(session) for session in sessions]}
 
     def _load(self, key_hash: str) -> dict[str, Any]:
@@ -550,6 +607,17 @@ def _kv_guard(model: Any, settings: SidecarSettings) -> KvGuard:
     if budget < settings.max_kv_bytes:
         log.warning("KV budget %d bytes: MLX's memory limit leaves less than --max-kv-bytes", budget)
     return KvGuard(shape, model.args.num_attention_heads, budget, settings.kv_bits, settings.kv_group_size)
+
+
+def _kv_disk(model: Any, settings: SidecarSettings, fingerprint: SessionFingerprint | None) -> KvDisk | None:
+    """The disk cache under the state dir, keyed by what the cached arrays depend on; None when off."""
+    if fingerprint is None or settings.state_dir is None or settings.max_disk_bytes == 0:
+        return None
+    # The K/V dtype is what the layers compute in: the embedding's output (its scales' when quantized).
+    dtype = model.model.embed_tokens(mx.array([[0]])).dtype
+    kv_format = f"{dtype}|kv {kv_bits_name(settings.kv_bits)}/{settings.kv_group_size}"
+    root = Path(settings.state_dir) / "kv"
+    return KvDisk(root, settings.max_disk_bytes, lambda: f"{fingerprint.current}|{kv_format}")
 
 
 def _backend() -> dict[str, Any]:

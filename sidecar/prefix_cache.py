@@ -49,6 +49,11 @@ class PrefixCache:
         """True if exactly this prefix is stored."""
         return (mode, tuple(tokens)) in self._entries
 
+    def peek(self, mode: str, tokens: list[int]) -> list[Any] | None:
+        """The stored snapshot of exactly this prefix, not copied: to read from, never to extend."""
+        entry = self._entries.get((mode, tuple(tokens)))
+        return None if entry is None else entry.cache
+
     def fetch(self, mode: str, tokens: list[int]) -> tuple[int, list[Any]] | None:
         """A private copy of the cache for the longest stored prefix of `tokens`, and its length."""
         if self.max_entries == 0:

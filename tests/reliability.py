@@ -22,6 +22,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FIGURES_DIR = REPO_ROOT / ".cache" / "reliability"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SESSION_FILE = re.compile(r"^[0-9a-f]{64}\.(delta|base)\.session\.npz$")
+STATE_PATHS = (
+    SESSION_FILE,
+    re.compile(r"^kv(/sessions|/prefixes)?$"),
+    re.compile(r"^kv/sessions/[0-9a-f]{64}\.(delta|base)(/(manifest\.json|[0-9]+\.safetensors))?$"),
+    re.compile(r"^kv/prefixes/[0-9a-f]{32}\.(json|safetensors)$"),
+    # The disk cache's writer runs after each answer: a file it is writing has a temporary name.
+    re.compile(
+        r"^kv/(sessions/[0-9a-f]{64}\.(delta|base)/\.(manifest\.json|[0-9]+\.safetensors)"
+        r"|prefixes/\.[0-9a-f]{32}\.(json|safetensors))\.[a-z0-9_]+\.tmp$"
+    ),
+)
 
 
 def record_figures(name: str, figures: dict[str, Any]) -> None:
@@ -67,8 +78,12 @@ def is_openai_error(content: bytes) -> bool:
 
 
 def unexpected_files(state_dir: Path) -> list[str]:
-    """Names in the state dir that are not `<sha256>.<mode>.session.npz`."""
-    return sorted(p.name for p in state_dir.iterdir() if not SESSION_FILE.match(p.name)) if state_dir.exists() else []
+    """Paths in the state dir that are neither `<sha256>.<mode>.session.npz` nor the disk cache's
+    hashed names (`kv/sessions/<sha256>.<mode>/…`, `kv/prefixes/<id>.…`): no key or text names a file."""
+    if not state_dir.exists():
+        return []
+    paths = (str(p.relative_to(state_dir)) for p in state_dir.rglob("*"))
+    return sorted(path for path in paths if not any(pattern.match(path) for pattern in STATE_PATHS))
 
 
 def saved_session(path: Path) -> tuple[list[int], list[np.ndarray]]:

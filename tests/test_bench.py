@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import memory, plugin_load, runtime, sessions
+from bench import memory, plugin_load, restart, runtime, sessions
 
 
 def test_runtime_bench_reports_every_figure() -> None:
@@ -77,3 +77,28 @@ def test_memory_bench_reports_every_kv_setting(
     assert set(report["targets"]) >= {"kv8_bytes_at_most_0_55", "delta_record_at_most_1_percent"}
     record = report["settings"]["none"]["sparse_record"]
     assert record["record_bytes"] < record["every_token_record_bytes"] and record["trim_refill_tokens"] == 63
+
+
+@pytest.mark.e2e
+def test_restart_bench_times_warm_restart_and_replay(
+    tiny_kv_model_dir: Path, tiny_kv_adapter_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    turns_file = Path(memory.SHARED / "openclaw" / "agent-turns.json")
+    if not turns_file.exists():
+        pytest.skip(f"{turns_file} (OpenClaw's captured requests) is not on this machine")
+    argv = [
+        "--json", "--max-tokens", "3", "--system-chars", "1500", "--tools", "0",
+        "--model", str(tiny_kv_model_dir), "--adapter", str(tiny_kv_adapter_dir),
+    ]  # fmt: skip
+    assert restart.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    runs = report["runs"]
+    assert [t["turn"] for t in runs["restart"]["turns"]] == [1, 1, 2, 2]
+    assert runs["restart"]["disk_after_restart"]["hits"] == 2  # both sessions came back from disk
+    replayed = [t["prefilled_tokens"] for t in runs["replay"]["timed"]]
+    restored = [t["prefilled_tokens"] for t in runs["restart"]["timed"]]
+    assert all(r < p / 2 for r, p in zip(restored, replayed)), (restored, replayed)
+    assert report["disk_bytes"] > 0 and all(0.9 < r < 1.2 for r in report["written_vs_turn_kv"])
+    assert set(report["targets"]) == {
+        "restart_at_most_1_5x_warm", "restart_at_least_5x_faster_than_replay", "bytes_written_at_most_1_2x_turn_kv"
+    }

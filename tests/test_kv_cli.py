@@ -1,18 +1,21 @@
-"""The KV budget and precision through the CLI: install writes them, start-sidecar changes them,
-serve takes them, doctor and status show them, and the running sidecar reports them."""
+"""The KV budget and precision, and the disk cache's budget, through the CLI: install writes them,
+start-sidecar changes them, serve takes them, doctor and status show them, and the running sidecar
+reports them."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
 import sidecar.http_server
-from common.kv_budget import GIB, kv_budget, model_weight_bytes
+from common.kv_budget import GIB, disk_budget, kv_budget, model_weight_bytes
 from common.layout import RootLayout
 from common.ports import free_port
 from common.receipt import read_receipt
@@ -22,6 +25,7 @@ from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
 from supervisors import supervisor_for_root
 
 runner = CliRunner()
+FREE = 40 * GIB
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +160,82 @@ def test_doctor_shows_the_budget_and_openclaw_sessions(
         assert sessions == {"none": 1, "8": 4, "4": 8}
         assert report["memory"]["kv_budget_bytes"] == 6 * GIB and report["memory"]["context_window"] == 65536
         assert "1 float, 4 at 8-bit, 8 at 4-bit; the preset uses 8-bit KV here" in check["detail"]
+
+
+@pytest.fixture
+def forty_gb_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk holding the root has 40 GiB free: the disk cache formula gives a quarter, 10 GiB."""
+    real = shutil.disk_usage
+    monkeypatch.setattr("shutil.disk_usage", lambda path: real(path)._replace(free=FREE))
+
+
+def test_the_disk_cache_budget_formula() -> None:
+    assert disk_budget(FREE) == 10 * GIB
+    assert disk_budget(1000 * GIB) == 64 * GIB  # at most 64 GiB
+    assert disk_budget(GIB + 1) == GIB // 4  # rounded down to 256 MiB
+    assert disk_budget(GIB - 1) == 0
+
+
+def test_install_derives_the_disk_cache_budget_from_free_disk_never_above_a_previous_one(
+    root: Path, tiny: dict[str, Path], forty_gb_free: None
+) -> None:
+    result = _install(root, tiny["narrow"], tiny["narrow_adapter"])
+    assert result.exit_code == 0, result.output
+    assert load_settings(root).max_disk_bytes == 10 * GIB
+    assert "Disk cache: 10.00 GiB for sessions' KV across restarts" in result.output
+    path = RootLayout.of(root).settings
+    path.write_text(json.dumps({**json.loads(path.read_text()), "max_disk_bytes": 2 * GIB}))
+    assert _install(root, tiny["narrow"], tiny["narrow_adapter"]).exit_code == 0
+    assert load_settings(root).max_disk_bytes == 2 * GIB  # the smaller budget set before stays
+    assert _install(root, tiny["narrow"], tiny["narrow_adapter"], "--max-disk-bytes", "0").exit_code == 0
+    assert load_settings(root).max_disk_bytes == 0
+    refused = _install(root, tiny["narrow"], tiny["narrow_adapter"], "--max-disk-bytes", "-1")
+    assert refused.exit_code == 1 and "--max-disk-bytes must be 0" in refused.output
+
+
+def test_serve_takes_max_disk_bytes(monkeypatch: pytest.MonkeyPatch, tiny: dict[str, Path]) -> None:
+    seen: list[Any] = []
+    monkeypatch.setattr(sidecar.http_server, "run_server", lambda settings, **kw: seen.append(settings) or 0)
+    args = ["serve", "--model", str(tiny["narrow"]), "--no-adapter", "--model-id", "m", "--max-disk-bytes", "12345"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen[0].max_disk_bytes == 12345
+
+
+def test_doctor_shows_what_the_disk_cache_would_get(monkeypatch: pytest.MonkeyPatch, forty_gb_free: None) -> None:
+    monkeypatch.setattr("installer.downloads.plan_downloads", _no_hub)
+    result = runner.invoke(app, ["doctor", "--preset", "custom", "--json", "--port", str(free_port())])
+    check = next(c for c in json.loads(result.output)["checks"] if c["name"] == "disk")
+    assert "disk cache budget 10.00 GiB" in check["detail"]
+
+
+@pytest.mark.e2e
+def test_start_sidecar_sets_the_disk_cache_budget_status_and_health_show_it_purge_removes_it(
+    root: Path, tiny: dict[str, Path]
+) -> None:
+    assert _install(root, tiny["narrow"], tiny["narrow_adapter"]).exit_code == 0
+    result = runner.invoke(app, ["start-sidecar", "--root", str(root), "--max-disk-bytes", str(3 * GIB)])
+    assert result.exit_code == 0, result.output
+    settings = load_settings(root)
+    assert settings.max_disk_bytes == 3 * GIB
+    report = json.loads(runner.invoke(app, ["status", "--root", str(root), "--json"]).output)
+    assert report["memory"]["disk_cache_bytes"] == 3 * GIB
+    health = httpx.get(f"http://127.0.0.1:{settings.port}/health", timeout=30).json()
+    assert health["disk_cache"]["enabled"] and health["disk_cache"]["max_bytes"] == 3 * GIB
+    assert (Path(settings.state_dir) / "kv" / "sessions").is_dir()  # under the root's state dir
+    text = runner.invoke(app, ["status", "--root", str(root)]).output
+    assert "disk cache  3.00 GiB for sessions' KV across restarts, 0.0 MiB used" in text
+    refused = runner.invoke(app, ["start-sidecar", "--root", str(root), "--max-disk-bytes", "-5"])
+    assert refused.exit_code == 1 and "--max-disk-bytes must be 0" in refused.output
+    # A turn leaves chunk files under the root's state dir; uninstall --purge takes them with the root.
+    base = f"http://127.0.0.1:{settings.port}/v1"
+    headers = {"X-OpenClaw-Session-Key": "purged"}
+    body = {"model": "tiny-kv", "messages": [{"role": "user", "content": "hello"}], "max_completion_tokens": 2}
+    assert httpx.post(f"{base}/chat/completions", json=body, headers=headers, timeout=60).status_code == 200
+    assert httpx.post(f"{base}/session/save", headers=headers, timeout=60).status_code == 200
+    assert list((Path(settings.state_dir) / "kv" / "sessions").glob("*/*.safetensors"))
+    assert runner.invoke(app, ["uninstall", "--root", str(root), "--purge", "--yes"]).exit_code == 0
+    assert not root.exists()
 
 
 def _no_hub(*args: Any, **kwargs: Any) -> Any:

@@ -32,7 +32,7 @@ def test_a_new_session_starts_from_the_shared_system_prompt_and_matches_a_full_p
     assert boundary > 0 and second[0].cached_tokens == boundary
     assert warm.prefixes.stats()["hits"] == 1
 
-    cold = engine_factory()
+    cold = engine_factory(max_disk_bytes=0)  # same state dir: without its disk cache, nothing to start from
     alone = run(cold, job([("system", SYSTEM), *QUESTION], key="second", snippets=("the garden needs roses",), temperature=0.0))
     assert alone[0].cached_tokens == 0
     assert _answer(second) == _answer(alone)  # same logits, greedy decoding: same text

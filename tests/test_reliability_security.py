@@ -161,6 +161,8 @@ def test_session_keys_never_reach_logs_file_names_files_or_responses(server: Ser
             seen += [r.text + str(dict(r.headers)) for r in responses]
             assert client.delete("/v1/session", headers=session).json()["reset"] is True
             seen.append(client.post("/v1/chat/completions", json=body, headers=session).text)
+            # The disk cache writes a turn's chunk after its answer: saving waits for it.
+            assert client.post("/v1/session/save", headers=session).status_code == 200
     files = [p for p in Path(server.log).parent.rglob("*") if p.is_file()]
     places = {
         "log": server.log_text(),

@@ -73,6 +73,10 @@ def start_sidecar(
         str | None, typer.Option(help="KV cache precision: none (float), 8 or 4 bits.", show_default=False)
     ] = None,
     kv_group_size: Annotated[int | None, typer.Option(help="Values per KV quantization group: 32, 64 or 128.")] = None,
+    max_disk_bytes: Annotated[
+        int | None,
+        typer.Option(help="Disk bytes for sessions' KV kept across restarts (0: none).", show_default=False),
+    ] = None,
     foreground: Annotated[
         bool, typer.Option("--foreground", help="Run in this terminal instead of under the supervisor.")
     ] = False,
@@ -81,8 +85,8 @@ def start_sidecar(
     """Start the installed sidecar under its supervisor and wait until it is healthy.
 
     Refuses, naming what is missing, when the root has no completed install or its files changed,
-    and names the program in the way when the sidecar's port is taken. The QMD and KV options are
-    saved in the root's settings; a running sidecar is restarted to apply them. A new KV precision
+    and names the program in the way when the sidecar's port is taken. The QMD, KV and disk options
+    are saved in the root's settings; a running sidecar is restarted to apply them. A new KV precision
     also sets the context window the KV budget holds at that precision. A start that fails stops
     the supervision again, so nothing keeps retrying in the background.
     """
@@ -102,6 +106,10 @@ def start_sidecar(
         if updated.attention_state_source == "qmd":
             updated = _with_resolved_qmd(updated)
         updated = _with_kv_flags(root_path, updated, kv_bits, kv_group_size)
+        if max_disk_bytes is not None:
+            if max_disk_bytes < 0:
+                raise CommandRefused("--max-disk-bytes must be 0 (no disk cache) or positive")
+            updated = dataclasses.replace(updated, max_disk_bytes=max_disk_bytes)
         changed = updated != settings
         if changed:
             save_settings(root_path, updated)
@@ -156,7 +164,7 @@ def status(root: RootOption = None, json_output: JsonOption = False) -> None:
     The report is the plugin's `delta_mem_mlx_status` payload; --json prints it as is.
     """
     from plugin_tools.status import build_status
-    from presets.memory_plan import describe_memory
+    from presets.memory_plan import describe_disk_cache, describe_memory
 
     root_path = resolve_root(root)
     report = build_status({"sidecarRoot": str(root_path)})
@@ -172,6 +180,8 @@ def status(root: RootOption = None, json_output: JsonOption = False) -> None:
     typer.echo(f"adapter     {install['adapter_path'] or 'none'}")
     if report["memory"] is not None:
         typer.echo(f"memory      {describe_memory(report['memory'])}")
+        used = ((health["body"] or {}).get("disk_cache") or {}).get("bytes")
+        typer.echo(f"disk cache  {describe_disk_cache(report['memory']['disk_cache_bytes'], used)}")
     if supervisor["uptime_s"] is not None:
         typer.echo(f"uptime      {supervisor['uptime_s']:.0f} s")
 

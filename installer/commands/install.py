@@ -62,6 +62,15 @@ KvBitsOption = Annotated[
     ),
 ]
 
+MaxDiskOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Disk bytes for sessions' KV kept across restarts (0: none). Default: a quarter of the free "
+        "disk, at most 64 GiB (never more than a previous install's).",
+        show_default=False,
+    ),
+]
+
 _EXAMPLES = examples(
     "delta-mem-mlx install-sidecar",
     "delta-mem-mlx install-sidecar --preset smoke --yes",
@@ -89,6 +98,7 @@ def _run(
     supervisor: SupervisorKind | None,
     health_timeout: float,
     kv_bits: str | None,
+    max_disk_bytes: int | None,
 ) -> None:
     # Imported here: downloads and adapter checks pull in the Hub client and numpy, which --help does not need.
     from installer.installation import InstallRequest, install
@@ -117,6 +127,7 @@ def _run(
         progress=sys.stderr.isatty(),
         health_timeout_s=health_timeout,
         kv_bits=kv_bits,
+        max_disk_bytes=max_disk_bytes,
     )
     install(request, echo=typer.echo, confirm=lambda question: typer.confirm(question, default=False))
     flag = root_flag(root_path)
@@ -146,6 +157,7 @@ def install_sidecar(
     supervisor: SupervisorOption = None,
     health_timeout: HealthTimeoutOption = DEFAULT_HEALTH_TIMEOUT_S,
     kv_bits: KvBitsOption = None,
+    max_disk_bytes: MaxDiskOption = None,
 ) -> None:
     """Install the sidecar: checks, a download plan, your consent, downloads, adapter, settings, start.
 
@@ -171,6 +183,7 @@ def install_sidecar(
         supervisor=supervisor,
         health_timeout=health_timeout,
         kv_bits=kv_bits,
+        max_disk_bytes=max_disk_bytes,
     )
 
 
@@ -190,6 +203,7 @@ def install_sidecar_only(
     yes: YesOption = False,
     supervisor: SupervisorOption = None,
     kv_bits: KvBitsOption = None,
+    max_disk_bytes: MaxDiskOption = None,
 ) -> None:
     """Install the sidecar's files and settings without starting it (install-sidecar --no-start).
 
@@ -212,6 +226,7 @@ def install_sidecar_only(
         supervisor=supervisor,
         health_timeout=DEFAULT_HEALTH_TIMEOUT_S,
         kv_bits=kv_bits,
+        max_disk_bytes=max_disk_bytes,
     )
 
 

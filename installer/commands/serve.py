@@ -63,6 +63,14 @@ def serve(
     max_kv_bytes: Annotated[
         int | None, typer.Option("--max-kv-bytes", help="KV cache bytes in all (sessions and shared prefixes).")
     ] = None,
+    max_disk_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--max-disk-bytes",
+            help="Disk bytes for sessions' KV kept across restarts, under the state dir (0: none).",
+            show_default=False,
+        ),
+    ] = None,
     kv_bits: Annotated[
         str | None, typer.Option("--kv-bits", help="KV cache precision: none (float), 8 or 4 bits.", show_default=False)
     ] = None,
@@ -117,6 +125,7 @@ def serve(
         api_key=api_key,
         max_sessions=max_sessions,
         max_kv_bytes=max_kv_bytes,
+        max_disk_bytes=max_disk_bytes,
         kv_group_size=kv_group_size,
         attention_state_source=attention_state_source,
         write_policy=write_policy,

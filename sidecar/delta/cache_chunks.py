@@ -1,0 +1,123 @@
+"""A prompt cache cut into chunks of arrays, and put back together: what the disk cache stores.
+
+A chunk holds the tokens [start, offset) of a cache: every layer's K/V for them (float or mlx-lm's
+quantized triple) and, for δ layers, the δ record's kept runs that touch [start, offset] (clipped
+to it) plus the state at the end. Chunks put back in order rebuild the cache exactly: a later
+chunk's runs replace whatever an earlier one kept from its start on, as a memory write there does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from sidecar.delta.cache import DeltaLayerCache, DeltaRecord
+
+
+@dataclass(frozen=True)
+class CacheChunk:
+    """The arrays of tokens [start, end) of a cache, and the δ records' scalars at `end`."""
+
+    start: int
+    end: int
+    arrays: dict[str, mx.array]
+    records: list[dict[str, Any] | None]  # per layer: recorded, known, has_latest; None: no δ
+
+    def cut(self, end: int) -> CacheChunk:
+        """The same chunk used only up to `end` (start <= end <= self.end); arrays are sliced when filled."""
+        return CacheChunk(self.start, end, self.arrays, self.records) if end < self.end else self
+
+
+def cache_chunk(cache: list[Any], start: int) -> CacheChunk:
+    """The chunk of `cache` from `start` to its offset (lazy slices: MLX arrays never change in place)."""
+    end = cache[0].offset
+    arrays: dict[str, mx.array] = {}
+    records: list[dict[str, Any] | None] = []
+    for i, layer in enumerate(cache):
+        for name, part in (("k", layer.keys), ("v", layer.values)):
+            for j, array in enumerate(_parts(part)):
+                arrays[f"{name}{i}.{j}"] = array[..., start:end, :]
+        if not isinstance(layer, DeltaLayerCache):
+            records.append(None)
+            continue
+        record = layer.record
+        picked = [n for n, (s, e) in enumerate(zip(record.starts, record.ends)) if s <= end and e >= start]
+        if picked:
+            runs = [[max(record.starts[n], start) for n in picked], [min(record.ends[n], end) for n in picked]]
+            arrays[f"runs{i}"] = mx.array(np.array(runs, dtype=np.int32))
+            arrays[f"kept{i}"] = record.kept[:, mx.array(picked)]
+        if record.latest is not None:
+            arrays[f"latest{i}"] = record.latest
+        records.append({"recorded": record.recorded, "known": record.known, "has_latest": record.latest is not None})
+    return CacheChunk(start, end, arrays, records)
+
+
+def fill_cache(cache: list[Any], chunks: list[CacheChunk]) -> None:
+    """Put consecutive chunks (the first from offset 0, each possibly cut) into an empty cache."""
+    if not chunks:
+        return
+    for i, layer in enumerate(cache):
+        pieces = [_layer_kv(chunk, i) for chunk in chunks]
+        keys = [_concat([p[0][j] for p in pieces]) for j in range(len(pieces[0][0]))]
+        values = [_concat([p[1][j] for p in pieces]) for j in range(len(pieces[0][1]))]
+        layer.keys = keys[0] if len(keys) == 1 else tuple(keys)
+        layer.values = values[0] if len(values) == 1 else tuple(values)
+        layer.offset = chunks[-1].end
+        if isinstance(layer, DeltaLayerCache):
+            layer.record = _record(layer.record.state_shape, chunks, i)
+    mx.eval([c.state for c in cache])
+
+
+def _layer_kv(chunk: CacheChunk, i: int) -> tuple[list[mx.array], list[mx.array]]:
+    length = chunk.end - chunk.start
+    out = []
+    for name in ("k", "v"):
+        parts, j = [], 0
+        while f"{name}{i}.{j}" in chunk.arrays:
+            parts.append(chunk.arrays[f"{name}{i}.{j}"][..., :length, :])
+            j += 1
+        out.append(parts)
+    return out[0], out[1]
+
+
+def _record(shape: tuple[int, ...], chunks: list[CacheChunk], i: int) -> DeltaRecord:
+    starts: list[int] = []
+    ends: list[int] = []
+    kept: list[mx.array] = []
+    for chunk in chunks:
+        if f"runs{i}" not in chunk.arrays:
+            continue
+        runs = np.array(chunk.arrays[f"runs{i}"]).tolist()
+        # Runs kept beyond this chunk's end were cut away with the tokens after it.
+        use = [n for n, s in enumerate(runs[0]) if s <= chunk.end]
+        if not use:
+            continue
+        first = runs[0][use[0]]
+        while starts and starts[-1] >= first:  # this chunk's runs replace what was kept from `first` on
+            starts.pop(), ends.pop(), kept.pop()
+        if ends and ends[-1] >= first:
+            ends[-1] = first - 1
+        states = chunk.arrays[f"kept{i}"]
+        for n in use:
+            starts.append(runs[0][n])
+            ends.append(min(runs[1][n], chunk.end))
+            kept.append(states[:, n])
+    last = chunks[-1]
+    meta = last.records[i] or {"recorded": 0, "known": True, "has_latest": False}
+    latest = last.arrays.get(f"latest{i}") if meta["has_latest"] else None
+    runs_array = mx.array(np.array([starts, ends], dtype=np.int32).reshape(2, len(starts)))
+    stacked = mx.stack(kept, axis=1) if kept else None
+    record = DeltaRecord.from_state((stacked, runs_array, latest, meta["recorded"], meta["known"], mx.array(shape)))
+    record.trim(last.end)  # the last chunk may be cut: the state there is a kept one, or unknown
+    return record
+
+
+def _parts(part: Any) -> tuple[mx.array, ...]:
+    return tuple(part) if isinstance(part, (tuple, list)) else (part,)
+
+
+def _concat(arrays: list[mx.array]) -> mx.array:
+    return arrays[0] if len(arrays) == 1 else mx.concatenate(arrays, axis=2)

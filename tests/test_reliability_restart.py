@@ -1,0 +1,91 @@
+"""Faults of the disk cache in a real server: kill -9 while it writes, a truncated chunk, a budget too
+small to hold anything. Each time the restarted server starts, answers, and the session's next answer
+equals that of a server that never kept KV on disk (greedy, float32)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from reliability import AUTH, health, unexpected_files
+from server_process import MODEL, Server, start_server, stop_server
+
+pytestmark = pytest.mark.e2e
+
+SYSTEM = "You are a careful assistant with tools. " * 30
+FAULTS = ("kill-9", "truncated-chunk", "tiny-budget")
+HEADERS = {**AUTH, "X-OpenClaw-Session-Key": "restart"}
+
+
+def requests() -> list[list[dict[str, str]]]:
+    """Three OpenClaw-shaped requests: each ends with an internal-context message the next one drops."""
+    out, history = [], [{"role": "system", "content": SYSTEM}]
+    for i in range(3):
+        history = [*history, {"role": "user", "content": f"question {i}: what about item {i * 7}?"}]
+        out.append([*history, {"role": "user", "content": f"[internal context {i}] notes {i}"}])
+        history = [*history, {"role": "assistant", "content": f"answer {i}"}]
+    return out
+
+
+def ask(server: Server, messages: list[dict[str, str]]) -> dict[str, Any]:
+    body = {"model": MODEL, "messages": messages, "max_completion_tokens": 8, "temperature": 0}
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, headers=HEADERS, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.fixture(scope="module")
+def replayed_answer(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The third answer from a server that keeps no KV on disk."""
+    work = tmp_path_factory.mktemp("replay")
+    server = start_server(tiny_model_dir, tiny_adapter_dir, work, "--max-disk-bytes", "0")
+    try:
+        for messages in requests():
+            reply = ask(server, messages)
+        assert health(server)["disk_cache"] == {"enabled": False}
+        return reply["choices"][0]["message"]["content"]
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_after_a_disk_cache_fault_the_restarted_server_answers_as_a_replay(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path, replayed_answer: str, fault: str
+) -> None:
+    extra = ("--max-disk-bytes", "1") if fault == "tiny-budget" else ()
+    server = start_server(tiny_model_dir, tiny_adapter_dir, tmp_path, *extra)
+    first, second, third = requests()
+    ask(server, first)
+    ask(server, second)
+    kv = tmp_path / "state" / "kv"
+    if fault == "kill-9":
+        server.process.kill()  # at once after the answer: the writer may be in the middle of a chunk
+        server.process.wait()
+        # What a kill leaves at each step of a write: a temporary file, and a chunk no manifest names.
+        folder = next((kv / "sessions").iterdir(), kv / "sessions" / ("0" * 64 + ".delta"))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".7.safetensors.x1y2.tmp").write_bytes(b"half a chunk")
+        (folder / "99.safetensors").write_bytes(b"a chunk whose manifest was never written")
+    else:
+        stop_server(server)
+    if fault == "truncated-chunk":
+        newest = max((kv / "sessions").glob("*/*.safetensors"), key=lambda p: int(p.stem))
+        newest.write_bytes(newest.read_bytes()[:100])
+    server = start_server(tiny_model_dir, tiny_adapter_dir, tmp_path, *extra)
+    try:
+        reply = ask(server, third)
+        saved = httpx.post(f"{server.base_url}/v1/session/save", headers=HEADERS, timeout=60)
+        assert saved.status_code == 200, saved.text  # and its disk writes are done
+        disk = health(server)["disk_cache"]
+    finally:
+        stop_server(server)
+    assert reply["choices"][0]["message"]["content"] == replayed_answer
+    leftovers = [p.name for p in kv.rglob("*") if p.name.endswith(".tmp") or p.name == "99.safetensors"]
+    assert leftovers == []
+    assert unexpected_files(tmp_path / "state") == []
+    if fault == "tiny-budget":
+        assert disk["bytes"] <= 1 and disk["hits"] == 0 and disk["evictions"] >= 1
+    elif fault == "truncated-chunk":
+        assert disk["partial_hits"] == 1 and disk["hits"] == 0
