@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print its JSON report."""
     args = _parser().parse_args(argv)
     if args.blas == "openblas":
-        _reexec_with_openblas()
+        reexec_with_openblas("bench.runtime")
     import mlx.core as mx
 
     started = time.perf_counter()
@@ -80,42 +80,11 @@ def _run(
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
-    from mlx_lm.models import qwen3
     from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-    from sidecar.delta.adapter_files import model_dims
-    from sidecar.delta.api import attach_tensors, set_delta_controls
-    from sidecar.delta.config import DeltaMemConfig
-    from sidecar.tiny_model import random_adapter_tensors
+    from sidecar.delta.api import set_delta_controls
 
-    mx.random.seed(seed)
-    args = qwen3.ModelArgs(
-        model_type="qwen3",
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_layers,
-        intermediate_size=shape.intermediate_size,
-        num_attention_heads=shape.num_heads,
-        rms_norm_eps=1e-6,
-        vocab_size=shape.vocab_size,
-        num_key_value_heads=shape.num_kv_heads,
-        max_position_embeddings=32768,
-        head_dim=shape.head_dim,
-        tie_word_embeddings=False,
-        rope_theta=1e6,
-    )
-    model = qwen3.Model(args)
-    mx.eval(model.parameters())
-    config = DeltaMemConfig()
-    dims = model_dims(
-        {
-            "hidden_size": shape.hidden_size,
-            "num_hidden_layers": shape.num_layers,
-            "num_attention_heads": shape.num_heads,
-            "num_key_value_heads": shape.num_kv_heads,
-            "head_dim": shape.head_dim,
-        }
-    )
-    attach_tensors(model, config, random_adapter_tensors(config, dims, seed))
+    model, config = build_model(shape, seed)
     rng = np.random.default_rng(seed)
     prompt = mx.array(rng.integers(0, shape.vocab_size, size=(1, prompt_tokens)))
 
@@ -177,6 +146,49 @@ def _run(
     }
 
 
+def build_model(shape: Shape, seed: int, delta: bool = True) -> tuple[Any, Any]:
+    """A random float32 Qwen3 model of `shape`, with a random TSW δ-mem adapter on every layer unless
+    `delta` is False, and the adapter's config."""
+    import mlx.core as mx
+    from mlx_lm.models import qwen3
+
+    from sidecar.delta.adapter_files import model_dims
+    from sidecar.delta.api import attach_tensors
+    from sidecar.delta.config import DeltaMemConfig
+    from sidecar.tiny_model import random_adapter_tensors
+
+    mx.random.seed(seed)
+    args = qwen3.ModelArgs(
+        model_type="qwen3",
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_layers,
+        intermediate_size=shape.intermediate_size,
+        num_attention_heads=shape.num_heads,
+        rms_norm_eps=1e-6,
+        vocab_size=shape.vocab_size,
+        num_key_value_heads=shape.num_kv_heads,
+        max_position_embeddings=32768,
+        head_dim=shape.head_dim,
+        tie_word_embeddings=False,
+        rope_theta=1e6,
+    )
+    model = qwen3.Model(args)
+    mx.eval(model.parameters())
+    config = DeltaMemConfig()
+    dims = model_dims(
+        {
+            "hidden_size": shape.hidden_size,
+            "num_hidden_layers": shape.num_layers,
+            "num_attention_heads": shape.num_heads,
+            "num_key_value_heads": shape.num_kv_heads,
+            "head_dim": shape.head_dim,
+        }
+    )
+    if delta:
+        attach_tensors(model, config, random_adapter_tensors(config, dims, seed))
+    return model, config
+
+
 def _median_ratio(pairs: list[tuple[float, float]]) -> float:
     """Median over pairs of plain time / δ time (above 1: δ was faster)."""
     return round(statistics.median(plain / delta for plain, delta in pairs), 3)
@@ -198,7 +210,8 @@ def _alternate(measure: Callable[[bool], float], repeats: int) -> list[tuple[flo
     return pairs
 
 
-def _reexec_with_openblas() -> None:
+def reexec_with_openblas(module: str) -> None:
+    """On Linux, run `python -m <module>` again (same arguments) with Debian's OpenBLAS preloaded."""
     # MLX's Linux CPU wheel bundles a slow reference BLAS; Debian's OpenBLAS is ~10x faster.
     if platform.system() != "Linux" or not OPENBLAS.exists():
         return
@@ -208,7 +221,7 @@ def _reexec_with_openblas() -> None:
     # One BLAS thread: MLX's own CPU stream thread plus OpenBLAS's pool oversubscribe small
     # machines, which mostly adds noise (on 2 cores the pair ratios spread from 0.8 to 1.1).
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    os.execve(sys.executable, [sys.executable, "-m", "bench.runtime", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
 
 
 def _log(message: str) -> None:
