@@ -25,6 +25,10 @@ WritePolicy = Literal["all", "skip-system"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
+# An upper bound against mistakes (mlx-lm's own server decodes up to 32 rows by default).
+MAX_BATCH = 64
+# Smaller prefill steps spend more on per-call overhead than they save in stream latency.
+MIN_PREFILL_CHUNK = 16
 
 
 class SettingsError(UserError, ValueError):
@@ -62,6 +66,8 @@ class SidecarSettings:
     attention_state_source: AttentionStateSource = "request"
     write_policy: WritePolicy = "all"
     prefix_cache: bool = True
+    max_batch: int = 8
+    prefill_chunk: int = 512
     qmd: QmdSettings = field(default_factory=QmdSettings)
 
     def validate(self) -> None:
@@ -78,6 +84,13 @@ class SidecarSettings:
             raise SettingsError("max_sessions must be at least 1")
         if self.max_kv_bytes < 1:
             raise SettingsError("max_kv_bytes must be positive")
+        if not 1 <= self.max_batch <= MAX_BATCH:
+            raise SettingsError(f"max_batch must be in 1..{MAX_BATCH} (got {self.max_batch})")
+        if not MIN_PREFILL_CHUNK <= self.prefill_chunk <= self.context_window:
+            raise SettingsError(
+                f"prefill_chunk must be in {MIN_PREFILL_CHUNK}..{self.context_window} (the context window); "
+                f"got {self.prefill_chunk}"
+            )
         _check_choice("attention_state_source", self.attention_state_source, AttentionStateSource)
         _check_choice("write_policy", self.write_policy, WritePolicy)
         _check_choice("qmd.mode", self.qmd.mode, QmdMode)

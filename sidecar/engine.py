@@ -1,8 +1,11 @@
-"""The generation engine: one worker thread, per-session caches, every token written exactly once.
+"""The generation engine: per-session caches, every token written exactly once, answers decoded together.
 
-A request's prompt is compared with what its session already holds; the cache is cut back to the
-longest common prefix (exact at any offset, see sidecar/delta/cache.py), hidden-memory snippets
-are written into the δ-state right there, and only the rest of the prompt is prefilled.
+A request's prompt is rendered off the generation thread, then compared with what its session
+already holds; the cache is cut back to the longest common prefix (exact at any offset, see
+sidecar/delta/cache.py), hidden-memory snippets are written into the δ-state right there, and only
+the rest of the prompt is prefilled, a chunk per step. Its answer is then decoded in the running
+batch with the other sessions' answers (sidecar/decoding.py); the scheduler (sidecar/scheduler.py)
+decides what runs when.
 """
 
 from __future__ import annotations
@@ -13,19 +16,22 @@ import hashlib
 import json
 import logging
 import platform
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Generator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import mlx_lm
-from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_sampler
 
 from common.settings import SidecarSettings
 from sidecar.delta.api import attach_delta_mem, delta_info, delta_states, set_delta_controls, write_context
+from sidecar import decoding
+from sidecar.decoding import Row
 from sidecar.engine_io import (
     ChatJob,
     EngineError,
@@ -33,23 +39,40 @@ from sidecar.engine_io import (
     Failed,
     Finished,
     PromptDone,
-    TextDelta,
     ToolCallFormat,
 )
 from sidecar.prefix_cache import PrefixCache
-from sidecar.prompts import leading_span, message_spans, render_prompt, render_text
+from sidecar.prompts import TokenFloor, leading_span, message_spans, render_prompt, render_text
+from sidecar.sampling import row_sampler
+from sidecar.scheduler import Admission, Cancelled, JobStream, Scheduler
 from sidecar.session_keys import hash_session_key
 from sidecar.session_report import describe_session
-from sidecar.session_state import Segment, SegmentKind, Session, SnippetWrite
+from sidecar.session_state import Segment, Session, SnippetWrite
 from sidecar.sessions import SessionStore
 from sidecar.stop_strings import StopScanner
-from sidecar.worker import Cancelled, JobStream, Worker
 from sidecar.write_plan import WritePolicy, common_prefix, plan_writes, replay_steps, shared_boundary
 
 log = logging.getLogger("sidecar.engine")
 
-PREFILL_STEP = 512
+T = TypeVar("T")
+# The pipeline runs as generators: each `yield` ends one step (one forward pass), so the scheduler
+# can run a decode step for the batch before the next one.
+Steps = Generator[None, None, T]
+
 PREFIX_ENTRIES = 8
+# Prompts are rendered and tokenized on these threads, never on the generation thread, so a huge
+# prompt being tokenized (seconds for megabytes) holds up no other session.
+RENDER_THREADS = 4
+# mlx-lm's generate_step frees MLX's buffer cache this often while decoding; so does the batch.
+CLEAR_CACHE_STEPS = 256
+
+
+class PromptRefused(Exception):
+    """A prompt that cannot run, with the failure to send its client."""
+
+    def __init__(self, failure: Failed) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
 
 
 @dataclass
@@ -59,10 +82,18 @@ class _Counters:
     cancelled: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    # Render threads count failures too; every change goes through add().
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **amounts: int) -> None:
+        """Add to counters by name."""
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
 
 
 def load_engine(settings: SidecarSettings) -> "Engine":
-    """Load the model (and adapter) named by the settings and start the worker."""
+    """Load the model (and adapter) named by the settings and start the generation thread."""
     model, tokenizer = mlx_lm.load(settings.model_path)
     if settings.adapter_path:
         attach_delta_mem(model, settings.adapter_path)
@@ -70,7 +101,7 @@ def load_engine(settings: SidecarSettings) -> "Engine":
 
 
 class Engine:
-    """Runs chat jobs and session admin calls, one at a time, on a single worker thread."""
+    """Runs chat jobs (answers decoded together in one batch) and session admin calls on one generation thread."""
 
     def __init__(self, model: Any, tokenizer: Any, settings: SidecarSettings):
         self.model = model
@@ -94,19 +125,25 @@ class Engine:
             message_mean=adapter is not None and adapter.config.memory_write_granularity == "message_mean",
             skip_system=settings.write_policy == "skip-system",
         )
-        self._worker = Worker("delta-mem-engine")
+        self._eos = frozenset(tokenizer.eos_token_ids)
+        self._token_floor = TokenFloor.of(tokenizer)
+        self._decode_steps = 0
+        self._renderer = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="delta-mem-render")
+        self._scheduler = Scheduler(self, settings.max_batch)
 
     # ---- the interface the serving layer uses -------------------------------------------
 
     def submit(self, job: ChatJob) -> JobStream:
-        """Queue a chat job; iterate the returned stream for its events."""
+        """Put a chat job in line (its prompt is rendered meanwhile); iterate the returned stream for its events."""
         stream = JobStream(asyncio.get_running_loop())
-        self._worker.put(lambda: self._run_chat(job, stream))
+        admission = self._scheduler.enqueue(hash_session_key(job.session_key), job, stream)
+        self._renderer.submit(self._render, admission)
         return stream
 
     async def health(self) -> dict[str, Any]:
-        """Counters for /health, read without waiting for the worker."""
+        """Counters for /health, read without waiting for the generation thread."""
         sessions = self.store.sessions()
+        batch = self._scheduler.stats()
         return {
             "model": self.info.model_id,
             "adapter": self.info.adapter,
@@ -127,98 +164,154 @@ class Engine:
                 "completed": self.counters.jobs,
                 "failed": self.counters.failed,
                 "cancelled": self.counters.cancelled,
-                "queued": self._worker.queued,
+                "queued": batch["waiting"],
                 "prompt_tokens": self.counters.prompt_tokens,
                 "cached_tokens": self.counters.cached_tokens,
             },
+            "batch": {**batch, "prefill_chunk": self.settings.prefill_chunk},
             "engine_uptime_s": round(time.time() - self.started, 1),
         }
 
     async def reset_session(self, session_key: str) -> bool:
-        """Forget a session (both modes), in memory and on disk."""
-        return await self._worker.call(lambda: self.store.remove(hash_session_key(session_key)))
+        """Forget a session (both modes), in memory and on disk; refused while it is answering."""
+        return await self._scheduler.call(lambda: self._reset(hash_session_key(session_key)))
 
     async def session_stats(self, session_key: str) -> dict[str, Any] | None:
         """Tokens, cache and δ-state figures of a session, or None if it does not exist."""
-        return await self._worker.call(lambda: self._stats(hash_session_key(session_key)))
+        return await self._scheduler.call(lambda: self._stats(hash_session_key(session_key)))
 
     async def save_session(self, session_key: str) -> dict[str, Any]:
         """Write a session to the state dir now."""
-        return await self._worker.call(lambda: self._save(hash_session_key(session_key)))
+        return await self._scheduler.call(lambda: self._save(hash_session_key(session_key)))
 
     async def load_session(self, session_key: str) -> dict[str, Any]:
         """Bring a session back from the state dir (its KV is rebuilt at its next turn)."""
-        return await self._worker.call(lambda: self._load(hash_session_key(session_key)))
+        return await self._scheduler.call(lambda: self._load(hash_session_key(session_key)))
 
     async def close(self) -> None:
-        """Finish the queued work, save every session and stop the worker (once)."""
-        if not self._worker.alive:
+        """Save every session, let the started and waiting jobs finish, stop the threads (once)."""
+        if not self._scheduler.alive:
             return
-        await self._worker.call(self._save_all)
-        await self._worker.stop()
+        await self._scheduler.call(self._save_all)
+        await self._scheduler.stop()
+        self._renderer.shutdown(wait=False, cancel_futures=True)
 
-    # ---- worker ---------------------------------------------------------------------------
+    # ---- rendering (on a render thread) -------------------------------------------------------
 
-    def _run_chat(self, job: ChatJob, stream: JobStream) -> None:
-        if stream.cancelled:
-            self.counters.cancelled += 1
-            stream.emit(Finished("cancelled", 0))
-            return
+    def _render(self, admission: Admission) -> None:
+        """Render and tokenize the job's prompt, or refuse it; either way the scheduler may go on."""
         try:
-            self._chat(job, stream)
+            if not admission.stream.cancelled:  # the client may have left while the job waited here
+                admission.prompt = self._prompt(admission.job)
+        except PromptRefused as refused:
+            admission.stream.emit(refused.failure)
         except Exception:
-            self.counters.failed += 1
-            log.exception("chat job failed (session %s)", hash_session_key(job.session_key)[:12])
-            stream.emit(Failed("the engine failed while answering; see the server log", "engine_error", 500))
+            self.counters.add(failed=1)
+            log.exception("rendering a prompt failed (session %s)", admission.key[:12])
+            admission.stream.emit(Failed("the engine failed while reading the prompt; see the server log", "engine_error", 500))
+        finally:
+            self._scheduler.ready(admission)
 
-    def _chat(self, job: ChatJob, stream: JobStream) -> None:
-        prompt = render_prompt(self.tokenizer, job.messages, job.tools)
+    def _prompt(self, job: ChatJob) -> list[int]:
         window = self.settings.context_window
+        # Text that cannot fit is refused before the (costly) tokenizing.
+        floor = self._token_floor([m.content for m in job.messages]) if self._token_floor else 0
+        if floor >= window:
+            raise PromptRefused(_too_long(f"at least {floor}", window))
+        prompt = render_prompt(self.tokenizer, job.messages, job.tools)
         if len(prompt) >= window:
-            stream.emit(
-                Failed(
-                    f"the prompt is {len(prompt)} tokens; this model's context window is {window}",
-                    "context_length_exceeded",
-                    400,
-                )
-            )
-            return
+            raise PromptRefused(_too_long(str(len(prompt)), window))
+        return prompt
+
+    # ---- the pipeline the scheduler runs (on the generation thread) ---------------------------
+
+    def prefill(self, admission: Admission) -> Generator[None, None, Row | None]:
+        """The job's prompt, a step at a time; returns the row that decodes its answer, or None."""
+        assert admission.prompt is not None  # the scheduler starts rendered jobs only
+        try:
+            return (yield from self._prefill_job(admission.job, admission.prompt, admission.stream))
+        except Exception:
+            self.counters.add(failed=1)
+            log.exception("chat job failed (session %s)", admission.key[:12])
+            admission.stream.emit(Failed("the engine failed while answering; see the server log", "engine_error", 500))
+            return None
+
+    def decode(self, rows: list[Row]) -> list[Row]:
+        """One token for every row in one forward pass; finishes off and returns the rows that ended."""
+        ended: list[tuple[Row, decoding.FinishReason]] = [(row, "cancelled") for row in rows if row.stream.cancelled]
+        live = [row for row in rows if not row.stream.cancelled]
+        failed: list[Row] = []
+        try:
+            if live:
+                ended += decoding.step(self.model, live)
+        except Exception:
+            log.exception("a decode step failed (%d rows)", len(live))
+            for row in live:
+                # The step may have written part of the cache: it is rebuilt from the history next turn.
+                row.session.cache = None
+                self.counters.add(failed=1)
+                row.stream.emit(Failed("the engine failed while answering; see the server log", "engine_error", 500))
+            failed = live
+        self._decode_steps += 1
+        if self._decode_steps % CLEAR_CACHE_STEPS == 0:
+            mx.clear_cache()
+        for row, reason in ended:
+            self._finish(row.session, row.stream, reason, row.generated)
+        return [row for row, _ in ended] + failed
+
+    def drop(self, admission: Admission) -> None:
+        """End a job cancelled before it started."""
+        self.counters.add(cancelled=1)
+        admission.stream.emit(Finished("cancelled", 0))
+
+    def _prefill_job(self, job: ChatJob, prompt: list[int], stream: JobStream) -> Generator[None, None, Row | None]:
+        window = self.settings.context_window
         delta = job.delta_enabled and delta_info(self.model) is not None
         session = self.store.get(hash_session_key(job.session_key), delta)
         began = time.perf_counter()
         boundary = shared_boundary(leading_span(self.tokenizer, prompt), len(prompt))
         try:
-            reused = self._prepare(session, prompt, boundary, stream)
-            written = self._write_snippets(session, job.snippets) if delta else 0
+            reused = yield from self._prepare(session, prompt, boundary, stream)
+            written = (yield from self._write_snippets(session, job.snippets)) if delta else 0
             start = len(session.tokens)
-            self._prefill(session, prompt[start:-1], self._plan(delta, prompt, start, len(prompt) - 1), stream)
+            yield from self._prefill(session, prompt[start:-1], self._plan(delta, prompt, start, len(prompt) - 1), stream)
         except Cancelled:
             self._finish(session, stream, "cancelled", 0)
-            return
-        self.counters.prompt_tokens += len(prompt)
-        self.counters.cached_tokens += reused
+            return None
+        self.counters.add(prompt_tokens=len(prompt), cached_tokens=reused)
         log.info(
             "session %s (%s): prompt %d tokens, %d reused, %d written in %.2f s, %d memory snippets",
             session.key_hash[:12], _mode(session), len(prompt), reused, len(prompt) - 1 - reused,
             time.perf_counter() - began, written,
         )
         stream.emit(PromptDone(prompt_tokens=len(prompt), cached_tokens=reused, snippets_written=written))
-        self._decode(session, prompt[-1], job, min(job.max_tokens, window - len(prompt)), stream)
+        if session.delta:
+            set_delta_controls(session.cache)  # token writes while decoding, as the reference does
+        return Row(
+            session=session,
+            stream=stream,
+            max_tokens=min(job.max_tokens, window - len(prompt)),
+            sampler=row_sampler(job.temperature, job.top_p, job.seed),
+            detokenizer=self.tokenizer.detokenizer,
+            scanner=StopScanner(job.stop),
+            eos=self._eos,
+            input=mx.array([prompt[-1]], dtype=mx.uint32),
+        )
 
-    def _prepare(self, session: Session, prompt: list[int], boundary: int, stream: JobStream) -> int:
+    def _prepare(self, session: Session, prompt: list[int], boundary: int, stream: JobStream) -> Steps[int]:
         """Cut the session back to what it shares with this prompt, then bring it up to the shared
         boundary (the end of the leading system prompt) from a zero state; returns tokens reused."""
         common = common_prefix(session.tokens, prompt)
         target = session.safe_offset(min(common, len(prompt) - 1))
         if session.cache is None:
-            reused = self._rebuild(session, target, stream)
+            reused = yield from self._rebuild(session, target, stream)
         else:
             session.truncate(target)
             reused = target
         if len(session.tokens) < boundary and not session.snippet_writes:
             reused = max(reused, self._start_from_shared_prefix(session, prompt, boundary))
             start = len(session.tokens)
-            self._prefill(session, prompt[start:boundary], self._plan(session.delta, prompt, start, boundary), stream)
+            yield from self._prefill(session, prompt[start:boundary], self._plan(session.delta, prompt, start, boundary), stream)
             self.prefixes.insert(_mode(session), prompt[:boundary], session.cache)
         session.reused_tokens += reused
         return reused
@@ -234,7 +327,7 @@ class Engine:
         session.segments = self._plan(session.delta, prompt, 0, length)
         return length
 
-    def _rebuild(self, session: Session, target: int, stream: JobStream) -> int:
+    def _rebuild(self, session: Session, target: int, stream: JobStream) -> Steps[int]:
         """Recreate the KV cache of a new, evicted or restored session by replaying its history up to
         `target` (from a shared prefix when one matches); returns the tokens taken from that prefix."""
         history = Session(
@@ -252,9 +345,9 @@ class Engine:
                 fresh.segments = [s if s.end <= shared else s.cut(shared) for s in history.segments if s.start < shared]
         for step in replay_steps(history.segments, history.snippet_writes, shared):
             if step.snippets is not None:
-                self._apply_snippets(fresh, step.snippets)
+                yield from self._apply_snippets(fresh, step.snippets)
             else:
-                self._run_segment(fresh, history.tokens[step.segment.start : step.segment.end], step.segment, stream)
+                yield from self._run_segment(fresh, history.tokens[step.segment.start : step.segment.end], step.segment, stream)
         # Only now, with the replay complete, does the session change: a cancelled replay loses nothing.
         if session.saved_states is not None and target == len(session.tokens) and session.delta:
             _check_replay(fresh, self.model, session.saved_states)
@@ -263,19 +356,21 @@ class Engine:
         session.prefilled_tokens += fresh.prefilled_tokens
         return shared
 
-    def _write_snippets(self, session: Session, snippets: tuple[str, ...]) -> int:
+    def _write_snippets(self, session: Session, snippets: tuple[str, ...]) -> Steps[int]:
         if not snippets:
             return 0
         digest = hashlib.sha256(json.dumps(list(snippets)).encode("utf-8")).hexdigest()
         if session.latest_snippets_digest() == digest:
             return 0  # the same snippets are already in memory (a retried request)
         tokens = tuple(render_text(self.tokenizer, "\n\n".join(snippets)))
-        self._apply_snippets(session, SnippetWrite(len(session.tokens), digest, tokens, len(snippets)))
+        yield from self._apply_snippets(session, SnippetWrite(len(session.tokens), digest, tokens, len(snippets)))
         return len(snippets)
 
-    def _apply_snippets(self, session: Session, write: SnippetWrite) -> None:
+    def _apply_snippets(self, session: Session, write: SnippetWrite) -> Steps[None]:
+        # One forward pass (one step): message-mean adapters write the snippets as one message.
         write_context(self.model, session.cache, list(write.tokens))
         session.snippet_writes.append(write)
+        yield
 
     def _plan(self, delta: bool, prompt: list[int], start: int, end: int) -> list[Segment]:
         """How to write prompt[start:end] (see write_plan.plan_writes)."""
@@ -283,18 +378,20 @@ class Engine:
         spans = message_spans(self.tokenizer, prompt) if policy.needs_spans and start < end else []
         return plan_writes(policy, spans, start, end)
 
-    def _prefill(self, session: Session, tokens: list[int], plan: list[Segment], stream: JobStream) -> None:
+    def _prefill(self, session: Session, tokens: list[int], plan: list[Segment], stream: JobStream) -> Steps[None]:
         base = len(session.tokens)
         for seg in plan:
-            self._run_segment(session, tokens[seg.start - base : seg.end - base], seg, stream)
+            yield from self._run_segment(session, tokens[seg.start - base : seg.end - base], seg, stream)
 
-    def _run_segment(self, session: Session, tokens: list[int], seg: Segment, stream: JobStream) -> None:
-        """Write tokens into the session's cache the way the segment says, checking for cancellation."""
+    def _run_segment(self, session: Session, tokens: list[int], seg: Segment, stream: JobStream) -> Steps[None]:
+        """Write tokens into the session's cache the way the segment says, a chunk per step, checking
+        for cancellation before each."""
         cache = session.cache
+        chunk = self.settings.prefill_chunk
         if seg.kind == "messages":
             steps = [(0, len(tokens))]  # one call: message-mean writes depend on call boundaries
         else:
-            steps = [(i, min(i + PREFILL_STEP, len(tokens))) for i in range(0, len(tokens), PREFILL_STEP)]
+            steps = [(i, min(i + chunk, len(tokens))) for i in range(0, len(tokens), chunk)]
         for a, b in steps:
             if stream.cancelled:
                 raise Cancelled
@@ -306,60 +403,20 @@ class Engine:
             piece = Segment(seg.start + a, seg.start + b, seg.kind, seg.message_ids[a:b] if seg.message_ids else ())
             session.record(tokens[a:b], piece.kind, piece.message_ids)
             session.prefilled_tokens += b - a
+            yield
         mx.clear_cache()
-
-    def _decode(self, session: Session, last: int, job: ChatJob, max_tokens: int, stream: JobStream) -> None:
-        cache = session.cache
-        if session.delta:
-            set_delta_controls(cache)  # token writes while decoding, as the reference does
-        if job.seed is not None:
-            mx.random.seed(job.seed)
-        sampler = make_sampler(job.temperature, job.top_p)
-        detokenizer = self.tokenizer.detokenizer
-        detokenizer.reset()
-        scanner = StopScanner(job.stop)
-        eos = set(self.tokenizer.eos_token_ids)
-        fed: list[int] = [last]
-        finish, count = "length", 0
-        for token, _ in generate_step(mx.array([last]), self.model, prompt_cache=cache, sampler=sampler, max_tokens=max_tokens):
-            count += 1
-            fed.append(token)
-            if token in eos:
-                finish = "stop"
-                break
-            detokenizer.add_token(token)
-            text = scanner.feed(detokenizer.last_segment)
-            if text:
-                stream.emit(TextDelta(text))
-            if scanner.stopped:
-                finish = "stop"
-                break
-            if stream.cancelled:
-                finish = "cancelled"
-                break
-        if finish == "length":
-            detokenizer.finalize()
-            tail = scanner.feed(detokenizer.last_segment) + scanner.flush()
-            if tail:
-                stream.emit(TextDelta(tail))
-        # generate_step has fed every token it yielded into the cache.
-        kind: SegmentKind = "write" if session.delta else "plain"
-        session.record(fed[: cache[0].offset - len(session.tokens)], kind)
-        self._finish(session, stream, finish, count)
 
     def _finish(self, session: Session, stream: JobStream, reason: str, completion_tokens: int) -> None:
         session.turns += 1
-        if reason == "cancelled":
-            self.counters.cancelled += 1
-        else:
-            self.counters.jobs += 1
+        self.counters.add(**{"cancelled" if reason == "cancelled" else "jobs": 1})
         self._persist(session)
-        self._enforce_limits(session)
+        self._enforce_limits()
         stream.emit(Finished(reason, completion_tokens))  # type: ignore[arg-type]
 
-    def _enforce_limits(self, active: Session) -> None:
-        """Sessions and shared prefixes together stay within the KV byte bound (sessions go first)."""
-        self.store.enforce_limits(keep=active, reserved_bytes=self.prefixes.nbytes)
+    def _enforce_limits(self) -> None:
+        """Sessions and shared prefixes together stay within the KV byte bound (sessions go first);
+        the sessions answering now keep their caches."""
+        self.store.enforce_limits(keep=self._scheduler.busy_keys(), reserved_bytes=self.prefixes.nbytes)
         self.prefixes.trim_to_bytes(max(0, self.store.max_kv_bytes - self.store.kv_bytes))
 
     def _persist(self, session: Session) -> None:
@@ -382,7 +439,16 @@ class Engine:
             set_delta_controls(cache, enabled=delta)
         return cache
 
-    # ---- admin (on the worker) ----------------------------------------------------------
+    # ---- admin (on the generation thread, between two steps) ----------------------------------
+
+    def _reset(self, key_hash: str) -> bool:
+        if self._scheduler.busy(key_hash):
+            raise EngineError(
+                "this session is answering a request; reset it when the answer has ended (or cancel it)",
+                409,
+                "session_busy",
+            )
+        return self.store.remove(key_hash)
 
     def _stats(self, key_hash: str) -> dict[str, Any] | None:
         found = {}
@@ -419,6 +485,12 @@ class Engine:
     def _save_all(self) -> None:
         for session in self.store.sessions():
             self._persist(session)
+
+
+def _too_long(tokens: str, window: int) -> Failed:
+    return Failed(
+        f"the prompt is {tokens} tokens; this model's context window is {window}", "context_length_exceeded", 400
+    )
 
 
 def _mode(session: Session) -> str:

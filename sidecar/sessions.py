@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +83,9 @@ class SessionStore:
                 found = True
         return found
 
-    def enforce_limits(self, keep: Session | None = None, reserved_bytes: int = 0) -> list[Session]:
+    def enforce_limits(self, keep: Collection[str] = (), reserved_bytes: int = 0) -> list[Session]:
         """Drop least recently used sessions until within bounds (counting `reserved_bytes` held
-        elsewhere); `keep`, the active session, stays."""
+        elsewhere); the sessions whose key hashes are in `keep` (those answering now) stay."""
         dropped: list[Session] = []
         for stem in list(self._sessions):
             over_count = len(self._sessions) > self.max_sessions
@@ -92,7 +93,7 @@ class SessionStore:
             if not (over_count or over_bytes):
                 break
             session = self._sessions[stem]
-            if session is keep:
+            if session.key_hash in keep:
                 continue
             with self._lock:
                 del self._sessions[stem]
