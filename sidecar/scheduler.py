@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -107,6 +108,10 @@ class Scheduler:
         self.max_batch = max_batch
         self.steps = 0  # decode steps run
         self.row_steps = 0  # rows summed over those steps
+        # How long the latest and the longest prefill step took: what a stream waits for, at most,
+        # on top of a decode step, while a prompt is prefilled.
+        self.prefill_step_s = 0.0
+        self.longest_prefill_step_s = 0.0
         self._pipeline = pipeline
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._waiting: list[Admission] = []
@@ -156,6 +161,8 @@ class Scheduler:
             "waiting": len(self._waiting),
             "steps": self.steps,
             "mean_occupancy": round(self.row_steps / self.steps, 2) if self.steps else None,
+            "prefill_step_s": round(self.prefill_step_s, 3),
+            "longest_prefill_step_s": round(self.longest_prefill_step_s, 3),
         }
 
     # ---- on the generation thread ---------------------------------------------------------
@@ -230,8 +237,11 @@ class Scheduler:
     def _prefill(self) -> None:
         assert self._prefilling is not None
         admission, steps = self._prefilling
+        began = time.perf_counter()
         try:
             next(steps)
+            self.prefill_step_s = time.perf_counter() - began
+            self.longest_prefill_step_s = max(self.longest_prefill_step_s, self.prefill_step_s)
         except StopIteration as done:
             self._prefilling = None
             if done.value is None:
