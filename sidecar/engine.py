@@ -208,7 +208,8 @@ class Engine:
         except Exception:
             self.counters.add(failed=1)
             log.exception("rendering a prompt failed (session %s)", admission.key[:12])
-            admission.stream.emit(Failed("the engine failed while reading the prompt; see the server log", "engine_error", 500))
+            failure = Failed("the engine failed while reading the prompt; see the server log", "engine_error", 500)
+            admission.stream.emit(failure)
         finally:
             self._scheduler.ready(admission)
 
@@ -274,7 +275,8 @@ class Engine:
             reused = yield from self._prepare(session, prompt, boundary, stream)
             written = (yield from self._write_snippets(session, job.snippets)) if delta else 0
             start = len(session.tokens)
-            yield from self._prefill(session, prompt[start:-1], self._plan(delta, prompt, start, len(prompt) - 1), stream)
+            plan = self._plan(delta, prompt, start, len(prompt) - 1)
+            yield from self._prefill(session, prompt[start:-1], plan, stream)
         except Cancelled:
             self._finish(session, stream, "cancelled", 0)
             return None
@@ -311,7 +313,8 @@ class Engine:
         if len(session.tokens) < boundary and not session.snippet_writes:
             reused = max(reused, self._start_from_shared_prefix(session, prompt, boundary))
             start = len(session.tokens)
-            yield from self._prefill(session, prompt[start:boundary], self._plan(session.delta, prompt, start, boundary), stream)
+            plan = self._plan(session.delta, prompt, start, boundary)
+            yield from self._prefill(session, prompt[start:boundary], plan, stream)
             self.prefixes.insert(_mode(session), prompt[:boundary], session.cache)
         session.reused_tokens += reused
         return reused
@@ -347,7 +350,8 @@ class Engine:
             if step.snippets is not None:
                 yield from self._apply_snippets(fresh, step.snippets)
             else:
-                yield from self._run_segment(fresh, history.tokens[step.segment.start : step.segment.end], step.segment, stream)
+                tokens = history.tokens[step.segment.start : step.segment.end]
+                yield from self._run_segment(fresh, tokens, step.segment, stream)
         # Only now, with the replay complete, does the session change: a cancelled replay loses nothing.
         if session.saved_states is not None and target == len(session.tokens) and session.delta:
             _check_replay(fresh, self.model, session.saved_states)

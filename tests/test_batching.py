@@ -45,7 +45,7 @@ def _plan(prefix: str) -> dict[str, list[ChatJob]]:
 
     early_first = [("system", SYSTEM), ("user", "early: what is on the list?"), ("user", "[internal context 0]")]
     # OpenClaw's next request drops the internal-context message and adds the answer.
-    early_second = [*early_first[:2], ("assistant", "the list"), ("user", "and then?"), ("user", "[internal context 1]")]
+    early_second = [*early_first[:2], ("assistant", "the list"), ("user", "and then?"), ("user", "[context 1]")]
     return {
         "long": [job(chat("long: tell me everything about the blue door"), f"{prefix}long", max_tokens=64,
                      snippets=("the door is blue", "it was painted in May"))],

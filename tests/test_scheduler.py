@@ -114,7 +114,8 @@ def test_max_batch_bounds_the_rows_and_one_means_one_at_a_time() -> None:
             # Today's behaviour: each job runs to its end before the next one starts.
             starts = [i for i, entry in enumerate(pipeline.log) if entry[0] == "start"]
             for before, after in zip(starts, starts[1:]):
-                assert [e for e in pipeline.log[before:after] if e[0] == "decode"] == [("decode", pipeline.log[before][1])] * 3
+                decodes = [e for e in pipeline.log[before:after] if e[0] == "decode"]
+                assert decodes == [("decode", pipeline.log[before][1])] * 3
 
 
 def test_two_jobs_of_one_session_never_run_at_once_and_keep_their_order() -> None:

@@ -116,7 +116,7 @@ def test_non_loopback_with_key_from_env(started: list[dict[str, Any]], dirs: tup
         (["--model", "MODEL", "--model-id", "m", "--no-adapter", "--port", "70000"], "port 70000"),
         (["--model", "MODEL", "--model-id", "m", "--no-adapter", "--log-level", "loud"], "--log-level"),
         (["--model", "MODEL", "--model-id", "m", "--no-adapter", "--max-batch", "0"], "max_batch must be in 1..64"),
-        (["--model", "MODEL", "--model-id", "m", "--no-adapter", "--prefill-chunk", "8"], "prefill_chunk must be in 16.."),
+        (["--model", "MODEL", "--model-id", "m", "--no-adapter", "--prefill-chunk", "8"], "prefill_chunk must"),
         (["--model-id", "m", "--no-adapter"], "sidecar.json does not exist"),
     ],
 )

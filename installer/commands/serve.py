@@ -69,7 +69,9 @@ def serve(
     ] = None,
     max_batch: Annotated[
         int | None,
-        typer.Option("--max-batch", help="Requests decoded together, one token each per step (1: one at a time). Default 8."),
+        typer.Option(
+            "--max-batch", help="Requests decoded together, one token each per step (1: one at a time). Default 8."
+        ),
     ] = None,
     prefill_chunk: Annotated[
         int | None,
