@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import runtime, sessions
+from bench import batch_layout, concurrency, runtime, sessions
 
 
 def test_runtime_bench_reports_every_figure() -> None:
@@ -31,3 +31,35 @@ def test_sessions_bench_replays_openclaw_turns(
         assert turn["cached_tokens"] > 0 and turn["prefilled_tokens"] <= turn["new_tokens"] + 512
     assert all(t["cached_tokens"] == 0 for t in report["no_cache_turns"])
     assert report["prefix_cache"]["hits"] >= 2 and report["non_shared_tokens"] > 0
+
+
+def test_batch_layout_bench_measures_both_layouts() -> None:
+    shape = runtime.Shape("tiny", 64, 2, 4, 2, 16, 128, 256)
+    result = batch_layout.measure(shape, [16, 40, 100], repeats=1, seed=0)
+    for key in ("step_ms_rows", "step_ms_padded", "step_ms_rows_delta", "attention_layer_ms_rows",
+                "attention_layer_ms_padded", "merge_all_ms", "leave_extract_ms", "leave_filter_ms", "join_extend_ms"):
+        assert result[key] > 0, key
+    # Padding to the longest row: the padded buffer holds more than the rows themselves.
+    assert result["kv_mib_padded"] > result["kv_mib_rows"]
+
+
+@pytest.mark.e2e
+def test_concurrency_bench_runs_the_three_servers(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--json", "--sessions", "1,2", "--system-tokens", "200", "--long-tokens", "300", "--max-tokens", "8",
+            "--prefill-chunk", "64", "--decode-rounds", "1", "--model", str(tiny_model_dir),
+            "--adapter", str(tiny_adapter_dir)]  # fmt: skip
+    assert concurrency.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    for name in ("max_batch_8", "max_batch_1", "mlx_lm_server"):
+        rounds = report["servers"][name]["rounds"]
+        assert [r["n"] for r in rounds] == [1, 2]
+        for row in rounds:
+            assert row["tok_s"] > 0 and row["throughput_tok_s"] > 0 and row["ttft_max_s"] >= row["ttft_p50_s"] > 0
+            assert row["long_prompt_ttft_s"] > 0 and "max_stream_gap_s" in row
+        assert rounds[0]["max_stream_gap_s"] is None  # N = 1: the long prompt alone
+    assert report["servers"]["max_batch_8"]["prefill_step_longest_s"] > 0
+    assert report["servers"]["mlx_lm_server"]["prefill_step_tokens"] == 2048
+    for key in ("throughput_vs_peer_n8", "throughput_vs_unbatched_n8", "ttft_max_vs_peer_n8", "n1_vs_unbatched"):
+        assert report[key] > 0
