@@ -235,19 +235,25 @@ class Scheduler:
         self._rows = [(key, row) for key, row in self._rows if id(row) not in ended]
 
     def _prefill(self) -> None:
-        assert self._prefilling is not None
-        admission, steps = self._prefilling
-        began = time.perf_counter()
-        try:
-            next(steps)
+        """One prefill step. A job that ends without one (its prompt was all cached, or its last
+        step was the one before) joins the batch and the next job starts at once: only forward
+        passes count as steps."""
+        while self._prefilling is not None:
+            admission, steps = self._prefilling
+            began = time.perf_counter()
+            try:
+                next(steps)  # the pipeline yields after each forward pass
+            except StopIteration as done:
+                self._prefilling = None
+                if done.value is None:
+                    self._free([admission.key])
+                else:
+                    self._rows.append((admission.key, done.value))
+                self._start_next()
+                continue
             self.prefill_step_s = time.perf_counter() - began
             self.longest_prefill_step_s = max(self.longest_prefill_step_s, self.prefill_step_s)
-        except StopIteration as done:
-            self._prefilling = None
-            if done.value is None:
-                self._free([admission.key])
-            else:
-                self._rows.append((admission.key, done.value))
+            return
 
     def _free(self, keys: Iterable[str]) -> None:
         for key in keys:

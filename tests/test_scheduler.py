@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,3 +176,20 @@ def test_a_call_raising_reaches_its_caller() -> None:
             await scheduler.call(lambda: (_ for _ in ()).throw(ValueError("boom")))
 
     _run(ScriptedPipeline(), 8, scenario)
+
+
+def test_jobs_with_nothing_to_prefill_join_the_batch_together() -> None:
+    # A prompt the session already holds needs no forward pass: such jobs all join before the next step.
+    pipeline = ScriptedPipeline(prefill_steps=0, tokens=3)
+
+    async def scenario(scheduler: Scheduler) -> None:
+        gate = threading.Event()
+        # The generation thread waits on a call while the four jobs arrive, so that they arrive together.
+        held = asyncio.ensure_future(scheduler.call(lambda: gate.wait(DEADLINE_S)))
+        streams = [_submit(scheduler, key) for key in ("a", "b", "c", "d")]
+        gate.set()
+        assert await held
+        await asyncio.gather(*(_drain(s) for s in streams))
+
+    _run(pipeline, 8, scenario)
+    assert pipeline.batch_sizes[0] == 4
