@@ -29,9 +29,9 @@ import mlx_lm
 from mlx_lm.models.cache import make_prompt_cache
 
 from common.settings import SidecarSettings
-from sidecar.delta.api import attach_delta_mem, delta_info, delta_states, set_delta_controls, write_context
 from sidecar import decoding
 from sidecar.decoding import Row
+from sidecar.delta.api import attach_delta_mem, delta_info, delta_states, set_delta_controls, write_context
 from sidecar.engine_io import (
     ChatJob,
     EngineError,
@@ -127,7 +127,6 @@ class Engine:
         )
         self._eos = frozenset(tokenizer.eos_token_ids)
         self._token_floor = TokenFloor.of(tokenizer)
-        self._decode_steps = 0
         self._renderer = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="delta-mem-render")
         self._scheduler = Scheduler(self, settings.max_batch)
 
@@ -226,7 +225,7 @@ class Engine:
 
     # ---- the pipeline the scheduler runs (on the generation thread) ---------------------------
 
-    def prefill(self, admission: Admission) -> Generator[None, None, Row | None]:
+    def prefill(self, admission: Admission) -> Steps[Row | None]:
         """The job's prompt, a step at a time; returns the row that decodes its answer, or None."""
         assert admission.prompt is not None  # the scheduler starts rendered jobs only
         try:
@@ -253,8 +252,7 @@ class Engine:
                 self.counters.add(failed=1)
                 row.stream.emit(Failed("the engine failed while answering; see the server log", "engine_error", 500))
             failed = live
-        self._decode_steps += 1
-        if self._decode_steps % CLEAR_CACHE_STEPS == 0:
+        if self._scheduler.steps % CLEAR_CACHE_STEPS == 0:
             mx.clear_cache()
         for row, reason in ended:
             self._finish(row.session, row.stream, reason, row.generated)
@@ -265,7 +263,7 @@ class Engine:
         self.counters.add(cancelled=1)
         admission.stream.emit(Finished("cancelled", 0))
 
-    def _prefill_job(self, job: ChatJob, prompt: list[int], stream: JobStream) -> Generator[None, None, Row | None]:
+    def _prefill_job(self, job: ChatJob, prompt: list[int], stream: JobStream) -> Steps[Row | None]:
         window = self.settings.context_window
         delta = job.delta_enabled and delta_info(self.model) is not None
         session = self.store.get(hash_session_key(job.session_key), delta)
