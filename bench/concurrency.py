@@ -1,7 +1,7 @@
 """Concurrent sessions against real servers: `python -m bench.concurrency --json [--quick]`.
 
-Three servers on the same generated model, all started at once and measured in turns (so the
-machine's load drifts over all three alike): `delta-mem-mlx serve` with δ on and `--max-batch 8`,
+Three servers on the same generated model, all started at once and measured in turns, each N
+starting with another one (so the machine's load drifts over all three alike): `delta-mem-mlx serve` with δ on and `--max-batch 8`,
 the same with `--max-batch 1` (one request at a time), and mlx-lm's own batched server
 (`python -m mlx_lm server`, the plain model). Each gets one warm-up request, then for N = 1, 2, 4, 8:
 
@@ -143,8 +143,10 @@ def _measure(
     longest_step: dict[str, float] = {}
     for endpoint in endpoints:
         _chat(endpoint, Conversation(system, seed=999).request(1), "warm-up", args.max_tokens)
-    for n in sessions:
-        for endpoint in endpoints:
+    for turn, n in enumerate(sessions):
+        # Each N starts with another server, so that none is always first: in three runs with a fixed
+        # order, --max-batch 8 measured first at N = 1 was slower than the same code path measured second.
+        for endpoint in endpoints[turn % len(endpoints) :] + endpoints[: turn % len(endpoints)]:
             row = {"n": n, **_session_round(endpoint, system, n, args, seed=n)}
             row.update(_gap_round(endpoint, tokenizer, long_tokens, n, args.max_tokens, seed=n))
             if n == 1 and endpoint.api_key:  # the sidecar times its prefill steps; the long prompt's are the longest
