@@ -20,7 +20,7 @@ import statistics
 import time
 from typing import Any, Callable
 
-from bench.runtime import QUICK, Shape, build_model, reexec_with_openblas
+from bench.runtime import QUICK, Shape, alternate, build_model, reexec_with_openblas
 
 PROFILES = {
     "equal_2k": [2048] * 8,
@@ -89,8 +89,8 @@ def measure(shape: Shape, lengths: list[int], repeats: int, seed: int) -> dict[s
         mask = padded[0].make_mask(1)
         _timed_eval(attention(x, mask, padded[0]), padded[:1])
 
-    step = _alternate(rows_step, padded_step, repeats)
-    layer = _alternate(rows_attention, padded_attention, repeats * 3)
+    step = alternate(lambda padded: _time(padded_step if padded else rows_step), repeats)
+    layer = alternate(lambda padded: _time(padded_attention if padded else rows_attention), repeats * 3)
     delta_step_s = statistics.median(_time(delta_step) for _ in range(repeats))
     return {
         "lengths": lengths,
@@ -167,22 +167,6 @@ def _time(run: Callable[[], None]) -> float:
     began = time.perf_counter()
     run()
     return time.perf_counter() - began
-
-
-def _alternate(first: Callable[[], None], second: Callable[[], None], repeats: int) -> list[tuple[float, float]]:
-    """(first, second) timings after a warm-up of each, alternating which runs first."""
-    first()
-    second()
-    pairs = []
-    for i in range(repeats):
-        if i % 2:
-            b = _time(second)
-            a = _time(first)
-        else:
-            a = _time(first)
-            b = _time(second)
-        pairs.append((a, b))
-    return pairs
 
 
 def _ms(seconds: float) -> float:

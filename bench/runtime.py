@@ -120,8 +120,8 @@ def _run(
         return elapsed
 
     _log(f"{shape.name}: warming up")
-    prefill_timings = _alternate(prefill, prefill_pairs)
-    decode_timings = _alternate(decode, decode_pairs)
+    prefill_timings = alternate(prefill, prefill_pairs)
+    decode_timings = alternate(decode, decode_pairs)
     plain_prefill, delta_prefill = (statistics.median(p[i] for p in prefill_timings) for i in (0, 1))
     plain_decode, delta_decode = (statistics.median(p[i] for p in decode_timings) for i in (0, 1))
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
@@ -194,8 +194,9 @@ def _median_ratio(pairs: list[tuple[float, float]]) -> float:
     return round(statistics.median(plain / delta for plain, delta in pairs), 3)
 
 
-def _alternate(measure: Callable[[bool], float], repeats: int) -> list[tuple[float, float]]:
-    """(plain, δ) timings, alternating which goes first, after one warm-up of each."""
+def alternate(measure: Callable[[bool], float], repeats: int) -> list[tuple[float, float]]:
+    """(measure(False), measure(True)) timings, e.g. (plain, δ), alternating which goes first,
+    after one warm-up of each."""
     measure(False)
     measure(True)
     pairs = []
