@@ -20,7 +20,7 @@ import statistics
 import time
 from typing import Any, Callable
 
-from bench.runtime import QUICK, Shape, alternate, build_model, reexec_with_openblas
+from bench.runtime import QUICK, Shape, add_blas_option, alternate, build_model, reexec_with_openblas
 
 PROFILES = {
     "equal_2k": [2048] * 8,
@@ -178,12 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the report on one line")
     parser.add_argument("--repeats", type=int, default=15, help="alternating pairs per measurement")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--blas",
-        choices=("openblas", "bundled"),
-        default="openblas",
-        help="on Linux, re-run under Debian's OpenBLAS when it is installed (default)",
-    )
+    add_blas_option(parser)
     return parser
 
 

@@ -211,6 +211,16 @@ def alternate(measure: Callable[[bool], float], repeats: int) -> list[tuple[floa
     return pairs
 
 
+def add_blas_option(parser: argparse.ArgumentParser) -> None:
+    """--blas openblas|bundled: whether main() re-runs itself under OpenBLAS (see reexec_with_openblas)."""
+    parser.add_argument(
+        "--blas",
+        choices=("openblas", "bundled"),
+        default="openblas",
+        help="on Linux, re-run under Debian's OpenBLAS when it is installed (default)",
+    )
+
+
 def reexec_with_openblas(module: str) -> None:
     """On Linux, run `python -m <module>` again (same arguments) with Debian's OpenBLAS preloaded."""
     # MLX's Linux CPU wheel bundles a slow reference BLAS; Debian's OpenBLAS is ~10x faster.
@@ -238,12 +248,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill-pairs", type=int, default=7, help="plain/δ prefill pairs (a quarter at 0.6B)")
     parser.add_argument("--decode-pairs", type=int, default=40, help="plain/δ decode pairs (a quarter at 0.6B)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--blas",
-        choices=("openblas", "bundled"),
-        default="openblas",
-        help="on Linux, re-run under Debian's OpenBLAS when it is installed (default)",
-    )
+    add_blas_option(parser)
     return parser
 
 
