@@ -104,7 +104,13 @@ _STOP = object()
 class Scheduler:
     """One generation thread that interleaves prefill steps with batched decode steps."""
 
-    def __init__(self, pipeline: Pipeline, max_batch: int, name: str = "delta-mem-engine"):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        max_batch: int,
+        name: str = "delta-mem-engine",
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.max_batch = max_batch
         self.steps = 0  # decode steps run
         self.row_steps = 0  # rows summed over those steps
@@ -112,6 +118,11 @@ class Scheduler:
         # on top of a decode step, while a prompt is prefilled.
         self.prefill_step_s = 0.0
         self.longest_prefill_step_s = 0.0
+        # The longest time from one decode step to the next while rows were decoding: the longest
+        # a stream waited between two of its tokens (a client sees words, which may span tokens).
+        self.longest_decode_interval_s = 0.0
+        self._last_decode: float | None = None  # when the latest decode step began; None once the batch emptied
+        self._clock = clock
         self._pipeline = pipeline
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._waiting: list[Admission] = []
@@ -163,6 +174,7 @@ class Scheduler:
             "mean_occupancy": round(self.row_steps / self.steps, 2) if self.steps else None,
             "prefill_step_s": round(self.prefill_step_s, 3),
             "longest_prefill_step_s": round(self.longest_prefill_step_s, 3),
+            "longest_decode_interval_s": round(self.longest_decode_interval_s, 3),
         }
 
     # ---- on the generation thread ---------------------------------------------------------
@@ -228,11 +240,15 @@ class Scheduler:
         return room and admission.ready and admission.key not in blocked and admission.key not in self._busy
 
     def _decode(self) -> None:
+        began = self._clock()
+        if self._last_decode is not None:
+            self.longest_decode_interval_s = max(self.longest_decode_interval_s, began - self._last_decode)
         ended = {id(row) for row in self._pipeline.decode([row for _, row in self._rows])}
         self.steps += 1
         self.row_steps += len(self._rows)
         self._free(key for key, row in self._rows if id(row) in ended)
         self._rows = [(key, row) for key, row in self._rows if id(row) not in ended]
+        self._last_decode = began if self._rows else None  # an idle wait is no stream's wait
 
     def _prefill(self) -> None:
         """One prefill step. A job that ends without one (its prompt was all cached, or its last
@@ -240,7 +256,7 @@ class Scheduler:
         passes count as steps."""
         while self._prefilling is not None:
             admission, steps = self._prefilling
-            began = time.perf_counter()
+            began = self._clock()
             try:
                 next(steps)  # the pipeline yields after each forward pass
             except StopIteration as done:
@@ -251,7 +267,7 @@ class Scheduler:
                     self._rows.append((admission.key, done.value))
                 self._start_next()
                 continue
-            self.prefill_step_s = time.perf_counter() - began
+            self.prefill_step_s = self._clock() - began
             self.longest_prefill_step_s = max(self.longest_prefill_step_s, self.prefill_step_s)
             return
 

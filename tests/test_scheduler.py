@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Generator
+import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,9 +74,38 @@ async def _drain(stream: JobStream) -> list[Any]:
     return [event async for event in stream]
 
 
-def _run(pipeline: ScriptedPipeline, max_batch: int, scenario) -> Any:
+@dataclass
+class ScriptedClock:
+    """Time that moves only when told: a prefill step takes 1.0, a decode step 0.25 (see TimedPipeline)."""
+
+    now: float = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class TimedPipeline(ScriptedPipeline):
+    clock: ScriptedClock = field(default_factory=ScriptedClock)
+
+    def prefill(self, admission: Admission) -> Generator[None, None, Any]:
+        steps = super().prefill(admission)
+        try:
+            while True:
+                next(steps)
+                self.clock.now += 1.0
+                yield
+        except StopIteration as done:
+            return done.value
+
+    def decode(self, rows: list[FakeRow]) -> list[FakeRow]:
+        self.clock.now += 0.25
+        return super().decode(rows)
+
+
+def _run(pipeline: ScriptedPipeline, max_batch: int, scenario, clock: Callable[[], float] = time.perf_counter) -> Any:
     async def main() -> Any:
-        scheduler = Scheduler(pipeline, max_batch)
+        scheduler = Scheduler(pipeline, max_batch, clock=clock)
         try:
             return await asyncio.wait_for(scenario(scheduler), DEADLINE_S)
         finally:
@@ -193,3 +223,18 @@ def test_jobs_with_nothing_to_prefill_join_the_batch_together() -> None:
 
     _run(pipeline, 8, scenario)
     assert pipeline.batch_sizes[0] == 4
+
+
+def test_a_streams_longest_wait_is_one_decode_step_and_one_prefill_step_and_idle_time_is_not_counted() -> None:
+    pipeline = TimedPipeline(prefill_steps=3, tokens=6)
+
+    async def scenario(scheduler: Scheduler) -> dict[str, Any]:
+        # a decodes while b's three prefill steps run between its decode steps.
+        await asyncio.gather(_drain(_submit(scheduler, "a")), _drain(_submit(scheduler, "b")))
+        pipeline.clock.now += 100.0  # the batch is empty: nobody waits for this
+        await _drain(_submit(scheduler, "c"))
+        return await scheduler.call(scheduler.stats)
+
+    stats = _run(pipeline, 8, scenario, clock=pipeline.clock)
+    assert stats["longest_prefill_step_s"] == 1.0
+    assert stats["longest_decode_interval_s"] == 1.25
