@@ -43,15 +43,14 @@ from bench.sessions import (
     Conversation,
     describe_model,
     model_dirs,
+    serve_sidecar,
     server_process,
-    sidecar,
     system_prompt,
     tokenizer_of,
 )
 from common.health import open_local
 from common.ports import free_port
-from installer.memory_eval.conversations import Message
-from installer.sidecar_client import SESSION_HEADER
+from installer.sidecar_client import SESSION_HEADER, Message
 
 SESSIONS = (1, 2, 4, 8)
 MLX_LM_PREFILL_STEP = 2048  # mlx_lm.server's --prefill-step-size default
@@ -137,7 +136,7 @@ def _server(
         return
     batch = "8" if name == "max_batch_8" else "1"
     extra = ("--max-batch", batch, "--prefill-chunk", str(prefill_chunk))
-    with sidecar(model_dir, adapter_dir, work, window, *extra) as running:
+    with serve_sidecar(model_dir, adapter_dir, work, window, *extra) as running:
         yield Endpoint(name, running.client.base_url, MODEL_ID, API_KEY, prefill_chunk)
 
 

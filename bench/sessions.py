@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from bench.runtime import OPENBLAS, QUICK
-from installer.memory_eval.conversations import Message
-from installer.sidecar_client import SidecarClient
+from installer.sidecar_client import REQUEST_TIMEOUT_S, Message, SidecarClient
 
 MODEL_ID = "delta-mem-bench"
 API_KEY = "bench"
@@ -56,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = tokenizer_of(model_dir)
         system = system_prompt(tokenizer, system_tokens, args.seed)
         window = system_tokens + 4096
-        cached = stack.enter_context(sidecar(model_dir, adapter_dir, work / "cached", window))
-        uncached = stack.enter_context(sidecar(model_dir, adapter_dir, work / "uncached", window, "--no-prefix-cache"))
+        cached = stack.enter_context(serve_sidecar(model_dir, adapter_dir, work / "cached", window))
+        uncached = stack.enter_context(
+            serve_sidecar(model_dir, adapter_dir, work / "uncached", window, "--no-prefix-cache")
+        )
         turns = _replay(cached.client, tokenizer, system, args.turns, args.max_tokens, fresh_sessions=False)
         no_cache = _replay(uncached.client, tokenizer, system, args.turns, args.max_tokens, fresh_sessions=True)
         new_sessions = _new_sessions(cached.client, uncached.client, system, args)
@@ -162,8 +163,11 @@ def _new_sessions(
 
 
 @contextmanager
-def sidecar(model_dir: Path, adapter_dir: Path, work: Path, window: int, *extra: str) -> Iterator[Sidecar]:
-    """A `delta-mem-mlx serve` process on a free port (OpenBLAS on Linux), healthy, and a client for it."""
+def serve_sidecar(
+    model_dir: Path, adapter_dir: Path, work: Path, window: int, *extra: str, timeout: float = REQUEST_TIMEOUT_S
+) -> Iterator[Sidecar]:
+    """A `serve` process for the model (OpenBLAS preloaded on Linux), stopped when the block ends;
+    `timeout` bounds each request."""
     work.mkdir(parents=True)
     port = _free_port()
     argv = [
@@ -171,7 +175,7 @@ def sidecar(model_dir: Path, adapter_dir: Path, work: Path, window: int, *extra:
         "--model-id", MODEL_ID, "--port", str(port), "--state-dir", str(work / "state"),
         "--context-window", str(window), "--api-key", API_KEY, "--log-level", "warning", *extra,
     ]  # fmt: skip
-    client = SidecarClient(f"http://127.0.0.1:{port}", API_KEY, MODEL_ID)
+    client = SidecarClient(f"http://127.0.0.1:{port}", API_KEY, MODEL_ID, timeout=timeout)
     with server_process(argv, work / "serve.log", lambda: client.get_json("/health").get("status") == "ok") as process:
         yield Sidecar(process, client)
 

@@ -17,7 +17,6 @@ import random
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -26,11 +25,9 @@ from typing import Any
 
 import psutil
 
-from common.health import open_local
 from common.ports import free_port
 from common.settings import SidecarSettings, save_settings
-from installer.memory_eval.conversations import Message
-from installer.sidecar_client import SESSION_HEADER, SidecarClient, SidecarError
+from installer.sidecar_client import Message, SidecarClient, SidecarError
 from supervisors.process import ProcessSupervisor
 from supervisors.readiness import wait_until_healthy
 
@@ -164,40 +161,15 @@ def send(client: SidecarClient, key: str, request: TurnRequest, max_tokens: int)
 
 def leave_mid_stream(client: SidecarClient, key: str, request: TurnRequest, max_tokens: int) -> None:
     """Start a long streamed answer and hang up after its first content token (or its end, if sooner)."""
-    body: dict[str, Any] = {
-        "model": client.model,
-        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-        "stream": True,
-        "max_completion_tokens": max_tokens,
-        "temperature": 0,
-    }
-    if request.attention_state is not None:
-        body["attention_state"] = request.attention_state
-    http = urllib.request.Request(
-        f"{client.base_url}/v1/chat/completions",
-        data=json.dumps(body).encode("utf-8"),
-        headers={"Content-Type": "application/json", SESSION_HEADER: key, "Authorization": f"Bearer {client.api_key}"},
-        method="POST",
-    )
-    # urllib sends "Connection: close", so closing the response drops the connection.
-    with open_local(http, client.timeout) as response:
-        for raw in response:
-            payload = raw.decode("utf-8", "replace").strip().removeprefix("data: ")
-            if payload == "[DONE]":
+    with client.stream(request.messages, key, True, max_tokens, 0, request.attention_state) as answer:
+        for chunk in answer:
+            if chunk.text:
                 return
-            if payload.startswith("{"):
-                choices = json.loads(payload).get("choices") or [{}]
-                if (choices[0].get("delta") or {}).get("content"):
-                    return
 
 
 def state_stats(client: SidecarClient, key: str) -> list[dict[str, Any]]:
     """Per-layer statistics of a session's δ-state (norm, max_abs, nonzero)."""
-    request = urllib.request.Request(
-        f"{client.base_url}/v1/session", headers={SESSION_HEADER: key, "Authorization": f"Bearer {client.api_key}"}
-    )
-    with open_local(request, client.timeout) as response:
-        return json.loads(response.read())["delta"]["delta_state"]
+    return client.session_stats(key)["delta"]["delta_state"]
 
 
 def largest_stat_difference(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:

@@ -1,9 +1,11 @@
-"""Crash-safe file writes shared by the sidecar, the installer and the plugin tools."""
+"""Crash-safe file writes, and bounded reads of regular files, shared by every part of the product."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,33 @@ def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
 def atomic_write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
     """Atomically write `obj` as indented JSON with a trailing newline."""
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", mode)
+
+
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`; OSError for anything else.
+
+    A FIFO or a device in place of a small JSON file must not block for ever or fill memory: the
+    file is opened without blocking and refused unless it is a regular file that fits.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    kind = stat.S_IFMT(os.fstat(fd).st_mode)
+    if kind != stat.S_IFREG:
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"is {_FILE_KINDS.get(kind, 'a special file')}, not a regular file", str(path))
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise OSError(errno.EFBIG, f"is larger than {max_bytes} bytes", str(path))
+    return data
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
-from common.files import atomic_write_json
+from common.files import atomic_write_json, read_regular_file
 from common.layout import RootLayout
 from common.settings import SettingsError, load_settings
 
 RECEIPT_VERSION = 1
+# A receipt lists a few dozen files; anything far bigger is not one.
+MAX_RECEIPT_BYTES = 16 * 1024**2
 _PACKAGES = ("openclaw-delta-mem-mlx", "mlx", "mlx-lm", "huggingface-hub")
 
 
@@ -161,7 +163,7 @@ def load_receipt(root: Path) -> Receipt | None:
     """The root's receipt, or None when there is none; raises ReceiptError when it is unreadable."""
     path = RootLayout.of(root).receipt
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular_file(path, MAX_RECEIPT_BYTES).decode("utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

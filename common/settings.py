@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from common.errors import UserError
-from common.files import atomic_write_json
+from common.files import atomic_write_json, read_regular_file
+from common.kv_budget import KV_BITS, KV_GROUP_SIZES
 
 SETTINGS_FILE = "sidecar.json"
 SETTINGS_VERSION = 1
@@ -29,6 +30,8 @@ DEFAULT_PORT = 8765
 MAX_BATCH = 64
 # Smaller prefill steps spend more on per-call overhead than they save in stream latency.
 MIN_PREFILL_CHUNK = 16
+# A settings file is under a kilobyte; anything far bigger is not one.
+MAX_SETTINGS_BYTES = 1024**2
 
 
 class SettingsError(UserError, ValueError):
@@ -63,6 +66,8 @@ class SidecarSettings:
     api_key: str | None = None
     max_sessions: int = 16
     max_kv_bytes: int = 8 * 1024**3
+    kv_bits: int | None = None  # None: float K/V; 8 or 4: mlx-lm's quantized format
+    kv_group_size: int = 64
     attention_state_source: AttentionStateSource = "request"
     write_policy: WritePolicy = "all"
     prefix_cache: bool = True
@@ -91,6 +96,10 @@ class SidecarSettings:
                 f"prefill_chunk must be in {MIN_PREFILL_CHUNK}..{self.context_window} (the context window); "
                 f"got {self.prefill_chunk}"
             )
+        if self.kv_bits is not None and self.kv_bits not in KV_BITS:
+            raise SettingsError(f"kv_bits must be null (float), 8 or 4 (got {self.kv_bits!r})")
+        if self.kv_group_size not in KV_GROUP_SIZES:
+            raise SettingsError(f"kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}")
         _check_choice("attention_state_source", self.attention_state_source, AttentionStateSource)
         _check_choice("write_policy", self.write_policy, WritePolicy)
         _check_choice("qmd.mode", self.qmd.mode, QmdMode)
@@ -136,7 +145,7 @@ def load_settings(root: Path) -> SidecarSettings:
     """Read and validate the settings file of an install root."""
     path = settings_path(root)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular_file(path, MAX_SETTINGS_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise SettingsError(
             f"{path} does not exist: run 'delta-mem-mlx install-sidecar --root {root}' first"
@@ -182,6 +191,7 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
     "float": (int, float),
     "str | None": (str, type(None)),
+    "int | None": (int, type(None)),
     "float | None": (int, float, type(None)),
     "bool": (bool,),
 }

@@ -13,9 +13,11 @@ from typing import Literal
 
 import psutil
 
+from common.kv_budget import GIB, human_gib, kv_bits_name
+from presets.memory_plan import MemoryPlan
+
 CheckState = Literal["ok", "warn", "fail"]
 
-GIB = 1024**3
 MIN_PYTHON = (3, 11)
 
 
@@ -133,6 +135,27 @@ def check_root(root: Path) -> Check:
     if target == root:
         return Check("root", "ok", f"{root} is writable")
     return Check("root", "ok", f"{root} will be created (in {target})")
+
+
+def check_kv_memory(plan: MemoryPlan) -> Check:
+    """The KV budget this machine gives the model, and how many OpenClaw-sized sessions it holds."""
+    budget = plan.budget
+    report = plan.report()
+    sessions = {name: row["sessions"] for name, row in report["openclaw_sessions"].items()}
+    terms = (
+        f"{human_gib(budget.ram_bytes)} RAM − {human_gib(budget.os_reserve)} macOS and apps − "
+        f"{human_gib(budget.openclaw_reserve)} OpenClaw − {human_gib(budget.model_bytes)} model − "
+        f"{human_gib(budget.runtime_reserve)} runtime"
+    )
+    chosen = kv_bits_name(plan.kv_bits)
+    detail = (
+        f"KV budget {human_gib(budget.kv_bytes)} ({terms}); OpenClaw-sized sessions it holds: "
+        f"{sessions['none']} float, {sessions['8']} at 8-bit, {sessions['4']} at 4-bit; the preset uses "
+        f"{'float' if plan.kv_bits is None else f'{plan.kv_bits}-bit'} KV here, context window {plan.context_window}"
+    )
+    if budget.kv_bytes == 0:
+        return Check("kv budget", "fail", f"no room for a KV cache: {terms} is not positive")
+    return Check("kv budget", "ok" if sessions[chosen] >= 1 else "warn", detail)
 
 
 def check_qmd(qmd_bin: str) -> Check:

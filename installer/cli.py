@@ -1,4 +1,9 @@
-"""The `delta-mem-mlx` command line. This module only assembles the command modules."""
+"""The `delta-mem-mlx` command line. This module only assembles the command modules.
+
+Each command module imports at module level only what its options and help need: whatever is heavy
+(MLX, FastAPI, uvicorn, the Hub client, numpy, psutil, YAML, …) is imported inside the command, when it
+runs, so that `delta-mem-mlx --help` stays fast (tests/test_import_layers.py checks).
+"""
 
 from __future__ import annotations
 

@@ -19,11 +19,14 @@ R = TypeVar("R")
 
 
 def _os_error(exc: OSError) -> str:
+    # The command that failed may not be about a root at all, so the message names the path and the
+    # cause, not a remedy that fits only some commands.
+    where = exc.filename if exc.filename is not None else "while reading or writing a file"
     if exc.errno == errno.ENOSPC:
-        return f"the disk is full ({exc.filename or 'while writing'}): free some space and run the command again"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return f"permission denied: {exc.filename}. Choose a root you can write to (--root)."
-    return str(exc)
+        return f"the disk is full ({where}): free some space and run the command again"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{exc.strerror or 'permission denied'}: {where}. Check who may write there, or choose another path."
+    return f"{exc.strerror}: {where}" if exc.strerror else str(exc)
 
 
 def describe(exc: BaseException) -> str | None:

@@ -1,6 +1,7 @@
 """The install, step by step: checks → plan → consent → downloads → adapter → settings → start → receipt.
 
-Each step raises InstallError naming what failed and what to do. Nothing is written before consent;
+Each step raises InstallError naming what failed and what to do. Nothing is written before consent,
+and from then on the root is locked (supervisors.root_lock) against other commands changing it;
 an existing receipt is removed before anything changes and the new one is written only after every
 other step worked, so a root without a receipt is never mistaken for a working install. A rerun
 reuses every file that is already complete.
@@ -19,6 +20,7 @@ from typing import Any
 
 from common.errors import UserError
 from common.health import Health
+from common.kv_budget import KvShape, human_gib, model_weight_bytes, parse_kv_bits
 from common.layout import RootLayout
 from common.receipt import Receipt, new_receipt, remove_receipt, write_receipt
 from common.settings import SettingsError, SidecarSettings, load_settings, save_settings
@@ -30,6 +32,14 @@ from installer.downloads import (
     plan_downloads,
 )
 from presets.catalog import Preset, Source
+from presets.memory_plan import (
+    MemoryPlan,
+    announced_window,
+    describe_memory,
+    machine_ram,
+    plan_memory,
+    quantization_problem,
+)
 from sidecar.delta.adapter_files import (
     NPZ_FILE,
     PT_FILE,
@@ -41,9 +51,8 @@ from sidecar.delta.adapter_files import (
 )
 from sidecar.delta.config import CONFIG_FILE
 from supervisors import SupervisorKind, make_supervisor
-from supervisors.readiness import wait_until_healthy
-
-DEFAULT_HEALTH_TIMEOUT_S = 600.0
+from supervisors.readiness import DEFAULT_HEALTH_TIMEOUT_S, wait_until_healthy
+from supervisors.root_lock import hold_root
 
 
 class InstallError(UserError, RuntimeError):
@@ -73,6 +82,7 @@ class InstallRequest:
     interactive: bool = False
     progress: bool = True
     health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S
+    kv_bits: str | None = None  # "none", "8" or "4"; None: kept from a previous install, else the preset's for this RAM
 
 
 @dataclass(frozen=True)
@@ -111,9 +121,10 @@ def install(request: InstallRequest, *, echo: Echo, confirm: Confirm) -> Install
         raise InstallError("checks", f"{failed[0].detail} (run 'delta-mem-mlx doctor' for all checks)")
     model_dir = preset.model.path or layout.model_dir(preset.model.repo or "")
     adapter_dir = layout.adapter_dir(preset.adapter.repo) if preset.adapter else None
-    # Settings are checked now, so that a bad --host or --port fails before any download.
+    # Settings are checked now, so that a bad --host, --port or --kv-bits fails before any download.
     settings = _settings_for(preset, request, layout, model_dir, adapter_dir, previous)
     settings.validate()
+    kv_bits = _kv_bits(request, preset, previous)
 
     plan = plan_downloads(preset, layout.root)
     for line in _describe_install(plan, preset, request, supervisor.kind):
@@ -126,38 +137,44 @@ def install(request: InstallRequest, *, echo: Echo, confirm: Confirm) -> Install
         )
     _ask_consent(plan, request, confirm)
 
-    remove_receipt(layout.root)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    if plan.missing_bytes:
-        echo(f"Downloading {human_bytes(plan.missing_bytes)}…")
-    download(plan, progress=request.progress)
+    # From here on the root changes: one command at a time (created first so that it can be locked).
+    with hold_root(layout.root, "delta-mem-mlx install-sidecar", create=True):
+        remove_receipt(layout.root)
+        if plan.missing_bytes:
+            echo(f"Downloading {human_bytes(plan.missing_bytes)}…")
+        download(plan, progress=request.progress)
 
-    model_files = installed_model_files(model_dir, preset.model_files)
-    adapter_files = prepare_adapter(preset.adapter, layout, model_dir) if preset.adapter else []
-    if adapter_dir:
-        echo(f"Adapter ready and matching the model: {adapter_dir}")
+        model_files = installed_model_files(model_dir, preset.model_files)
+        adapter_files = prepare_adapter(preset.adapter, layout, model_dir) if preset.adapter else []
+        if adapter_dir:
+            echo(f"Adapter ready and matching the model: {adapter_dir}")
 
-    save_settings(layout.root, settings)
-    echo(f"Settings written: {layout.settings}")
+        shape = KvShape.from_dirs(model_dir, adapter_dir)
+        memory = plan_memory(preset, shape, model_weight_bytes(model_dir), kv_bits, settings.kv_group_size)
+        settings = _with_memory(settings, preset, memory, previous)
+        installed = MemoryPlan(memory.budget, shape, settings.kv_bits, settings.kv_group_size, settings.context_window)
+        echo(f"Memory: {describe_memory(installed.report(settings.max_kv_bytes))}")
+        save_settings(layout.root, settings)
+        echo(f"Settings written: {layout.settings}")
 
-    health = _start(request, settings, echo) if request.start else None
-    if not request.start and supervisor.status().state == "running":
-        echo("Note: the sidecar that is running keeps the old install until 'delta-mem-mlx restart-sidecar'.")
+        health = _start(request, settings, echo) if request.start else None
+        if not request.start and supervisor.status().state == "running":
+            echo("Note: the sidecar that is running keeps the old install until 'delta-mem-mlx restart-sidecar'.")
 
-    receipt = new_receipt(
-        layout.root,
-        preset=preset.name,
-        model_id=settings.model_id,
-        model_source=_source_text(preset.model, plan, "model"),
-        adapter_source=_source_text(preset.adapter, plan, "adapter") if preset.adapter else None,
-        model_path=model_dir,
-        adapter_path=adapter_dir,
-        supervisor=request.supervisor,
-        files=model_files + adapter_files,
-    )
-    write_receipt(layout.root, receipt)
-    echo(f"Install receipt written: {layout.receipt}")
-    return InstallResult(receipt, settings, health)
+        receipt = new_receipt(
+            layout.root,
+            preset=preset.name,
+            model_id=settings.model_id,
+            model_source=_source_text(preset.model, plan, "model"),
+            adapter_source=_source_text(preset.adapter, plan, "adapter") if preset.adapter else None,
+            model_path=model_dir,
+            adapter_path=adapter_dir,
+            supervisor=request.supervisor,
+            files=model_files + adapter_files,
+        )
+        write_receipt(layout.root, receipt)
+        echo(f"Install receipt written: {layout.receipt}")
+        return InstallResult(receipt, settings, health)
 
 
 def installed_model_files(model_dir: Path, patterns: tuple[str, ...]) -> list[Path]:
@@ -282,6 +299,39 @@ def _settings_for(
     if previous is None:
         return SidecarSettings(**chosen)
     return dataclasses.replace(previous, **chosen)
+
+
+def _kv_bits(request: InstallRequest, preset: Preset, previous: SidecarSettings | None) -> int | None:
+    if request.kv_bits is not None:
+        try:
+            return parse_kv_bits(request.kv_bits)
+        except ValueError as exc:
+            raise InstallError("settings", f"--kv-bits: {exc}") from None
+    if previous is not None:
+        return previous.kv_bits
+    return preset.kv_bits_for(machine_ram())
+
+
+def _with_memory(
+    settings: SidecarSettings, preset: Preset, memory: MemoryPlan, previous: SidecarSettings | None
+) -> SidecarSettings:
+    """The plan's precision, budget and window; a smaller budget set before is kept (never more than fits)."""
+    if memory.budget.kv_bytes == 0:
+        raise InstallError(
+            "memory",
+            f"{human_gib(memory.budget.ram_bytes)} of RAM leaves no room for a KV cache next to the "
+            f"{human_gib(memory.budget.model_bytes)} model, macOS and OpenClaw: choose a smaller model",
+        )
+    problem = quantization_problem(memory.shape, memory.kv_bits, memory.kv_group_size)
+    if problem is not None:
+        raise InstallError("settings", f"--kv-bits {memory.kv_bits}: {problem}; use --kv-bits none")
+    budget = memory.budget.kv_bytes
+    if previous is not None:
+        budget = min(budget, previous.max_kv_bytes)
+    window = announced_window(preset, memory.shape, budget, memory.kv_bits, memory.kv_group_size)
+    return dataclasses.replace(
+        settings, max_kv_bytes=budget, kv_bits=memory.kv_bits, kv_group_size=memory.kv_group_size, context_window=window
+    )
 
 
 def _start(request: InstallRequest, settings: SidecarSettings, echo: Echo) -> Health:

@@ -2,11 +2,16 @@
 
 openclaw.json may be JSON5 (comments, trailing commas, unquoted keys); it is read with `json5`
 and written back as plain JSON, so such syntax is lost: the timestamped backup keeps it.
+
+Only a regular file of a sane size is read (a FIFO would block for ever, `/dev/zero` never ends,
+and `json5` is pure Python: about 30 s per MB on a small machine), a read-only file is left
+alone, and every refusal says that nothing was changed.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import stat
@@ -18,12 +23,15 @@ from typing import Any
 import json5
 
 from common.errors import UserError
-from common.files import atomic_write_bytes
+from common.files import atomic_write_bytes, read_regular_file
 from plugin_tools.payloads import ConfigPatch
 
 CONFIG_FILE = "openclaw.json"
 # The config may carry API keys; a new file is readable by its owner only, as OpenClaw writes it.
 NEW_FILE_MODE = 0o600
+# OpenClaw's own config is a few KB; these bounds keep a wrong --config from hanging the command.
+MAX_CONFIG_BYTES = 4 * 1024**2
+MAX_JSON5_BYTES = 256 * 1024
 
 
 class OpenClawConfigError(UserError, ValueError):
@@ -55,6 +63,37 @@ def openclaw_config_path() -> Path:
     return (Path(home).expanduser() if home else Path.home()) / ".openclaw" / CONFIG_FILE
 
 
+def config_target(path: Path) -> Path:
+    """The file `--config` names, symlinks followed (a symlinked config is written through, as OpenClaw does)."""
+    path = Path(path).expanduser().absolute()
+    try:
+        return Path(os.path.realpath(path, strict=True))
+    except FileNotFoundError:
+        return Path(os.path.realpath(path))  # a new file, or a dangling link whose target is created
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OpenClawConfigError(f"{path} is a loop of symbolic links; nothing was changed") from exc
+        raise OpenClawConfigError(f"{path} cannot be reached ({exc.strerror}); nothing was changed") from exc
+
+
+def read_config(path: Path) -> bytes | None:
+    """The bytes of the config file at `path` (symlinks already followed), or None when there is none.
+
+    Refuses anything but a regular file of at most MAX_CONFIG_BYTES, without blocking on a FIFO.
+    """
+    try:
+        return read_regular_file(path, MAX_CONFIG_BYTES)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EFBIG):
+            raise OpenClawConfigError(f"{path} cannot be read ({exc.strerror}); nothing was changed") from exc
+        raise OpenClawConfigError(
+            f"{path} {exc.strerror}, so it is not OpenClaw's config; nothing was changed",
+            hint="pass --config with the path of OpenClaw's JSON config file (openclaw.json)",
+        ) from exc
+
+
 def parse_config(raw: bytes, path: Path) -> tuple[dict[str, Any], bool]:
     """The config object, and whether it uses JSON5 syntax that plain JSON cannot keep."""
     try:
@@ -66,6 +105,12 @@ def parse_config(raw: bytes, path: Path) -> tuple[dict[str, Any], bool]:
     try:
         data, json5_only = json.loads(text), False
     except (ValueError, RecursionError):
+        if len(raw) > MAX_JSON5_BYTES:
+            raise OpenClawConfigError(
+                f"{path} is not plain JSON, and at {len(raw) // 1024} KB it is too large to read as JSON5 "
+                f"(at most {MAX_JSON5_BYTES // 1024} KB); nothing was changed",
+                hint="make it plain JSON (no comments or trailing commas), or check that it is OpenClaw's config",
+            ) from None
         try:
             data, json5_only = json5.loads(text), True
         except (ValueError, RecursionError) as exc:
@@ -113,25 +158,38 @@ def apply_patch(
     path: Path, patch: ConfigPatch, set_default: bool = True, now: datetime | None = None
 ) -> ApplyResult:
     """Merge the patch into the config file at `path`: backup first, then one atomic write."""
-    # Write through a symlinked config to its target, as OpenClaw itself does.
-    path = Path(path).expanduser().resolve()
-    try:
-        raw: bytes | None = path.read_bytes()
-    except FileNotFoundError:
-        raw = None
-    except OSError as exc:
-        raise OpenClawConfigError(f"{path} cannot be read ({exc}); nothing was changed") from exc
+    path = config_target(path)
+    raw = read_config(path)
     config, json5_only = parse_config(raw, path) if raw is not None else ({}, False)
     merged, previous = merge_patch(config, patch, set_default)
     new_bytes = _json_bytes(merged)
-    backup = None
-    mode = NEW_FILE_MODE
-    if raw is not None:
-        mode = stat.S_IMODE(path.stat().st_mode)
-        backup = _backup_path(path, now or datetime.now(timezone.utc))
-        atomic_write_bytes(backup, raw, mode)
-    atomic_write_bytes(path, new_bytes, mode)
+    mode = NEW_FILE_MODE if raw is None else _writable_mode(path)
+    backup = None if raw is None else _backup_path(path, now or datetime.now(timezone.utc))
+    try:
+        if backup is not None:
+            atomic_write_bytes(backup, raw, mode)
+        atomic_write_bytes(path, new_bytes, mode)
+    except OSError as exc:
+        kept = f" (the backup {backup} was written)" if backup is not None and backup.exists() else ""
+        raise OpenClawConfigError(
+            f"cannot write {exc.filename or path.parent} ({exc.strerror}): {path} is unchanged{kept}",
+            hint="free some space and run the command again"
+            if exc.errno == errno.ENOSPC
+            else f"make {path.parent} writable for you, or pass --config with a file in a folder you can write",
+        ) from exc
     return ApplyResult(path, backup, raw is None, json5_only, previous)
+
+
+def _writable_mode(path: Path) -> int:
+    """The mode of an existing config, after checking its owner did not make it read-only."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    # The write bits are checked too: root may write anywhere, but a 0444 file says "leave me alone".
+    if not mode & 0o222 or not os.access(path, os.W_OK):
+        raise OpenClawConfigError(
+            f"{path} is read-only (mode {mode:04o}); nothing was changed",
+            hint=f"make it writable (chmod u+w {path}) if it should change, then run the command again",
+        )
+    return mode
 
 
 def _json_bytes(config: dict[str, Any]) -> bytes:

@@ -1,4 +1,8 @@
-"""A small streaming chat client for the sidecar (stdlib only): answers with TTFT, latency, headers, usage."""
+"""The one HTTP client of the product's own callers (selftest, eval, benchmarks) for the sidecar.
+
+Stdlib only, and always through `common.health.open_local`, so a configured proxy never sees local
+traffic. Streamed chats come back with TTFT, latency, token counts and the X-Delta-* headers.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,13 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from common.errors import UserError
 from common.health import open_local
-from installer.memory_eval.conversations import Message
 
 SESSION_HEADER = "X-OpenClaw-Session-Key"
 REQUEST_TIMEOUT_S = 900.0
@@ -25,9 +29,21 @@ _HINTS = {
     "model_loading": "wait until 'delta-mem-mlx status' says the sidecar is ready",
 }
 
+Role = Literal["system", "user", "assistant"]
+# Hidden memory as the sidecar takes it: strings, or objects with `text` (+ `source`, `score`).
+AttentionState = Sequence[str | dict[str, Any]]
+
 
 class SidecarError(UserError, RuntimeError):
     """A request to the sidecar failed; the message says what failed and what to do."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message as it is sent."""
+
+    role: Role
+    content: str
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,7 @@ class ChatReply:
     cached_tokens: int
     finish_reason: str | None
     headers: dict[str, str]
+    chunks: int = 0
 
     @property
     def served_mode(self) -> str | None:
@@ -59,8 +76,55 @@ class ChatReply:
         return self.headers.get("x-delta-attention-state-source")
 
 
+@dataclass(frozen=True)
+class StreamChunk:
+    """What one SSE chunk of an answer carried."""
+
+    text: str
+    finish_reason: str | None
+    usage: dict[str, Any] | None
+
+
+class ChatStream:
+    """An answer being streamed: the X-Delta-* headers at once, then its chunks up to `data: [DONE]`.
+
+    Only `data:` lines (and the blank lines between events) are accepted; an error event, a line that
+    is not JSON or a broken connection raises SidecarError. `done` tells whether `[DONE]` arrived.
+    """
+
+    def __init__(self, response: Any, started: float):
+        self.started = started
+        self.headers = {k.lower(): v for k, v in response.headers.items() if k.lower().startswith("x-delta-")}
+        self.done = False
+        self._response = response
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        while not self.done:
+            line = self._readline()
+            if line is None:
+                return
+            if not line:
+                continue
+            if not line.startswith("data: "):
+                raise SidecarError(f"the sidecar's answer stream sent a line that is not SSE data: {line[:80]!r}")
+            payload = line.removeprefix("data: ")
+            if payload == "[DONE]":
+                self.done = True
+                return
+            yield _chunk(payload)
+
+    def _readline(self) -> str | None:
+        try:
+            raw = self._response.readline()
+        except OSError as exc:
+            raise SidecarError(
+                f"the connection to the sidecar broke while it answered ({exc}); see 'delta-mem-mlx logs'"
+            ) from None
+        return raw.decode("utf-8", "replace").strip() if raw else None
+
+
 class SidecarClient:
-    """Chat completions, session resets and read-only probes against one sidecar."""
+    """Chat completions, session statistics and resets, and read-only probes against one sidecar."""
 
     def __init__(self, base_url: str, api_key: str | None, model: str, timeout: float = REQUEST_TIMEOUT_S):
         self.base_url = base_url.rstrip("/")
@@ -75,9 +139,25 @@ class SidecarClient:
         delta: bool,
         max_tokens: int,
         seed: int,
-        attention_state: list[dict[str, Any]] | None = None,
+        attention_state: AttentionState | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> ChatReply:
-        """Stream one greedy (temperature 0) answer in the given session and δ mode."""
+        """Stream one greedy (temperature 0) answer in the given session and δ mode, read to the end."""
+        with self.stream(messages, session_key, delta, max_tokens, seed, attention_state, tools) as answer:
+            return _collect(answer)
+
+    @contextmanager
+    def stream(
+        self,
+        messages: Sequence[Message],
+        session_key: str,
+        delta: bool,
+        max_tokens: int,
+        seed: int,
+        attention_state: AttentionState | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Iterator[ChatStream]:
+        """Open a greedy streamed answer; leaving the block early hangs up (the sidecar cancels the job)."""
         body: dict[str, Any] = {
             "model": self.model,
             "messages": [{"role": m.role, "content": m.content} for m in messages],
@@ -88,31 +168,27 @@ class SidecarClient:
             "seed": seed,
         }
         if attention_state is not None:
-            body["attention_state"] = attention_state
+            body["attention_state"] = list(attention_state)
+        if tools:
+            body["tools"] = tools
         headers = {SESSION_HEADER: session_key, "X-Delta-Mode": "delta" if delta else "base"}
-        request = self._request("POST", "/v1/chat/completions", body, headers)
         started = time.perf_counter()
-        with self._open(request) as response:
-            delta_headers = {k.lower(): v for k, v in response.headers.items() if k.lower().startswith("x-delta-")}
-            try:
-                return _read_stream(response, started, delta_headers)
-            except OSError as exc:
-                raise SidecarError(
-                    f"the connection to the sidecar broke while it answered ({exc}); see 'delta-mem-mlx logs'"
-                ) from None
+        # urllib sends "Connection: close", so closing the response drops the connection.
+        with self._open("POST", "/v1/chat/completions", body, headers) as response:
+            yield ChatStream(response, started)
+
+    def session_stats(self, session_key: str) -> dict[str, Any]:
+        """`GET /v1/session`: the statistics of one session, per δ mode."""
+        return self._get_object("/v1/session", {SESSION_HEADER: session_key})
 
     def reset_session(self, session_key: str) -> None:
         """Forget a session on the sidecar (both δ modes), so no state or file is left behind."""
-        with self._open(self._request("DELETE", "/v1/session", None, {SESSION_HEADER: session_key})) as response:
+        with self._open("DELETE", "/v1/session", None, {SESSION_HEADER: session_key}) as response:
             response.read()
 
     def get_json(self, path: str) -> dict[str, Any]:
         """GET a JSON object, e.g. `/health` or `/v1/models`."""
-        with self._open(self._request("GET", path, None, {})) as response:
-            data = _json(response.read())
-        if not isinstance(data, dict):
-            raise SidecarError(f"GET {self.base_url}{path} did not return a JSON object")
-        return data
+        return self._get_object(path, {})
 
     def served_model(self) -> str:
         """The id of the model the sidecar serves (from /v1/models)."""
@@ -121,9 +197,14 @@ class SidecarClient:
             raise SidecarError(f"{self.base_url}/v1/models lists no model; pass --model-id")
         return str(models[0]["id"])
 
-    def _request(
-        self, method: str, path: str, body: dict[str, Any] | None, headers: dict[str, str]
-    ) -> urllib.request.Request:
+    def _get_object(self, path: str, headers: dict[str, str]) -> dict[str, Any]:
+        with self._open("GET", path, None, headers) as response:
+            data = _json(response.read())
+        if not isinstance(data, dict):
+            raise SidecarError(f"GET {self.base_url}{path} did not return a JSON object")
+        return data
+
+    def _open(self, method: str, path: str, body: dict[str, Any] | None, headers: dict[str, str]) -> Any:
         request = urllib.request.Request(
             f"{self.base_url}{path}",
             data=None if body is None else json.dumps(body).encode("utf-8"),
@@ -132,15 +213,11 @@ class SidecarClient:
         )
         if self.api_key:
             request.add_header("Authorization", f"Bearer {self.api_key}")
-        return request
-
-    def _open(self, request: urllib.request.Request) -> Any:
-        what = f"{request.get_method()} {request.full_url}"
         try:
             return open_local(request, self.timeout)
         except urllib.error.HTTPError as exc:
             error = _error_body(exc.read())
-            raise SidecarError(_failure(f"{what} failed with HTTP {exc.code}", error)) from None
+            raise SidecarError(_failure(f"{method} {request.full_url} failed with HTTP {exc.code}", error)) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise SidecarError(
@@ -149,46 +226,48 @@ class SidecarClient:
             ) from None
 
 
-def _read_stream(response: Any, started: float, headers: dict[str, str]) -> ChatReply:
+def _chunk(payload: str) -> StreamChunk:
+    chunk = _json(payload)
+    if not isinstance(chunk, dict):
+        raise SidecarError(f"the sidecar's answer stream sent a line that is not a JSON object: {payload[:80]!r}")
+    if "error" in chunk:
+        error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+        raise SidecarError(_failure("the sidecar failed while answering", error))
+    texts: list[str] = []
+    finish: str | None = None
+    for choice in chunk.get("choices") or []:
+        texts.append((choice.get("delta") or {}).get("content") or "")
+        finish = choice.get("finish_reason") or finish
+    return StreamChunk("".join(texts), finish, chunk.get("usage"))
+
+
+def _collect(answer: ChatStream) -> ChatReply:
     pieces: list[str] = []
     first: float | None = None
     usage: dict[str, Any] = {}
     finish: str | None = None
-    done = False
-    for raw in response:
-        line = raw.decode("utf-8", "replace").strip()
-        if not line.startswith("data: "):
-            continue
-        payload = line.removeprefix("data: ")
-        if payload == "[DONE]":
-            done = True
-            break
-        chunk = _json(payload)
-        if not isinstance(chunk, dict):
-            raise SidecarError(f"the sidecar's answer stream sent a line that is not a JSON object: {payload[:80]!r}")
-        if "error" in chunk:
-            error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-            raise SidecarError(_failure("the sidecar failed while answering", error))
-        for choice in chunk.get("choices") or []:
-            text = (choice.get("delta") or {}).get("content") or ""
-            if text:
-                first = first if first is not None else time.perf_counter()
-                pieces.append(text)
-            finish = choice.get("finish_reason") or finish
-        usage = chunk.get("usage") or usage
-    if not done:
+    chunks = 0
+    for chunk in answer:
+        chunks += 1
+        if chunk.text:
+            first = first if first is not None else time.perf_counter()
+            pieces.append(chunk.text)
+        finish = chunk.finish_reason or finish
+        usage = chunk.usage or usage
+    if not answer.done:
         raise SidecarError("the sidecar's answer stream ended early (no 'data: [DONE]'); see 'delta-mem-mlx logs'")
-    total = time.perf_counter() - started
+    total = time.perf_counter() - answer.started
     details = usage.get("prompt_tokens_details") or {}
     return ChatReply(
         text="".join(pieces),
-        ttft_s=(first - started) if first is not None else total,
+        ttft_s=(first - answer.started) if first is not None else total,
         total_s=total,
         prompt_tokens=int(usage.get("prompt_tokens", 0)),
         completion_tokens=int(usage.get("completion_tokens", 0)),
         cached_tokens=int(details.get("cached_tokens") or 0),
         finish_reason=finish,
-        headers=headers,
+        headers=answer.headers,
+        chunks=chunks,
     )
 
 

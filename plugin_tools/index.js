@@ -44,12 +44,13 @@ const TOOLS = [
 ];
 
 /**
- * The directory that holds the Python packages: the parent of this plugin's own directory
- * (plugin_tools/). OpenClaw runs a copy of this file, so the plugin's real location comes from
- * api.rootDir; the file's own URL is only a fallback.
+ * The directory that holds the Python packages and the clone's .venv: the plugin root (the clone,
+ * where openclaw.plugin.json is). OpenClaw runs a copy of this file from a capture directory that
+ * leaves the clone's .venv link out, so the real location comes from api.rootDir; the parent of
+ * this file's own directory (plugin_tools/) is only a fallback for a host that does not pass it.
  */
 function pythonRoot(pluginDir) {
-  return path.dirname(path.resolve(pluginDir ?? path.dirname(fileURLToPath(import.meta.url))));
+  return path.resolve(pluginDir ?? path.dirname(path.dirname(fileURLToPath(import.meta.url))));
 }
 
 /** The Python to run: the configured command, else the checkout's venv, else python3. */

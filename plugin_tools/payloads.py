@@ -104,6 +104,25 @@ class HealthReport(TypedDict):
     problem: str | None
 
 
+class SessionsAtPrecision(TypedDict):
+    """What one OpenClaw-sized session holds at a KV precision, and how many the budget holds."""
+
+    bytes_per_session: int
+    sessions: int
+
+
+class MemoryReport(TypedDict):
+    """The installed sidecar's KV budget and precision, the formula's terms on this machine, and how
+    many OpenClaw-sized sessions (12,280-token first request + 4,096 own tokens) the budget holds."""
+
+    formula: dict[str, int]
+    kv_budget_bytes: int
+    kv_bits: str
+    kv_group_size: int
+    context_window: int
+    openclaw_sessions: dict[str, SessionsAtPrecision]
+
+
 class StatusPayload(TypedDict):
     """The result of `delta_mem_mlx_status`."""
 
@@ -114,6 +133,7 @@ class StatusPayload(TypedDict):
     install: InstallReport
     supervisor: SupervisorReport
     health: HealthReport
+    memory: MemoryReport | None
     plugin_config: PluginConfig
     next_steps: list[str]
     notes: list[str]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
+from plugin_tools.config_check import value_problem
 from plugin_tools.payloads import (
     PROVIDER_CONFIG_TOOL,
     PROVIDER_ID,
@@ -18,6 +19,7 @@ from plugin_tools.payloads import (
 )
 from plugin_tools.target import install_root, installed_settings, resolve_api_base
 from presets.catalog import MIN_CONTEXT_WINDOW, load_preset
+from presets.memory_plan import preset_plan
 
 # Before anything is installed, the block describes what the default preset will serve.
 DEFAULT_PRESET = "qwen3-delta"
@@ -32,6 +34,8 @@ APPLY_COMMAND = "delta-mem-mlx provider-config --apply"
 _SLOWEST_PREFILL_TOKENS_PER_S = 100
 _SLOWEST_DECODE_TOKENS_PER_S = 10
 _MIN_TIMEOUT_S = 300
+# Far beyond any model's window; bounds the arithmetic on values a model or a config sends.
+MAX_TOKEN_COUNT = 100_000_000
 
 
 class ProviderConfigError(UserError, ValueError):
@@ -59,8 +63,10 @@ def resolve_inputs(root: Path, config: PluginConfig, params: ProviderConfigParam
     notes: list[str] = []
     if settings is None:
         preset = load_preset(DEFAULT_PRESET)
-        defaults_from = f"the {DEFAULT_PRESET} preset (nothing installed at {root} yet)"
-        installed_window, installed_max = preset.context_window, preset.max_output_tokens
+        defaults_from = f"the {DEFAULT_PRESET} preset on this machine (nothing installed at {root} yet)"
+        plan = preset_plan(preset)  # the window an install would announce here
+        installed_window = plan.context_window if plan is not None else preset.context_window
+        installed_max = preset.max_output_tokens
         installed_id = preset.model_id or ""
     else:
         defaults_from = f"the sidecar installed at {root}"
@@ -190,6 +196,8 @@ def check_params(params: dict[str, object]) -> ProviderConfigParams:
     for name in ("baseUrl", "modelId"):
         if name in params and (not isinstance(params[name], str) or not params[name]):
             raise ProviderConfigError(f"{name} must be a non-empty string (got {params[name]!r})")
+        if name in params and (problem := value_problem(params[name], {"type": "string"})) is not None:
+            raise ProviderConfigError(f"{name} {problem}")
     for name in ("contextWindow", "maxTokens"):
         if name in params:
             _positive_int(name, params[name])
@@ -197,6 +205,6 @@ def check_params(params: dict[str, object]) -> ProviderConfigParams:
 
 
 def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ProviderConfigError(f"{name} must be a positive integer (got {value!r})")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOKEN_COUNT:
+        raise ProviderConfigError(f"{name} must be a positive integer up to {MAX_TOKEN_COUNT} (got {value!r})")
     return value

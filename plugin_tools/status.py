@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -9,12 +10,14 @@ from pathlib import Path
 import psutil
 
 from common.health import probe_health
+from common.kv_budget import kv_budget
 from common.receipt import read_receipt, verify_receipt
 from common.settings import SettingsError, SidecarSettings
 from plugin_tools.payloads import (
     STATUS_TOOL,
     HealthReport,
     InstallReport,
+    MemoryReport,
     PlatformReport,
     PluginConfig,
     StatusPayload,
@@ -27,7 +30,9 @@ from plugin_tools.target import (
     resolve_api_base,
     settings_for_url,
 )
+from presets.memory_plan import MemoryPlan, installed_shape, machine_ram
 from supervisors import supervisor_for_root
+from supervisors.port_owner import describe_listener, listener_pid
 
 # The tool runs inside an agent turn: a sidecar that does not answer quickly is reported, not awaited.
 HEALTH_TIMEOUT_S = 2.0
@@ -113,6 +118,17 @@ def health_report(target: SidecarSettings, api_base: str) -> HealthReport:
     }
 
 
+def memory_report(settings: SidecarSettings) -> MemoryReport | None:
+    """The installed KV budget and precision against this machine's formula (None: the model is unreadable)."""
+    installed = installed_shape(settings.model_path, settings.adapter_path)
+    if installed is None:
+        return None
+    shape, weights = installed
+    budget = kv_budget(machine_ram(), weights)
+    plan = MemoryPlan(budget, shape, settings.kv_bits, settings.kv_group_size, settings.context_window)
+    return plan.report(settings.max_kv_bytes)  # type: ignore[return-value]
+
+
 def build_status(config: PluginConfig) -> StatusPayload:
     """The `delta_mem_mlx_status` payload for the configured install root."""
     root = install_root(config)
@@ -139,12 +155,29 @@ def build_status(config: PluginConfig) -> StatusPayload:
         "ready": ready,
         "platform": platform_report(),
         "install": install,
-        "supervisor": supervisor_report(root),
+        "supervisor": _reconciled(supervisor_report(root), settings, health),
         "health": health,
+        "memory": memory_report(settings) if settings is not None else None,
         "plugin_config": config,
         "next_steps": _next_steps(root, install, health, ready),
         "notes": notes,
     }
+
+
+def _reconciled(
+    supervisor: SupervisorReport, settings: SidecarSettings | None, health: HealthReport
+) -> SupervisorReport:
+    """The supervisor's report, unless a sidecar of this root answers while the supervisor runs none."""
+    body = health["body"] or {}
+    if supervisor["state"] == "running" or settings is None or body.get("model") != settings.model_id:
+        return supervisor
+    pid = listener_pid(settings.port)
+    detail = (
+        f"a sidecar of this root answers at {health['url']} ({describe_listener(settings.port)}), but "
+        f"{supervisor['kind'] or 'no supervisor'} does not run it ({supervisor['detail']}): it was started "
+        "with --foreground or by hand, or outlived its keeper; stop-sidecar cannot stop it"
+    )
+    return {**supervisor, "state": "unsupervised", "pid": pid, "detail": detail, "uptime_s": _uptime(pid)}
 
 
 def _uptime(pid: int | None) -> float | None:
@@ -198,7 +231,7 @@ def _config_notes(config: PluginConfig, settings: SidecarSettings | None) -> lis
         )
     adapter = config.get("attentionAdapter")
     served = Path(settings.adapter_path) if settings.adapter_path else None
-    if adapter and Path(adapter).expanduser().resolve() != served:
+    if adapter and Path(os.path.realpath(Path(adapter).expanduser())) != served:
         notes.append(
             f"the plugin config's attentionAdapter {adapter} is not the adapter the sidecar serves ({served})"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,7 +27,8 @@ def install_root(config: PluginConfig) -> Path:
     """The plugin's `sidecarRoot`, else the default install root."""
     configured = config.get("sidecarRoot")
     if configured:
-        return Path(configured).expanduser().resolve()
+        # realpath, not Path.resolve: Python 3.11 raises RuntimeError for a loop of symlinks.
+        return Path(os.path.realpath(Path(configured).expanduser()))
     return default_root()
 
 
@@ -39,12 +41,12 @@ def installed_settings(root: Path) -> SidecarSettings | None:
 
 def api_base_url(url: str) -> str:
     """Normalise a sidecar URL given with or without `/v1` to the `…/v1` form OpenClaw wants."""
-    parts = urlsplit(url.strip())
     example = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}/v1"
     try:
+        parts = urlsplit(url.strip())
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
-    except ValueError:
-        raise TargetError(f"sidecar URL {url!r} has a bad port; use a URL like {example}") from None
+    except ValueError as exc:
+        raise TargetError(f"sidecar URL {url!r} cannot be used ({exc}); use a URL like {example}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise TargetError(f"sidecar URL {url!r} is not an http(s) URL like {example}")
     path = parts.path.rstrip("/")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -12,6 +13,7 @@ from typing import Any
 import yaml
 
 from common.errors import UserError
+from common.kv_budget import GIB, KV_BITS, KvShape
 
 # OpenClaw refuses a provider model with a smaller context window (DESIGN.md §6).
 MIN_CONTEXT_WINDOW = 16000
@@ -26,8 +28,12 @@ _PRESET_KEYS = {
     "min_memory_gb",
     "context_window",
     "max_output_tokens",
+    "max_context_window",
+    "kv_bits_by_ram",
+    "kv_shape",
     "adapter",
 }
+_SHAPE_KEYS = {"layers", "kv_heads", "head_dim", "dtype_bytes", "delta_layers", "delta_state_floats", "weights_bytes"}
 _MODEL_KEYS = {"repo", "path", "revision", "files"}
 _ADAPTER_KEYS = {"repo", "path", "revision", "alternatives"}
 
@@ -74,6 +80,18 @@ class Preset:
     max_output_tokens: int
     adapter: Source | None
     adapter_alternatives: tuple[str, ...] = ()
+    max_context_window: int | None = None  # announced when the KV budget holds a full window of it
+    kv_bits_by_ram: tuple[tuple[float, int | None], ...] = ()  # (from this many GB of RAM, KV bits)
+    kv_shape: KvShape | None = None  # to plan memory before the model is downloaded
+    weights_bytes: int | None = None
+
+    def kv_bits_for(self, ram_bytes: int) -> int | None:
+        """The preset's KV precision for a machine with this much RAM (None: float K/V)."""
+        bits = None
+        for from_gb, choice in self.kv_bits_by_ram:
+            if ram_bytes + GIB // 2 >= from_gb * GIB:  # "16 GB" Macs report a little under 16 GiB
+                bits = choice
+        return bits
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly summary for `presets --json`."""
@@ -87,6 +105,8 @@ class Preset:
             "max_output_tokens": self.max_output_tokens,
             "adapter": self.adapter.describe() if self.adapter else None,
             "adapter_alternatives": list(self.adapter_alternatives),
+            "max_context_window": self.max_context_window,
+            "kv_bits_by_ram": [[gb, bits] for gb, bits in self.kv_bits_by_ram],
         }
 
     def check_complete(self) -> None:
@@ -160,9 +180,14 @@ def parse_preset(data: Any, origin: str) -> Preset:
         max_output_tokens=_positive_int(top.get("max_output_tokens", 4096), f"{where}: max_output_tokens"),
         adapter=adapter,
         adapter_alternatives=alternatives,
+        max_context_window=_max_window(top.get("max_context_window"), f"{where}: max_context_window"),
+        kv_bits_by_ram=_kv_bits_by_ram(top.get("kv_bits_by_ram", {}), f"{where}: kv_bits_by_ram"),
+        **_kv_shape(top.get("kv_shape"), f"{where}: kv_shape"),
     )
     if preset.max_output_tokens >= preset.context_window:
         raise PresetError(f"{where}: max_output_tokens must be smaller than context_window")
+    if preset.max_context_window is not None and preset.max_context_window < preset.context_window:
+        raise PresetError(f"{where}: max_context_window must be at least context_window")
     return preset
 
 
@@ -262,8 +287,35 @@ def _context_window(value: Any, where: str) -> int:
     return window
 
 
+def _max_window(value: Any, where: str) -> int | None:
+    return None if value is None else _context_window(value, where)
+
+
+def _kv_bits_by_ram(value: Any, where: str) -> tuple[tuple[float, int | None], ...]:
+    if not isinstance(value, dict):
+        raise PresetError(f"{where} must map GB of RAM to KV bits (8, 4 or null)")
+    rows = []
+    for from_gb, bits in value.items():
+        if isinstance(from_gb, bool) or not isinstance(from_gb, (int, float)) or from_gb < 0:
+            raise PresetError(f"{where}: {from_gb!r} is not an amount of RAM in GB")
+        if bits is not None and bits not in KV_BITS:
+            raise PresetError(f"{where}: {bits!r} is not 8, 4 or null")
+        rows.append((float(from_gb), bits))
+    return tuple(sorted(rows))
+
+
+def _kv_shape(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    data = _mapping(value, where, _SHAPE_KEYS, required=_SHAPE_KEYS - {"delta_layers", "delta_state_floats"})
+    numbers = {key: _positive_int(data[key], f"{where}.{key}") for key in data}
+    weights = numbers.pop("weights_bytes")
+    return {"kv_shape": KvShape(**numbers), "weights_bytes": weights}
+
+
 def _existing_dir(path: Path, where: str) -> Path:
-    resolved = Path(path).expanduser().resolve()
+    # realpath, not Path.resolve: Python 3.11 raises RuntimeError for a loop of symlinks.
+    resolved = Path(os.path.realpath(Path(path).expanduser()))
     if not resolved.is_dir():
         raise PresetError(f"{where}: {resolved} is not a directory")
     return resolved

@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.settings import SidecarSettings
+from sidecar.connection_limits import raise_open_file_limit
 from sidecar.engine_io import EngineError, EngineLike
 from sidecar.protocol import ApiError, ChatCompletionRequest, ErrorType, ModelCard, ModelList
 from sidecar.serving import ChatCompletionService
@@ -49,7 +50,13 @@ class ServerState:
     settings: SidecarSettings
     started: float
     chat: ChatCompletionService | None = None
-    load_error: str | None = None
+    load_failure: BaseException | None = None
+
+    @property
+    def load_error(self) -> str | None:
+        """Why the model failed to load, for /health and 503 answers."""
+        failure = self.load_failure
+        return None if failure is None else f"{type(failure).__name__}: {failure}"
 
     def ready_chat(self) -> ChatCompletionService:
         """The chat service, or a 503 that says why there is none yet."""
@@ -67,6 +74,11 @@ class ServerState:
         """The engine, or a 503 that says why there is none yet."""
         return self.ready_chat().engine
 
+    def end_answers(self) -> None:
+        """End every answer still running, and any started from now on (the server is stopping)."""
+        if self.chat is not None:
+            self.chat.end_answers()
+
 
 def create_app(
     settings: SidecarSettings, load_engine: EngineLoader | None = None, max_body_bytes: int = MAX_BODY_BYTES
@@ -81,7 +93,9 @@ def create_app(
         try:
             yield
         finally:
-            loading.cancel()
+            # A load cannot be interrupted: wait for it, so that its engine is closed too. An MLX
+            # engine left running into interpreter teardown aborts the process.
+            await loading
             if state.chat is not None:
                 await state.chat.engine.close()
 
@@ -102,7 +116,10 @@ def create_app(
             status = "error" if state.load_error else "loading"
             extra = {"error": state.load_error} if state.load_error else {}
             return JSONResponse({"status": status, **base, **extra}, status_code=503)
-        return JSONResponse({"status": "ok", **await state.chat.engine.health(), **base})
+        engine = await state.chat.engine.health()
+        # Still serving, but something the user relies on (saving sessions) is failing.
+        status = "degraded" if engine.get("problems") else "ok"
+        return JSONResponse({"status": status, **engine, **base})
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -143,7 +160,10 @@ def _load_real_engine(settings: SidecarSettings) -> EngineLike:
     # tests with a fake engine do not need.
     from sidecar.engine import load_engine
 
-    return load_engine(settings)
+    engine = load_engine(settings)
+    # Importing mlx-lm set the soft open-file limit to 2048 (the hard one to 4096): take it back up.
+    raise_open_file_limit()
+    return engine
 
 
 async def _load(state: ServerState, loader: EngineLoader) -> None:
@@ -152,7 +172,7 @@ async def _load(state: ServerState, loader: EngineLoader) -> None:
         engine = await asyncio.to_thread(loader, state.settings)
     except Exception as exc:
         log.exception("loading the model failed")
-        state.load_error = f"{type(exc).__name__}: {exc}"
+        state.load_failure = exc
         return
     state.chat = ChatCompletionService(engine, state.settings)
     log.info("model %s ready in %.1f s", state.settings.model_id, time.monotonic() - began)

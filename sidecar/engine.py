@@ -18,7 +18,7 @@ import logging
 import platform
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +26,22 @@ from typing import Any, TypeVar
 
 import mlx.core as mx
 import mlx_lm
-from mlx_lm.models.cache import make_prompt_cache
 
+from common.kv_budget import KvShape, kv_bits_name
 from common.settings import SidecarSettings
 from sidecar import decoding
 from sidecar.decoding import Row
-from sidecar.delta.api import attach_delta_mem, delta_info, delta_states, set_delta_controls, write_context
+from sidecar.delta.api import (
+    attach_delta_mem,
+    check_kv_quantization,
+    delta_info,
+    delta_record_nbytes,
+    delta_states,
+    make_cache,
+    restorable_offset,
+    set_delta_controls,
+    write_context,
+)
 from sidecar.engine_io import (
     ChatJob,
     EngineError,
@@ -41,14 +51,25 @@ from sidecar.engine_io import (
     PromptDone,
     ToolCallFormat,
 )
+from sidecar.fingerprint import SessionFingerprint
+from sidecar.memory_guard import KvBudgetExceeded, KvGuard, effective_budget, eviction_plan, is_allocation_failure
 from sidecar.prefix_cache import PrefixCache
-from sidecar.prompts import TokenFloor, leading_span, message_spans, render_prompt, render_text
+from sidecar.prompts import (
+    TokenFloor,
+    leading_span,
+    message_spans,
+    message_start_id,
+    message_starts,
+    render_prompt,
+    render_text,
+)
+from sidecar.replay_check import ReplayChecks, checkpoint_offsets, checkpoint_states, saved_points
 from sidecar.sampling import row_sampler
 from sidecar.scheduler import Admission, Cancelled, JobStream, Scheduler
 from sidecar.session_keys import hash_session_key
 from sidecar.session_report import describe_session
 from sidecar.session_state import Segment, Session, SnippetWrite
-from sidecar.sessions import SessionStore
+from sidecar.sessions import SessionStore, StateWriteError
 from sidecar.stop_strings import StopScanner
 from sidecar.write_plan import WritePolicy, common_prefix, plan_writes, replay_steps, shared_boundary
 
@@ -67,6 +88,10 @@ RENDER_THREADS = 4
 CLEAR_CACHE_STEPS = 256
 
 
+ENGINE_FAILED = Failed("the engine failed while answering; see the server log", "engine_error", 500)
+OUT_OF_MEMORY = Failed("the server ran out of memory for this request; it is healthy, retry", "out_of_memory", 503)
+
+
 class PromptRefused(Exception):
     """A prompt that cannot run, with the failure to send its client."""
 
@@ -82,6 +107,8 @@ class _Counters:
     cancelled: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    refused_for_memory: int = 0
+    allocation_failures: int = 0
     # Render threads count failures too; every change goes through add().
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -97,6 +124,8 @@ def load_engine(settings: SidecarSettings) -> "Engine":
     model, tokenizer = mlx_lm.load(settings.model_path)
     if settings.adapter_path:
         attach_delta_mem(model, settings.adapter_path)
+    if settings.kv_bits is not None:
+        check_kv_quantization(model, settings.kv_bits, settings.kv_group_size)
     return Engine(model, tokenizer, settings)
 
 
@@ -116,9 +145,12 @@ class Engine:
             tool_call_format=_tool_call_format(tokenizer),
         )
         state_dir = Path(settings.state_dir) if settings.state_dir else None
-        self.store = SessionStore(settings.max_sessions, settings.max_kv_bytes, state_dir, _fingerprint(settings))
+        self.guard = _kv_guard(model, settings)
+        self.store = SessionStore(settings.max_sessions, self.guard.budget, state_dir, _fingerprint(settings))
         self.prefixes = PrefixCache(max_entries=PREFIX_ENTRIES if settings.prefix_cache else 0)
         self.counters = _Counters()
+        self.replays = ReplayChecks()
+        self._message_start = message_start_id(tokenizer)
         self.started = time.time()
         self.policy = WritePolicy(
             delta=True,
@@ -157,8 +189,13 @@ class Engine:
                 "max_kv_bytes": self.store.max_kv_bytes,
                 "persisted": self.store.persisted_count(),
                 "evictions": self.store.evictions,
+                "replay_checks": self.replays.checks,
+                "replay_mismatches": self.replays.mismatches,
+                **self.store.save_report(),
             },
+            "problems": self.store.saves.problems(),
             "prefix_cache": self.prefixes.stats(),
+            "memory": self._memory_report(sessions),
             "jobs": {
                 "completed": self.counters.jobs,
                 "failed": self.counters.failed,
@@ -166,6 +203,8 @@ class Engine:
                 "queued": batch["waiting"],
                 "prompt_tokens": self.counters.prompt_tokens,
                 "cached_tokens": self.counters.cached_tokens,
+                "refused_for_memory": self.counters.refused_for_memory,
+                "allocation_failures": self.counters.allocation_failures,
             },
             "batch": {**batch, "prefill_chunk": self.settings.prefill_chunk},
             "engine_uptime_s": round(time.time() - self.started, 1),
@@ -230,11 +269,18 @@ class Engine:
         assert admission.prompt is not None  # the scheduler starts rendered jobs only
         try:
             return (yield from self._prefill_job(admission.job, admission.prompt, admission.stream))
-        except Exception:
+        except KvBudgetExceeded as exc:
+            self.counters.add(refused_for_memory=1)
+            admission.stream.emit(Failed(str(exc), "kv_budget_exceeded", 413))
+        except Exception as exc:
             self.counters.add(failed=1)
-            log.exception("chat job failed (session %s)", admission.key[:12])
-            admission.stream.emit(Failed("the engine failed while answering; see the server log", "engine_error", 500))
-            return None
+            if is_allocation_failure(exc):
+                self._after_allocation_failure(admission.key, exc)
+                admission.stream.emit(OUT_OF_MEMORY)
+            else:
+                log.exception("chat job failed (session %s)", admission.key[:12])
+                admission.stream.emit(ENGINE_FAILED)
+        return None
 
     def decode(self, rows: list[Row]) -> list[Row]:
         """One token for every row in one forward pass; finishes off and returns the rows that ended."""
@@ -243,14 +289,23 @@ class Engine:
         failed: list[Row] = []
         try:
             if live:
+                # Memory guard: room for the token every row adds in this step.
+                self._make_room_to_grow((len(row.session.tokens), 1) for row in live)
                 ended += decoding.step(self.model, live)
-        except Exception:
-            log.exception("a decode step failed (%d rows)", len(live))
+        except Exception as exc:
+            # The step may have written part of every row's caches: they are rebuilt from their
+            # histories at their next turns, and every row of the step fails.
+            out_of_memory = is_allocation_failure(exc)
+            if out_of_memory:
+                self.counters.add(allocation_failures=1)
+                log.error("out of memory in a decode step of %d rows: %s", len(live), exc)
+                mx.clear_cache()
+            else:
+                log.exception("a decode step failed (%d rows)", len(live))
             for row in live:
-                # The step may have written part of the cache: it is rebuilt from the history next turn.
                 row.session.cache = None
                 self.counters.add(failed=1)
-                row.stream.emit(Failed("the engine failed while answering; see the server log", "engine_error", 500))
+                row.stream.emit(OUT_OF_MEMORY if out_of_memory else ENGINE_FAILED)
             failed = live
         if self._scheduler.steps % CLEAR_CACHE_STEPS == 0:
             mx.clear_cache()
@@ -269,6 +324,10 @@ class Engine:
         session = self.store.get(hash_session_key(job.session_key), delta)
         began = time.perf_counter()
         boundary = shared_boundary(leading_span(self.tokenizer, prompt), len(prompt))
+        max_tokens = min(job.max_tokens, window - len(prompt))
+        # Memory guard: room for the whole request (and a new shared-prefix snapshot) before any prefill.
+        snapshot = boundary if boundary and not self.prefixes.contains(_mode(session), prompt[:boundary]) else 0
+        self._reserve(session, len(prompt) + max_tokens, _count_messages(self.tokenizer, prompt), snapshot)
         try:
             reused = yield from self._prepare(session, prompt, boundary, stream)
             written = (yield from self._write_snippets(session, job.snippets)) if delta else 0
@@ -285,12 +344,16 @@ class Engine:
             time.perf_counter() - began, written,
         )
         stream.emit(PromptDone(prompt_tokens=len(prompt), cached_tokens=reused, snippets_written=written))
+        # Memory guard: the answer's room again, now that the prompt (and any snapshot) is in.
+        self._reserve(session, len(session.tokens) + max_tokens, _count_messages(self.tokenizer, prompt))
         if session.delta:
-            set_delta_controls(session.cache)  # token writes while decoding, as the reference does
+            # Token writes while decoding, as the reference does; the state where the answer starts
+            # is kept, so that a retried request rolls back to it without prefilling again.
+            set_delta_controls(session.cache, keep=[session.cache[0].offset])
         return Row(
             session=session,
             stream=stream,
-            max_tokens=min(job.max_tokens, window - len(prompt)),
+            max_tokens=max_tokens,
             sampler=row_sampler(job.temperature, job.top_p, job.seed),
             detokenizer=self.tokenizer.detokenizer,
             scanner=StopScanner(job.stop),
@@ -301,13 +364,13 @@ class Engine:
     def _prepare(self, session: Session, prompt: list[int], boundary: int, stream: JobStream) -> Steps[int]:
         """Cut the session back to what it shares with this prompt, then bring it up to the shared
         boundary (the end of the leading system prompt) from a zero state; returns tokens reused."""
-        common = common_prefix(session.tokens, prompt)
-        target = session.safe_offset(min(common, len(prompt) - 1))
+        limit = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
         if session.cache is None:
-            reused = yield from self._rebuild(session, target, stream)
+            reused = yield from self._rebuild(session, session.safe_offset(limit), stream)
         else:
-            session.truncate(target)
-            reused = target
+            # Back to a cut the δ record restores exactly: at most 63 tokens before `limit`.
+            reused = session.cut_point(limit, lambda offset: restorable_offset(session.cache, offset))
+            session.truncate(reused)
         if len(session.tokens) < boundary and not session.snippet_writes:
             reused = max(reused, self._start_from_shared_prefix(session, prompt, boundary))
             start = len(session.tokens)
@@ -330,7 +393,9 @@ class Engine:
 
     def _rebuild(self, session: Session, target: int, stream: JobStream) -> Steps[int]:
         """Recreate the KV cache of a new, evicted or restored session by replaying its history up to
-        `target` (from a shared prefix when one matches); returns the tokens taken from that prefix."""
+        `target` (from a shared prefix when one matches), checked against the δ-states it saved; returns
+        the tokens taken from that prefix."""
+        saved = saved_points(session)
         history = Session(
             session.key_hash, session.delta, list(session.tokens), list(session.segments), list(session.snippet_writes)
         )
@@ -351,10 +416,10 @@ class Engine:
                 tokens = history.tokens[step.segment.start : step.segment.end]
                 yield from self._run_segment(fresh, tokens, step.segment, stream)
         # Only now, with the replay complete, does the session change: a cancelled replay loses nothing.
-        if session.saved_states is not None and target == len(session.tokens) and session.delta:
-            _check_replay(fresh, self.model, session.saved_states)
+        if session.delta:
+            self.replays.check(self.model, fresh, saved)
         session.tokens, session.segments, session.snippet_writes = fresh.tokens, fresh.segments, fresh.snippet_writes
-        session.cache, session.saved_states = fresh.cache, None
+        session.cache, session.saved_states, session.saved_checkpoints = fresh.cache, None, {}
         session.prefilled_tokens += fresh.prefilled_tokens
         return shared
 
@@ -389,17 +454,22 @@ class Engine:
         """Write tokens into the session's cache the way the segment says, a chunk per step, checking
         for cancellation before each."""
         cache = session.cache
-        chunk = self.settings.prefill_chunk
         if seg.kind == "messages":
             steps = [(0, len(tokens))]  # one call: message-mean writes depend on call boundaries
         else:
+            chunk = self.guard.prefill_step(seg.end, self.settings.prefill_chunk)
             steps = [(i, min(i + chunk, len(tokens))) for i in range(0, len(tokens), chunk)]
+        # The δ record keeps the state before and after every message's `<|im_start|>`: a new request
+        # diverges from the session right after one (the next role differs), so rollbacks land there.
+        marks = [seg.start + i + j for i in message_starts(self.tokenizer, tokens) for j in (0, 1)]
         for a, b in steps:
             if stream.cancelled:
                 raise Cancelled
+            # Memory guard: room for what this step adds, beside the caches of the other answers.
+            self._make_room_to_grow([(len(session.tokens), b - a)])
             if session.delta:
                 ids = [list(seg.message_ids[a:b])] if seg.kind == "messages" else None
-                set_delta_controls(cache, write=seg.kind != "read", message_ids=ids)
+                set_delta_controls(cache, write=seg.kind != "read", message_ids=ids, keep=marks)
             self.model(mx.array([tokens[a:b]]), cache=cache)
             mx.eval([c.state for c in cache])
             piece = Segment(seg.start + a, seg.start + b, seg.kind, seg.message_ids[a:b] if seg.message_ids else ())
@@ -415,28 +485,101 @@ class Engine:
         self._enforce_limits()
         stream.emit(Finished(reason, completion_tokens))  # type: ignore[arg-type]
 
+    # ---- memory guard: the one place that keeps the caches within the KV budget ----------
+
+    def _reserve(self, session: Session, tokens: int, messages: int, snapshot_tokens: int = 0) -> None:
+        """Make room for `session` to hold `tokens` tokens (plus a prefix snapshot) beside the sessions
+        answering now; raise KvBudgetExceeded when it cannot fit even alone."""
+        needed = self.guard.session_bytes(tokens, messages)
+        if snapshot_tokens:
+            needed += self.guard.session_bytes(snapshot_tokens)
+        if needed > self.guard.budget:
+            raise KvBudgetExceeded(needed, self.guard.budget, tokens)
+        self._make_room(needed, growing=session)
+
+    def _make_room_to_grow(self, growth: Iterable[tuple[int, int]]) -> None:
+        """Make room for sessions of `length` tokens to take `added` more, for each (length, added)."""
+        size = self.guard.session_bytes
+        needed = sum(size(length + added) - size(length) for length, added in growth)
+        if needed > 0:
+            self._make_room(needed)
+
+    def _make_room(self, needed: int, growing: Session | None = None) -> None:
+        """Evict idle sessions (least recently used first), then shared prefixes, until `needed` bytes
+        fit in the budget beside the caches of the sessions answering now (`growing`'s own cache is
+        part of `needed`). Answering sessions are never evicted: when they hold the rest, every idle
+        one goes and the step runs (a failed allocation then fails its requests, not the server)."""
+        busy = self._scheduler.busy_keys()
+        sessions = [s for s in self.store.sessions() if s.cache is not None and s is not growing]
+        answering = sum(s.kv_bytes for s in sessions if s.key_hash in busy)
+        idle = [(("session", s.file_stem), s.kv_bytes) for s in sessions if s.key_hash not in busy]
+        idle += [(("prefix", key), nbytes) for key, nbytes in self.prefixes.entries()]
+        plan = eviction_plan(answering + needed, self.guard.budget, idle)
+        for kind, key in plan if plan is not None else [key for key, _ in idle]:
+            if kind == "session":
+                self.store.evict(key, "kv budget")
+            else:
+                self.prefixes.evict(key)
+
+    def _after_allocation_failure(self, key_hash: str, exc: BaseException) -> None:
+        """Drop the caches a failed allocation may have left half-written, and MLX's free buffers."""
+        self.counters.add(allocation_failures=1)
+        log.error("out of memory while answering session %s: %s", key_hash[:12], exc)
+        for delta in (True, False):
+            session = self.store.peek(key_hash, delta)
+            if session is not None:
+                session.cache = None  # rebuilt from its history at its next turn
+        mx.clear_cache()
+
+    def _memory_report(self, sessions: list[Session]) -> dict[str, Any]:
+        with_kv = [s for s in sessions if s.cache is not None]
+        return {
+            "kv_budget_bytes": self.guard.budget,
+            "kv_bits": kv_bits_name(self.settings.kv_bits),
+            "kv_group_size": self.settings.kv_group_size,
+            "kv_bytes": self.store.kv_bytes + self.prefixes.nbytes,
+            "shared_prefix_bytes": self.prefixes.nbytes,
+            "delta_record_bytes": sum(delta_record_nbytes(s.cache) for s in with_kv) + self.prefixes.delta_nbytes,
+            "sessions": [
+                {
+                    "session": s.key_hash[:12],
+                    "mode": _mode(s),
+                    "tokens": len(s.tokens),
+                    "kv_bytes": s.kv_bytes,
+                    "delta_record_bytes": delta_record_nbytes(s.cache),
+                }
+                for s in with_kv
+            ],
+            "mlx_active_bytes": mx.get_active_memory(),
+            "mlx_peak_bytes": mx.get_peak_memory(),
+        }
+
     def _enforce_limits(self) -> None:
         """Sessions and shared prefixes together stay within the KV byte bound (sessions go first);
         the sessions answering now keep their caches."""
         self.store.enforce_limits(keep=self._scheduler.busy_keys(), reserved_bytes=self.prefixes.nbytes)
         self.prefixes.trim_to_bytes(max(0, self.store.max_kv_bytes - self.store.kv_bytes))
 
-    def _persist(self, session: Session) -> None:
+    def _persist(self, session: Session) -> bool:
+        """Save a session after a turn or at shutdown; a failure is logged and counted for /health."""
         try:
-            states = self._states_of(session)
-            self.store.save(session, states)
-        except OSError as exc:
-            log.error("could not save session %s: %s", session.key_hash[:12], exc)
+            self.store.save(session, *self._states_of(session))
+        except StateWriteError as exc:
+            log.error("session %s: %s", session.key_hash[:12], exc)
+            return False
+        return True
 
-    def _states_of(self, session: Session) -> list[Any] | None:
+    def _states_of(self, session: Session) -> tuple[list[Any] | None, dict[int, list[Any]]]:
+        """The session's δ-states after its whole history, and at its checkpoints (for the replay check)."""
         if not session.delta or session.cache is None:
-            return session.saved_states
+            return session.saved_states, session.saved_checkpoints
         states = delta_states(self.model, session.cache)
         mx.eval(states)
-        return states
+        offsets = checkpoint_offsets(session.tokens, self._message_start)
+        return states, checkpoint_states(self.model, session.cache, offsets)
 
     def _new_cache(self, delta: bool) -> list[Any]:
-        cache = make_prompt_cache(self.model)
+        cache = make_cache(self.model, self.settings.kv_bits, self.settings.kv_group_size)
         if delta_info(self.model) is not None:
             set_delta_controls(cache, enabled=delta)
         return cache
@@ -463,15 +606,13 @@ class Engine:
     def _save(self, key_hash: str) -> dict[str, Any]:
         if self.store.state_dir is None:
             raise EngineError("this server has no state dir (start it with --state-dir)", 409, "no_state_dir")
-        saved = []
-        for delta in (True, False):
-            session = self.store.peek(key_hash, delta)
-            if session is not None:
-                self._persist(session)
-                saved.append("delta" if delta else "base")
-        if not saved:
+        sessions = [s for s in (self.store.peek(key_hash, delta) for delta in (True, False)) if s is not None]
+        if not sessions:
             raise EngineError("this session has no state on the server", 404, "session_not_found")
-        return {"saved": saved}
+        for session in sessions:
+            # StateWriteError goes to the client: a save that wrote nothing must not answer 200.
+            self.store.save(session, *self._states_of(session))
+        return {"saved": [_mode(session) for session in sessions]}
 
     def _load(self, key_hash: str) -> dict[str, Any]:
         loaded = {}
@@ -485,8 +626,10 @@ class Engine:
         return {"loaded": loaded}
 
     def _save_all(self) -> None:
-        for session in self.store.sessions():
-            self._persist(session)
+        sessions = self.store.sessions() + self.store.evicted_unsaved()
+        failed = sum(not self._persist(session) for session in sessions)
+        if failed:
+            log.error("%d session(s) could not be saved at shutdown: their turns since the last save are lost", failed)
 
 
 def _too_long(tokens: str, window: int) -> Failed:
@@ -499,12 +642,17 @@ def _mode(session: Session) -> str:
     return "delta" if session.delta else "base"
 
 
-def _check_replay(session: Session, model: Any, saved: list[Any]) -> None:
-    """Compare a replayed δ-state with the one saved; a mismatch means the history is not exact."""
-    for layer, (now, before) in enumerate(zip(delta_states(model, session.cache), saved)):
-        diff = float(mx.max(mx.abs(now - mx.array(before))))
-        if diff > 1e-3:
-            log.warning("session %s: replayed δ-state of layer %d differs by %.2g", session.key_hash[:12], layer, diff)
+def _count_messages(tokenizer: Any, prompt: list[int]) -> int:
+    return len(message_starts(tokenizer, prompt)) * 2  # two kept δ-states per message (see _run_segment)
+
+
+def _kv_guard(model: Any, settings: SidecarSettings) -> KvGuard:
+    """The arithmetic for this model's caches, and the budget in force (MLX's memory limit may lower it)."""
+    shape = KvShape.from_dirs(settings.model_path, settings.adapter_path)
+    budget = effective_budget(settings.max_kv_bytes, mx.get_memory_limit(), mx.get_active_memory())
+    if budget < settings.max_kv_bytes:
+        log.warning("KV budget %d bytes: MLX's memory limit leaves less than --max-kv-bytes", budget)
+    return KvGuard(shape, model.args.num_attention_heads, budget, settings.kv_bits, settings.kv_group_size)
 
 
 def _backend() -> dict[str, Any]:
@@ -524,12 +672,8 @@ def _tool_call_format(tokenizer: Any) -> ToolCallFormat | None:
     return ToolCallFormat(tokenizer.tool_call_start, tokenizer.tool_call_end, parser)
 
 
-def _fingerprint(settings: SidecarSettings) -> str:
-    """What saved δ-states depend on: the model's config and weights files, and the adapter's."""
-    digest = hashlib.sha256(settings.model_id.encode())
-    for root in filter(None, (settings.model_path, settings.adapter_path)):
-        for path in sorted(Path(root).glob("*")):
-            if path.suffix in (".json", ".safetensors", ".npz", ".pt") and path.is_file():
-                stat = path.stat()
-                digest.update(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
-    return digest.hexdigest()[:32]
+def _fingerprint(settings: SidecarSettings) -> SessionFingerprint | None:
+    """What saved δ-states depend on (see sidecar/fingerprint.py); nothing to hash without a state dir."""
+    if settings.state_dir is None:
+        return None
+    return SessionFingerprint(settings.model_id, settings.model_path, settings.adapter_path)

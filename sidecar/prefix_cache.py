@@ -16,6 +16,8 @@ from typing import Any
 
 from mlx_lm.models.cache import PromptTrie
 
+from sidecar.delta.api import delta_record_nbytes, restorable_offset
+
 # A longer stored prefix is copied whole and then cut back, so a partial match is used only
 # when it saves enough: at least this many tokens and a quarter of the stored prefix.
 PARTIAL_MIN_TOKENS = 256
@@ -53,13 +55,13 @@ class PrefixCache:
             return None
         self.lookups += 1
         found = self._trie.search(mode, tokens)
+        cut = self._cut_length(mode, found) if found.longer is not None else 0
         if found.exact is not None:
             length, stored = len(tokens), tokens
-        elif found.longer is not None and found.common_prefix > len(found.shorter or ()) and _worth_cutting(
-            found.common_prefix, len(found.longer)
-        ):
-            # A longer stored prefix shares the first `common_prefix` tokens: cut a copy back to them.
-            length, stored = found.common_prefix, found.longer
+        elif cut > len(found.shorter or ()):
+            # A longer stored prefix shares the first `common_prefix` tokens: cut a copy back to them
+            # (or to the last offset before them whose δ-state it kept; the caller prefills the rest).
+            length, stored = cut, found.longer
         elif found.shorter:
             length, stored = len(found.shorter), found.shorter
         else:
@@ -90,6 +92,20 @@ class PrefixCache:
         while len(self._entries) > self.max_entries:
             self._evict()
 
+    def entries(self) -> list[tuple[tuple[str, tuple[int, ...]], int]]:
+        """Every snapshot's key and bytes, least recently used first."""
+        return [(key, entry.nbytes) for key, entry in self._entries.items()]
+
+    def evict(self, key: tuple[str, tuple[int, ...]]) -> None:
+        """Drop one snapshot."""
+        if self._entries.pop(key, None) is not None:
+            self._trie.pop(key[0], list(key[1]))
+
+    @property
+    def delta_nbytes(self) -> int:
+        """Bytes of the snapshots' δ records."""
+        return sum(delta_record_nbytes(e.cache) for e in self._entries.values())
+
     def trim_to_bytes(self, limit: int) -> None:
         """Evict least recently used snapshots until at most `limit` bytes remain."""
         while self._entries and self.nbytes > limit:
@@ -109,8 +125,12 @@ class PrefixCache:
         }
 
     def _evict(self) -> None:
-        (mode, tokens), _ = self._entries.popitem(last=False)
-        self._trie.pop(mode, list(tokens))
+        self.evict(next(iter(self._entries)))
+
+    def _cut_length(self, mode: str, found: Any) -> int:
+        """How much of a longer stored prefix to use: the shared part, back to a kept δ-state, when worth it."""
+        length = restorable_offset(self._entries[(mode, tuple(found.longer))].cache, found.common_prefix)
+        return length if _worth_cutting(length, len(found.longer)) else 0
 
 
 def _worth_cutting(shared: int, stored: int) -> bool:

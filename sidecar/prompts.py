@@ -97,16 +97,19 @@ def message_spans(tokenizer: Any, tokens: Sequence[int]) -> list[Span]:
     return list(_spans(tokenizer, tokens))
 
 
+def message_starts(tokenizer: Any, tokens: Sequence[int]) -> list[int]:
+    """Offsets of the ChatML `<|im_start|>` markers (where messages start); [] when the template is not ChatML."""
+    start_id = message_start_id(tokenizer)
+    return [] if start_id is None else [i for i, t in enumerate(tokens) if t == start_id]
+
+
 def leading_span(tokenizer: Any, tokens: Sequence[int]) -> Span | None:
     """The first message span (its role decoded, the others not looked at)."""
     return next(_spans(tokenizer, tokens), None)
 
 
 def _spans(tokenizer: Any, tokens: Sequence[int]) -> Iterator[Span]:
-    start_id = tokenizer.convert_tokens_to_ids(IM_START)
-    if not isinstance(start_id, int) or start_id == tokenizer.unk_token_id:
-        return
-    starts = [i for i, t in enumerate(tokens) if t == start_id]
+    starts = message_starts(tokenizer, tokens)
     if not starts:
         return
     if starts[0] > 0:
@@ -116,6 +119,12 @@ def _spans(tokenizer: Any, tokens: Sequence[int]) -> Iterator[Span]:
         # The role is the text between the marker and the first newline; it is a few tokens long.
         head = tokenizer.decode(list(tokens[begin + 1 : min(end, begin + 8)]))
         yield Span(begin, end, head.split("\n", 1)[0].strip() or "unknown")
+
+
+def message_start_id(tokenizer: Any) -> int | None:
+    """The id of ChatML's `<|im_start|>` token, or None when the tokenizer has none."""
+    start_id = tokenizer.convert_tokens_to_ids(IM_START)
+    return start_id if isinstance(start_id, int) and start_id != tokenizer.unk_token_id else None
 
 
 def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:

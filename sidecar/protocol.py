@@ -13,9 +13,11 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    StrictBool,
     field_validator,
     model_serializer,
     model_validator,
@@ -32,6 +34,11 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 HIDDEN_MEMORY_FIELDS = ("attention_state", "attentionState", "delta_attention_state")
 
 
+# Numbers and booleans are strict: JSON `true` is not 1, "yes" is not true, "NaN" is not a number.
+StrictCount = Annotated[int, Field(strict=True, ge=1)]
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
 class TextContentPart(BaseModel):
     """A `{type: "text", text}` content part; the only part type a text model can read."""
 
@@ -39,7 +46,24 @@ class TextContentPart(BaseModel):
     text: str
 
 
-MessageContent = Union[str, list[TextContentPart]]
+def _content_shape(value: Any) -> Any:
+    # Checked before the union is tried, so that the error names the problem instead of the
+    # first union member that failed ("content.str: Input should be a valid string").
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError("must be a string or a list of {type: 'text', text} parts")
+    for i, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            shown = f"has type {kind!r}" if isinstance(kind, str) else "is not a {type: 'text', text} object"
+            raise ValueError(f"part {i} {shown}: this model reads text parts only")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"part {i} has no 'text' string")
+    return value
+
+
+MessageContent = Annotated[Union[str, list[TextContentPart]], BeforeValidator(_content_shape)]
 
 
 class FunctionCall(BaseModel):
@@ -100,7 +124,7 @@ class FunctionDefinition(BaseModel):
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class ToolDefinition(BaseModel):
@@ -119,11 +143,31 @@ class NamedToolChoice(BaseModel):
     function: NamedToolChoiceFunction
 
 
-ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+TOOL_CHOICE_MODES = ("none", "auto", "required")
+
+
+def _tool_choice_shape(value: Any) -> Any:
+    # As for content: say what is wrong rather than which union member failed first.
+    if value is None or value in TOOL_CHOICE_MODES or _names_a_function(value):
+        return value
+    modes = ", ".join(TOOL_CHOICE_MODES)
+    raise ValueError(f"must be one of {modes} or {{type: 'function', function: {{name}}}}")
+
+
+def _names_a_function(value: Any) -> bool:
+    if not isinstance(value, dict) or value.get("type", "function") != "function":
+        return False
+    function = value.get("function")
+    return isinstance(function, dict) and isinstance(function.get("name"), str)
+
+
+ToolChoice = Annotated[
+    Union[Literal["none", "auto", "required"], NamedToolChoice], BeforeValidator(_tool_choice_shape)
+]
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(BaseModel):
@@ -133,17 +177,17 @@ class ChatCompletionRequest(BaseModel):
 
     messages: list[RequestMessage] = Field(min_length=1)
     model: str
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    n: int = 1
-    seed: int | None = Field(default=None, ge=0, le=2**64 - 1)
-    stop: str | list[Annotated[str, Field(min_length=1)]] | None = None
-    stream: bool = False
+    max_completion_tokens: StrictCount | None = None
+    max_tokens: StrictCount | None = None
+    n: Annotated[int, Field(strict=True)] = 1
+    seed: Annotated[int, Field(strict=True, ge=0, le=2**64 - 1)] | None = None
+    stop: str | list[str] | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    temperature: Annotated[FiniteFloat, Field(ge=0.0, le=2.0)] | None = None
     tool_choice: ToolChoice | None = None
     tools: list[ToolDefinition] | None = None
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_p: Annotated[FiniteFloat, Field(gt=0.0, le=1.0)] | None = None
 
     # ---- project extensions ------------------------------------------------------------
     # Hidden memory snippets written into the session's δ-state instead of the prompt.
@@ -173,13 +217,23 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("only n=1 is supported")
         return n
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _few_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, str) and not stop:
-            raise ValueError("a stop string cannot be empty")
-        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+    def _stop_shape(cls, stop: Any) -> Any:
+        # Before the union is tried, so that `[""]` is refused as empty, not as "not a string".
+        if stop is None:
+            return stop
+        items = [stop] if isinstance(stop, str) else stop
+        if not isinstance(items, list):
+            raise ValueError("must be a string or a list of strings")
+        if len(items) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported")
+        for i, item in enumerate(items):
+            where = "the string" if isinstance(stop, str) else f"item {i}"
+            if not isinstance(item, str):
+                raise ValueError(f"{where} is not a string")
+            if not item:
+                raise ValueError(f"{where} is empty: a stop string needs at least one character")
         return stop
 
     def stop_strings(self) -> tuple[str, ...]:

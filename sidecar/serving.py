@@ -91,8 +91,36 @@ class _JobFailed(Exception):
         self.failure = failure
 
 
+# The events of a job that ran as it should, as answers are built from them.
+Answered = PromptDone | TextDelta | Finished
+
 CANCELLED = Failed("the generation was cancelled by the server (it may be shutting down); retry", "cancelled", 503)
+SHUTTING_DOWN = Failed("the server is shutting down and cut this answer off; retry", "server_shutting_down", 503)
 NO_FINISH = Failed("the engine stopped without finishing the answer", "engine_error", 500)
+
+
+class RunningAnswers:
+    """The jobs whose answers are still running, so that a shutdown can end them all."""
+
+    def __init__(self) -> None:
+        self._streams: set[JobStream] = set()
+        self.ending = False
+
+    def add(self, stream: JobStream) -> None:
+        """Track a submitted job (cancelled at once if the server is already ending answers)."""
+        self._streams.add(stream)
+        if self.ending:
+            stream.cancel()
+
+    def discard(self, stream: JobStream) -> None:
+        """A job whose answer ended."""
+        self._streams.discard(stream)
+
+    def end_all(self) -> None:
+        """Cancel every running job and any submitted later; their answers end with SHUTTING_DOWN."""
+        self.ending = True
+        for stream in list(self._streams):
+            stream.cancel()
 
 
 class ChatCompletionService:
@@ -101,6 +129,11 @@ class ChatCompletionService:
     def __init__(self, engine: EngineLike, settings: SidecarSettings) -> None:
         self.engine = engine
         self.settings = settings
+        self.answers = RunningAnswers()
+
+    def end_answers(self) -> None:
+        """End every answer still running: streams with an error event and [DONE], the others 503."""
+        self.answers.end_all()
 
     async def create(self, request: ChatCompletionRequest, http: Request) -> Response:
         """Answer one request: JSON, or a token-by-token event stream."""
@@ -124,12 +157,15 @@ class ChatCompletionService:
         fmt = self.engine.info.tool_call_format
         parser = ToolCallStreamParser(fmt, tools) if parse_tools and fmt is not None else None
         stream = self.engine.submit(job)
+        self.answers.add(stream)
         meta = _Meta(completion_id(), int(time.time()), request.model, hash_session_key(session_key), time.monotonic())
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            events = _sse_events(stream, parser, meta, include_usage)
+            events = _sse_events(_checked(stream, self.answers), parser, meta, include_usage)
             return EventStreamResponse(events, on_disconnect=partial(_cancel, stream, meta), headers=headers)
-        outcome = await until_disconnect(http.receive, _collect(stream, parser), partial(_cancel, stream, meta))
+        outcome = await until_disconnect(
+            http.receive, _collect(_checked(stream, self.answers), parser), partial(_cancel, stream, meta)
+        )
         if outcome is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         _log_done(meta, outcome)
@@ -245,11 +281,11 @@ def _failure_error(failure: Failed) -> ApiError:
     return ApiError(failure.status, failure.message, type=kind, code=failure.code)
 
 
-async def _collect(stream: JobStream, parser: ToolCallStreamParser | None) -> _Outcome:
+async def _collect(events: AsyncIterator[Answered], parser: ToolCallStreamParser | None) -> _Outcome:
     """Run a job to the end for a non-streamed answer."""
     outcome = _Outcome()
     try:
-        async for event in _checked(stream):
+        async for event in events:
             if isinstance(event, PromptDone):
                 outcome.usage = _usage(event, 0)
             elif isinstance(event, TextDelta):
@@ -264,17 +300,20 @@ async def _collect(stream: JobStream, parser: ToolCallStreamParser | None) -> _O
     return outcome
 
 
-async def _checked(stream: JobStream) -> AsyncIterator[PromptDone | TextDelta | Finished]:
+async def _checked(stream: JobStream, answers: RunningAnswers) -> AsyncIterator[Answered]:
     """The job's events up to Finished; a failure, a server-side cancel or no end at all raise."""
-    async for event in stream:
-        if isinstance(event, Failed):
-            raise _JobFailed(event)
-        if isinstance(event, Finished) and event.finish_reason == "cancelled":
-            raise _JobFailed(CANCELLED)
-        yield event
-        if isinstance(event, Finished):
-            return
-    raise _JobFailed(NO_FINISH)
+    try:
+        async for event in stream:
+            if isinstance(event, Failed):
+                raise _JobFailed(event)
+            if isinstance(event, Finished) and event.finish_reason == "cancelled":
+                raise _JobFailed(SHUTTING_DOWN if answers.ending else CANCELLED)
+            yield event
+            if isinstance(event, Finished):
+                return
+        raise _JobFailed(NO_FINISH)
+    finally:
+        answers.discard(stream)
 
 
 def _text_events(parser: ToolCallStreamParser | None, text: str) -> list[ParserEvent]:
@@ -348,7 +387,7 @@ def _log_done(meta: _Meta, outcome: _Outcome) -> None:
 
 
 async def _sse_events(
-    stream: JobStream, parser: ToolCallStreamParser | None, meta: _Meta, include_usage: bool
+    events: AsyncIterator[Answered], parser: ToolCallStreamParser | None, meta: _Meta, include_usage: bool
 ) -> AsyncIterator[str]:
     """The event stream of one answer: role first, then deltas, finish, usage, [DONE]."""
 
@@ -361,7 +400,7 @@ async def _sse_events(
     yield chunk(ChoiceDelta(role="assistant", content=""))
     outcome = _Outcome()
     try:
-        async for event in _checked(stream):
+        async for event in events:
             if isinstance(event, PromptDone):
                 outcome.usage = _usage(event, 0)
                 continue

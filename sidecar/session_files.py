@@ -1,13 +1,17 @@
 """Session files: one `.npz` per session and mode, named by the key's hash, written atomically.
 
 The file holds only arrays (read back with allow_pickle=False): the token ids, a JSON header as
-bytes, the ids of message-mean writes, the hidden-memory tokens, and the current δ-state per layer.
+bytes, the ids of message-mean writes, the hidden-memory tokens, the δ-state per layer after the
+whole history (`state_{i}`) and at earlier checkpoints (`checkpoint_offsets`, and `checkpoint_{i}`
+stacked in that order). Files written before checkpoints existed have none and still load.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import logging
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,8 @@ import numpy as np
 from common.files import atomic_write_bytes
 from sidecar.session_state import Segment, Session, SnippetWrite
 
+log = logging.getLogger("sidecar.sessions")
+
 FORMAT = 1
 _KINDS = ("write", "read", "messages", "plain")
 
@@ -25,8 +31,10 @@ class SessionFileError(ValueError):
     """A session file that cannot be used (corrupt, truncated, or made by another model)."""
 
 
-def save_session_file(path: Path, session: Session, fingerprint: str, states: list[Any] | None) -> None:
-    """Write a session's history and δ-states to `path` atomically (owner-only)."""
+def save_session_file(
+    path: Path, session: Session, fingerprint: str, states: list[Any] | None, checkpoints: dict[int, list[Any]]
+) -> None:
+    """Write a session's history, its δ-states and its checkpoints' δ-states to `path` atomically (owner-only)."""
     header = {
         "format": FORMAT,
         "fingerprint": fingerprint,
@@ -53,15 +61,24 @@ def save_session_file(path: Path, session: Session, fingerprint: str, states: li
         ),
         "context_tokens": np.asarray([t for c in session.snippet_writes for t in c.tokens], dtype=np.int32),
     }
+    offsets = sorted(checkpoints)
+    arrays["checkpoint_offsets"] = np.asarray(offsets, dtype=np.int32)
     for i, state in enumerate(states or []):
         arrays[f"state_{i}"] = np.asarray(state, dtype=np.float32)
+        if offsets:
+            arrays[f"checkpoint_{i}"] = np.stack([np.asarray(checkpoints[o][i], dtype=np.float32) for o in offsets])
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue(), mode=0o600)
 
 
-def load_session_file(path: Path, fingerprint: str) -> Session:
-    """Read a session file, checking every field; raises SessionFileError on anything odd."""
+def load_session_file(path: Path, fingerprint: str, legacy: str | None = None) -> Session:
+    """Read a session file, checking every field; raises SessionFileError on anything odd.
+
+    A file written before fingerprints hashed content carries `legacy`, the older fingerprint by
+    file names, sizes and times: its history is kept (the KV and δ-states are rebuilt from it by
+    replay) but its saved δ-states are not trusted, since that fingerprint misses a swapped file.
+    """
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
@@ -73,9 +90,12 @@ def load_session_file(path: Path, fingerprint: str) -> Session:
             raise SessionFileError("header is not an object")
         if header.get("format") != FORMAT:
             raise SessionFileError(f"format {header.get('format')!r} is not {FORMAT}")
-        if header.get("fingerprint") != fingerprint:
+        if header.get("fingerprint") == fingerprint:
+            return _session(header, arrays)
+        if legacy is None or header.get("fingerprint") != legacy:
             raise SessionFileError("written for another model or adapter")
-        return _session(header, arrays)
+        log.info("session file %s predates content fingerprints: history kept, δ-states rebuilt", path.name)
+        return dataclasses.replace(_session(header, arrays), saved_states=None)
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, SessionFileError):
             raise
@@ -121,7 +141,25 @@ def _session(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Session:
         prefilled_tokens=int(header["prefilled_tokens"]),
         reused_tokens=int(header["reused_tokens"]),
         saved_states=states or None,
+        saved_checkpoints=_checkpoints(arrays, states, len(tokens)),
     )
+
+
+def _checkpoints(arrays: dict[str, np.ndarray], states: list[np.ndarray], length: int) -> dict[int, list[np.ndarray]]:
+    if "checkpoint_offsets" not in arrays:
+        return {}  # written before checkpoints existed
+    offsets = _array(arrays, "checkpoint_offsets", np.int32).tolist()
+    if offsets and not states:
+        raise SessionFileError("checkpoints without δ-states")
+    if offsets != sorted(set(offsets)) or not all(0 < o <= length for o in offsets):
+        raise SessionFileError(f"bad checkpoint offsets {offsets[:8]}")
+    if not offsets:
+        return {}
+    layers = [_array(arrays, f"checkpoint_{i}", np.float32) for i in range(len(states))]
+    for i, (stacked, state) in enumerate(zip(layers, states)):
+        if stacked.shape != (len(offsets), *state.shape):
+            raise SessionFileError(f"'checkpoint_{i}' has shape {stacked.shape}")
+    return {offset: [stacked[j] for stacked in layers] for j, offset in enumerate(offsets)}
 
 
 def _array(arrays: dict[str, np.ndarray], name: str, dtype: type) -> np.ndarray:

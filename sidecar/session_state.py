@@ -8,6 +8,7 @@ rebuilt, and a rollback can cut the history at any safe offset.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -49,7 +50,10 @@ class Session:
     segments: list[Segment] = field(default_factory=list)
     snippet_writes: list[SnippetWrite] = field(default_factory=list)
     cache: list[Any] | None = None
-    saved_states: list[Any] | None = None  # δ-states read from disk, until the cache is rebuilt
+    # δ-states read from disk, until the cache is rebuilt: after the whole history, and after the
+    # first `offset` tokens for each checkpoint offset (see sidecar/replay_check.py).
+    saved_states: list[Any] | None = None
+    saved_checkpoints: dict[int, list[Any]] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     turns: int = 0
@@ -76,6 +80,15 @@ class Session:
                     i -= 1
                 return seg.start + i
         return offset
+
+    def cut_point(self, offset: int, restorable: Callable[[int], int]) -> int:
+        """The largest offset ≤ `offset` that is safe (see safe_offset) and that the cache restores
+        exactly (`restorable`: its δ record keeps states only at some offsets)."""
+        while True:
+            cut = restorable(self.safe_offset(offset))
+            if cut == offset:
+                return cut
+            offset = cut
 
     def truncate(self, offset: int) -> None:
         """Forget everything after `offset` tokens (snippets written at `offset` stay)."""

@@ -195,8 +195,15 @@ def write_tiny_model(
     intermediate_size: int = 128,
     seed: int = 0,
     dtype: str = "float32",
+    tokenizer_json: Path | None = None,
+    vocab_size: int | None = None,
 ) -> Path:
-    """Write a random Qwen3 (or Qwen2) model dir that `mlx_lm.load` accepts; returns `dest`."""
+    """Write a random Qwen3 (or Qwen2) model dir that `mlx_lm.load` accepts; returns `dest`.
+
+    `tokenizer_json` replaces the tiny trained tokenizer with another (e.g. Qwen's real vocabulary,
+    written by the shared qwen_vocab.py tool, with `vocab_size` 151936), so that prompts tokenize
+    as they do for the real model.
+    """
     if model_type not in ("qwen3", "qwen2"):
         raise ValueError(f"model_type must be 'qwen3' or 'qwen2' (got {model_type!r})")
     if model_type == "qwen2" and head_dim * num_heads != hidden_size:
@@ -204,8 +211,10 @@ def write_tiny_model(
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES} (got {dtype!r})")
     dest = Path(dest)
-    tokenizer = tiny_tokenizer()
-    vocab_size = 64 * math.ceil(tokenizer.get_vocab_size() / 64)
+    tokenizer = Tokenizer.from_file(str(tokenizer_json)) if tokenizer_json is not None else tiny_tokenizer()
+    vocab_size = vocab_size or 64 * math.ceil(tokenizer.get_vocab_size() / 64)
+    if vocab_size < tokenizer.get_vocab_size():
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {tokenizer.get_vocab_size()}")
     config = {
         "architectures": ["Qwen3ForCausalLM" if model_type == "qwen3" else "Qwen2ForCausalLM"],
         "model_type": model_type,

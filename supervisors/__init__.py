@@ -80,6 +80,10 @@ class Supervisor(ABC):
     def uninstall(self) -> None:
         """Stop the sidecar and remove its supervision; leaves the root's files alone."""
 
+    def last_exit_status(self) -> int | None:
+        """The sidecar's last exit status when the supervisor knows it and the sidecar is not running."""
+        return None
+
     def restart(self) -> None:
         """Stop, then start again."""
         self.stop()

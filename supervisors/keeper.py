@@ -3,7 +3,10 @@
 It behaves like launchd's KeepAlive with ThrottleInterval (and systemd's Restart=on-failure):
 - a sidecar that crashes or is killed is started again, no sooner than `throttle` seconds after
   its previous start (at once if it had been up longer than that);
-- a clean exit (status 0, or SIGTERM/SIGINT/SIGHUP/SIGPIPE sent by someone else) ends the keeper;
+- a clean exit (status 0, or SIGTERM/SIGINT/SIGHUP/SIGPIPE sent by someone else) ends the keeper,
+  and so does a configuration error (`common.exit_codes.CONFIG_ERROR`): a restart cannot fix it;
+- a sidecar whose port is taken (`PORT_IN_USE`) is started again like a crash, so it comes back
+  if the port frees soon, and the keeper gives up like after any crash loop if it does not;
 - after MAX_QUICK_CRASHES crashes in a row, each within `throttle` seconds of its start, it gives
   up, so that a broken install does not spin for ever;
 - SIGTERM, SIGINT or SIGHUP to the keeper stop the sidecar (SIGTERM, then SIGKILL after
@@ -12,13 +15,19 @@ It behaves like launchd's KeepAlive with ThrottleInterval (and systemd's Restart
 While it waits to start the sidecar again, and after it gave up, it says so in a small JSON
 state file, which the process supervisor reads for `status`.
 
-Run as `python -m supervisors.keeper --state-file PATH [--throttle S] -- COMMAND...`.
+With `--pidfile`, only one keeper runs per pidfile: a keeper first takes an exclusive lock next to
+it (`<pidfile without .json>.lock`, held for its whole life and dropped by the kernel when it exits)
+and only then writes its pid, start time and command line into the pidfile. A second keeper finds
+the lock taken and exits at once with status 0, leaving the first one's pidfile alone.
+
+Run as `python -m supervisors.keeper --state-file PATH [--pidfile PATH] [--throttle S] -- COMMAND...`.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
 import logging
 import os
 import select
@@ -32,6 +41,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
+import psutil
+
+from common.exit_codes import CONFIG_ERROR, PORT_IN_USE
 from common.files import atomic_write_json
 
 THROTTLE_S = 10.0
@@ -43,6 +55,11 @@ STOP_TIMEOUT_S = 15.0
 CLEAN_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE})
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1
+# What the sidecar's own exit statuses mean, for the log, the state file and `status`.
+EXIT_MEANINGS = {
+    CONFIG_ERROR: "its configuration is wrong; a restart cannot fix it",
+    PORT_IN_USE: "its port is in use",
+}
 
 KeeperState = Literal["restarting", "gave-up"]
 
@@ -56,22 +73,40 @@ class RestartPolicy:
     throttle_s: float = THROTTLE_S
     max_quick_crashes: int = MAX_QUICK_CRASHES
 
+    def after_crash(self, quick_crashes: int, uptime_s: float) -> tuple[int, float | None]:
+        """After a crash `uptime_s` seconds into a run that followed `quick_crashes` quick crashes in a
+        row: the new count, and the seconds to wait before the next start (None: give up)."""
+        crashes = quick_crashes + 1 if uptime_s < self.throttle_s else 0
+        if crashes >= self.max_quick_crashes:
+            return crashes, None
+        return crashes, max(0.0, self.throttle_s - uptime_s)
 
-def keeper_command(command: list[str], state_file: Path, throttle_s: float = THROTTLE_S) -> list[str]:
+
+def keeper_command(
+    command: list[str], state_file: Path, throttle_s: float = THROTTLE_S, pidfile: Path | None = None
+) -> list[str]:
     """The argument list that runs `command` under a keeper (this Python, this module)."""
-    keeper = [sys.executable, "-m", "supervisors.keeper"]
-    return [*keeper, "--state-file", str(state_file), "--throttle", f"{throttle_s:g}", "--", *command]
+    keeper = [sys.executable, "-m", "supervisors.keeper", "--state-file", str(state_file)]
+    if pidfile is not None:
+        keeper += ["--pidfile", str(pidfile)]
+    return [*keeper, "--throttle", f"{throttle_s:g}", "--", *command]
+
+
+def keeper_lock_path(pidfile: Path) -> Path:
+    """The lock a keeper holds while it owns `pidfile`."""
+    return pidfile.with_suffix(".lock")
 
 
 def describe_exit(returncode: int) -> str:
-    """'exited with status 3' or 'was killed by SIGKILL'."""
+    """'exited with status 3', 'exited with status 78 (its configuration is wrong; …)' or 'was killed by SIGKILL'."""
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
         return f"was killed by {name}"
-    return f"exited with status {returncode}"
+    meaning = EXIT_MEANINGS.get(returncode)
+    return f"exited with status {returncode}" + (f" ({meaning})" if meaning else "")
 
 
 def is_clean_exit(returncode: int) -> bool:
@@ -112,10 +147,14 @@ class Keeper:
                 if returncode is None or is_clean_exit(returncode):
                     return 0
                 uptime = time.monotonic() - started
-                quick_crashes = quick_crashes + 1 if uptime < self.policy.throttle_s else 0
+                quick_crashes, delay = self.policy.after_crash(quick_crashes, uptime)
                 exit_text = describe_exit(returncode)
                 what = f"the sidecar {exit_text} after {uptime:.1f} s"
-                if quick_crashes >= self.policy.max_quick_crashes:
+                if returncode == CONFIG_ERROR:
+                    log.error("%s, so the keeper does not start it again: fix the cause shown above", what)
+                    self._write_state("gave-up", returncode, quick_crashes, None)
+                    return 1
+                if delay is None:
                     log.error(
                         "%s; it crashed %d times in a row within %g s of starting, so the keeper gives up: "
                         "fix the cause shown above, then run 'delta-mem-mlx start-sidecar'",
@@ -123,11 +162,10 @@ class Keeper:
                         quick_crashes,
                         self.policy.throttle_s,
                     )
-                    self._write_state("gave-up", exit_text, quick_crashes, None)
+                    self._write_state("gave-up", returncode, quick_crashes, None)
                     return 1
-                delay = max(0.0, self.policy.throttle_s - uptime)
                 log.warning("%s; starting it again in %.1f s", what, delay)
-                self._write_state("restarting", exit_text, quick_crashes, delay)
+                self._write_state("restarting", returncode, quick_crashes, delay)
                 self._sleep_until(time.monotonic() + delay)
                 self.state_file.unlink(missing_ok=True)
             return 0
@@ -166,8 +204,14 @@ class Keeper:
             except BlockingIOError:
                 pass
 
-    def _write_state(self, state: KeeperState, last_exit: str, crashes: int, delay: float | None) -> None:
-        record: dict[str, Any] = {"state": state, "last_exit": last_exit, "quick_crashes": crashes, "time": time.time()}
+    def _write_state(self, state: KeeperState, returncode: int, crashes: int, delay: float | None) -> None:
+        record: dict[str, Any] = {
+            "state": state,
+            "last_exit": describe_exit(returncode),
+            "returncode": returncode,
+            "quick_crashes": crashes,
+            "time": time.time(),
+        }
         if delay is not None:
             record["restart_at"] = time.time() + delay
         atomic_write_json(self.state_file, record)
@@ -197,6 +241,24 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
     return arrange
 
 
+def claim_pidfile(pidfile: Path) -> int | None:
+    """Lock the pidfile's lock and record this process in the pidfile; None when another keeper holds it.
+
+    The returned descriptor holds the lock: keep it open for as long as the keeper runs.
+    """
+    lock = keeper_lock_path(pidfile)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    me = psutil.Process()
+    atomic_write_json(pidfile, {"pid": me.pid, "create_time": me.create_time(), "cmdline": me.cmdline()})
+    return fd
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, install the stop signals and keep the command running."""
     parser = argparse.ArgumentParser(
@@ -204,10 +266,15 @@ def main(argv: list[str] | None = None) -> int:
         description="Run a command, start it again when it crashes, stop it on SIGTERM.",
     )
     parser.add_argument("--state-file", type=Path, required=True, help="Where to say that a restart is pending.")
+    parser.add_argument("--pidfile", type=Path, help="Where to record this keeper; one keeper per pidfile.")
     parser.add_argument("--throttle", type=float, default=THROTTLE_S, help="Least seconds between two starts.")
     parser.add_argument("command", nargs="+", help="The command to keep running (after --).")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The lock's descriptor stays open (and locked) until this process exits.
+    if args.pidfile is not None and claim_pidfile(args.pidfile) is None:
+        log.info("another keeper already keeps this sidecar running (see %s); this one exits", args.pidfile)
+        return 0
     keeper = Keeper(args.command, args.state_file, RestartPolicy(throttle_s=args.throttle))
     keeper.install_signal_handlers()
     return keeper.run()

@@ -1,9 +1,10 @@
 """The fallback supervisor: a detached keeper process that runs the sidecar, and a pidfile.
 
 The keeper (supervisors/keeper.py) starts the sidecar again when it crashes or is
-killed, throttled like launchd, and stops it on SIGTERM. The pidfile records the keeper's pid,
-start time and command line, so a stale pidfile or a pid reused by another program is never
-taken for it.
+killed, throttled like launchd, and stops it on SIGTERM. The keeper writes the pidfile itself,
+once it holds the lock that lets only one keeper run per root: its pid, start time and command
+line, so a stale pidfile or a pid reused by another program is never taken for it, and a second
+keeper started at the same moment exits instead of fighting the first one for the port.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from common.files import atomic_write_json
+from common.files import read_regular_file
 from supervisors import (
     STOP_TIMEOUT_S,
     Supervisor,
@@ -30,6 +32,11 @@ from supervisors.keeper import THROTTLE_S, keeper_command
 
 # Least seconds between two starts of a crashing sidecar (a module constant so tests can shorten it).
 RESTART_THROTTLE_S = THROTTLE_S
+# How long a new keeper may take to start Python and record itself (a loaded machine is slow).
+KEEPER_STARTUP_S = 60.0
+_STARTUP_POLL_S = 0.05
+# The pidfile and the keeper's state are a few hundred bytes.
+_MAX_RECORD_BYTES = 64 * 1024
 
 
 class ProcessSupervisorError(SupervisorError):
@@ -58,7 +65,9 @@ class ProcessSupervisor(Supervisor):
     def start(self) -> None:
         """Spawn the keeper in its own session with its output (and the sidecar's) in the root's logs.
 
-        A keeper that is waiting to restart a crashed sidecar is replaced, so the sidecar starts now.
+        Returns once the keeper has recorded itself in the pidfile, or once it found another keeper
+        of this root already running and left. A keeper that is waiting to restart a crashed
+        sidecar is replaced, so the sidecar starts now.
         """
         if self.running_process() is not None:
             if self.status().state == "running":
@@ -66,7 +75,9 @@ class ProcessSupervisor(Supervisor):
             self.stop()
         self.install()
         self.keeper_state_file.unlink(missing_ok=True)
-        command = keeper_command(sidecar_command(self.layout.root), self.keeper_state_file, RESTART_THROTTLE_S)
+        command = keeper_command(
+            sidecar_command(self.layout.root), self.keeper_state_file, RESTART_THROTTLE_S, self.layout.pidfile
+        )
         out_path, err_path = self.log_paths()
         with out_path.open("ab") as out, err_path.open("ab") as err:
             child = subprocess.Popen(
@@ -79,13 +90,28 @@ class ProcessSupervisor(Supervisor):
                 start_new_session=True,  # outlives the CLI and its terminal
                 close_fds=True,
             )
-        try:
-            created = psutil.Process(child.pid).create_time()
-        except psutil.NoSuchProcess:
-            raise ProcessSupervisorError(
-                f"the sidecar exited at once: see {err_path} (or 'delta-mem-mlx logs')"
-            ) from None
-        atomic_write_json(self.layout.pidfile, {"pid": child.pid, "create_time": created, "cmdline": command})
+        self._wait_for_keeper(child, err_path)
+
+    def _wait_for_keeper(self, child: subprocess.Popen[bytes], err_path: Path) -> None:
+        deadline = time.monotonic() + KEEPER_STARTUP_S
+        while time.monotonic() < deadline:
+            keeper = self.running_process()
+            if keeper is not None and keeper.pid == child.pid:
+                return
+            if child.poll() is not None:
+                if keeper is not None:
+                    return  # another start won the race: its keeper runs the sidecar
+                if _recorded_pid(self.layout.pidfile) == child.pid:
+                    return  # it ran the sidecar, which ended at once: status and the health wait say how
+                raise ProcessSupervisorError(
+                    f"the sidecar's keeper exited at once (status {child.returncode}): see {err_path} "
+                    "(or 'delta-mem-mlx logs')"
+                )
+            time.sleep(_STARTUP_POLL_S)
+        child.terminate()
+        raise ProcessSupervisorError(
+            f"the sidecar's keeper did not start within {KEEPER_STARTUP_S:.0f} s: see {err_path}"
+        )
 
     def stop(self) -> None:
         """Ask the keeper to stop the sidecar; kill both (and their children) if they do not exit in time."""
@@ -131,6 +157,11 @@ class ProcessSupervisor(Supervisor):
             return SupervisorStatus(self.kind, "stopped", process.pid, detail)
         return SupervisorStatus(self.kind, "running", process.pid, f"background process {process.pid} (keeper)")
 
+    def last_exit_status(self) -> int | None:
+        """The status the sidecar last exited with, while its keeper waits to restart it or after it gave up."""
+        returncode = _read_json(self.keeper_state_file).get("returncode")
+        return returncode if isinstance(returncode, int) else None
+
     def uninstall(self) -> None:
         """Stop the sidecar and forget its pidfile."""
         self.stop()
@@ -152,7 +183,7 @@ class ProcessSupervisor(Supervisor):
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(read_regular_file(path, _MAX_RECORD_BYTES))
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
@@ -166,6 +197,11 @@ def _read_pidfile(path: Path) -> dict[str, Any] | None:
         and isinstance(record.get("cmdline"), list)
     )
     return record if valid else None
+
+
+def _recorded_pid(pidfile: Path) -> int | None:
+    record = _read_pidfile(pidfile)
+    return None if record is None else record["pid"]
 
 
 def _is_zombie(process: psutil.Process) -> bool:

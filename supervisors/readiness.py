@@ -5,11 +5,17 @@ from __future__ import annotations
 import time
 
 from common.errors import UserError
+from common.exit_codes import PORT_IN_USE
 from common.health import Health, base_url, probe_health
 from common.settings import SidecarSettings
 from supervisors import Supervisor, tail_lines
+from supervisors.keeper import describe_exit
 
 POLL_INTERVAL_S = 0.5
+# How long a start waits for /health by default: loading a 4B model from a cold disk can take minutes.
+DEFAULT_HEALTH_TIMEOUT_S = 600.0
+# Lines the keeper writes into the sidecar's error log; the sidecar's own last line says more.
+_KEEPER_LOG_MARK = " keeper: "
 
 
 class SidecarStartError(UserError):
@@ -36,8 +42,8 @@ def wait_until_healthy(settings: SidecarSettings, supervisor: Supervisor, timeou
             )
         # A process-supervised sidecar that exited is not coming back soon (its keeper throttles
         # restarts or gave up), so its exit ends the wait at once.
-        if supervisor.kind == "process" and supervisor.status().state != "running":
-            raise SidecarStartError(f"the sidecar exited before it was ready{_log_hint(supervisor)}")
+        if supervisor.kind == "process" and (seen := supervisor.status()).state != "running":
+            raise SidecarStartError(f"{_exit_text(settings, supervisor, seen.detail)}{_log_hint(supervisor)}")
         if time.monotonic() >= deadline:
             raise SidecarStartError(
                 f"the sidecar was not healthy within {timeout_s:.0f} s ({health.error}; "
@@ -46,8 +52,20 @@ def wait_until_healthy(settings: SidecarSettings, supervisor: Supervisor, timeou
         time.sleep(POLL_INTERVAL_S)
 
 
+def _exit_text(settings: SidecarSettings, supervisor: Supervisor, detail: str) -> str:
+    returncode = supervisor.last_exit_status()
+    if returncode is None:
+        return f"the sidecar stopped before it was ready ({detail})"
+    text = f"the sidecar {describe_exit(returncode)} before it was ready"
+    if returncode == PORT_IN_USE:
+        from supervisors.port_owner import describe_listener  # psutil, only when it is needed
+
+        text += f": {settings.host}:{settings.port} is taken by {describe_listener(settings.port)}"
+    return text
+
+
 def _log_hint(supervisor: Supervisor) -> str:
     _, err_log = supervisor.log_paths()
-    last = tail_lines(err_log, 1)
-    seen = f"; last log line: {last[0].strip()}" if last else ""
+    own = [line for line in tail_lines(err_log, 50) if _KEEPER_LOG_MARK not in line and line.strip()]
+    seen = f"; its last log line: {own[-1].strip()}" if own else ""
     return f"{seen}. See 'delta-mem-mlx logs --root {supervisor.layout.root}'"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.exit_codes import CONFIG_ERROR
 from common.files import atomic_write_text
 from supervisors import (
     Supervisor,
@@ -63,6 +64,8 @@ class SystemdSupervisor(Supervisor):
                 f"WorkingDirectory={quote_arg(str(self.layout.root))}",
                 f"Environment={environment}",
                 "Restart=on-failure",
+                # A configuration error does not go away by itself: no restart loop for it.
+                f"RestartPreventExitStatus={CONFIG_ERROR}",
                 f"RestartSec={RESTART_SEC}",
                 f"StandardOutput=append:{out_log}",
                 f"StandardError=append:{err_log}",

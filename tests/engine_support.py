@@ -8,10 +8,9 @@ from typing import Any
 
 import mlx.core as mx
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
 
 from common.settings import SidecarSettings
-from sidecar.delta.api import delta_states, write_context
+from sidecar.delta.api import delta_states, make_cache, write_context
 from sidecar.engine import Engine, load_engine
 from sidecar.engine_io import ChatJob, ChatMessage
 from sidecar.session_keys import hash_session_key
@@ -34,8 +33,11 @@ def settings_for(model_dir: Path, adapter_dir: Path | None, state_dir: Path, **o
 def engine_factory(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path):
     engines: list[Engine] = []
 
-    def make(adapter: Path | None = tiny_adapter_dir, **overrides: Any) -> Engine:
-        engine = load_engine(settings_for(tiny_model_dir, adapter, tmp_path / "state", **overrides))
+    def make(
+        adapter: Path | None = tiny_adapter_dir, model: Path = tiny_model_dir, state: str = "state", **overrides: Any
+    ) -> Engine:
+        # Engines made with the same `state` share their state dir, as a restarted server does.
+        engine = load_engine(settings_for(model, adapter, tmp_path / state, **overrides))
         engines.append(engine)
         return engine
 
@@ -72,7 +74,7 @@ def session_of(engine: Engine, key: str = "s1", delta: bool = True):
 
 def one_shot_states(engine: Engine, session) -> list[mx.array]:
     """The δ-states from a single fresh pass over the session's final tokens, memory writes at their offsets."""
-    cache = make_prompt_cache(engine.model)
+    cache = make_cache(engine.model, engine.settings.kv_bits, engine.settings.kv_group_size)
     done = 0
     for context in session.snippet_writes:
         if context.offset > done:

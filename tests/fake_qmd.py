@@ -5,6 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+# The --qmd-timeout to run the fake with: it answers within a second even on a loaded 2-core machine
+# (a Python start, plus 0.3 s when slow), so a timeout only ever cuts the cases that hang.
+TIMEOUT_S = 5.0
+
 FAKE_QMD = f"""#!{sys.executable}
 import json, os, pathlib, subprocess, sys, time
 here = pathlib.Path(sys.argv[0]).parent

@@ -6,6 +6,8 @@ them (copy with `shutil.copytree` first when a test needs to break or convert on
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,35 @@ def tiny_msw_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_di
 def tiny_qwen2_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_model_dir: Path) -> Path:
     """A TSW adapter for `tiny_qwen2_model_dir`."""
     return write_tiny_adapter(tmp_path_factory.mktemp("tiny-qwen2-tsw"), tiny_qwen2_model_dir, seed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_kv_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny float32 Qwen3 model whose head_dim (64) mlx-lm's KV quantization can group."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-hd64"), head_dim=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_kv_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_kv_model_dir: Path) -> Path:
+    """A TSW adapter for `tiny_kv_model_dir`."""
+    return write_tiny_adapter(tmp_path_factory.mktemp("tiny-hd64-tsw"), tiny_kv_model_dir, seed=5)
+
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def qwen_vocab_tokenizer() -> Path:
+    """Qwen2/Qwen3's real vocabulary as a tokenizer.json, cached in .cache/qwen-vocab/ (written once by
+    the shared qwen_vocab.py tool from a package-registry wheel; skipped, saying why, without either)."""
+    out = REPO / ".cache" / "qwen-vocab"
+    tokenizer_json = out / "tokenizer.json"
+    tool = SHARED / "tools" / "qwen_vocab.py"
+    if not tokenizer_json.exists():
+        if not tool.exists():
+            pytest.skip(f"no {tokenizer_json} and no {tool} to write it")
+        done = subprocess.run([sys.executable, str(tool), str(out)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"{tool.name} could not build Qwen's vocabulary (no package registry?): {done.stderr[-300:]}")
+    return tokenizer_json

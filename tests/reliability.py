@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 from server_process import KEY, MODEL, Server, start_server
 
 from common.files import atomic_write_json
@@ -68,3 +69,10 @@ def is_openai_error(content: bytes) -> bool:
 def unexpected_files(state_dir: Path) -> list[str]:
     """Names in the state dir that are not `<sha256>.<mode>.session.npz`."""
     return sorted(p.name for p in state_dir.iterdir() if not SESSION_FILE.match(p.name)) if state_dir.exists() else []
+
+
+def saved_session(path: Path) -> tuple[list[int], list[np.ndarray]]:
+    """The token ids and the δ-state per layer after them, as a session file holds them."""
+    with np.load(path, allow_pickle=False) as data:
+        layers = sorted((name for name in data.files if name.startswith("state_")), key=lambda n: int(n[6:]))
+        return data["tokens"].tolist(), [data[name] for name in layers]

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from engine_support import SYSTEM, job
+from mlx_lm.models.cache import QuantizedKVCache
 
 from sidecar.engine import Engine
 from sidecar.engine_io import ChatJob, Finished, PromptDone, TextDelta
@@ -120,15 +121,7 @@ def _index(log: list[tuple[str, Any]], name: str, kind: type, nth: int = 1) -> i
     return found[nth - 1]
 
 
-@pytest.mark.parametrize("adapter", ADAPTERS)
-def test_every_session_answering_in_the_batch_equals_its_solo_run(
-    engine_factory, request: pytest.FixtureRequest, adapter: str
-) -> None:
-    adapter_dir = request.getfixturevalue(adapter)
-    log: list[tuple[str, Any]] = []
-    together = asyncio.run(_together(engine_factory(adapter_dir, prefill_chunk=CHUNK), _plan(""), log))
-    alone = asyncio.run(_alone(engine_factory(adapter_dir, prefill_chunk=CHUNK, max_batch=1), _plan("solo-")))
-
+def _assert_equal_to_solo(together: dict[str, Any], alone: dict[str, list[TurnResult]]) -> None:
     for name, turns in together["results"].items():
         for i, (batched, solo) in enumerate(zip(turns, alone[name], strict=True)):
             where = f"{name} turn {i + 1}"
@@ -138,9 +131,20 @@ def test_every_session_answering_in_the_batch_equals_its_solo_run(
             assert len(batched.states) == len(solo.states) == (0 if name == "base" else 2), where
             for layer, (a, b) in enumerate(zip(batched.states, solo.states)):
                 assert float(np.max(np.abs(a - b))) <= TOLERANCE, f"{where}, layer {layer}"
+    assert together["health"]["batch"]["mean_occupancy"] > 1.5
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_every_session_answering_in_the_batch_equals_its_solo_run(
+    engine_factory, request: pytest.FixtureRequest, adapter: str
+) -> None:
+    adapter_dir = request.getfixturevalue(adapter)
+    log: list[tuple[str, Any]] = []
+    together = asyncio.run(_together(engine_factory(adapter_dir, prefill_chunk=CHUNK), _plan(""), log))
+    alone = asyncio.run(_alone(engine_factory(adapter_dir, prefill_chunk=CHUNK, max_batch=1), _plan("solo-")))
+    _assert_equal_to_solo(together, alone)
 
     # What the scenario claims happened did happen.
-    assert together["health"]["batch"]["mean_occupancy"] > 1.5
     long_done = _index(log, "long", Finished)
     # A row joined while others decoded: after long had streamed, before it ended.
     assert _index(log, "long", TextDelta, 3) < _index(log, "late", PromptDone) < long_done
@@ -158,3 +162,18 @@ def test_every_session_answering_in_the_batch_equals_its_solo_run(
         for j in range(i + 1, len(finals))
     )
     assert apart > 100 * TOLERANCE
+
+
+def test_batched_rows_on_8_bit_kv_caches_equal_their_solo_runs_on_8_bit_kv(
+    engine_factory, tiny_kv_model_dir: Path, tiny_kv_adapter_dir: Path
+) -> None:
+    def engine(**overrides: Any) -> Engine:
+        return engine_factory(tiny_kv_adapter_dir, tiny_kv_model_dir, kv_bits=8, prefill_chunk=CHUNK, **overrides)
+
+    batched_engine = engine()
+    together = asyncio.run(_together(batched_engine, _plan(""), []))
+    alone = asyncio.run(_alone(engine(max_batch=1), _plan("solo-")))
+    _assert_equal_to_solo(together, alone)
+    # The rows decoded on mlx-lm's quantized caches (what --kv-bits 8 gives), δ layers included.
+    caches = [s.cache for s in batched_engine.store.sessions() if s.cache is not None]
+    assert caches and all(isinstance(c, QuantizedKVCache) and c.bits == 8 for cache in caches for c in cache)

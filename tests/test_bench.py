@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import batch_layout, concurrency, runtime, sessions
+from bench import batch_layout, concurrency, memory, plugin_load, runtime, sessions
 
 
 def test_runtime_bench_reports_every_figure() -> None:
@@ -66,3 +66,47 @@ def test_concurrency_bench_runs_the_three_servers(
     assert report["servers"]["mlx_lm_server"]["prefill_step_tokens"] == 2048
     for key in ("throughput_vs_peer_n8", "throughput_vs_unbatched_n8", "ttft_max_vs_peer_n8", "n1_vs_unbatched"):
         assert report[key] > 0
+def test_plugin_load_bench_counts_what_openclaw_copies(tmp_path: Path) -> None:
+    root = tmp_path / "clone"
+    outside = tmp_path / "clone.venv"
+    for folder in (root / "plugin_tools", root / ".git", root / ".cache" / "x" / "node_modules", outside):
+        folder.mkdir(parents=True)
+    (root / "plugin_tools" / "index.js").write_bytes(b"x" * 1_000_000)
+    (root / ".cache" / "x" / "package.json").write_bytes(b"x" * 200_000)
+    for skipped in (root / ".git" / "HEAD", root / ".cache" / "x" / "node_modules" / "big", outside / "big"):
+        skipped.write_bytes(b"x" * 10_000_000)
+    (root / ".venv").symlink_to(outside)  # leaves the root: left out
+    (root / "tools").symlink_to(root / "plugin_tools")  # stays inside: followed, copied again
+    copied = plugin_load.copied_by_openclaw(root)
+    assert copied == {"files": 3, "mb": 2.2}
+
+
+@pytest.mark.e2e
+def test_memory_bench_reports_every_kv_setting(
+    tiny_kv_model_dir: Path, tiny_kv_adapter_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    turns_file = Path(memory.SHARED / "openclaw" / "agent-turns.json")
+    if not turns_file.exists():
+        pytest.skip(f"{turns_file} (OpenClaw's captured requests) is not on this machine")
+    argv = [
+        "--json", "--sessions", "2", "--turns", "2", "--max-tokens", "3", "--system-chars", "1500", "--tools", "0",
+        "--agreement-sessions", "1", "--agreement-tokens", "4",
+        "--model", str(tiny_kv_model_dir), "--adapter", str(tiny_kv_adapter_dir),
+    ]  # fmt: skip
+    assert memory.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    for name in ("none", "8", "4"):
+        setting = report["settings"][name]
+        for key in ("kv_bytes", "bytes_per_session", "delta_record_bytes", "rss_peak_bytes", "prefill_tok_s"):
+            assert setting[key] > 0, (name, key)
+        assert [r["turn"] for r in setting["requests"]] == [1, 1, 2, 2]
+    for name in ("8", "4"):
+        for key in ("token_agreement", "teacher_forced_agreement"):
+            assert 0 <= report["settings"][name][key] <= 1
+        assert report["settings"][name]["max_logit_diff_first_step"] > 0
+    # float32 K/V here: 8 bits hold (1 + 8/64)/4 of the float bytes, 4 bits (0.5 + 8/64)/4.
+    assert report["ratios"]["8"]["kv_bytes"] == pytest.approx(0.28125, abs=0.01)
+    assert report["ratios"]["4"]["kv_bytes"] == pytest.approx(0.15625, abs=0.01)
+    assert set(report["targets"]) >= {"kv8_bytes_at_most_0_55", "delta_record_at_most_1_percent"}
+    record = report["settings"]["none"]["sparse_record"]
+    assert record["record_bytes"] < record["every_token_record_bytes"] and record["trim_refill_tokens"] == 63

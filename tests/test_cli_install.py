@@ -249,7 +249,9 @@ def test_uninstall_purge_needs_consent_and_an_install_root(
 def test_status_and_logs_of_an_empty_root(root: Path) -> None:
     report = json.loads(_ok(["status", "--root", str(root), "--json"]))
     assert report["install"]["problems"][0].startswith(f"{root} has no completed install")
-    assert report["health"]["reachable"] is False and report["supervisor"]["state"] in ("stopped", "not-installed")
+    # Nothing installed: the default address is asked (whatever may answer there on this machine).
+    assert report["health"]["url"] == "http://127.0.0.1:8765/health" and report["ready"] is False
+    assert report["supervisor"]["state"] in ("stopped", "not-installed")
     assert "sidecar.err.log" in _ok(["logs", "--root", str(root)])
 
 

@@ -13,10 +13,16 @@ from mlx_lm.utils import load_model
 
 from sidecar.delta import attach_delta_mem, delta_states
 from sidecar.delta.api import attach_tensors, set_delta_controls
+from sidecar.delta.attention import DeltaAttention
+from sidecar.delta.cache import DeltaControls, DeltaKVCache
 from sidecar.delta.config import DeltaMemConfig
+from sidecar.delta.scan import scan
 
 PARITY = Path(__file__).parent / "parity"
 TOL = dict(atol=1e-4, rtol=1e-4)
+# The scan variants hold no model, only the recurrence: the README gives ≤ 1e-6 for them.
+SCAN_TOL = dict(atol=1e-6, rtol=0)
+VARIANTS = sorted(json.loads((PARITY / "scan_variants" / "variants_info.json").read_text()))
 
 
 def _expected(case: str) -> dict[str, np.ndarray]:
@@ -177,3 +183,67 @@ def test_attach_from_the_reference_adapter_file(case: str) -> None:
         set_delta_controls(cache, message_ids=exp["message_ids"])
     _close(model(mx.array(exp["input_ids"]), cache=cache), exp["prefill_logits"])
     _states_equal(model, cache, exp, "state_after_prefill")
+
+
+# ---- (e) scan variants: every update mode, gate shape and head count, without a model
+
+
+def test_all_nine_scan_variants_are_tested() -> None:
+    assert len(VARIANTS) == 9
+    assert {p.name.removesuffix(".npz") for p in (PARITY / "scan_variants").glob("*.npz")} == set(VARIANTS)
+
+
+def _variant(name: str) -> tuple[DeltaMemConfig, dict[str, np.ndarray]]:
+    config = json.loads((PARITY / "scan_variants" / f"{name}.config.json").read_text())
+    return DeltaMemConfig.from_dict(config), dict(np.load(PARITY / "scan_variants" / f"{name}.npz"))
+
+
+def _heads_first(x: np.ndarray, heads: int) -> mx.array:
+    """A reference array [1, T, heads·w] or [1, T, heads, w] in the scan's layout [1, heads, T, w]."""
+    return mx.array(x.reshape(1, x.shape[1], heads, -1).swapaxes(1, 2))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_scan_variant_reads_and_states_match_reference(name: str) -> None:
+    config, exp = _variant(name)
+    H = config.num_state_heads
+    q, k, v, keep, erase, write = (_heads_first(exp[key], H) for key in ("q", "k", "v", "keep", "erase", "write"))
+    state_shape = (1, H, config.rank, config.rank)
+    for start, suffix in ((np.zeros(state_shape, np.float32), ""), (exp["state0"], "_from_state0")):
+        reads, final = scan(q, k, v, keep, erase, write, mx.array(start.reshape(state_shape)))
+        actual_reads = reads.swapaxes(1, 2).reshape(exp[f"reads{suffix}"].shape)
+        np.testing.assert_allclose(np.array(actual_reads), exp[f"reads{suffix}"], **SCAN_TOL)
+        actual_final = final.reshape(exp[f"final_state{suffix}"].shape)
+        np.testing.assert_allclose(np.array(actual_final), exp[f"final_state{suffix}"], **SCAN_TOL)
+
+
+def _wrapped_attention(config: DeltaMemConfig, exp: dict[str, np.ndarray]) -> DeltaAttention:
+    """The reference's standalone Qwen3 attention (hidden 64) with the variant's memory weights."""
+    model = _model("tsw_model", attach=False)
+    base = model.layers[0].self_attn
+    names = ["memory_q_proj", "memory_k_proj", "memory_v_proj", "beta_proj", "beta_bias", "lambda_proj", "lambda_bias"]
+    tensors = {name: exp[name] for name in names if name in exp}
+    # The Δ maps only turn reads into outputs; the reference vectors hold states, not outputs.
+    rng = np.random.default_rng(0)
+    tensors["delta_q_proj"] = rng.normal(0, 0.2, (base.n_heads * 16, config.memory_dim)).astype(np.float32)
+    tensors["delta_o_proj"] = rng.normal(0, 0.2, (64, config.memory_dim)).astype(np.float32)
+    return DeltaAttention(base, config, tensors)
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "token-by-token"])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_scan_variant_through_the_wrapped_attention(name: str, decode: bool) -> None:
+    """The variant's settings reach the gates: the layer, fed the reference input, leaves its states."""
+    config, exp = _variant(name)
+    attention = _wrapped_attention(config, exp)
+    x = mx.array(exp["x"])
+    for start, key in ((None, "final_state"), (exp["state0"], "final_state_from_state0")):
+        cache = DeltaKVCache(attention.state_shape, DeltaControls())
+        if start is not None:
+            cache.set_current_state(mx.array(start))
+        if decode:
+            for t in range(x.shape[1]):
+                attention(x[:, t : t + 1], cache=cache)
+        else:
+            attention(x, mask="causal", cache=cache)
+        np.testing.assert_allclose(np.array(cache.current_state()), exp[key], **SCAN_TOL)

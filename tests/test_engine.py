@@ -17,6 +17,7 @@ from sidecar import engine as engine_module
 from sidecar.delta.api import delta_states, set_delta_controls
 from sidecar.engine_io import EngineError, Failed, Finished, PromptDone, TextDelta
 from sidecar.prompts import render_prompt
+from sidecar.replay_check import ReplayChecks
 
 
 def _assert_states_close(a: list[mx.array], b: list[mx.array]) -> None:
@@ -85,19 +86,21 @@ def test_an_evicted_session_is_rebuilt_exactly_from_disk(engine_factory) -> None
     turns = openclaw_turns(3)
     run(engine, job(turns[0], key="a", snippets=("a fact about a",)))
     run(engine, job(turns[1], key="a", snippets=("another fact about a",)))
-    before = [np.array(s) for s in delta_states(engine.model, session_of(engine, "a").cache)]
     run(engine, job(turns[0], key="b"))  # evicts "a"
     assert engine.store.evictions == 1 and session_of(engine, "a").cache is None
 
     events = run(engine, job(turns[2], key="a"))
     # Its KV was rebuilt: the shared system prompt came from the prefix cache, the rest was replayed.
     assert 0 < events[0].cached_tokens < events[0].prompt_tokens - 1
-    reference = engine_factory()  # a fresh engine replaying the same requests without eviction
+    reference = engine_factory(state="reference")  # the same requests on a fresh engine, without eviction
     for turn, snippet in ((turns[0], "a fact about a"), (turns[1], "another fact about a")):
         run(reference, job(turn, key="a", snippets=(snippet,)))
     run(reference, job(turns[2], key="a"))
     _assert_states_close(delta_states(engine.model, session_of(engine, "a").cache), delta_states(reference.model, session_of(reference, "a").cache))
-    assert before  # the saved state was read back and checked against the replay
+    # The replay stopped where the internal-context message began, short of the saved end: it was
+    # checked at the last saved message start it passed, and matched.
+    assert engine.replays == ReplayChecks(checks=1, mismatches=0)
+    assert reference.replays.checks == 0  # nothing was rebuilt there
 
 
 def test_a_restarted_server_continues_a_session(engine_factory) -> None:
@@ -115,6 +118,7 @@ def test_a_restarted_server_continues_a_session(engine_factory) -> None:
     events = run(second, job(turns[1]))
     assert isinstance(events[-1], Finished) and events[-1].finish_reason != "cancelled"
     assert len(session_of(second).snippet_writes) == 1
+    assert second.replays == ReplayChecks(checks=1, mismatches=0)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])

@@ -10,6 +10,9 @@ so an import added anywhere that points upward, or closes a cycle between top-le
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,6 +35,8 @@ LAYERS: dict[str, int] = {
 }
 # Third-party packages a tool call must not load.
 HEAVY = ("mlx", "mlx_lm", "fastapi", "starlette", "uvicorn", "pydantic")
+# ... and what `delta-mem-mlx --help` must not load either.
+CLI_HEAVY = ("numpy", "huggingface_hub", "matplotlib", "tokenizers", "transformers")
 
 
 def _module_name(path: Path) -> str:
@@ -139,3 +144,27 @@ def test_the_checker_sees_imports_anywhere_in_a_module() -> None:
     found = _imports_in(source, "common.example", is_package=False)
     assert found >= {"common", "common.files", "installer.cli", "installer.cli.app"}
     assert _layer("installer.cli") > _layer("common.example")  # type: ignore[operator]
+
+
+def test_the_cli_imports_no_heavy_package_until_a_command_runs() -> None:
+    # `delta-mem-mlx --help` and each command's --help stay fast: a command imports what is heavy when
+    # it runs. Checked in a fresh interpreter. Typer itself imports pydantic to parse a command's options.
+    code = (
+        "import json, sys\n"
+        "from typer.testing import CliRunner\n"
+        "from installer.cli import app\n"
+        "def loaded(): return sorted({m.split('.')[0] for m in sys.modules})\n"
+        "assert CliRunner().invoke(app, ['--help']).exit_code == 0\n"
+        "top = loaded()\n"
+        "names = [c.name for c in app.registered_commands]\n"
+        "for name in names:\n"
+        "    assert CliRunner().invoke(app, [name, '--help']).exit_code == 0, name\n"
+        "print(json.dumps({'top': top, 'commands': names, 'after': loaded()}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    heavy = {*HEAVY, *CLI_HEAVY}
+    assert len(seen["commands"]) >= 10
+    assert sorted(heavy & set(seen["top"])) == []
+    assert sorted(heavy & set(seen["after"])) == ["pydantic"]

@@ -18,6 +18,7 @@ from supervisors import process as process_module
 from supervisors import tail_lines
 from supervisors.keeper import (
     MAX_QUICK_CRASHES,
+    RestartPolicy,
     describe_exit,
     is_clean_exit,
     keeper_command,
@@ -26,21 +27,23 @@ from supervisors.process import ProcessSupervisor
 
 DEADLINE_S = 30.0
 
-# The supervised program: appends its pid to `starts`, then does what `behaviour` says.
+# The supervised program, a shell script (it starts in milliseconds, where Python takes a good part of
+# a second on a loaded machine): appends its pid to `starts`, then does what `behaviour` says.
 CHILD = """
-import os, signal, sys, pathlib
-here = pathlib.Path(sys.argv[1])
-with open(here / "starts", "a") as starts:
-    starts.write(f"{os.getpid()}\\n")
-behaviour = (here / "behaviour").read_text()
-if behaviour == "crash":
-    sys.exit(3)
-if behaviour == "exit0":
-    sys.exit(0)
-if behaviour == "sigterm-self":
-    os.kill(os.getpid(), signal.SIGTERM)
-signal.pause()
+echo $$ >> "$1/starts"
+case "$(cat "$1/behaviour")" in
+    crash) exit 3 ;;
+    exit0) exit 0 ;;
+    sigterm-self) kill -TERM $$ ;;
+esac
+exec sleep 100000
 """
+# A crash this long after its start is quick: a hundred times what the child above lives when it crashes.
+QUICK_THROTTLE_S = 1.5
+
+
+def child_command(folder: Path) -> list[str]:
+    return ["/bin/sh", "-c", CHILD, "child", str(folder)]
 
 
 def wait_for(condition, what: str) -> None:
@@ -70,9 +73,7 @@ class Child:
 @pytest.fixture
 def child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Child:
     steer = Child(tmp_path / "child")
-    monkeypatch.setattr(
-        process_module, "sidecar_command", lambda root: [sys.executable, "-c", CHILD, str(steer.folder)]
-    )
+    monkeypatch.setattr(process_module, "sidecar_command", lambda root: child_command(steer.folder))
     monkeypatch.setattr(process_module, "RESTART_THROTTLE_S", 0.3)
     return steer
 
@@ -88,6 +89,13 @@ def keeper_of(supervisor: ProcessSupervisor) -> psutil.Process:
     process = supervisor.running_process()
     assert process is not None
     return process
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def live_children(keeper: psutil.Process) -> list[psutil.Process]:
@@ -116,7 +124,20 @@ def test_a_killed_sidecar_is_started_again(supervisor: ProcessSupervisor, child:
     assert not supervisor.layout.pidfile.exists() and not supervisor.keeper_state_file.exists()
 
 
-def test_a_crash_loop_backs_off_then_gives_up(supervisor: ProcessSupervisor, child: Child) -> None:
+def test_quick_crashes_are_counted_until_the_keeper_gives_up() -> None:
+    policy = RestartPolicy(throttle_s=10.0, max_quick_crashes=3)
+    assert policy.after_crash(0, 0.25) == (1, 9.75)  # waits out the rest of the throttle
+    assert policy.after_crash(1, 9.99) == (2, pytest.approx(0.01))
+    assert policy.after_crash(2, 1.0) == (3, None)  # the third quick crash in a row: give up
+    # A run as long as the throttle is not a quick crash: the count starts again, the restart is at once.
+    assert policy.after_crash(2, 10.0) == (0, 0.0)
+    assert policy.after_crash(0, 3600.0) == (0, 0.0)
+
+
+def test_a_crash_loop_backs_off_then_gives_up(
+    supervisor: ProcessSupervisor, child: Child, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process_module, "RESTART_THROTTLE_S", QUICK_THROTTLE_S)
     child.behaviour("crash")
     supervisor.start()
     keeper = keeper_of(supervisor)
@@ -135,10 +156,15 @@ def test_a_crash_loop_backs_off_then_gives_up(supervisor: ProcessSupervisor, chi
 
 
 @pytest.mark.parametrize("behaviour", ["exit0", "sigterm-self"])
-def test_a_clean_exit_is_not_restarted(supervisor: ProcessSupervisor, child: Child, behaviour: str) -> None:
+def test_a_clean_exit_is_not_restarted(
+    supervisor: ProcessSupervisor, child: Child, behaviour: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The start looks for its keeper only every second, so the keeper has usually ended by then.
+    monkeypatch.setattr(process_module, "_STARTUP_POLL_S", 1.0)
     child.behaviour(behaviour)
     supervisor.start()
-    assert keeper_of(supervisor).wait(timeout=DEADLINE_S) == 0
+    keeper_pid = json.loads(supervisor.layout.pidfile.read_text())["pid"]
+    wait_for(lambda: not _alive(keeper_pid), "the keeper to end with its sidecar")
     assert len(child.starts()) == 1
     assert supervisor.status().state == "stopped"
 
@@ -191,7 +217,7 @@ def test_the_sidecar_dies_with_a_killed_keeper(supervisor: ProcessSupervisor, ch
 def test_keeper_runs_directly_and_forwards_sigterm(tmp_path: Path) -> None:
     steer = Child(tmp_path / "child")
     state = tmp_path / "keeper.json"
-    argv = keeper_command([sys.executable, "-c", CHILD, str(steer.folder)], state, throttle_s=0.3)
+    argv = keeper_command(child_command(steer.folder), state, throttle_s=0.3)
     keeper = subprocess.Popen(argv, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: len(steer.starts()) == 1, "the start")

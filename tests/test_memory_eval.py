@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import stat
 import sys
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +22,11 @@ from typer.testing import CliRunner
 from common.settings import QmdSettings
 from installer.cli import app
 from installer.memory_eval.builtin_suite import MAX_FACTS, SuiteSize, builtin_suite
+from installer.memory_eval.chart import chart_figure, write_chart
 from installer.memory_eval.conversations import (
     Conversation,
     Dataset,
     DatasetError,
-    Message,
     Question,
 )
 from installer.memory_eval.datasets import load_dataset
@@ -37,16 +35,12 @@ from installer.memory_eval.file_formats import (
     load_locomo,
     load_memory_agent_bench,
 )
-from installer.memory_eval.report import (
-    build_report,
-    markdown_report,
-    write_chart,
-    write_reports,
-)
+from installer.memory_eval.report import build_report, markdown_report, write_reports
 from installer.memory_eval.retrieval import LexicalRetriever, QmdRetriever
 from installer.memory_eval.runner import (
     MEMORY_NOTE,
     MODES,
+    AnswerRecord,
     EvalError,
     RunResult,
     RunSettings,
@@ -56,13 +50,15 @@ from installer.memory_eval.runner import (
     turn_ends,
 )
 from installer.memory_eval.scoring import (
+    Interval,
     bootstrap_difference,
+    bootstrap_mean,
     exact_match,
     key_term_recall,
     score_answer,
     token_f1,
 )
-from installer.sidecar_client import ChatReply, SidecarClient, SidecarError
+from installer.sidecar_client import ChatReply, Message, SidecarClient
 
 ALL_MODES = tuple(MODES.values())
 SMALL = SuiteSize(conversations=2, facts=4, distractors=1, sessions=2)
@@ -100,18 +96,22 @@ def test_score_answer_uses_the_gold_words_when_there_are_no_key_terms() -> None:
     assert score_answer("Porto", ["Lisbon"], key_terms=("Porto",))["key_term_recall"] == 1.0
 
 
-def test_bootstrap_difference_on_hand_made_cases() -> None:
+def test_bootstrap_intervals_on_hand_made_cases() -> None:
     same = bootstrap_difference([1.0, 0.0, 1.0], [1.0, 0.0, 1.0], seed=0, resamples=200)
-    assert (same.difference, same.low, same.high) == (0.0, 0.0, 0.0)
+    assert (same.mean, same.low, same.high) == (0.0, 0.0, 0.0)
     constant = bootstrap_difference([1.0, 1.0, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5], seed=0, resamples=200)
-    assert (constant.difference, constant.low, constant.high) == (0.5, 0.5, 0.5)
+    assert (constant.mean, constant.low, constant.high) == (0.5, 0.5, 0.5)
     mixed_a, mixed_b = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0], [0.0] * 8
     interval = bootstrap_difference(mixed_a, mixed_b, seed=7, resamples=500)
-    assert interval.difference == pytest.approx(5 / 8)
-    assert 0.0 <= interval.low < interval.difference < interval.high <= 1.0
+    assert interval.mean == pytest.approx(5 / 8)
+    assert 0.0 <= interval.low < interval.mean < interval.high <= 1.0
     assert bootstrap_difference(mixed_a, mixed_b, seed=7, resamples=500) == interval
+    assert bootstrap_mean(mixed_a, seed=7, resamples=500) == interval  # minus a zero baseline: the same draws
+    assert bootstrap_mean([0.25] * 5, seed=0, resamples=100) == Interval(0.25, 0.25, 0.25)
     with pytest.raises(ValueError):
         bootstrap_difference([1.0], [1.0, 0.0], seed=0)
+    with pytest.raises(ValueError):
+        bootstrap_mean([], seed=0)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -354,53 +354,6 @@ def test_modes_and_settings_are_checked() -> None:
     assert turn_ends(history) == [2, 4]
 
 
-@pytest.fixture
-def canned_sidecar() -> Iterator[tuple[str, dict[str, bytes]]]:
-    """A local HTTP server that answers every request with the body set in the returned dict."""
-    answer: dict[str, bytes] = {"body": b""}
-
-    class Handler(BaseHTTPRequestHandler):
-        def _send(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()
-            self.wfile.write(answer["body"])
-
-        do_GET = do_POST = _send
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", answer
-    httpd.shutdown()
-    thread.join()
-
-
-@pytest.mark.parametrize(
-    ("body", "message"),
-    [
-        (b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\n', "ended early"),
-        (b"data: <html>\n\n", "not JSON"),
-        (b'data: {"error": {"message": "the prompt is 9000 tokens", "code": "context_length_exceeded"}}\n\n'
-         b"data: [DONE]\n\n", "the prompt is 9000 tokens; keep fewer history messages"),
-    ],
-)
-def test_client_turns_broken_streams_into_one_clear_error(
-    canned_sidecar: tuple[str, dict[str, bytes]], body: bytes, message: str
-) -> None:
-    url, answer = canned_sidecar
-    answer["body"] = body
-    with pytest.raises(SidecarError, match=message):
-        SidecarClient(url, None, MODEL).chat([Message("user", "hi")], "k", True, 4, 0)
-    answer["body"] = b"not json"
-    with pytest.raises(SidecarError, match="not JSON"):
-        SidecarClient(url, None, MODEL).get_json("/health")
-
-
 # --------------------------------------------------------------------------- against a real sidecar
 
 
@@ -562,6 +515,9 @@ def test_report_json_markdown_and_chart_skip(runs: Any, tmp_path: Path, monkeypa
     pairs = {(c["mode"], c["baseline"], c["metric"]) for c in report["comparisons"]}
     assert ("delta", "base", "token_f1") in pairs and ("delta+memory", "base+memory-in-prompt", "exact_match") in pairs
     assert all(c["ci95_low"] <= c["difference"] <= c["ci95_high"] for c in report["comparisons"])
+    for mode in report["modes"].values():
+        for metric, (low, high) in mode["scores_ci95"].items():
+            assert 0.0 <= low <= mode["scores"][metric] <= high <= 1.0
     assert len(report["answers"]) == len(result.answers)
     markdown = markdown_report(report)
     assert "| mode | what it is | EM | F1 |" in markdown and "TSW, rank 8, 2 layers" in markdown
@@ -575,32 +531,91 @@ def test_report_json_markdown_and_chart_skip(runs: Any, tmp_path: Path, monkeypa
     assert files.chart_skipped is not None and "matplotlib is not installed" in files.chart_skipped
 
 
-def test_chart_is_a_png_when_matplotlib_is_installed(runs: Any, tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+def test_chart_is_a_png(runs: Any, tmp_path: Path) -> None:
     (_, result), _ = runs
     report = build_report(builtin_suite(SMALL, seed=5), RUN, result, {"model": MODEL}, "lexical")
     assert write_chart(report, tmp_path / "chart.png") is None
     assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")
 
 
+def close_modes() -> tuple[Dataset, RunSettings, RunResult]:
+    """Four modes with nearly the same answer times, two with the same scores, two at either end of the scale."""
+    questions = tuple(Question(f"q{i}", f"Question {i}?", ("yes",), "fact") for i in range(8))
+    settings = RunSettings(parse_modes("base,delta,delta+memory,base+memory-in-prompt"))
+    result = RunResult()
+    for shift, mode in enumerate(settings.modes):
+        for i, question in enumerate(questions):
+            f1 = {"delta+memory": 1.0, "base+memory-in-prompt": 0.0}.get(mode.name, [0.5, 0.0, 1.0, 0.5][i % 4])
+            reply = ChatReply("yes", 0.040 + 0.001 * shift, 0.100 + 0.001 * shift, 10, 1, 0, "stop", {})
+            scores = {"exact_match": float(f1 == 1.0), "token_f1": f1, "key_term_recall": f1}
+            result.answers.append(AnswerRecord("c1", mode.name, question, (), reply, scores))
+    return Dataset("close", (Conversation("c1", "system", (), questions),)), settings, result
+
+
+def test_chart_gives_each_mode_a_row_with_its_interval_and_keeps_every_label_apart() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    dataset, settings, result = close_modes()
+    report = build_report(dataset, settings, result, {"model": MODEL}, "lexical")
+    figure = chart_figure(report)
+    scores, times, differences = figure.axes
+    assert [label.get_text() for label in scores.get_yticklabels()] == list(report["modes"])
+    for row, mode in enumerate(report["modes"].values()):
+        (segment,) = scores.containers[row].lines[2][0].get_segments()  # the interval's horizontal bar
+        assert segment[:, 0].tolist() == pytest.approx(mode["scores_ci95"]["token_f1"])
+        assert segment[:, 1].tolist() == [row, row]
+        assert times.patches[2 * row].get_width() == mode["latency_s"]["question_total_mean"]
+    compared = [c for c in report["comparisons"] if c["metric"] == "token_f1"]
+    assert [label.get_text() for label in differences.get_yticklabels()] == [
+        f"{c['mode']} − {c['baseline']}" for c in compared
+    ]
+    for row, c in enumerate(compared):
+        (segment,) = differences.containers[row].lines[2][0].get_segments()
+        assert segment[:, 0].tolist() == pytest.approx([c["ci95_low"], c["ci95_high"]])
+    # Every label, value and legend entry is drawn where no other one is.
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    texts = [t for axes in figure.axes for t in [*axes.get_yticklabels(), *axes.texts] if t.get_text()]
+    texts += [t for axes in figure.axes if axes.get_legend() for t in axes.get_legend().get_texts()]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    overlapping = [(a, b) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1 :] if box.overlaps(other)]
+    assert len(boxes) >= 2 * len(report["modes"]) + 2 * len(compared)
+    assert overlapping == []
+    for axes in figure.axes:  # values stay inside their panel, also at either end of the scale
+        panel, labels = axes.get_window_extent(renderer), [(t, t.get_window_extent(renderer)) for t in axes.texts]
+        assert [t.get_text() for t, box in labels if not panel.x0 <= box.x0 < box.x1 <= panel.x1] == []
+
+
 def invoke(*args: str) -> Any:
     return CliRunner().invoke(app, ["eval", *args])
 
 
-def test_cli_runs_a_locomo_file_and_writes_the_report(server: Server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("matplotlib", ["installed", "missing"])
+def test_cli_runs_a_locomo_file_and_writes_the_report(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, matplotlib: str
+) -> None:
+    if matplotlib == "missing":
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # as when the 'plot' extra is not installed
     path = tmp_path / "locomo10.json"
     path.write_text(json.dumps([locomo_sample("conv-1"), locomo_sample("conv-2")]), encoding="utf-8")
     out = tmp_path / "out"
     result = invoke("--url", server.base_url, "--api-key", KEY, "--dataset", f"locomo:{path}", "--limit", "1",
                     "--modes", "base,delta,delta+memory", "--max-tokens", "4", "--out", str(out))
     assert result.exit_code == 0, result.output
-    assert "| `delta+memory` |" in result.output and "report.png skipped" in result.output
+    assert "| `delta+memory` |" in result.output
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["dataset"]["name"] == "locomo" and report["dataset"]["conversations"] == 1
     assert report["dataset"]["skipped_questions"] == 2  # one adversarial question per sample
     assert report["server"]["model"] == MODEL and report["server"]["adapter"]["variant"] == "TSW"
     assert {a["kind"] for a in report["answers"]} == {"single-hop", "temporal", "multi-hop"}
-    assert (out / "report.md").exists() and not (out / "report.png").exists()
+    assert (out / "report.md").exists()
+    if matplotlib == "installed":
+        assert f"and {out / 'report.png'}" in result.output and "skipped" not in result.output
+        assert (out / "report.png").read_bytes().startswith(b"\x89PNG")
+    else:
+        assert "report.png skipped: matplotlib is not installed (pip install" in result.output
+        assert not (out / "report.png").exists()
     assert "Caroline: I went to a support group" in (out / "history" / "conv-1" / "conversation.md").read_text()
 
 

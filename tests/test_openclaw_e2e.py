@@ -1,7 +1,8 @@
 """The plugin and the provider block in real OpenClaw 2026.9.6 (Node 24 and OpenClaw from the npm registry).
 
-Node and OpenClaw are installed once into .cache/openclaw-e2e/ (gitignored) and reused. Without
-the npm registry the tests skip and say so. OpenClaw runs with HOME in a temp dir.
+Node and OpenClaw are installed once into .cache/openclaw-e2e/ (gitignored) and reused; only
+installing needs `npm`. Without npm or the npm registry the tests skip and say so (under CI=true
+they fail, see conftest.py). OpenClaw runs with HOME in a temp dir.
 """
 
 from __future__ import annotations
@@ -34,8 +35,12 @@ from sidecar.engine_io import ChatJob, EngineEvent
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
+# The repository root is the plugin: openclaw.plugin.json and package.json sit beside pyproject.toml.
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PLUGIN_DIR = REPO_ROOT / "plugin_tools"
+# What a fresh clone does not hold: .git and what .gitignore lists.
+NOT_IN_A_CLONE = shutil.ignore_patterns(
+    ".git", ".venv", ".cache", "__pycache__", ".pytest_cache", "*.egg-info", "build", "dist", "node_modules"
+)
 CACHE = REPO_ROOT / ".cache" / "openclaw-e2e"
 OPENCLAW_VERSION = "2026.9.6"
 NODE_MAJOR = 24
@@ -119,7 +124,10 @@ def openclaw_env(home: Path, node: Path) -> dict[str, str]:
     return env
 
 
-def _npm_install(npm: str, prefix: Path, spec: str, node_dir: Path | None) -> None:
+def _npm_install(prefix: Path, spec: str, node_dir: Path | None) -> None:
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.skip(f"npm is not installed: it is needed to fetch {spec} from the npm registry")
     prefix.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if node_dir is not None:
@@ -154,15 +162,12 @@ def openclaw() -> OpenClaw:
     package = NODE_PACKAGES.get((platform.system(), platform.machine()))
     if package is None:
         pytest.skip(f"no Node {NODE_MAJOR} npm package for {platform.system()} {platform.machine()}")
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.skip("npm is not installed: it is needed to fetch Node 24 and OpenClaw from the npm registry")
     node = CACHE / "node" / "node_modules" / package / "bin" / "node"
     if not _version_of([str(node), "--version"]).startswith(f"v{NODE_MAJOR}."):
-        _npm_install(npm, CACHE / "node", f"{package}@{NODE_MAJOR}", None)
+        _npm_install(CACHE / "node", f"{package}@{NODE_MAJOR}", None)
     entry = CACHE / "openclaw" / "node_modules" / "openclaw" / "openclaw.mjs"
     if OPENCLAW_VERSION not in _version_of([str(node), str(entry), "--version"]):
-        _npm_install(npm, CACHE / "openclaw", f"openclaw@{OPENCLAW_VERSION}", node.parent)
+        _npm_install(CACHE / "openclaw", f"openclaw@{OPENCLAW_VERSION}", node.parent)
     version = _version_of([str(node), str(entry), "--version"])
     assert OPENCLAW_VERSION in version, f"expected OpenClaw {OPENCLAW_VERSION}, got {version!r}"
     return OpenClaw(node, entry)
@@ -189,18 +194,91 @@ def apply_provider_config(config: Path, *args: str) -> subprocess.CompletedProce
     return done
 
 
-def install_plugin(openclaw: OpenClaw, home: Path) -> None:
-    """Link this checkout's plugin into OpenClaw, as the README says."""
-    openclaw.run(["plugins", "install", "-l", str(PLUGIN_DIR), "--force", "--accept-capabilities"], home)
+def clone_checkout(target: Path) -> Path:
+    """This checkout's files as a fresh clone of it holds them, copied to target."""
+    shutil.copytree(REPO_ROOT, target, symlinks=True, ignore=NOT_IN_A_CLONE)
+    return target
 
 
-def test_the_plugin_installs_and_registers_both_tools(openclaw: OpenClaw, home: Path) -> None:
-    install_plugin(openclaw, home)
-    inspected = openclaw.json(["plugins", "inspect", PROVIDER_ID, "--runtime", "--json"], home)
+@pytest.fixture(scope="module")
+def plugin_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The plugin as the README sets it up: a clone whose .venv links to a venv beside it (here the
+    venv running these tests).
+
+    Not this checkout in place: OpenClaw refuses to link a directory that holds the roots of its own
+    bundled plugins ("conflicting child rows"), and the OpenClaw these tests run is in .cache/ here.
+    """
+    root = clone_checkout(tmp_path_factory.mktemp("clone") / "openclaw-delta-mem-mlx")
+    (root / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    return root
+
+
+def install_plugin(openclaw: OpenClaw, home: Path, root: Path) -> None:
+    """Link a clone into OpenClaw as a plugin, as the README says."""
+    openclaw.run(["plugins", "install", "-l", str(root), "--force", "--accept-capabilities"], home)
+
+
+def inspect_plugin(openclaw: OpenClaw, home: Path) -> dict[str, Any]:
+    """`openclaw plugins inspect delta-mem-mlx --runtime --json`: it loads the plugin and lists its tools."""
+    return openclaw.json(["plugins", "inspect", PROVIDER_ID, "--runtime", "--json"], home)
+
+
+def fake_venv(path: Path) -> Path:
+    """A stand-in for the quick start's venv: bin/python, 16 MB of files and a FIFO as a tripwire.
+
+    OpenClaw refuses to load a plugin when its copy of the plugin directory meets a FIFO ("not a
+    regular file"), so the load fails if and only if OpenClaw copies this venv.
+    """
+    (path / "bin").mkdir(parents=True)
+    (path / "bin" / "python").symlink_to(sys.executable)
+    site = path / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    for i in range(64):
+        (site / f"module_{i}.py").write_bytes(os.urandom(256 * 1024))
+    os.mkfifo(path / "tripwire")
+    return path
+
+
+def test_the_plugin_installs_and_registers_both_tools(openclaw: OpenClaw, home: Path, plugin_root: Path) -> None:
+    install_plugin(openclaw, home, plugin_root)
+    inspected = inspect_plugin(openclaw, home)
     plugin = inspected["plugin"]
     assert plugin["status"] == "loaded", plugin.get("error")
     assert {STATUS_TOOL, PROVIDER_CONFIG_TOOL} <= set(plugin["toolNames"])
     assert inspected["diagnostics"] == []
+
+
+def test_a_clone_with_the_quick_start_venv_loads_without_copying_the_venv(
+    openclaw: OpenClaw, home: Path, tmp_path: Path
+) -> None:
+    root = clone_checkout(tmp_path / "clone")
+    # The quick start's layout: the venv beside the clone, .venv a link to it.
+    (root / ".venv").symlink_to(fake_venv(tmp_path / "clone.venv"))
+    # OpenClaw also skips every entry named .git or node_modules (the tests' Node and OpenClaw are
+    # in .cache/openclaw-e2e/*/node_modules): the same tripwire there must not matter either.
+    for skipped in (root / ".git", root / ".cache" / "openclaw-e2e" / "openclaw" / "node_modules"):
+        skipped.mkdir(parents=True)
+        os.mkfifo(skipped / "tripwire")
+
+    install_plugin(openclaw, home, root)
+    inspected = inspect_plugin(openclaw, home)
+
+    plugin = inspected["plugin"]
+    assert plugin["status"] == "loaded", plugin.get("error")
+    assert {STATUS_TOOL, PROVIDER_CONFIG_TOOL} <= set(plugin["toolNames"])
+    assert inspected["diagnostics"] == []
+
+
+def test_a_venv_inside_the_clone_is_copied_on_every_load(openclaw: OpenClaw, home: Path, tmp_path: Path) -> None:
+    # The layout the quick start avoids: OpenClaw copies a real .venv directory like any other.
+    root = clone_checkout(tmp_path / "clone")
+    fake_venv(root / ".venv")
+
+    install_plugin(openclaw, home, root)
+    plugin = inspect_plugin(openclaw, home)["plugin"]
+
+    assert plugin["status"] == "error"
+    assert f"not a regular file: {root.resolve() / '.venv' / 'tripwire'}" in plugin["error"]
 
 
 def test_the_applied_provider_block_validates_and_keeps_user_settings(openclaw: OpenClaw, home: Path) -> None:
@@ -355,10 +433,10 @@ def scripted_sidecar() -> Iterator[tuple[str, FakeEngine]]:
 
 
 def test_openclaw_runs_both_plugin_tools_inside_an_agent_turn(
-    openclaw: OpenClaw, home: Path, scripted_sidecar: tuple[str, FakeEngine]
+    openclaw: OpenClaw, home: Path, plugin_root: Path, scripted_sidecar: tuple[str, FakeEngine]
 ) -> None:
     api_base, engine = scripted_sidecar
-    install_plugin(openclaw, home)
+    install_plugin(openclaw, home, plugin_root)
     apply_provider_config(
         home / ".openclaw" / "openclaw.json",
         "--base-url", api_base,

@@ -15,7 +15,8 @@ import pytest
 from plugin_tools.payloads import PROVIDER_CONFIG_TOOL, STATUS_TOOL, ProviderConfigParams
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PLUGIN_DIR = REPO_ROOT / "plugin_tools"
+# The plugin root (what OpenClaw passes as api.rootDir) is the repository root; the entry is in plugin_tools/.
+PLUGIN_ENTRY = REPO_ROOT / "plugin_tools" / "index.js"
 
 # Loads the entry, registers it against a fake api, runs each scenario from stdin and prints the results.
 HARNESS = """
@@ -56,15 +57,15 @@ def _script(path: Path, body: str) -> str:
     return str(path)
 
 
-def run_harness(tmp_path: Path, scenarios: list[dict[str, Any]]) -> dict[str, Any]:
-    """Run the scenarios in one node process and return what it printed."""
+def run_harness(tmp_path: Path, scenarios: list[dict[str, Any]], plugin_root: Path = REPO_ROOT) -> dict[str, Any]:
+    """Run the scenarios in one node process, with plugin_root as api.rootDir, and return what it printed."""
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed on this machine: the plugin's JS entry cannot be run")
     harness = tmp_path / "harness.mjs"
     harness.write_text(HARNESS, encoding="utf-8")
     done = subprocess.run(
-        [node, str(harness), str(PLUGIN_DIR / "index.js"), str(PLUGIN_DIR)],
+        [node, str(harness), str(PLUGIN_ENTRY), str(plugin_root)],
         input=json.dumps(scenarios),
         capture_output=True,
         text=True,
@@ -128,6 +129,24 @@ def test_the_checkout_venv_python_is_found_without_config(tmp_path: Path) -> Non
         pytest.skip("this checkout has no .venv: nothing to find")
     out = run_harness(tmp_path, [{"name": "auto", "config": {}, "tool": PROVIDER_CONFIG_TOOL, "params": {}}])
     assert _text_payload(out["scenarios"]["auto"])["tool"] == PROVIDER_CONFIG_TOOL
+
+
+def test_the_plugin_roots_venv_python_runs_from_the_plugin_root(tmp_path: Path) -> None:
+    # The quick start's layout: the clone's .venv is a link to a venv beside the clone.
+    root = tmp_path / "clone"
+    venv = tmp_path / "clone.venv"
+    (venv / "bin").mkdir(parents=True)
+    root.mkdir()
+    (root / ".venv").symlink_to(venv)
+    reports = 'echo "{\\"python\\": \\"$0\\", \\"cwd\\": \\"$(pwd -P)\\", \\"path\\": \\"$PYTHONPATH\\"}"'
+    _script(venv / "bin" / "python", reports)
+    out = run_harness(
+        tmp_path, [{"name": "auto", "config": {}, "tool": STATUS_TOOL, "params": {}}], plugin_root=root
+    )
+    ran = _text_payload(out["scenarios"]["auto"])
+    assert ran["python"] == str(root / ".venv" / "bin" / "python")
+    assert ran["cwd"] == str(root.resolve())
+    assert ran["path"].split(os.pathsep)[0] == str(root)
 
 
 def test_failures_come_back_as_readable_results(tmp_path: Path) -> None:

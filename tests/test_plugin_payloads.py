@@ -35,7 +35,8 @@ from plugin_tools.payloads import (
 from plugin_tools.status import build_status
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MANIFEST = json.loads((REPO_ROOT / "plugin_tools" / "openclaw.plugin.json").read_text(encoding="utf-8"))
+# The repository root is the OpenClaw plugin: its manifest and package.json sit beside pyproject.toml.
+MANIFEST = json.loads((REPO_ROOT / "openclaw.plugin.json").read_text(encoding="utf-8"))
 # OpenClaw grades a tool call by these result keys (docs/plugins/tool-plugins.md, "Output contracts").
 RESERVED_RESULT_KEYS = {"status", "ok", "success", "error", "timedOut", "exitCode"}
 
@@ -241,12 +242,15 @@ def test_manifest_declares_both_tools_and_the_platform() -> None:
     assert MANIFEST["contracts"]["tools"] == tools
     assert set(MANIFEST["toolMetadata"]) == set(tools)
     assert MANIFEST["enabledByDefaultOnPlatforms"] == ["darwin"]
-    package = json.loads((REPO_ROOT / "plugin_tools" / "package.json").read_text(encoding="utf-8"))
-    assert package["openclaw"]["extensions"] == ["./index.js"]
+    package = json.loads((REPO_ROOT / "package.json").read_text(encoding="utf-8"))
+    assert package["openclaw"]["extensions"] == ["./plugin_tools/index.js"]
     assert package["openclaw"]["compat"]["pluginApi"] == ">=2026.3.24-beta.2"
     assert package["openclaw"]["install"]["minHostVersion"]
     assert not package.get("dependencies")
     assert (REPO_ROOT / "plugin_tools" / "index.js").is_file()
+    # One copy of each: a second one in plugin_tools/ would be a second plugin root.
+    assert not (REPO_ROOT / "plugin_tools" / "openclaw.plugin.json").exists()
+    assert not (REPO_ROOT / "plugin_tools" / "package.json").exists()
 
 
 def test_plugin_tools_never_import_mlx() -> None:

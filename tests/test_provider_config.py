@@ -12,6 +12,7 @@ import json5
 import pytest
 from typer.testing import CliRunner
 
+from common.kv_budget import GIB
 from common.settings import SidecarSettings, save_settings
 from installer.cli import app
 from installer.openclaw_config import (
@@ -99,12 +100,16 @@ def test_block_has_what_openclaw_needs_and_no_static_session_header() -> None:
     assert defaults["models"][payload["model_ref"]] == {"alias": payload["alias"]}
 
 
-def test_defaults_before_install_come_from_the_default_preset() -> None:
+@pytest.mark.parametrize(("ram_gb", "window"), [(16, 65536), (64, 262144)])
+def test_defaults_before_install_come_from_the_default_preset(monkeypatch, ram_gb: int, window: int) -> None:
+    # The window an install would announce on this machine: 8-bit KV holds 65,536 tokens in a 16 GB
+    # Mac's budget; 64 GB holds the model's whole 262,144 in float.
+    monkeypatch.setattr("presets.memory_plan.machine_ram", lambda: ram_gb * GIB)
     preset = load_preset("qwen3-delta")
     payload = build_provider_config({}, {})
     model = payload["config_patch"]["models"]["providers"][PROVIDER_ID]["models"][0]
     assert model["id"] == preset.model_id
-    assert model["contextWindow"] == preset.context_window
+    assert model["contextWindow"] == window
     assert model["maxTokens"] == preset.max_output_tokens
     assert "qwen3-delta" in payload["defaults_from"]
 
@@ -249,11 +254,13 @@ def test_apply_over_json5_keeps_a_byte_exact_backup(tmp_path: Path) -> None:
     written = json.loads(path.read_text(encoding="utf-8"))
     assert written["gateway"] == {"port": 19999, "mode": "local"}
     assert written["agents"]["defaults"]["model"]["primary"] == "delta-mem-mlx/m1"
-    # Restoring the backup gives the original file back, byte for byte.
-    path.write_bytes(result.backup.read_bytes())
-    assert path.read_text(encoding="utf-8") == USER_CONFIG_JSON5
+    # A second apply in the same second keeps the first backup and writes another: the file it saves
+    # is the already merged one, not the original.
+    merged = path.read_bytes()
     second = apply_patch(path, _patch(), now=now)
     assert second.backup == tmp_path / "openclaw.json.bak-20260906T123005Z-2"
+    assert second.backup.read_bytes() == merged != result.backup.read_bytes()
+    assert result.backup.read_bytes() == USER_CONFIG_JSON5.encode("utf-8")
 
 
 def test_apply_over_plain_json_says_nothing_is_lost(tmp_path: Path) -> None:

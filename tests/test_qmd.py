@@ -15,7 +15,7 @@ from common.settings import QmdSettings
 from sidecar.qmd import MAX_OUTPUT_BYTES, QmdResult, qmd_argv, qmd_lookup, qmd_query, strip_hunk_header
 
 FAKE_QMD = f"""#!{sys.executable}
-import json, os, subprocess, sys, time
+import json, os, sys
 with open(os.environ["FAKE_QMD_LOG"], "a", encoding="utf-8") as log:
     log.write(json.dumps(sys.argv[1:]) + "\\n")
 behaviour = os.environ.get("FAKE_QMD", "ok")
@@ -30,13 +30,6 @@ if behaviour == "ok":
 elif behaviour == "empty":
     sys.stderr.write("Warning: no embeddings, run qmd embed\\n")
     print("[]")
-elif behaviour == "hang":
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    with open(os.environ["FAKE_QMD_PIDS"], "w") as pids:
-        pids.write(f"{{os.getpid()}} {{child.pid}}")
-    sys.stdout.write("[")
-    sys.stdout.flush()
-    time.sleep(600)
 elif behaviour == "crash":
     sys.stderr.write("progress...\\n" * 1000 + "Error: collection notes not found\\n")
     sys.exit(3)
@@ -60,7 +53,6 @@ def fake_qmd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     log = tmp_path / "qmd-argv.jsonl"
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_QMD_LOG", str(log))
-    monkeypatch.setenv("FAKE_QMD_PIDS", str(tmp_path / "pids"))
     return log
 
 
@@ -135,12 +127,25 @@ def test_megabytes_of_output_are_cut_off(fake_qmd: Path, monkeypatch: pytest.Mon
     assert result.reason == f"qmd printed more than {MAX_OUTPUT_BYTES} bytes"
 
 
-def test_timeout_kills_qmd_and_what_it_started(fake_qmd: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("FAKE_QMD", "hang")
-    # Long enough for the fake to start its child and write the pids even on a busy machine.
-    result = lookup(QmdSettings(timeout=2.0), "anything")
+# A qmd that starts a child, says who they are, then hangs with its output open. A shell script: it
+# writes the pids within milliseconds, where a Python one needs a good part of the timeout below on a
+# loaded machine.
+HANGING_QMD = """#!/bin/sh
+sleep 600 &
+echo "$$ $!" > "$(dirname "$0")/pids"
+printf '['
+exec sleep 600
+"""
+
+
+def test_timeout_kills_qmd_and_what_it_started(tmp_path: Path) -> None:
+    qmd = tmp_path / "qmd"
+    qmd.write_text(HANGING_QMD, encoding="utf-8")
+    qmd.chmod(0o755)
+    result = lookup(QmdSettings(bin=str(qmd), timeout=2.0), "anything")
     assert result.snippets == [] and result.reason == "qmd timed out after 2 s"
     pids = [int(pid) for pid in (tmp_path / "pids").read_text().split()]
+    assert len(pids) == 2
     for pid in pids:
         assert _gone_within(pid, 10.0), f"process {pid} survived the timeout"
 

@@ -28,6 +28,9 @@ from server_process import MODEL, Server, stop_server
 pytestmark = pytest.mark.e2e
 
 EXAMPLES = 300
+# At least this many examples must be answered 2xx, or the engine was hardly reached. The exact split
+# between 2xx and 4xx differs between machines with the same seed (hypothesis's and schemathesis's versions).
+MIN_ANSWERED = EXAMPLES // 4
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +76,12 @@ def test_schema_fuzzing_finds_no_server_error(server: Server) -> None:
     call()
     after = health(server)
     examples = sum(statuses.values())
+    answered = sum(n for code, n in statuses.items() if code < 300)
     record_figures(
         "schema_fuzzing",
         {
             "examples": examples,
-            "answered_2xx": sum(n for code, n in statuses.items() if code < 300),
+            "answered_2xx": answered,
             "refused_4xx": sum(n for code, n in statuses.items() if 400 <= code < 500),
             "server_errors_5xx": sum(n for code, n in statuses.items() if code >= 500),
             "errors_without_openai_shape": len(bad_shapes),
@@ -85,5 +89,6 @@ def test_schema_fuzzing_finds_no_server_error(server: Server) -> None:
         },
     )
     assert examples == EXAMPLES
+    assert answered >= MIN_ANSWERED
     assert not failures, "\n".join(failures[:10])
     assert after["jobs"]["failed"] == 0 and server.process.poll() is None

@@ -26,6 +26,7 @@ from reliability import AUTH, REPO_ROOT, health, is_openai_error, record_figures
 from server_process import KEY, MODEL, Server, start_server, stop_server
 from typer.testing import CliRunner
 
+from common.exit_codes import CONFIG_ERROR
 from common.receipt import read_receipt
 from common.settings import SettingsError, SidecarSettings
 from installer.cli import app
@@ -79,9 +80,9 @@ def test_serve_on_all_interfaces_without_a_key_exits_before_binding(
         "--model-id", MODEL, "--host", "0.0.0.0", "--port", "1",
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, check=False)
-    assert done.returncode == 1
+    assert done.returncode == CONFIG_ERROR
     assert done.stderr.strip().startswith("Error: refusing to listen on 0.0.0.0 without an API key")
-    assert "Traceback" not in done.stderr and "Uvicorn running" not in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr and "listening on" not in done.stderr + done.stdout
 
 
 WRONG_CREDENTIALS: dict[str, dict[str, str]] = {

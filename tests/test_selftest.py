@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from installer.cli import app
 from installer.commands import selftest as selftest_module
-from installer.commands.selftest import ChatResult
+from installer.sidecar_client import ChatReply
 
 runner = CliRunner()
 
@@ -59,14 +59,11 @@ def test_selftest_keep_leaves_the_root_but_stops_the_sidecar(temp_dir: Path) -> 
 def test_selftest_fails_with_exit_1_and_still_cleans_up(
     temp_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(
-        selftest_module,
-        "stream_chat",
-        lambda settings, prompt, snippets: ChatResult("", {"X-Delta-Attention-State-Count": "0"}, 1),
-    )
+    no_memory = ChatReply("", 0.1, 0.2, 5, 1, 0, "stop", {"x-delta-attention-state-count": "0"})
+    monkeypatch.setattr(selftest_module, "stream_chat", lambda settings, prompt, snippets: no_memory)
     result = runner.invoke(app, ["selftest"])
     assert result.exit_code == 1
-    assert "selftest failed: the sidecar reported '0' memory snippets instead of 1" in result.output
+    assert "selftest failed: the sidecar reported 0 memory snippets instead of 1" in result.output
     assert "selftest passed" not in result.output
     assert list(temp_dir.iterdir()) == []
     assert _alive_children() == []

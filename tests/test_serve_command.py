@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
+import sidecar.http_server
+from common.exit_codes import CONFIG_ERROR
 from common.settings import QmdSettings, SidecarSettings, save_settings
 from installer.cli import app as cli
 
@@ -17,13 +18,14 @@ runner = CliRunner()
 
 @pytest.fixture
 def started(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """Replaces uvicorn.run; each call's app settings and keyword arguments are recorded."""
+    """Replaces the server runner; each call's settings and connection limits are recorded."""
     calls: list[dict[str, Any]] = []
 
-    def fake_run(app: Any, **kwargs: Any) -> None:
-        calls.append({"settings": app.state.server.settings, **kwargs})
+    def fake_run(settings: SidecarSettings, **options: Any) -> int:
+        calls.append({"settings": settings, "host": settings.host, "port": settings.port, **options})
+        return 0
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(sidecar.http_server, "run_server", fake_run)
     return calls
 
 
@@ -56,7 +58,8 @@ def test_flags_build_the_settings(started: list[dict[str, Any]], dirs: tuple[Pat
     assert settings.attention_state_source == "qmd" and settings.write_policy == "skip-system"
     assert (settings.max_batch, settings.prefill_chunk) == (4, 256)
     assert settings.qmd == QmdSettings(bin="/opt/qmd", mode="search", limit=3, timeout=2.5, collection="notes")
-    assert call["timeout_graceful_shutdown"] > 0
+    assert call["limits"].max_connections > 0 and call["limits"].header_timeout_s > 0
+    assert call["shutdown_grace_s"] > 0
 
 
 def test_root_settings_with_flags_on_top(
@@ -79,7 +82,7 @@ def test_default_root_is_used_without_model_flags(
     root = tmp_path / "default-root"
     monkeypatch.setenv("DELTA_MEM_MLX_ROOT", str(root))
     missing = invoke()
-    assert missing.exit_code == 1 and "sidecar.json" in missing.output
+    assert missing.exit_code == CONFIG_ERROR and "sidecar.json" in missing.output
     save_settings(root, SidecarSettings(model_path=str(model), model_id="default-root-model"))
     assert invoke().exit_code == 0
     assert started[0]["settings"].model_id == "default-root-model"
@@ -88,7 +91,7 @@ def test_default_root_is_used_without_model_flags(
 def test_non_loopback_without_key_is_refused(started: list[dict[str, Any]], dirs: tuple[Path, Path]) -> None:
     model, _ = dirs
     result = invoke("--model", str(model), "--no-adapter", "--model-id", "m", "--host", "0.0.0.0")
-    assert result.exit_code == 1
+    assert result.exit_code == CONFIG_ERROR
     assert "without an API key" in result.output and "--api-key" in result.output
     assert "Traceback" not in result.output
     assert started == []
@@ -125,7 +128,7 @@ def test_bad_flags_get_one_clear_line(
 ) -> None:
     model, _ = dirs
     result = invoke(*(str(model) if arg == "MODEL" else arg for arg in args))
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == CONFIG_ERROR, result.output
     assert message in result.output and result.output.startswith("Error: ")
     assert "Traceback" not in result.output
     assert started == []
@@ -133,4 +136,4 @@ def test_bad_flags_get_one_clear_line(
 
 def test_missing_model_directory(started: list[dict[str, Any]], tmp_path: Path) -> None:
     result = invoke("--model", str(tmp_path / "nope"), "--no-adapter", "--model-id", "m")
-    assert result.exit_code == 1 and "model directory" in result.output and "does not exist" in result.output
+    assert result.exit_code == CONFIG_ERROR and "model directory" in result.output and "does not exist" in result.output

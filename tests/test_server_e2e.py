@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from fake_qmd import TIMEOUT_S as QMD_TIMEOUT_S
 from fake_qmd import write_fake_qmd
 from server_process import KEY, MODEL, Server, start_server, stop_server
 
@@ -112,7 +113,13 @@ def test_tools_round_trip(client: openai.OpenAI) -> None:
         model=MODEL, messages=messages, tools=tools, tool_choice="auto", max_completion_tokens=8, temperature=0,
         extra_headers=session("tools"),
     )
-    assert first.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # finish_reason says why the answer ended: a tool call, the token limit, or the model's own end.
+    choice = first.choices[0]
+    assert first.usage is not None
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls"
+    else:
+        assert choice.finish_reason == ("length" if first.usage.completion_tokens == 8 else "stop")
     # Whatever the random model said, the client runs the tool and sends the result back.
     messages += [
         {
@@ -205,6 +212,7 @@ def test_concurrent_sessions(server: Server, client: openai.OpenAI) -> None:
 
 
 def test_disconnect_frees_the_worker(server: Server, client: openai.OpenAI) -> None:
+    cancelled_before = _health(server)["jobs"]["cancelled"]
     with httpx.Client(timeout=120) as http:
         with http.stream(
             "POST",
@@ -220,11 +228,19 @@ def test_disconnect_frees_the_worker(server: Server, client: openai.OpenAI) -> N
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_completion_tokens=2,
         extra_headers=session("after-leaver"),
     )
-    assert after.choices[0].finish_reason in ("stop", "length")
+    assert after.usage is not None and after.usage.completion_tokens <= 2
+    # The engine stopped the abandoned job (nothing else runs in this server meanwhile).
     deadline = time.monotonic() + 60
-    while "cancelled" not in server.log_text():
+    while (cancelled := _health(server)["jobs"]["cancelled"]) == cancelled_before:
         assert time.monotonic() < deadline, "the abandoned job was never cancelled"
         time.sleep(0.2)
+    assert cancelled == cancelled_before + 1
+    left = f"session {hash_session_key('e2e:leaver')[:12]}: client left before the answer ended; job cancelled"
+    assert left in server.log_text()
+
+
+def _health(server: Server) -> dict[str, Any]:
+    return httpx.get(f"{server.base_url}/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
 
 
 def test_session_routes_answer_between_steps_and_refuse_to_reset_an_answering_session(server: Server) -> None:
@@ -294,7 +310,8 @@ def test_qmd_source_in_a_real_server(tiny_model_dir: Path, tiny_adapter_dir: Pat
     qmd = write_fake_qmd(tmp_path / "bin")
     own = start_server(
         tiny_model_dir, tiny_adapter_dir, tmp_path,
-        "--attention-state-source", "qmd", "--qmd-bin", str(qmd), "--qmd-mode", "search", "--qmd-timeout", "2",
+        "--attention-state-source", "qmd", "--qmd-bin", str(qmd), "--qmd-mode", "search",
+        "--qmd-timeout", f"{QMD_TIMEOUT_S:g}",
     )
     client = openai.OpenAI(base_url=f"{own.base_url}/v1", api_key=KEY, max_retries=0, timeout=120)
     query = "Which pet? $(rm -rf ~); `id`"
@@ -314,4 +331,4 @@ def test_qmd_source_in_a_real_server(tiny_model_dir: Path, tiny_adapter_dir: Pat
     argvs = [json.loads(line) for line in (qmd.parent / "argv.jsonl").read_text().splitlines()]
     assert argvs == [["search", "--json", "-n", "6", "--", query]] * 3
     log = own.log_text()
-    assert "qmd timed out after 2 s" in log and "qmd output is not JSON" in log
+    assert f"qmd timed out after {QMD_TIMEOUT_S:g} s" in log and "qmd output is not JSON" in log

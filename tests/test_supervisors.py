@@ -110,7 +110,11 @@ def test_garbage_pidfile_means_stopped(supervisor: ProcessSupervisor) -> None:
 def test_a_crashed_sidecar_shows_as_stopped(supervisor: ProcessSupervisor, child_code: list[str]) -> None:
     child_code[0] = "import sys; sys.exit(3)"
     supervisor.start()
-    _wait_for(lambda: supervisor.status().state == "stopped", "the child to exit")
+    keeper = supervisor.status().pid
+    # Stopped because it crashed, not because it never started: the status names the exit and the keeper.
+    _wait_for(lambda: "exited with status 3" in supervisor.status().detail, "the child to exit")
+    status = supervisor.status()
+    assert (status.state, status.pid) == ("stopped", keeper) and keeper is not None
 
 
 def test_stop_kills_a_sidecar_that_ignores_sigterm(

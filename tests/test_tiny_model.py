@@ -26,6 +26,8 @@ from sidecar.delta.adapter_files import (
 )
 from sidecar.delta.config import CONFIG_FILE, DeltaMemConfig, tensor_key
 from sidecar.delta.torch_archive import read_torch_archive
+from sidecar.engine_io import ChatMessage
+from sidecar.prompts import render_prompt
 from sidecar.tiny_model import ADDED_TOKENS, SPECIAL_TOKENS, write_tiny_adapter, write_tiny_model
 
 TOOLS = [
@@ -394,3 +396,20 @@ def test_generated_adapter_runs_on_the_runtime(tiny_model_dir: Path, tiny_adapte
     assert np.abs(delta[:, 1:] - plain[:, 1:]).max() > 1e-2
     states = delta_states(model, cache)
     assert len(states) == 2 and states[0].shape == (1, 8, 8)
+
+
+def test_a_real_vocabulary_model_tokenizes_openclaw_like_qwen3(tmp_path: Path, qwen_vocab_tokenizer: Path) -> None:
+    model_dir = write_tiny_model(tmp_path / "model", tokenizer_json=qwen_vocab_tokenizer, vocab_size=151936)
+    assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == 151936
+    _, tokenizer = mlx_lm.load(str(model_dir))
+    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<tool_call>"]) == [151644, 151645, 151657]
+    captured = Path(__file__).resolve().parents[2] / "shared" / "openclaw" / "agent-turns.json"
+    if not captured.exists():
+        return
+    body = json.loads(captured.read_text())[0]["body"]
+    messages = [
+        ChatMessage(m["role"], m["content"] if isinstance(m["content"], str) else m["content"][0]["text"])
+        for m in body["messages"]
+    ]
+    # OpenClaw 2026.9.6's first request: ≈ 12.3k tokens in Qwen3's vocabulary (12,280 with Qwen's template).
+    assert 12_000 < len(render_prompt(tokenizer, messages, body["tools"])) < 12_500

@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from common.settings import DEFAULT_HOST, DEFAULT_PORT
-from installer.checks import Check, check_disk, failures, format_checks, run_checks
 from installer.commands.options import (
     JsonOption,
     RootOption,
@@ -15,9 +14,7 @@ from installer.commands.options import (
     print_json,
     resolve_root,
 )
-from installer.downloads import DownloadError, plan_downloads
 from installer.errors import cli_errors
-from presets.catalog import PresetError, load_preset
 from supervisors import supervisor_for_root
 
 
@@ -34,11 +31,19 @@ def doctor(
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Check the OS, Python, MLX, RAM, disk, port, root and (if asked) qmd.
+    """Check the OS, Python, MLX, RAM, the KV budget, disk, port, root and (if asked) qmd.
 
-    The disk check reads the preset's download size from the Hugging Face Hub; without the Hub it
-    reports the free space only. Exits 1 when a check fails.
+    The memory check shows the KV budget this machine gives the preset's model and how many
+    OpenClaw-sized sessions it holds, float and quantized. The disk check reads the preset's
+    download size from the Hugging Face Hub; without the Hub it reports the free space only.
+    Exits 1 when a check fails.
     """
+    # Imported here: the Hub client, numpy, psutil and YAML are not needed for --help.
+    from installer.checks import Check, check_disk, check_kv_memory, failures, format_checks, run_checks
+    from installer.downloads import DownloadError, plan_downloads
+    from presets.catalog import PresetError, load_preset
+    from presets.memory_plan import preset_plan
+
     root_path = resolve_root(root)
     chosen = load_preset(preset)
     running = root_path.exists() and supervisor_for_root(root_path).status().state == "running"
@@ -50,6 +55,9 @@ def doctor(
         qmd_bin=qmd_bin,
         port_held_by_this_root=running,
     )
+    memory = preset_plan(chosen)
+    if memory is not None:
+        checks.insert(next(i for i, c in enumerate(checks) if c.name == "memory") + 1, check_kv_memory(memory))
     if chosen.model.is_set:
         try:
             plan = plan_downloads(chosen, root_path)
@@ -65,6 +73,7 @@ def doctor(
                 "preset": chosen.name,
                 "passed": not failed,
                 "checks": [c.to_dict() for c in checks],
+                "memory": memory.report() if memory is not None else None,
             }
         )
     else:

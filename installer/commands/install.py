@@ -17,9 +17,8 @@ from installer.commands.options import (
     root_flag,
 )
 from installer.errors import cli_errors
-from installer.installation import DEFAULT_HEALTH_TIMEOUT_S, InstallRequest, install
-from presets.catalog import load_preset, with_overrides
 from supervisors import SupervisorKind, default_kind
+from supervisors.readiness import DEFAULT_HEALTH_TIMEOUT_S
 
 PresetOption = Annotated[str, typer.Option(help="Install preset (see 'delta-mem-mlx presets').")]
 ModelRepoOption = Annotated[
@@ -54,6 +53,14 @@ SupervisorOption = Annotated[
 HealthTimeoutOption = Annotated[
     float, typer.Option(help="Seconds to wait for the started sidecar to answer /health.")
 ]
+KvBitsOption = Annotated[
+    str | None,
+    typer.Option(
+        help="KV cache precision: none (float), 8 or 4 bits. Default: what the preset chooses for this "
+        "machine's RAM (kept from a previous install).",
+        show_default=False,
+    ),
+]
 
 _EXAMPLES = examples(
     "delta-mem-mlx install-sidecar",
@@ -81,7 +88,12 @@ def _run(
     start: bool,
     supervisor: SupervisorKind | None,
     health_timeout: float,
+    kv_bits: str | None,
 ) -> None:
+    # Imported here: downloads and adapter checks pull in the Hub client and numpy, which --help does not need.
+    from installer.installation import InstallRequest, install
+    from presets.catalog import load_preset, with_overrides
+
     root_path = resolve_root(root)
     chosen = with_overrides(
         load_preset(preset),
@@ -104,6 +116,7 @@ def _run(
         interactive=sys.stdin.isatty(),
         progress=sys.stderr.isatty(),
         health_timeout_s=health_timeout,
+        kv_bits=kv_bits,
     )
     install(request, echo=typer.echo, confirm=lambda question: typer.confirm(question, default=False))
     flag = root_flag(root_path)
@@ -132,6 +145,7 @@ def install_sidecar(
     ] = False,
     supervisor: SupervisorOption = None,
     health_timeout: HealthTimeoutOption = DEFAULT_HEALTH_TIMEOUT_S,
+    kv_bits: KvBitsOption = None,
 ) -> None:
     """Install the sidecar: checks, a download plan, your consent, downloads, adapter, settings, start.
 
@@ -156,6 +170,7 @@ def install_sidecar(
         start=not no_start,
         supervisor=supervisor,
         health_timeout=health_timeout,
+        kv_bits=kv_bits,
     )
 
 
@@ -174,6 +189,7 @@ def install_sidecar_only(
     api_key: ApiKeyOption = None,
     yes: YesOption = False,
     supervisor: SupervisorOption = None,
+    kv_bits: KvBitsOption = None,
 ) -> None:
     """Install the sidecar's files and settings without starting it (install-sidecar --no-start).
 
@@ -195,6 +211,7 @@ def install_sidecar_only(
         start=False,
         supervisor=supervisor,
         health_timeout=DEFAULT_HEALTH_TIMEOUT_S,
+        kv_bits=kv_bits,
     )
 
 

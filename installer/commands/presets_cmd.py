@@ -6,12 +6,13 @@ import typer
 
 from installer.commands.options import JsonOption, examples, print_json
 from installer.errors import cli_errors
-from presets.catalog import list_presets
 
 
 @cli_errors
 def presets(json_output: JsonOption = False) -> None:
     """List the install presets: model, served model id, minimum RAM and adapter."""
+    from presets.catalog import list_presets
+
     found = list_presets()
     if json_output:
         print_json({"presets": [p.to_dict() for p in found]})
@@ -22,7 +23,11 @@ def presets(json_output: JsonOption = False) -> None:
         typer.echo(f"  model      {model}")
         typer.echo(f"  model id   {preset.model_id or '--model-id ID'}")
         typer.echo(f"  min RAM    {preset.min_memory_gb:g} GB")
-        typer.echo(f"  context    {preset.context_window} tokens, up to {preset.max_output_tokens} out")
+        more = f" (up to {preset.max_context_window} where the KV budget holds it)" if preset.max_context_window else ""
+        typer.echo(f"  context    {preset.context_window} tokens{more}, up to {preset.max_output_tokens} out")
+        if preset.kv_bits_by_ram:
+            rows = [f"{'float' if b is None else f'{b}-bit'} from {gb:g} GB" for gb, b in preset.kv_bits_by_ram]
+            typer.echo(f"  KV cache   {', '.join(rows)}")
         adapter = (
             preset.adapter.describe()
             if preset.adapter

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from installer.commands.options import JsonOption, RootOption, examples, print_json, resolve_root
 from installer.errors import cli_errors
-from installer.openclaw_config import ApplyResult, apply_patch, openclaw_config_path
 from plugin_tools.payloads import PluginConfig, ProviderConfigPayload
-from plugin_tools.provider_config import build_provider_config, check_params
+
+if TYPE_CHECKING:
+    from installer.openclaw_config import ApplyResult
 
 BaseUrlOption = Annotated[
     str | None,
@@ -64,6 +65,9 @@ def provider_config(
     Values come from the installed sidecar unless given. --apply keeps every other key, saves a
     timestamped backup first, and makes the model OpenClaw's default unless --no-set-default.
     """
+    from installer.openclaw_config import apply_patch, openclaw_config_path
+    from plugin_tools.provider_config import build_provider_config, check_params
+
     plugin_config: PluginConfig = {"sidecarRoot": str(resolve_root(root))}
     given: dict[str, object] = {
         "baseUrl": base_url,

@@ -5,20 +5,17 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from common.health import base_url, open_local
+from common.health import base_url
 from common.ports import free_port
 from common.settings import DEFAULT_HOST, SidecarSettings
 from installer.commands.options import examples
 from installer.errors import cli_errors
-from installer.installation import InstallRequest, install
-from presets.catalog import load_preset, with_overrides
+from installer.sidecar_client import ChatReply, Message, SidecarClient, SidecarError
 from supervisors import make_supervisor, tail_lines
 
 SELFTEST_MODEL_ID = "delta-mem-tiny-selftest"
@@ -30,55 +27,10 @@ class SelftestFailed(RuntimeError):
     """A selftest step whose result was wrong."""
 
 
-@dataclass(frozen=True)
-class ChatResult:
-    """What one streamed chat returned: the text, the X-Delta-* headers, how many chunks came."""
-
-    text: str
-    delta_headers: dict[str, str]
-    chunks: int
-
-
-def stream_chat(settings: SidecarSettings, prompt: str, snippets: list[str]) -> ChatResult:
-    """Send one streamed chat with `attention_state`; check the SSE framing and collect the answer."""
-    body = {
-        "model": settings.model_id,
-        "messages": [{"role": "user", "content": prompt}],
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "max_completion_tokens": 24,
-        "temperature": 0,
-        "attention_state": snippets,
-    }
-    request = urllib.request.Request(
-        f"{base_url(settings)}/v1/chat/completions",
-        data=json.dumps(body).encode("utf-8"),
-        headers={"Content-Type": "application/json", "X-OpenClaw-Session-Key": "selftest"},
-        method="POST",
-    )
-    if settings.api_key:
-        request.add_header("Authorization", f"Bearer {settings.api_key}")
-    pieces: list[str] = []
-    chunks, done = 0, False
-    with open_local(request, CHAT_TIMEOUT_S) as response:
-        headers = {k: v for k, v in response.headers.items() if k.lower().startswith("x-delta-")}
-        for raw in response:
-            line = raw.decode("utf-8").strip()
-            if not line:
-                continue
-            if not line.startswith("data: "):
-                raise SelftestFailed(f"the stream sent a line that is not an SSE data line: {line[:80]!r}")
-            payload = line.removeprefix("data: ")
-            if payload == "[DONE]":
-                done = True
-                break
-            chunk = json.loads(payload)
-            chunks += 1
-            for choice in chunk.get("choices", []):
-                pieces.append((choice.get("delta") or {}).get("content") or "")
-    if not done:
-        raise SelftestFailed("the stream ended without 'data: [DONE]'")
-    return ChatResult("".join(pieces), headers, chunks)
+def stream_chat(settings: SidecarSettings, prompt: str, snippets: list[str]) -> ChatReply:
+    """Stream one chat that carries `attention_state`; the client checks the SSE framing on the way."""
+    client = SidecarClient(base_url(settings), settings.api_key, settings.model_id, CHAT_TIMEOUT_S)
+    return client.chat([Message("user", prompt)], "selftest", True, 24, 0, attention_state=snippets)
 
 
 def provider_block(root: Path) -> dict[str, Any]:
@@ -104,7 +56,9 @@ def selftest(
     X-Delta-* response headers and the OpenClaw provider block, then stops and cleans up.
     Exits 0 only if every step worked.
     """
-    # Imported here: it pulls in MLX and tokenizers, which the other commands do not need.
+    # Imported here: they pull in MLX, tokenizers and the Hub client, which --help does not need.
+    from installer.installation import InstallRequest, install
+    from presets.catalog import load_preset, with_overrides
     from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
 
     workdir = Path(tempfile.mkdtemp(prefix="delta-mem-mlx-selftest-"))
@@ -136,11 +90,10 @@ def selftest(
         result = install(request, echo=lambda line: typer.echo(f"   {line}"), confirm=lambda _: False)
         chat = stream_chat(result.settings, "What do you remember about my pet?", [SELFTEST_SNIPPET])
         typer.echo(f"3. Streamed chat ({chat.chunks} chunks). Answer (random tiny weights): {chat.text!r}")
-        for name, value in sorted(chat.delta_headers.items()):
+        for name, value in sorted(chat.headers.items()):
             typer.echo(f"   {name}: {value}")
-        count = {k.lower(): v for k, v in chat.delta_headers.items()}.get("x-delta-attention-state-count")
-        if count != "1":
-            raise SelftestFailed(f"the sidecar reported {count!r} memory snippets instead of 1")
+        if chat.snippet_count != 1:
+            raise SelftestFailed(f"the sidecar reported {chat.snippet_count} memory snippets instead of 1")
         typer.echo("4. OpenClaw provider block for this sidecar:")
         typer.echo(json.dumps(provider_block(root), indent=2, ensure_ascii=False))
         supervisor.stop()
@@ -148,7 +101,7 @@ def selftest(
             raise SelftestFailed(f"the sidecar did not stop: {supervisor.status().detail}")
         typer.echo("5. Stopped the sidecar.")
         passed = True
-    except SelftestFailed as exc:
+    except (SelftestFailed, SidecarError) as exc:
         typer.secho(f"Error: selftest failed: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from exc
     finally:

@@ -1,24 +1,37 @@
-"""`delta-mem-mlx serve`: run the sidecar (uvicorn) from flags or from an install root's settings."""
+"""`delta-mem-mlx serve`: run the sidecar (uvicorn) from flags or from an install root's settings.
+
+Its exit status (common/exit_codes.py) tells a supervisor what a restart can fix: CONFIG_ERROR for a
+configuration that cannot work (found before anything loads, or model files that fail to load),
+PORT_IN_USE when another process holds the port, 1 for a model that failed to load otherwise.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
+import functools
+import os
+import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable, NoReturn, ParamSpec
 
 import typer
-import uvicorn
 
+from common.errors import UserError
+from common.exit_codes import CONFIG_ERROR, PORT_IN_USE
+from common.kv_budget import parse_kv_bits
+from common.layout import RootLayout
 from common.settings import SettingsError, SidecarSettings, load_settings
 from installer.commands.options import RootOption, examples, resolve_root
-from installer.errors import cli_errors
-
-# In-flight streams get this long to finish after SIGTERM before uvicorn cancels them.
-GRACEFUL_SHUTDOWN_S = 10
+from installer.errors import describe
+from sidecar.connection_limits import ConnectionLimits
+from supervisors import LOG_MAX_BYTES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 API_KEY_ENV = "DELTA_MEM_MLX_API_KEY"
+DEFAULTS = ConnectionLimits()
+SHUTDOWN_GRACE_S = 10.0
+
+P = ParamSpec("P")
 
 
 def serve(
@@ -47,7 +60,15 @@ def serve(
         ),
     ] = None,
     max_sessions: Annotated[int | None, typer.Option("--max-sessions", help="Sessions kept in memory.")] = None,
-    max_kv_bytes: Annotated[int | None, typer.Option("--max-kv-bytes", help="KV cache bytes in all.")] = None,
+    max_kv_bytes: Annotated[
+        int | None, typer.Option("--max-kv-bytes", help="KV cache bytes in all (sessions and shared prefixes).")
+    ] = None,
+    kv_bits: Annotated[
+        str | None, typer.Option("--kv-bits", help="KV cache precision: none (float), 8 or 4 bits.", show_default=False)
+    ] = None,
+    kv_group_size: Annotated[
+        int | None, typer.Option("--kv-group-size", help="Values per quantization group: 32, 64 or 128.")
+    ] = None,
     attention_state_source: Annotated[
         str | None, typer.Option("--attention-state-source", help="Hidden memory: request, qmd or none.")
     ] = None,
@@ -77,6 +98,18 @@ def serve(
         int | None,
         typer.Option("--prefill-chunk", help="Prompt tokens prefilled per step between two decode steps. Default 512."),
     ] = None,
+    max_connections: Annotated[
+        int, typer.Option("--max-connections", help="Connections held at once (within the open-file limit).")
+    ] = DEFAULTS.max_connections,
+    header_timeout: Annotated[
+        float, typer.Option("--header-timeout", help="Seconds a request's headers may take to arrive.")
+    ] = DEFAULTS.header_timeout_s,
+    body_timeout: Annotated[
+        float, typer.Option("--body-timeout", help="Seconds a request's body may take after its headers.")
+    ] = DEFAULTS.body_timeout_s,
+    shutdown_grace: Annotated[
+        float, typer.Option("--shutdown-grace", help="Seconds answers in flight get to finish after SIGTERM.")
+    ] = SHUTDOWN_GRACE_S,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the sidecar in the foreground until SIGTERM or Ctrl-C."""
@@ -94,6 +127,7 @@ def serve(
         api_key=api_key,
         max_sessions=max_sessions,
         max_kv_bytes=max_kv_bytes,
+        kv_group_size=kv_group_size,
         attention_state_source=attention_state_source,
         write_policy=write_policy,
         prefix_cache=prefix_cache,
@@ -102,12 +136,24 @@ def serve(
     )
     if no_adapter or adapter is not None:
         flags["adapter_path"] = _absolute(adapter)
+    if kv_bits is not None:
+        try:
+            flags["kv_bits"] = parse_kv_bits(kv_bits)
+        except ValueError as exc:
+            raise SettingsError(f"--kv-bits: {exc}") from None
     qmd_flags = _given(bin=qmd_bin, mode=qmd_mode, limit=qmd_limit, timeout=qmd_timeout, collection=qmd_collection)
     if root is None and "model_path" not in flags:
         root = resolve_root(None)
     settings = build_settings(root, flags, qmd_flags)
     check_paths(settings)
-    _run(settings, log_level)
+    if max_connections < 1 or header_timeout <= 0 or body_timeout <= 0:
+        raise SettingsError("--max-connections, --header-timeout and --body-timeout must be positive")
+    if shutdown_grace < 0:
+        raise SettingsError("--shutdown-grace cannot be negative")
+    limits = ConnectionLimits(max_connections, header_timeout, body_timeout)
+    layout = RootLayout.of(root) if root is not None else None
+    outputs = (layout.stdout_log, layout.stderr_log) if layout is not None else None
+    raise typer.Exit(_run(settings, log_level, limits, shutdown_grace, outputs))
 
 
 def build_settings(root: Path | None, flags: dict[str, Any], qmd_flags: dict[str, Any]) -> SidecarSettings:
@@ -132,10 +178,29 @@ def build_settings(root: Path | None, flags: dict[str, Any], qmd_flags: dict[str
 
 
 def check_paths(settings: SidecarSettings) -> None:
-    """Fail before starting the server when the model or adapter directory is missing."""
+    """Fail before starting the server when the model or adapter directory is missing, or when the
+    state dir is not a directory the server can create and write."""
     for what, path in (("model", settings.model_path), ("adapter", settings.adapter_path)):
         if path is not None and not Path(path).is_dir():
-            raise SettingsError(f"the {what} directory {path} does not exist: download it first or fix the path")
+            problem = "is not a directory" if Path(path).exists() else "does not exist"
+            raise SettingsError(f"the {what} directory {path} {problem}: download it first or fix the path")
+    if settings.state_dir is not None:
+        check_state_dir(Path(settings.state_dir))
+
+
+def check_state_dir(path: Path) -> None:
+    """Create the state dir if needed and prove it writable (a file made and removed)."""
+    if path.exists() and not path.is_dir():
+        raise SettingsError(f"the state dir {path} is not a directory: remove that file or choose another --state-dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SettingsError(
+            f"the state dir {path} cannot be written ({exc.strerror}): fix its permissions or free some space"
+        ) from None
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -146,18 +211,45 @@ def _absolute(path: Path | None) -> str | None:
     return str(path.expanduser().absolute()) if path is not None else None
 
 
-def _run(settings: SidecarSettings, log_level: str) -> None:
+def _run(
+    settings: SidecarSettings,
+    log_level: str,
+    limits: ConnectionLimits,
+    shutdown_grace_s: float,
+    outputs: tuple[Path, Path] | None,
+) -> int:
     # Imported here so that `delta-mem-mlx --help` does not load FastAPI.
-    from sidecar.app import create_app
+    from sidecar.http_server import PortInUseError, run_server
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
+    try:
+        return run_server(
+            settings,
+            log_level=log_level,
+            limits=limits,
+            shutdown_grace_s=shutdown_grace_s,
+            log_outputs=outputs,
+            log_max_bytes=LOG_MAX_BYTES,
+        )
+    except PortInUseError as exc:
+        _fail(exc, PORT_IN_USE)
+
+
+def _fail(error: UserError, status: int) -> NoReturn:
+    typer.secho(f"Error: {describe(error)}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(status) from error
+
+
+def _exit_statuses(command: Callable[P, None]) -> Callable[P, None]:
+    """Print a failure found before the server runs in one line, and exit CONFIG_ERROR."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            command(*args, **kwargs)
+        except UserError as exc:
+            _fail(exc, CONFIG_ERROR)
+
+    return wrapper
 
 
 def register(app: typer.Typer) -> None:
@@ -169,4 +261,4 @@ def register(app: typer.Typer) -> None:
             "delta-mem-mlx serve --model ./Qwen3-4B-4bit --adapter ./adapter --model-id delta-mem-qwen3-4b-mlx",
             "delta-mem-mlx serve --model ./model --no-adapter --model-id plain --host 0.0.0.0 --api-key SECRET",
         ),
-    )(cli_errors(serve))
+    )(_exit_statuses(serve))

@@ -12,7 +12,8 @@ import dataclasses
 import random
 from dataclasses import dataclass
 
-from installer.memory_eval.conversations import Conversation, Dataset, DatasetError, Message, Question
+from installer.memory_eval.conversations import Conversation, Dataset, DatasetError, Question
+from installer.sidecar_client import Message
 
 KINDS = ("fact", "correction", "preference", "multi-hop")
 MAX_FACTS = 16

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 from common.errors import UserError
-
-Role = Literal["system", "user", "assistant"]
+from installer.sidecar_client import Message
 
 
 class DatasetError(UserError, ValueError):
     """A dataset that cannot be built or read; the message names the file and what is wrong."""
 
     topic = "dataset"
-
-
-@dataclass(frozen=True)
-class Message:
-    """One chat message of a conversation's history."""
-
-    role: Role
-    content: str
 
 
 @dataclass(frozen=True)

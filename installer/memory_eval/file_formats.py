@@ -15,7 +15,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from installer.memory_eval.conversations import Conversation, Dataset, DatasetError, Message, Question, Role, safe_id
+from installer.memory_eval.conversations import Conversation, Dataset, DatasetError, Question, safe_id
+from installer.sidecar_client import Message, Role
 
 DEFAULT_CHUNK_CHARS = 4000
 

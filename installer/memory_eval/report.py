@@ -1,8 +1,7 @@
-"""The report of a run: one JSON document, a Markdown summary of it and a score-vs-latency chart."""
+"""The report of a run: one JSON document, a Markdown summary of it and a chart (chart.py)."""
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from collections import Counter
@@ -11,17 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from common.files import atomic_write_json, atomic_write_text
+from installer.memory_eval.chart import write_chart
 from installer.memory_eval.conversations import Dataset
 from installer.memory_eval.runner import MODES, AnswerRecord, RunResult, RunSettings
-from installer.memory_eval.scoring import METRICS, bootstrap_difference
+from installer.memory_eval.scoring import METRICS, bootstrap_difference, bootstrap_mean
 
 REPORT_FORMAT = "delta-mem-mlx-eval/1"
 # Each δ mode against the baseline it should beat: δ alone against the plain model, hidden
 # memory against the same memory pasted into the prompt, and against the plain model.
 COMPARISONS = (("delta", "base"), ("delta+memory", "base+memory-in-prompt"), ("delta+memory", "base"))
 BOOTSTRAP_RESAMPLES = 2000
-PLOT_HINT = "pip install 'openclaw-delta-mem-mlx[plot]'"
 _COLUMNS = (
     "mode", "what it is", "EM", "F1", "key-term recall", "TTFT (s)", "answer time (s)", "prompt tokens", "cached",
     "new tokens",
@@ -57,7 +56,7 @@ def build_report(
             "skipped_questions": dataset.skipped_questions,
         },
         "settings": {**settings.to_dict(), "retriever": retriever},
-        "modes": {name: _mode_summary(name, result) for name in names},
+        "modes": {name: _mode_summary(name, result, settings.seed) for name in names},
         "comparisons": _comparisons(result, names, settings.seed),
         "warnings": list(result.warnings),
         "answers": [_answer(a) for a in result.answers],
@@ -111,36 +110,6 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_chart(report: dict[str, Any], path: Path) -> str | None:
-    """Plot mean token F1 against mean answer time per mode; returns why it was skipped, or None."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display: render straight to a file
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return f"matplotlib is not installed ({PLOT_HINT})"
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for name, mode in report["modes"].items():
-        x, y = mode["latency_s"]["question_total_mean"], mode["scores"]["token_f1"]
-        if x is None or y is None:
-            continue
-        axes.scatter([x], [y], s=60)
-        axes.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6))
-    axes.set_ylim(-0.02, 1.02)  # F1 is a fraction: a fixed scale keeps charts of different runs comparable
-    axes.margins(x=0.25)  # room for the labels of the outermost points
-    axes.set_xlabel("mean answer time per question (s)")
-    axes.set_ylabel("mean token F1")
-    axes.set_title(f"δ-mem A/B on {report['dataset']['name']}: score vs latency")
-    axes.grid(True, alpha=0.3)
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
-    return None
-
-
 def write_reports(report: dict[str, Any], out_dir: Path) -> ReportFiles:
     """Write report.json, report.md and (with matplotlib) report.png into `out_dir`."""
     json_path, md_path, png_path = out_dir / "report.json", out_dir / "report.md", out_dir / "report.png"
@@ -150,7 +119,7 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> ReportFiles:
     return ReportFiles(json_path, md_path, None if skipped else png_path, skipped)
 
 
-def _mode_summary(name: str, result: RunResult) -> dict[str, Any]:
+def _mode_summary(name: str, result: RunResult, seed: int) -> dict[str, Any]:
     answers = [a for a in result.answers if a.mode == name]
     turns = [t.reply for t in result.turns if t.mode == name]
     replies = turns + [a.reply for a in answers]
@@ -162,6 +131,7 @@ def _mode_summary(name: str, result: RunResult) -> dict[str, Any]:
         "description": MODES[name].description,
         "questions": len(answers),
         "scores": _scores(answers),
+        "scores_ci95": {metric: _interval([a.scores[metric] for a in answers], seed) for metric in METRICS},
         "by_kind": by_kind,
         "latency_s": {
             "question_ttft_mean": _mean([a.reply.ttft_s for a in answers]),
@@ -206,7 +176,7 @@ def _comparisons(result: RunResult, names: Sequence[str], seed: int) -> list[dic
                 "baseline": baseline,
                 "metric": metric,
                 "questions": len(keys),
-                "difference": round(interval.difference, 4),
+                "difference": round(interval.mean, 4),
                 "ci95_low": round(interval.low, 4),
                 "ci95_high": round(interval.high, 4),
                 "ratio": round((sum(a) / len(a)) / mean_b, 4) if mean_b > 0 else None,
@@ -240,6 +210,14 @@ def _answer(record: AnswerRecord) -> dict[str, Any]:
 
 def _scores(answers: Sequence[AnswerRecord]) -> dict[str, float | None]:
     return {metric: _mean([a.scores[metric] for a in answers]) for metric in METRICS}
+
+
+def _interval(values: Sequence[float], seed: int) -> list[float] | None:
+    # The 95 % bootstrap interval of the mean, as [low, high].
+    if not values:
+        return None
+    interval = bootstrap_mean(values, seed=seed, resamples=BOOTSTRAP_RESAMPLES)
+    return [round(interval.low, 4), round(interval.high, 4)]
 
 
 def _mean(values: Sequence[float]) -> float | None:

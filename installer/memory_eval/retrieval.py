@@ -6,7 +6,6 @@ differs (hidden `attention_state` or pasted into the prompt).
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -16,7 +15,6 @@ from typing import Protocol
 from common.settings import QmdSettings
 from installer.memory_eval.conversations import Conversation
 from installer.memory_eval.text import search_terms
-from sidecar.qmd import qmd_lookup
 
 # Okapi BM25's usual constants.
 BM25_K1 = 1.2
@@ -91,6 +89,11 @@ class QmdRetriever:
 
     def search(self, query: str, k: int) -> Retrieved:
         """QMD's best `k` hits; a QMD failure gives no snippets and the reason."""
+        # Imported here: only QMD lookups need asyncio and the sidecar's memory input (pydantic), not --help.
+        import asyncio
+
+        from sidecar.qmd import qmd_lookup
+
         result = asyncio.run(qmd_lookup(replace(self._settings, limit=k), query))
         snippets = _distinct((Snippet(item.text, item.source or "qmd", item.score or 0.0) for item in result.snippets), k)
         return Retrieved(snippets, None if snippets else result.reason)

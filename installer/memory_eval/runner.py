@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from common.errors import UserError
-from installer.memory_eval.conversations import Conversation, Dataset, Message, Question
+from installer.memory_eval.conversations import Conversation, Dataset, Question
 from installer.memory_eval.retrieval import Retriever, Snippet
 from installer.memory_eval.scoring import score_answer
-from installer.sidecar_client import ChatReply, SidecarClient, SidecarError
+from installer.sidecar_client import ChatReply, Message, SidecarClient, SidecarError
 
 MemoryRoute = Literal["none", "hidden", "prompt"]
 

@@ -1,4 +1,4 @@
-"""Answer scores (exact match, token F1, key-term recall) and paired bootstrap intervals."""
+"""Answer scores (exact match, token F1, key-term recall) and bootstrap intervals of their means."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ METRICS = ("exact_match", "token_f1", "key_term_recall")
 
 @dataclass(frozen=True)
 class Interval:
-    """A mean difference and its bootstrap confidence interval."""
+    """A mean (of paired differences, for a comparison) and its bootstrap confidence interval."""
 
-    difference: float
+    mean: float
     low: float
     high: float
 
@@ -59,6 +59,19 @@ def score_answer(prediction: str, answers: Sequence[str], key_terms: Sequence[st
     }
 
 
+def bootstrap_mean(values: Sequence[float], seed: int, resamples: int = 2000, confidence: float = 0.95) -> Interval:
+    """Mean of `values`, with a percentile bootstrap interval."""
+    if not values:
+        raise ValueError("a bootstrap needs at least one value")
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    tail = (1.0 - confidence) / 2.0
+    low = means[int(tail * (resamples - 1))]
+    high = means[round((1.0 - tail) * (resamples - 1))]
+    return Interval(sum(values) / n, low, high)
+
+
 def bootstrap_difference(
     scores: Sequence[float],
     baseline: Sequence[float],
@@ -69,14 +82,7 @@ def bootstrap_difference(
     """Mean of `scores − baseline` over paired items, with a percentile bootstrap interval."""
     if len(scores) != len(baseline) or not scores:
         raise ValueError("a paired bootstrap needs two non-empty score lists of the same length")
-    diffs = [a - b for a, b in zip(scores, baseline, strict=True)]
-    rng = random.Random(seed)
-    n = len(diffs)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    tail = (1.0 - confidence) / 2.0
-    low = means[int(tail * (resamples - 1))]
-    high = means[round((1.0 - tail) * (resamples - 1))]
-    return Interval(sum(diffs) / n, low, high)
+    return bootstrap_mean([a - b for a, b in zip(scores, baseline, strict=True)], seed, resamples, confidence)
 
 
 def _f1(predicted: list[str], gold: list[str]) -> float:

@@ -16,7 +16,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import scaled_dot_product_attention
 
-from sidecar.delta.cache import DeltaControls, DeltaKVCache
+from sidecar.delta.cache import DeltaControls, DeltaLayerCache
 from sidecar.delta.config import DeltaMemConfig
 from sidecar.delta.scan import scan
 
@@ -67,7 +67,7 @@ class DeltaAttention(nn.Module):
         return (r, r) if H == 1 else (H, r, r)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        delta_cache = cache if isinstance(cache, DeltaKVCache) else None
+        delta_cache = cache if isinstance(cache, DeltaLayerCache) else None
         controls = delta_cache.controls if delta_cache is not None else _STATELESS
         if not controls.enabled:
             return self.base(x, mask, cache)
@@ -99,7 +99,7 @@ class DeltaAttention(nn.Module):
             delta_cache.store_states(start, states)
         return _attend(self.base, x, mask, cache, deltas)
 
-    def decode_rows(self, x: mx.array, caches: list[DeltaKVCache], enabled: list[bool]) -> dict[str, mx.array]:
+    def decode_rows(self, x: mx.array, caches: list[DeltaLayerCache], enabled: list[bool]) -> dict[str, mx.array]:
         """One token for each of B rows (x: [B, 1, d]), each row with its own cache: the Δ terms.
 
         The rows' states are stepped together; each δ row's new state goes to its own cache, and
@@ -151,13 +151,14 @@ class DeltaAttention(nn.Module):
 
 
 def _project(config: DeltaMemConfig, x: mx.array, weight: mx.array, bias: mx.array) -> tuple[mx.array, ...]:
-    """qk [B, T, 2, H, r] (tanh, unit length), v [B, T, H, r], keep/erase/write [B, T, H, g]."""
+    """qk [B, T, 2, H, r] (tanh, unit length if normalize_qk), v [B, T, H, r], keep/erase/write [B, T, H, g]."""
     B, T, _ = x.shape
     H, r = config.num_state_heads, config.rank
     proj = x.astype(mx.float32) @ weight + bias
     qk, v, keep, erase, write = _activations(config, proj, (B, T, 2, H, r), lambda width: (B, T, H, width))
-    # x / max(|x|, 1e-6), written with one reduction for q and k together.
-    qk = qk * mx.rsqrt(mx.maximum(mx.sum(qk * qk, axis=-1, keepdims=True), 1e-12))
+    if config.normalize_qk:
+        # x / max(|x|, 1e-6), written with one reduction for q and k together.
+        qk = qk * mx.rsqrt(mx.maximum(mx.sum(qk * qk, axis=-1, keepdims=True), 1e-12))
     return qk, v, keep, erase, write
 
 
@@ -215,10 +216,13 @@ def _decode_step(config: DeltaMemConfig, layout: DeltaLayout) -> Callable[..., t
         )
         s = state.reshape(B, 1, 1, H, r, r)
         sums = (with_state * (s * qk) + (1 - with_state) * (qk * qk)).sum(-1, keepdims=True)
-        inv_k = mx.rsqrt(mx.maximum(sums[:, 1:, 1:], 1e-12))  # 1 / max(|k|, 1e-6)
+        if config.normalize_qk:
+            inv_q, inv_k = (mx.rsqrt(mx.maximum(sums[:, 1:, i : i + 1], 1e-12)) for i in (0, 1))  # 1 / max(|x|, 1e-6)
+        else:
+            inv_q = inv_k = 1.0
         k_row = qk[:, :, 1:] * inv_k
         new_state = keep * s + (write * v - erase * sums[:, :1, 1:] * inv_k) * k_row
-        read = sums[:, :1, :1] * mx.rsqrt(mx.maximum(sums[:, 1:, :1], 1e-12))  # S q / max(|q|, 1e-6)
+        read = sums[:, :1, :1] * inv_q  # S q / max(|q|, 1e-6)
         fused = (read.reshape(B, H * r) @ delta_weight).astype(x.dtype)
         return layout.split(fused.reshape(B, 1, -1)), new_state.reshape(B, *state_shape)
 

@@ -3,9 +3,9 @@
 Everything but attention runs batched: the embedding, the q/k/v and δ projections, RoPE at each
 row's own position, o_proj and the MLP. Attention runs row by row, each row on its own cache, so
 rows of different lengths need no padding and no mask, and a row joins or leaves the batch without
-copying anything: its caches stay the session's own mlx-lm caches (DeltaKVCache for δ layers).
-The δ-states of all rows are stepped together; a δ-state is written once per token of its own
-row, and rows with δ off get no Δ terms and keep their state.
+copying anything: its caches stay the session's own mlx-lm caches (float or quantized K/V, with a
+δ record in δ layers). The δ-states of all rows are stepped together; a δ-state is written once
+per token of its own row, and rows with δ off get no Δ terms and keep their state.
 """
 
 from __future__ import annotations

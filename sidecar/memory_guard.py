@@ -1,0 +1,89 @@
+"""The KV budget at run time: what a request will hold, whom to evict for it, when to refuse it.
+
+Pure functions over byte counts; nothing here touches MLX or the session store. The engine asks
+before a prefill and before decoding (the two calls marked "memory guard" in engine.py) and does
+the evicting itself; a batching scheduler asks the same before each batch step.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+from common.kv_budget import MIB, KvShape, session_bytes
+
+# mlx-lm's quantized attention materialises its scores (and their softmax): a prefill step over a
+# quantized cache is cut so that both stay under this many bytes, whatever the context length.
+SCORES_BYTES = 256 * MIB
+MIN_PREFILL_STEP = 8
+# MLX memory a forward pass needs beyond the weights and the caches (activations of one step).
+WORKING_BYTES = 512 * MIB
+
+# How MLX's allocators report a failed allocation (Metal, CUDA and CPU).
+_ALLOCATION_FAILURE = re.compile(r"\[(\w+::)?malloc\]|out of memory|unable to allocate|insufficient memory", re.I)
+
+
+class KvBudgetExceeded(Exception):
+    """One request needs more KV than the whole budget holds: it is refused, nothing is evicted."""
+
+    def __init__(self, needed: int, budget: int, tokens: int) -> None:
+        super().__init__(
+            f"this request needs {needed / MIB:.0f} MiB of KV cache for {tokens} tokens (prompt and "
+            f"answer), more than the server's whole KV budget of {budget / MIB:.0f} MiB "
+            "(--max-kv-bytes): send a shorter conversation or fewer max_tokens"
+        )
+        self.needed = needed
+        self.budget = budget
+
+
+@dataclass(frozen=True)
+class KvGuard:
+    """The budget and the arithmetic to keep within it, for one loaded model."""
+
+    shape: KvShape
+    heads: int  # query heads: the scores of a quantized prefill step scale with them
+    budget: int
+    kv_bits: int | None
+    kv_group_size: int
+
+    def session_bytes(self, tokens: int, messages: int = 0) -> int:
+        """What a session (or a prefix snapshot) of `tokens` tokens will hold."""
+        return session_bytes(self.shape, tokens, self.kv_bits, self.kv_group_size, messages)
+
+    def prefill_step(self, kv_tokens: int, default: int) -> int:
+        """Tokens per prefill call when the cache will hold `kv_tokens`: `default` for float caches;
+        for quantized ones, small enough that the attention scores stay under SCORES_BYTES."""
+        if self.kv_bits is None:
+            return default
+        per_token = 2 * self.heads * max(kv_tokens, 1) * self.shape.dtype_bytes
+        step = SCORES_BYTES // per_token // MIN_PREFILL_STEP * MIN_PREFILL_STEP
+        return max(MIN_PREFILL_STEP, min(default, step))
+
+
+def eviction_plan(needed: int, budget: int, held: Sequence[tuple[Hashable, int]]) -> list[Hashable] | None:
+    """The holdings to drop, first ones first (callers list them least recently used first), so that
+    `needed` more bytes fit in `budget`; None when even dropping all of them is not enough."""
+    if needed > budget:
+        return None
+    total = sum(nbytes for _, nbytes in held)
+    drop: list[Hashable] = []
+    for key, nbytes in held:
+        if total + needed <= budget:
+            break
+        drop.append(key)
+        total -= nbytes
+    return drop
+
+
+def effective_budget(max_kv_bytes: int, memory_limit: int, resident_bytes: int) -> int:
+    """The KV budget in force: the configured one, or less when MLX's memory limit leaves less room
+    next to what is already resident (the weights) and one forward pass's working memory."""
+    return max(0, min(max_kv_bytes, memory_limit - resident_bytes - WORKING_BYTES))
+
+
+def is_allocation_failure(exc: BaseException) -> bool:
+    """True for the errors MLX raises when an allocation fails."""
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and _ALLOCATION_FAILURE.search(str(exc)) is not None
+    )

@@ -1,0 +1,252 @@
+"""Sessions per gigabyte in the engine: quantized KV kept exact, a sparse δ record, and a KV budget
+the engine never exceeds (evictions before prefill, 413 for a request that cannot fit, a failed
+allocation that fails one request and leaves the engine healthy)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Iterator
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, run, session_of
+
+from common.kv_budget import DELTA_RECORD_INTERVAL, MIB, KvShape, model_weight_bytes
+from sidecar.delta.api import delta_states
+from sidecar.engine_io import Failed, Finished, PromptDone, TextDelta
+from sidecar.memory_guard import WORKING_BYTES, KvGuard, effective_budget, eviction_plan, is_allocation_failure
+from sidecar.prompts import message_starts, render_prompt
+from sidecar.write_plan import common_prefix
+
+
+def _answer(events: list[Any]) -> str:
+    assert isinstance(events[-1], Finished), events[-1]
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+def _assert_states_close(a: list[mx.array], b: list[mx.array]) -> None:
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(np.array(x), np.array(y), atol=1e-4, rtol=1e-4)
+
+
+def _held(engine) -> int:
+    return engine.store.kv_bytes + engine.prefixes.nbytes
+
+
+# ---- the arithmetic, without a model ----------------------------------------------------------
+
+
+def test_eviction_plan_drops_the_fewest_oldest_holdings_or_refuses() -> None:
+    held = [("a", 40), ("b", 30), ("c", 20)]
+    assert eviction_plan(10, 100, held) == []
+    assert eviction_plan(30, 100, held) == ["a"]
+    assert eviction_plan(75, 100, held) == ["a", "b"]
+    assert eviction_plan(85, 100, held) == ["a", "b", "c"]
+    assert eviction_plan(101, 100, held) is None
+
+
+def test_a_quantized_prefill_step_keeps_attention_scores_bounded() -> None:
+    shape = KvShape(layers=36, kv_heads=8, head_dim=128, dtype_bytes=2)  # Qwen3-4B, 32 query heads
+    float_guard = KvGuard(shape, heads=32, budget=1, kv_bits=None, kv_group_size=64)
+    quantized = KvGuard(shape, heads=32, budget=1, kv_bits=8, kv_group_size=64)
+    assert float_guard.prefill_step(100_000, 512) == 512
+    assert quantized.prefill_step(4_096, 512) == 512
+    for context in (12_288, 32_768, 262_144):  # OpenClaw's first request up to the model's longest window
+        step = quantized.prefill_step(context, 512)
+        assert 8 <= step < 512 and step % 8 == 0 and 2 * 32 * step * context * shape.dtype_bytes <= 256 * MIB
+    assert quantized.prefill_step(10_000_000, 512) == 8
+
+
+def test_the_budget_in_force_respects_mlx_memory_limit() -> None:
+    assert effective_budget(8 * 1024 * MIB, 64 * 1024 * MIB, 3 * 1024 * MIB) == 8 * 1024 * MIB
+    assert effective_budget(8 * 1024 * MIB, 4 * 1024 * MIB, 3 * 1024 * MIB) == 1024 * MIB - WORKING_BYTES
+    assert effective_budget(8 * 1024 * MIB, 1024 * MIB, 3 * 1024 * MIB) == 0
+
+
+def test_allocation_failures_are_told_apart_from_other_errors() -> None:
+    assert is_allocation_failure(RuntimeError("[metal::malloc] Attempting to allocate 8589934592 bytes"))
+    assert is_allocation_failure(RuntimeError("[malloc] Unable to allocate 4096 bytes."))
+    assert is_allocation_failure(MemoryError())
+    assert not is_allocation_failure(RuntimeError("[matmul] shapes do not match"))
+    assert not is_allocation_failure(ValueError("out of memory"))
+
+
+# ---- exactness with quantized KV and the sparse δ record --------------------------------------
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rollback_prefix_cache_eviction_and_restart_give_what_a_fresh_run_gives(
+    engine_factory, tiny_kv_model_dir, tiny_kv_adapter_dir, bits
+) -> None:
+    kw = {"model": tiny_kv_model_dir, "adapter": tiny_kv_adapter_dir, "kv_bits": bits, "max_sessions": 1}
+    turns = openclaw_turns(4)
+    engine = engine_factory(**kw)
+    run(engine, job(turns[0], key="other"))  # puts the system prompt in the prefix cache
+    for turn in turns[:2]:
+        run(engine, job(turn, snippets=("the user keeps bees",)))
+    run(engine, job(turns[0], key="other"))  # evicts s1 (max_sessions 1)
+    assert session_of(engine).cache is None
+    run(engine, job(turns[2]))  # rebuilt from disk, from the shared prefix
+    asyncio.run(engine.close())
+    restarted = engine_factory(**kw)
+    last = run(restarted, job(turns[3], temperature=0.0))
+
+    fresh = engine_factory(**kw)  # a new session there: one prefill of the whole last request
+    reference = run(fresh, job(turns[3], key="alone", snippets=("the user keeps bees",), temperature=0.0))
+    assert _answer(last) == _answer(reference)
+    session = session_of(restarted)
+    assert all(type(c).__name__ == "QuantizedDeltaKVCache" and c.bits == bits for c in session.cache)
+    _assert_states_close(delta_states(restarted.model, session.cache), one_shot_states(restarted, session))
+
+
+def test_openclaw_rollbacks_land_on_kept_states_and_prefill_only_new_tokens(engine_factory) -> None:
+    engine = engine_factory()
+    previous: list[int] = []
+    for i, messages in enumerate(openclaw_turns(4)):
+        prompt = render_prompt(engine.tokenizer, job(messages).messages, ())
+        events = run(engine, job(messages))
+        done = events[0]
+        assert isinstance(done, PromptDone)
+        if i > 0:  # the cut at the dropped internal-context message needs no replay
+            assert done.cached_tokens == common_prefix(previous, prompt)
+        previous = list(session_of(engine).tokens)
+    session = session_of(engine)
+    record = session.cache[0].record
+    starts = message_starts(engine.tokenizer, session.tokens)
+    # Kept: every 64th token, both sides of each `<|im_start|>`, where each answer started.
+    assert len(record.starts) <= len(session.tokens) // DELTA_RECORD_INTERVAL + 2 * len(starts) + session.turns
+    assert len(record.starts) < len(session.tokens) / 8
+    _assert_states_close(delta_states(engine.model, session.cache), one_shot_states(engine, session))
+
+
+def test_a_cut_inside_a_message_prefills_back_from_the_last_kept_state(engine_factory) -> None:
+    engine = engine_factory()
+    long_user = "please look at item number " + " ".join(str(i) for i in range(120))
+    run(engine, job([("system", SYSTEM), ("user", long_user + " and tell me")]))
+    edited = [("system", SYSTEM), ("user", long_user + " and then forget it")]
+    before = list(session_of(engine).tokens)
+    events = run(engine, job(edited))
+    prompt = render_prompt(engine.tokenizer, job(edited).messages, ())
+    common = common_prefix(before, prompt)
+    assert common - DELTA_RECORD_INTERVAL < events[0].cached_tokens <= common
+    session = session_of(engine)
+    _assert_states_close(delta_states(engine.model, session.cache), one_shot_states(engine, session))
+
+
+# ---- the budget ---------------------------------------------------------------------------------
+
+
+def _budget_for(engine, sessions: float) -> int:
+    """Bytes for one shared prefix snapshot and `sessions` sessions of the openclaw_turns(1) size."""
+    prompt = render_prompt(engine.tokenizer, job(openclaw_turns(1)[0]).messages, ())
+    return int(engine.guard.session_bytes(len(prompt) // 2) + sessions * engine.guard.session_bytes(len(prompt) + 8, 8))
+
+
+def test_sessions_are_evicted_before_a_prefill_would_exceed_the_budget(engine_factory, monkeypatch) -> None:
+    probe = engine_factory()
+    budget = _budget_for(probe, 1.5)
+    engine = engine_factory(max_kv_bytes=budget)
+    seen: list[int] = []
+    original = engine._run_segment
+
+    def measured(*args: Any, **kwargs: Any) -> Iterator[None]:
+        for step in original(*args, **kwargs):  # after every prefill step
+            seen.append(_held(engine))
+            yield step
+
+    monkeypatch.setattr(engine, "_run_segment", measured)
+    for key in ("a", "b", "c"):
+        assert _answer(run(engine, job(openclaw_turns(1)[0], key=key)))
+        assert _held(engine) <= budget
+    assert seen and max(seen) <= budget
+    assert engine.store.evictions >= 2 and session_of(engine, "a").cache is None
+    # An evicted session comes back from disk, exactly.
+    run(engine, job(openclaw_turns(2)[1], key="a"))
+    a = session_of(engine, "a")
+    _assert_states_close(delta_states(engine.model, a.cache), one_shot_states(engine, a))
+
+
+def test_a_request_that_cannot_fit_alone_is_refused_with_413_and_nothing_evicted(engine_factory) -> None:
+    probe = engine_factory()
+    engine = engine_factory(max_kv_bytes=_budget_for(probe, 0.6))
+    assert _answer(run(engine, job([("user", "hi")], key="small")))
+    events = run(engine, job(openclaw_turns(1)[0], key="big"))
+    failure = events[-1]
+    assert isinstance(failure, Failed) and failure.status == 413 and failure.code == "kv_budget_exceeded"
+    assert "--max-kv-bytes" in failure.message and "KV budget" in failure.message
+    assert session_of(engine, "small").cache is not None and engine.store.evictions == 0
+    assert _answer(run(engine, job([("user", "hi again")], key="small")))
+
+
+def test_mlx_memory_limit_lowers_the_budget(engine_factory, tiny_model_dir) -> None:
+    gc.collect()  # earlier tests' engines (an engine and its scheduler refer to each other) hold MLX memory
+    limit = mx.get_active_memory() + model_weight_bytes(tiny_model_dir) + WORKING_BYTES + 2 * MIB
+    previous = mx.set_memory_limit(limit)
+    try:
+        engine = engine_factory()
+        health = asyncio.run(engine.health())
+    finally:
+        mx.set_memory_limit(previous)
+    assert 1 * MIB < engine.guard.budget <= 2 * MIB < engine.settings.max_kv_bytes
+    assert health["memory"]["kv_budget_bytes"] == engine.guard.budget
+    big = [("system", SYSTEM * 8), ("user", "hi")]
+    assert run(engine, job(big))[-1].status == 413
+    assert _answer(run(engine, job([("user", "hi")], key="small")))
+
+
+class _FailingAttention:
+    """Stands in for one layer's attention and fails like MLX does when an allocation fails."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.armed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("[metal::malloc] Attempting to allocate 8589934592 bytes, more than the buffer limit")
+        return self.inner(*args, **kwargs)
+
+
+def test_a_failed_allocation_fails_one_request_and_leaves_the_engine_healthy(engine_factory) -> None:
+    engine = engine_factory()
+    turns = openclaw_turns(3)
+    run(engine, job(turns[0], snippets=("the user keeps bees",)))
+    failing = _FailingAttention(engine.model.layers[1].self_attn)
+    engine.model.layers[1].self_attn = failing
+    failing.armed = True  # layer 0 has written its cache when layer 1 fails: a half-written cache
+    events = run(engine, job(turns[1]))
+    failure = events[-1]
+    assert isinstance(failure, Failed) and failure.status == 503 and failure.code == "out_of_memory"
+    assert session_of(engine).cache is None and mx.get_cache_memory() == 0
+    health = asyncio.run(engine.health())
+    assert health["jobs"]["allocation_failures"] == 1
+
+    retried = run(engine, job(turns[1], temperature=0.0))
+    reference = engine_factory()
+    run(reference, job(turns[0], snippets=("the user keeps bees",)))
+    assert _answer(retried) == _answer(run(reference, job(turns[1], temperature=0.0)))
+    session = session_of(engine)
+    _assert_states_close(delta_states(engine.model, session.cache), one_shot_states(engine, session))
+
+
+def test_health_reports_kv_per_session_shared_prefix_and_delta_record(
+    engine_factory, tiny_kv_model_dir, tiny_kv_adapter_dir
+) -> None:
+    engine = engine_factory(model=tiny_kv_model_dir, adapter=tiny_kv_adapter_dir, kv_bits=4)
+    for key in ("a", "b"):
+        run(engine, job(openclaw_turns(1)[0], key=key))
+    memory = asyncio.run(engine.health())["memory"]
+    assert memory["kv_bits"] == "4" and memory["kv_group_size"] == 64
+    assert {s["session"] for s in memory["sessions"]} == {session_of(engine, k).key_hash[:12] for k in "ab"}
+    assert sum(s["kv_bytes"] for s in memory["sessions"]) == engine.store.kv_bytes
+    assert memory["shared_prefix_bytes"] == engine.prefixes.nbytes > 0
+    assert memory["kv_bytes"] == engine.store.kv_bytes + engine.prefixes.nbytes
+    assert 0 < memory["delta_record_bytes"] < memory["kv_bytes"]
+    assert all(0 < s["delta_record_bytes"] < s["kv_bytes"] for s in memory["sessions"])
