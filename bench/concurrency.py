@@ -41,6 +41,7 @@ from bench.sessions import (
     API_KEY,
     MODEL_ID,
     Conversation,
+    add_model_options,
     describe_model,
     model_dirs,
     serve_sidecar,
@@ -381,9 +382,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=48, help="answer length per turn")
     parser.add_argument("--decode-rounds", type=int, default=3, help="decode rounds per N (their median)")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="the sidecar's --prefill-chunk")
-    parser.add_argument("--model", help="a model dir (default: a generated float32 Qwen3-shaped model)")
-    parser.add_argument("--adapter", help="the δ-mem adapter dir for --model")
-    parser.add_argument("--seed", type=int, default=0)
+    add_model_options(parser)
     return parser
 
 

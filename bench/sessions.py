@@ -298,10 +298,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--system-tokens", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=16, help="answer length per turn")
+    add_model_options(parser)
+    return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model and --adapter (read by model_dirs) and --seed."""
     parser.add_argument("--model", help="a model dir (default: a generated float32 Qwen3-shaped model)")
     parser.add_argument("--adapter", help="the δ-mem adapter dir for --model")
     parser.add_argument("--seed", type=int, default=0)
-    return parser
 
 
 if __name__ == "__main__":
