@@ -310,7 +310,12 @@ class Engine:
         if self._scheduler.steps % CLEAR_CACHE_STEPS == 0:
             mx.clear_cache()
         for row, reason in ended:
-            self._finish(row.session, row.stream, reason, row.generated)
+            try:
+                self._finish(row.session, row.stream, reason, row.generated)
+            except Exception:  # a bug in one row's finishing must not stop the generation thread
+                log.exception("finishing an answer failed (session %s)", row.session.key_hash[:12])
+                self.counters.add(failed=1)
+                row.stream.emit(ENGINE_FAILED)
         return [row for row, _ in ended] + failed
 
     def drop(self, admission: Admission) -> None:

@@ -317,3 +317,23 @@ def test_seeded_sampling_is_the_rows_own(engine_factory) -> None:
 
 async def _collect(stream: Any) -> list[Any]:
     return [event async for event in stream]
+
+
+def test_a_failure_while_finishing_an_answer_fails_that_request_and_the_engine_goes_on(
+    engine_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_factory()
+    real_persist = engine._persist
+    broken = {engine_module.hash_session_key("s1")}
+
+    def persist(session: Any) -> bool:
+        if session.key_hash in broken:
+            raise RuntimeError("a bug while saving")
+        return real_persist(session)
+
+    monkeypatch.setattr(engine, "_persist", persist)
+    failure = run(engine, job([("user", "hello")], key="s1"))[-1]
+    assert isinstance(failure, Failed) and failure.status == 500 and failure.code == "engine_error"
+    # The generation thread is still running: the next request is answered.
+    assert run(engine, job([("user", "hello")], key="s2"))[-1].finish_reason == "length"
+    broken.clear()  # the shutdown saves every session
