@@ -80,42 +80,11 @@ def _run(
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
-    from mlx_lm.models import qwen3
     from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-    from sidecar.delta.adapter_files import model_dims
-    from sidecar.delta.api import attach_tensors, set_delta_controls
-    from sidecar.delta.config import DeltaMemConfig
-    from sidecar.tiny_model import random_adapter_tensors
+    from sidecar.delta.api import set_delta_controls
 
-    mx.random.seed(seed)
-    args = qwen3.ModelArgs(
-        model_type="qwen3",
-        hidden_size=shape.hidden_size,
-        num_hidden_layers=shape.num_layers,
-        intermediate_size=shape.intermediate_size,
-        num_attention_heads=shape.num_heads,
-        rms_norm_eps=1e-6,
-        vocab_size=shape.vocab_size,
-        num_key_value_heads=shape.num_kv_heads,
-        max_position_embeddings=32768,
-        head_dim=shape.head_dim,
-        tie_word_embeddings=False,
-        rope_theta=1e6,
-    )
-    model = qwen3.Model(args)
-    mx.eval(model.parameters())
-    config = DeltaMemConfig()
-    dims = model_dims(
-        {
-            "hidden_size": shape.hidden_size,
-            "num_hidden_layers": shape.num_layers,
-            "num_attention_heads": shape.num_heads,
-            "num_key_value_heads": shape.num_kv_heads,
-            "head_dim": shape.head_dim,
-        }
-    )
-    attach_tensors(model, config, random_adapter_tensors(config, dims, seed))
+    model, config = build_model(shape, seed)
     rng = np.random.default_rng(seed)
     prompt = mx.array(rng.integers(0, shape.vocab_size, size=(1, prompt_tokens)))
 
@@ -177,13 +146,57 @@ def _run(
     }
 
 
+def build_model(shape: Shape, seed: int, delta: bool = True) -> tuple[Any, Any]:
+    """A random float32 Qwen3 model of `shape`, with a random TSW δ-mem adapter on every layer unless
+    `delta` is False, and the adapter's config."""
+    import mlx.core as mx
+    from mlx_lm.models import qwen3
+
+    from sidecar.delta.adapter_files import model_dims
+    from sidecar.delta.api import attach_tensors
+    from sidecar.delta.config import DeltaMemConfig
+    from sidecar.tiny_model import random_adapter_tensors
+
+    mx.random.seed(seed)
+    args = qwen3.ModelArgs(
+        model_type="qwen3",
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_layers,
+        intermediate_size=shape.intermediate_size,
+        num_attention_heads=shape.num_heads,
+        rms_norm_eps=1e-6,
+        vocab_size=shape.vocab_size,
+        num_key_value_heads=shape.num_kv_heads,
+        max_position_embeddings=32768,
+        head_dim=shape.head_dim,
+        tie_word_embeddings=False,
+        rope_theta=1e6,
+    )
+    model = qwen3.Model(args)
+    mx.eval(model.parameters())
+    config = DeltaMemConfig()
+    dims = model_dims(
+        {
+            "hidden_size": shape.hidden_size,
+            "num_hidden_layers": shape.num_layers,
+            "num_attention_heads": shape.num_heads,
+            "num_key_value_heads": shape.num_kv_heads,
+            "head_dim": shape.head_dim,
+        }
+    )
+    if delta:
+        attach_tensors(model, config, random_adapter_tensors(config, dims, seed))
+    return model, config
+
+
 def _median_ratio(pairs: list[tuple[float, float]]) -> float:
     """Median over pairs of plain time / δ time (above 1: δ was faster)."""
     return round(statistics.median(plain / delta for plain, delta in pairs), 3)
 
 
 def alternate(measure: Callable[[bool], float], repeats: int) -> list[tuple[float, float]]:
-    """(plain, δ) timings, alternating which goes first, after one warm-up of each."""
+    """(measure(False), measure(True)) timings, e.g. (plain, δ), alternating which goes first,
+    after one warm-up of each."""
     measure(False)
     measure(True)
     pairs = []
@@ -198,8 +211,18 @@ def alternate(measure: Callable[[bool], float], repeats: int) -> list[tuple[floa
     return pairs
 
 
+def add_blas_option(parser: argparse.ArgumentParser) -> None:
+    """--blas openblas|bundled: whether main() re-runs itself under OpenBLAS (see reexec_with_openblas)."""
+    parser.add_argument(
+        "--blas",
+        choices=("openblas", "bundled"),
+        default="openblas",
+        help="on Linux, re-run under Debian's OpenBLAS when it is installed (default)",
+    )
+
+
 def reexec_with_openblas(module: str) -> None:
-    """Run `python -m module` again with Debian's OpenBLAS preloaded (Linux, when installed)."""
+    """On Linux, run `python -m <module>` again (same arguments) with Debian's OpenBLAS preloaded."""
     # MLX's Linux CPU wheel bundles a slow reference BLAS; Debian's OpenBLAS is ~10x faster.
     if platform.system() != "Linux" or not OPENBLAS.exists():
         return
@@ -225,12 +248,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill-pairs", type=int, default=7, help="plain/δ prefill pairs (a quarter at 0.6B)")
     parser.add_argument("--decode-pairs", type=int, default=40, help="plain/δ decode pairs (a quarter at 0.6B)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--blas",
-        choices=("openblas", "bundled"),
-        default="openblas",
-        help="on Linux, re-run under Debian's OpenBLAS when it is installed (default)",
-    )
+    add_blas_option(parser)
     return parser
 
 

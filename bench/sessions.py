@@ -21,7 +21,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from bench.runtime import OPENBLAS, QUICK
 from installer.sidecar_client import REQUEST_TIMEOUT_S, Message, SidecarClient
@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="delta-mem-bench-") as tmp, ExitStack() as stack:
         work = Path(tmp)
-        model_dir, adapter_dir = _model(args, work)
-        tokenizer = _tokenizer(model_dir)
-        system = _system_prompt(tokenizer, system_tokens, args.seed)
+        model_dir, adapter_dir = model_dirs(args, work)
+        tokenizer = tokenizer_of(model_dir)
+        system = system_prompt(tokenizer, system_tokens, args.seed)
         window = system_tokens + 4096
         cached = stack.enter_context(serve_sidecar(model_dir, adapter_dir, work / "cached", window))
         uncached = stack.enter_context(
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         turns = _replay(cached.client, tokenizer, system, args.turns, args.max_tokens, fresh_sessions=False)
         no_cache = _replay(uncached.client, tokenizer, system, args.turns, args.max_tokens, fresh_sessions=True)
         new_sessions = _new_sessions(cached.client, uncached.client, system, args)
-        model = _describe_model(model_dir)
+        model = describe_model(model_dir)
     speedup = _mean(t["ttft_s"] for t in no_cache[1:]) / _mean(t["ttft_s"] for t in turns[1:])
     report = {
         "model": model,
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class _Conversation:
+class Conversation:
     """The OpenClaw-shaped requests of one session: turn n = history + [internal context n]."""
 
     def __init__(self, system: str, seed: int):
@@ -108,7 +108,7 @@ class _Conversation:
 def _replay(
     client: SidecarClient, tokenizer: Any, system: str, turns: int, max_tokens: int, fresh_sessions: bool
 ) -> list[dict[str, Any]]:
-    replay = _Conversation(system, seed=1)
+    replay = Conversation(system, seed=1)
     rows, previous = [], []
     for turn in range(1, turns + 1):
         messages = replay.request(turn)
@@ -142,13 +142,13 @@ def _new_sessions(
     """
     firsts, without, own_tokens = [], [], []
     for n in (2, 3):
-        messages = _Conversation(system, seed=100 + n).request(1)
+        messages = Conversation(system, seed=100 + n).request(1)
         reply = cached.chat(messages, f"new-{n}", True, args.max_tokens, 0)
         firsts.append(reply.ttft_s)
         own_tokens.append(reply.prompt_tokens - reply.cached_tokens)
         without.append(uncached.chat(messages, f"new-{n}", True, args.max_tokens, 0).ttft_s)
-    cached.chat(_Conversation(system, seed=99).request(1), "reference", True, args.max_tokens, 0)
-    reference = cached.chat(_Conversation(system, seed=102).request(1), "reference", True, args.max_tokens, 0)
+    cached.chat(Conversation(system, seed=99).request(1), "reference", True, args.max_tokens, 0)
+    reference = cached.chat(Conversation(system, seed=102).request(1), "reference", True, args.max_tokens, 0)
     new_ttft, without_ttft = _mean(firsts), _mean(without)
     return {
         "new_session_ttft_s": round(new_ttft, 4),
@@ -170,21 +170,28 @@ def serve_sidecar(
     `timeout` bounds each request."""
     work.mkdir(parents=True)
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if OPENBLAS.exists() and OPENBLAS.name not in env.get("LD_PRELOAD", ""):
-        env["LD_PRELOAD"] = f"{OPENBLAS} {env.get('LD_PRELOAD', '')}".strip()
-        env.setdefault("OPENBLAS_NUM_THREADS", "1")  # see bench/runtime.py
     argv = [
         sys.executable, "-m", "installer", "serve", "--model", str(model_dir), "--adapter", str(adapter_dir),
         "--model-id", MODEL_ID, "--port", str(port), "--state-dir", str(work / "state"),
         "--context-window", str(window), "--api-key", API_KEY, "--log-level", "warning", *extra,
     ]  # fmt: skip
-    log = (work / "serve.log").open("wb")
-    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     client = SidecarClient(f"http://127.0.0.1:{port}", API_KEY, MODEL_ID, timeout=timeout)
-    try:
-        _wait_healthy(client, process, work / "serve.log")
+    with server_process(argv, work / "serve.log", lambda: client.get_json("/health").get("status") == "ok") as process:
         yield Sidecar(process, client)
+
+
+@contextmanager
+def server_process(argv: list[str], log_path: Path, ready: Callable[[], bool]) -> Iterator[subprocess.Popen[bytes]]:
+    """A server process (OpenBLAS preloaded on Linux, one BLAS thread), running until the block ends."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if OPENBLAS.exists() and OPENBLAS.name not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = f"{OPENBLAS} {env.get('LD_PRELOAD', '')}".strip()
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")  # see bench/runtime.py
+    log = log_path.open("wb")
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_ready(ready, process, log_path)
+        yield process
     finally:
         process.terminate()
         try:
@@ -194,21 +201,22 @@ def serve_sidecar(
         log.close()
 
 
-def _wait_healthy(client: SidecarClient, process: subprocess.Popen[bytes], log: Path) -> None:
+def _wait_ready(ready: Callable[[], bool], process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"serve exited with {process.returncode}:\n{log.read_text()[-2000:]}")
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()[-2000:]}")
         try:
-            if client.get_json("/health").get("status") == "ok":
+            if ready():
                 return
         except Exception:  # still starting (503 or connection refused)
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"serve was not healthy within {STARTUP_TIMEOUT_S:.0f} s:\n{log.read_text()[-2000:]}")
+    raise RuntimeError(f"the server was not ready within {STARTUP_TIMEOUT_S:.0f} s:\n{log.read_text()[-2000:]}")
 
 
-def _model(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+def model_dirs(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+    """`--model` and `--adapter`, else a generated float32 model of the quick shape and a random TSW adapter."""
     if args.model:
         if not args.adapter:
             raise SystemExit("--model needs --adapter")
@@ -227,7 +235,8 @@ def _model(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     return model_dir, write_tiny_adapter(work / "adapter", model_dir)
 
 
-def _tokenizer(model_dir: Path) -> Any:
+def tokenizer_of(model_dir: Path) -> Any:
+    """The model's tokenizer (mlx-lm's wrapper)."""
     from mlx_lm.utils import load_tokenizer
 
     return load_tokenizer(model_dir)
@@ -240,7 +249,7 @@ def _render(tokenizer: Any, messages: list[Message]) -> list[int]:
     return render_prompt(tokenizer, [ChatMessage(m.role, m.content) for m in messages], ())
 
 
-def _system_prompt(tokenizer: Any, tokens: int, seed: int) -> str:
+def system_prompt(tokenizer: Any, tokens: int, seed: int) -> str:
     """Deterministic instruction-like text of about `tokens` tokens."""
     rng = random.Random(seed)
     paragraphs: list[str] = []
@@ -251,7 +260,8 @@ def _system_prompt(tokenizer: Any, tokens: int, seed: int) -> str:
     return tokenizer.decode(ids)
 
 
-def _describe_model(model_dir: Path) -> dict[str, Any]:
+def describe_model(model_dir: Path) -> dict[str, Any]:
+    """The model's type and size, from its config.json."""
     config = json.loads((model_dir / "config.json").read_text())
     keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
     return {k: config.get(k) for k in keys}
@@ -288,10 +298,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--system-tokens", type=int, default=None)
     parser.add_argument("--max-tokens", type=int, default=16, help="answer length per turn")
+    add_model_options(parser)
+    return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model and --adapter (read by model_dirs) and --seed."""
     parser.add_argument("--model", help="a model dir (default: a generated float32 Qwen3-shaped model)")
     parser.add_argument("--adapter", help="the δ-mem adapter dir for --model")
     parser.add_argument("--seed", type=int, default=0)
-    return parser
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ WritePolicy = Literal["all", "skip-system"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
+# An upper bound against mistakes (mlx-lm's own server decodes up to 32 rows by default).
+MAX_BATCH = 64
+# Smaller prefill steps spend more on per-call overhead than they save in stream latency.
+MIN_PREFILL_CHUNK = 16
 # A settings file is under a kilobyte; anything far bigger is not one.
 MAX_SETTINGS_BYTES = 1024**2
 
@@ -68,6 +72,8 @@ class SidecarSettings:
     attention_state_source: AttentionStateSource = "request"
     write_policy: WritePolicy = "all"
     prefix_cache: bool = True
+    max_batch: int = 8
+    prefill_chunk: int = 512
     qmd: QmdSettings = field(default_factory=QmdSettings)
 
     def validate(self) -> None:
@@ -86,6 +92,13 @@ class SidecarSettings:
             raise SettingsError("max_kv_bytes must be positive")
         if self.max_disk_bytes < 0:
             raise SettingsError("max_disk_bytes must be 0 (no disk cache) or positive")
+        if not 1 <= self.max_batch <= MAX_BATCH:
+            raise SettingsError(f"max_batch must be in 1..{MAX_BATCH} (got {self.max_batch})")
+        if not MIN_PREFILL_CHUNK <= self.prefill_chunk <= self.context_window:
+            raise SettingsError(
+                f"prefill_chunk must be in {MIN_PREFILL_CHUNK}..{self.context_window} (the context window); "
+                f"got {self.prefill_chunk}"
+            )
         if self.kv_bits is not None and self.kv_bits not in KV_BITS:
             raise SettingsError(f"kv_bits must be null (float), 8 or 4 (got {self.kv_bits!r})")
         if self.kv_group_size not in KV_GROUP_SIZES:

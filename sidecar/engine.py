@@ -1,8 +1,11 @@
-"""The generation engine: one worker thread, per-session caches, every token written exactly once.
+"""The generation engine: per-session caches, every token written exactly once, answers decoded together.
 
-A request's prompt is compared with what its session already holds; the cache is cut back to the
-longest common prefix (exact at any offset, see sidecar/delta/cache.py), hidden-memory snippets
-are written into the δ-state right there, and only the rest of the prompt is prefilled.
+A request's prompt is rendered off the generation thread, then compared with what its session
+already holds; the cache is cut back to the longest common prefix (exact at any offset, see
+sidecar/delta/cache.py), hidden-memory snippets are written into the δ-state right there, and only
+the rest of the prompt is prefilled, a chunk per step. Its answer is then decoded in the running
+batch with the other sessions' answers (sidecar/decoding.py); the scheduler (sidecar/scheduler.py)
+decides what runs when.
 """
 
 from __future__ import annotations
@@ -13,18 +16,21 @@ import hashlib
 import json
 import logging
 import platform
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Generator, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import mlx_lm
-from mlx_lm.generate import generate_step
-from mlx_lm.sample_utils import make_sampler
 
 from common.kv_budget import KvShape, kv_bits_name
 from common.settings import SidecarSettings
+from sidecar import decoding
+from sidecar.decoding import Row
 from sidecar.delta.api import (
     attach_delta_mem,
     check_kv_quantization,
@@ -44,7 +50,6 @@ from sidecar.engine_io import (
     Failed,
     Finished,
     PromptDone,
-    TextDelta,
     ToolCallFormat,
 )
 from sidecar.fingerprint import SessionFingerprint
@@ -52,6 +57,7 @@ from sidecar.kv_disk import KvDisk, PendingChunk, Restored
 from sidecar.memory_guard import KvBudgetExceeded, KvGuard, effective_budget, eviction_plan, is_allocation_failure
 from sidecar.prefix_cache import PrefixCache
 from sidecar.prompts import (
+    TokenFloor,
     leading_span,
     message_spans,
     message_start_id,
@@ -60,18 +66,40 @@ from sidecar.prompts import (
     render_text,
 )
 from sidecar.replay_check import ReplayChecks, checkpoint_offsets, checkpoint_states, saved_points
+from sidecar.sampling import row_sampler
+from sidecar.scheduler import Admission, Cancelled, JobStream, Scheduler
 from sidecar.session_keys import hash_session_key
 from sidecar.session_report import describe_session
-from sidecar.session_state import Segment, SegmentKind, Session, SnippetWrite
+from sidecar.session_state import Segment, Session, SnippetWrite
 from sidecar.sessions import SessionStore, StateWriteError
 from sidecar.stop_strings import StopScanner
-from sidecar.worker import Cancelled, JobStream, Worker
 from sidecar.write_plan import WritePolicy, common_prefix, plan_writes, replay_steps, shared_boundary
 
 log = logging.getLogger("sidecar.engine")
 
-PREFILL_STEP = 512
+T = TypeVar("T")
+# The pipeline runs as generators: each `yield` ends one step (one forward pass), so the scheduler
+# can run a decode step for the batch before the next one.
+Steps = Generator[None, None, T]
+
 PREFIX_ENTRIES = 8
+# Prompts are rendered and tokenized on these threads, never on the generation thread, so a huge
+# prompt being tokenized (seconds for megabytes) holds up no other session.
+RENDER_THREADS = 4
+# mlx-lm's generate_step frees MLX's buffer cache this often while decoding; so does the batch.
+CLEAR_CACHE_STEPS = 256
+
+
+ENGINE_FAILED = Failed("the engine failed while answering; see the server log", "engine_error", 500)
+OUT_OF_MEMORY = Failed("the server ran out of memory for this request; it is healthy, retry", "out_of_memory", 503)
+
+
+class PromptRefused(Exception):
+    """A prompt that cannot run, with the failure to send its client."""
+
+    def __init__(self, failure: Failed) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
 
 
 @dataclass
@@ -83,10 +111,18 @@ class _Counters:
     cached_tokens: int = 0
     refused_for_memory: int = 0
     allocation_failures: int = 0
+    # Render threads count failures too; every change goes through add().
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **amounts: int) -> None:
+        """Add to counters by name."""
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
 
 
 def load_engine(settings: SidecarSettings) -> "Engine":
-    """Load the model (and adapter) named by the settings and start the worker."""
+    """Load the model (and adapter) named by the settings and start the generation thread."""
     model, tokenizer = mlx_lm.load(settings.model_path)
     if settings.adapter_path:
         attach_delta_mem(model, settings.adapter_path)
@@ -96,7 +132,7 @@ def load_engine(settings: SidecarSettings) -> "Engine":
 
 
 class Engine:
-    """Runs chat jobs and session admin calls, one at a time, on a single worker thread."""
+    """Runs chat jobs (answers decoded together in one batch) and session admin calls on one generation thread."""
 
     def __init__(self, model: Any, tokenizer: Any, settings: SidecarSettings):
         self.model = model
@@ -125,19 +161,24 @@ class Engine:
             message_mean=adapter is not None and adapter.config.memory_write_granularity == "message_mean",
             skip_system=settings.write_policy == "skip-system",
         )
-        self._worker = Worker("delta-mem-engine")
+        self._eos = frozenset(tokenizer.eos_token_ids)
+        self._token_floor = TokenFloor.of(tokenizer)
+        self._renderer = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="delta-mem-render")
+        self._scheduler = Scheduler(self, settings.max_batch)
 
     # ---- the interface the serving layer uses -------------------------------------------
 
     def submit(self, job: ChatJob) -> JobStream:
-        """Queue a chat job; iterate the returned stream for its events."""
+        """Put a chat job in line (its prompt is rendered meanwhile); iterate the returned stream for its events."""
         stream = JobStream(asyncio.get_running_loop())
-        self._worker.put(lambda: self._run_chat(job, stream))
+        admission = self._scheduler.enqueue(hash_session_key(job.session_key), job, stream)
+        self._renderer.submit(self._render, admission)
         return stream
 
     async def health(self) -> dict[str, Any]:
-        """Counters for /health, read without waiting for the worker."""
+        """Counters for /health, read without waiting for the generation thread."""
         sessions = self.store.sessions()
+        batch = self._scheduler.stats()
         return {
             "model": self.info.model_id,
             "adapter": self.info.adapter,
@@ -164,77 +205,134 @@ class Engine:
                 "completed": self.counters.jobs,
                 "failed": self.counters.failed,
                 "cancelled": self.counters.cancelled,
-                "queued": self._worker.queued,
+                "queued": batch["waiting"],
                 "prompt_tokens": self.counters.prompt_tokens,
                 "cached_tokens": self.counters.cached_tokens,
                 "refused_for_memory": self.counters.refused_for_memory,
                 "allocation_failures": self.counters.allocation_failures,
             },
+            "batch": {**batch, "prefill_chunk": self.settings.prefill_chunk},
             "engine_uptime_s": round(time.time() - self.started, 1),
         }
 
     async def reset_session(self, session_key: str) -> bool:
-        """Forget a session (both modes), in memory and on disk."""
-        return await self._worker.call(lambda: self._remove(hash_session_key(session_key)))
+        """Forget a session (both modes), in memory and on disk; refused while it is answering."""
+        return await self._scheduler.call(lambda: self._reset(hash_session_key(session_key)))
 
     async def session_stats(self, session_key: str) -> dict[str, Any] | None:
         """Tokens, cache and δ-state figures of a session, or None if it does not exist."""
-        return await self._worker.call(lambda: self._stats(hash_session_key(session_key)))
+        return await self._scheduler.call(lambda: self._stats(hash_session_key(session_key)))
 
     async def save_session(self, session_key: str) -> dict[str, Any]:
         """Write a session to the state dir now."""
-        return await self._worker.call(lambda: self._save(hash_session_key(session_key)))
+        return await self._scheduler.call(lambda: self._save(hash_session_key(session_key)))
 
     async def load_session(self, session_key: str) -> dict[str, Any]:
         """Bring a session back from the state dir (its KV is rebuilt at its next turn)."""
-        return await self._worker.call(lambda: self._load(hash_session_key(session_key)))
+        return await self._scheduler.call(lambda: self._load(hash_session_key(session_key)))
 
     async def close(self) -> None:
-        """Finish the queued work, save every session and stop the worker (once)."""
-        if not self._worker.alive:
+        """Save every session, let the started and waiting jobs finish, stop the threads (once)."""
+        if not self._scheduler.alive:
             return
-        await self._worker.call(self._save_all)
-        await self._worker.stop()
+        await self._scheduler.call(self._save_all)
+        await self._scheduler.stop()
+        self._renderer.shutdown(wait=False, cancel_futures=True)
         if self.kv_disk is not None:
             await asyncio.to_thread(self.kv_disk.close)
 
-    # ---- worker ---------------------------------------------------------------------------
+    # ---- rendering (on a render thread) -------------------------------------------------------
 
-    def _run_chat(self, job: ChatJob, stream: JobStream) -> None:
-        if stream.cancelled:
-            self.counters.cancelled += 1
-            stream.emit(Finished("cancelled", 0))
-            return
+    def _render(self, admission: Admission) -> None:
+        """Render and tokenize the job's prompt, or refuse it; either way the scheduler may go on."""
         try:
-            self._chat(job, stream)
-        except KvBudgetExceeded as exc:
-            self.counters.refused_for_memory += 1
-            stream.emit(Failed(str(exc), "kv_budget_exceeded", 413))
-        except Exception as exc:
-            self.counters.failed += 1
-            if not is_allocation_failure(exc):
-                log.exception("chat job failed (session %s)", hash_session_key(job.session_key)[:12])
-                stream.emit(Failed("the engine failed while answering; see the server log", "engine_error", 500))
-                return
-            self._after_allocation_failure(job, exc)
-            stream.emit(
-                Failed("the server ran out of memory for this request; it is healthy, retry", "out_of_memory", 503)
-            )
+            if not admission.stream.cancelled:  # the client may have left while the job waited here
+                admission.prompt = self._prompt(admission.job)
+        except PromptRefused as refused:
+            admission.stream.emit(refused.failure)
+        except Exception:
+            self.counters.add(failed=1)
+            log.exception("rendering a prompt failed (session %s)", admission.key[:12])
+            failure = Failed("the engine failed while reading the prompt; see the server log", "engine_error", 500)
+            admission.stream.emit(failure)
         finally:
-            self._write_taken_chunks()
+            self._scheduler.ready(admission)
 
-    def _chat(self, job: ChatJob, stream: JobStream) -> None:
-        prompt = render_prompt(self.tokenizer, job.messages, job.tools)
+    def _prompt(self, job: ChatJob) -> list[int]:
         window = self.settings.context_window
+        # Text that cannot fit is refused before the (costly) tokenizing.
+        floor = self._token_floor([m.content for m in job.messages]) if self._token_floor else 0
+        if floor >= window:
+            raise PromptRefused(_too_long(f"at least {floor}", window))
+        prompt = render_prompt(self.tokenizer, job.messages, job.tools)
         if len(prompt) >= window:
-            stream.emit(
-                Failed(
-                    f"the prompt is {len(prompt)} tokens; this model's context window is {window}",
-                    "context_length_exceeded",
-                    400,
-                )
-            )
-            return
+            raise PromptRefused(_too_long(str(len(prompt)), window))
+        return prompt
+
+    # ---- the pipeline the scheduler runs (on the generation thread) ---------------------------
+
+    def prefill(self, admission: Admission) -> Steps[Row | None]:
+        """The job's prompt, a step at a time; returns the row that decodes its answer, or None."""
+        assert admission.prompt is not None  # the scheduler starts rendered jobs only
+        try:
+            return (yield from self._prefill_job(admission.job, admission.prompt, admission.stream))
+        except KvBudgetExceeded as exc:
+            self.counters.add(refused_for_memory=1)
+            admission.stream.emit(Failed(str(exc), "kv_budget_exceeded", 413))
+        except Exception as exc:
+            self.counters.add(failed=1)
+            if is_allocation_failure(exc):
+                self._after_allocation_failure(admission.key, exc)
+                admission.stream.emit(OUT_OF_MEMORY)
+            else:
+                log.exception("chat job failed (session %s)", admission.key[:12])
+                admission.stream.emit(ENGINE_FAILED)
+        self._write_taken_chunks()  # a shared prefix built before the failure is kept
+        return None
+
+    def decode(self, rows: list[Row]) -> list[Row]:
+        """One token for every row in one forward pass; finishes off and returns the rows that ended."""
+        ended: list[tuple[Row, decoding.FinishReason]] = [(row, "cancelled") for row in rows if row.stream.cancelled]
+        live = [row for row in rows if not row.stream.cancelled]
+        failed: list[Row] = []
+        try:
+            if live:
+                # Memory guard: room for the token every row adds in this step.
+                self._make_room_to_grow((len(row.session.tokens), 1) for row in live)
+                ended += decoding.step(self.model, live)
+        except Exception as exc:
+            # The step may have written part of every row's caches: they are rebuilt from their
+            # histories at their next turns, and every row of the step fails.
+            out_of_memory = is_allocation_failure(exc)
+            if out_of_memory:
+                self.counters.add(allocation_failures=1)
+                log.error("out of memory in a decode step of %d rows: %s", len(live), exc)
+                mx.clear_cache()
+            else:
+                log.exception("a decode step failed (%d rows)", len(live))
+            for row in live:
+                row.session.cache = None
+                self.counters.add(failed=1)
+                row.stream.emit(OUT_OF_MEMORY if out_of_memory else ENGINE_FAILED)
+            failed = live
+        if self._scheduler.steps % CLEAR_CACHE_STEPS == 0:
+            mx.clear_cache()
+        for row, reason in ended:
+            try:
+                self._finish(row.session, row.stream, reason, row.generated)
+            except Exception:  # a bug in one row's finishing must not stop the generation thread
+                log.exception("finishing an answer failed (session %s)", row.session.key_hash[:12])
+                self.counters.add(failed=1)
+                row.stream.emit(ENGINE_FAILED)
+        return [row for row, _ in ended] + failed
+
+    def drop(self, admission: Admission) -> None:
+        """End a job cancelled before it started."""
+        self.counters.add(cancelled=1)
+        admission.stream.emit(Finished("cancelled", 0))
+
+    def _prefill_job(self, job: ChatJob, prompt: list[int], stream: JobStream) -> Steps[Row | None]:
+        window = self.settings.context_window
         delta = job.delta_enabled and delta_info(self.model) is not None
         session = self.store.get(hash_session_key(job.session_key), delta)
         began = time.perf_counter()
@@ -244,15 +342,15 @@ class Engine:
         snapshot = boundary if boundary and not self.prefixes.contains(_mode(session), prompt[:boundary]) else 0
         self._reserve(session, len(prompt) + max_tokens, _count_messages(self.tokenizer, prompt), snapshot)
         try:
-            reused = self._prepare(session, prompt, boundary, stream)
-            written = self._write_snippets(session, job.snippets) if delta else 0
+            reused = yield from self._prepare(session, prompt, boundary, stream)
+            written = (yield from self._write_snippets(session, job.snippets)) if delta else 0
             start = len(session.tokens)
-            self._prefill(session, prompt[start:-1], self._plan(delta, prompt, start, len(prompt) - 1), stream)
+            plan = self._plan(delta, prompt, start, len(prompt) - 1)
+            yield from self._prefill(session, prompt[start:-1], plan, stream)
         except Cancelled:
             self._finish(session, stream, "cancelled", 0)
-            return
-        self.counters.prompt_tokens += len(prompt)
-        self.counters.cached_tokens += reused
+            return None
+        self.counters.add(prompt_tokens=len(prompt), cached_tokens=reused)
         log.info(
             "session %s (%s): prompt %d tokens, %d reused, %d written in %.2f s, %d memory snippets",
             session.key_hash[:12], _mode(session), len(prompt), reused, len(prompt) - 1 - reused,
@@ -261,14 +359,27 @@ class Engine:
         stream.emit(PromptDone(prompt_tokens=len(prompt), cached_tokens=reused, snippets_written=written))
         # Memory guard: the answer's room again, now that the prompt (and any snapshot) is in.
         self._reserve(session, len(session.tokens) + max_tokens, _count_messages(self.tokenizer, prompt))
-        self._decode(session, prompt[-1], job, max_tokens, stream)
+        if session.delta:
+            # Token writes while decoding, as the reference does; the state where the answer starts
+            # is kept, so that a retried request rolls back to it without prefilling again.
+            set_delta_controls(session.cache, keep=[session.cache[0].offset])
+        return Row(
+            session=session,
+            stream=stream,
+            max_tokens=max_tokens,
+            sampler=row_sampler(job.temperature, job.top_p, job.seed),
+            detokenizer=self.tokenizer.detokenizer,
+            scanner=StopScanner(job.stop),
+            eos=self._eos,
+            input=mx.array([prompt[-1]], dtype=mx.uint32),
+        )
 
-    def _prepare(self, session: Session, prompt: list[int], boundary: int, stream: JobStream) -> int:
+    def _prepare(self, session: Session, prompt: list[int], boundary: int, stream: JobStream) -> Steps[int]:
         """Cut the session back to what it shares with this prompt, then bring it up to the shared
         boundary (the end of the leading system prompt) from a zero state; returns tokens reused."""
         limit = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
         if session.cache is None:
-            reused = self._rebuild(session, session.safe_offset(limit), stream)
+            reused = yield from self._rebuild(session, session.safe_offset(limit), stream)
         else:
             # Back to a cut the δ record restores exactly: at most 63 tokens before `limit`.
             reused = session.cut_point(limit, lambda offset: restorable_offset(session.cache, offset))
@@ -276,7 +387,8 @@ class Engine:
         if len(session.tokens) < boundary and not session.snippet_writes:
             reused = max(reused, self._start_from_shared_prefix(session, prompt, boundary))
             start = len(session.tokens)
-            self._prefill(session, prompt[start:boundary], self._plan(session.delta, prompt, start, boundary), stream)
+            plan = self._plan(session.delta, prompt, start, boundary)
+            yield from self._prefill(session, prompt[start:boundary], plan, stream)
             self.prefixes.insert(_mode(session), prompt[:boundary], session.cache)
             if self.kv_disk is not None:
                 self._disk_writes.append(self.kv_disk.take_prefix(_mode(session), prompt[:boundary], session.cache))
@@ -294,7 +406,7 @@ class Engine:
         session.segments = self._plan(session.delta, prompt, 0, length)
         return length
 
-    def _rebuild(self, session: Session, target: int, stream: JobStream) -> int:
+    def _rebuild(self, session: Session, target: int, stream: JobStream) -> Steps[int]:
         """Recreate the KV cache of a new, evicted or restored session up to `target`: from the disk
         cache as far as it holds the history, else from a shared prefix, replaying the rest; checked
         against the δ-states it saved. Returns the tokens not replayed."""
@@ -318,9 +430,10 @@ class Engine:
         pending = [w for w in history.snippet_writes if w.offset >= shared]
         for step in replay_steps(history.segments, pending, shared):
             if step.snippets is not None:
-                self._apply_snippets(fresh, step.snippets)
+                yield from self._apply_snippets(fresh, step.snippets)
             else:
-                self._run_segment(fresh, history.tokens[step.segment.start : step.segment.end], step.segment, stream)
+                tokens = history.tokens[step.segment.start : step.segment.end]
+                yield from self._run_segment(fresh, tokens, step.segment, stream)
         # Only now, with the replay complete, does the session change: a cancelled replay loses nothing.
         if session.delta:
             self.replays.check(self.model, fresh, saved)
@@ -361,19 +474,21 @@ class Engine:
                 found |= self.kv_disk.remove(Session(key_hash, delta).file_stem)
         return found
 
-    def _write_snippets(self, session: Session, snippets: tuple[str, ...]) -> int:
+    def _write_snippets(self, session: Session, snippets: tuple[str, ...]) -> Steps[int]:
         if not snippets:
             return 0
         digest = hashlib.sha256(json.dumps(list(snippets)).encode("utf-8")).hexdigest()
         if session.latest_snippets_digest() == digest:
             return 0  # the same snippets are already in memory (a retried request)
         tokens = tuple(render_text(self.tokenizer, "\n\n".join(snippets)))
-        self._apply_snippets(session, SnippetWrite(len(session.tokens), digest, tokens, len(snippets)))
+        yield from self._apply_snippets(session, SnippetWrite(len(session.tokens), digest, tokens, len(snippets)))
         return len(snippets)
 
-    def _apply_snippets(self, session: Session, write: SnippetWrite) -> None:
+    def _apply_snippets(self, session: Session, write: SnippetWrite) -> Steps[None]:
+        # One forward pass (one step): message-mean adapters write the snippets as one message.
         write_context(self.model, session.cache, list(write.tokens))
         session.snippet_writes.append(write)
+        yield
 
     def _plan(self, delta: bool, prompt: list[int], start: int, end: int) -> list[Segment]:
         """How to write prompt[start:end] (see write_plan.plan_writes)."""
@@ -381,25 +496,28 @@ class Engine:
         spans = message_spans(self.tokenizer, prompt) if policy.needs_spans and start < end else []
         return plan_writes(policy, spans, start, end)
 
-    def _prefill(self, session: Session, tokens: list[int], plan: list[Segment], stream: JobStream) -> None:
+    def _prefill(self, session: Session, tokens: list[int], plan: list[Segment], stream: JobStream) -> Steps[None]:
         base = len(session.tokens)
         for seg in plan:
-            self._run_segment(session, tokens[seg.start - base : seg.end - base], seg, stream)
+            yield from self._run_segment(session, tokens[seg.start - base : seg.end - base], seg, stream)
 
-    def _run_segment(self, session: Session, tokens: list[int], seg: Segment, stream: JobStream) -> None:
-        """Write tokens into the session's cache the way the segment says, checking for cancellation."""
+    def _run_segment(self, session: Session, tokens: list[int], seg: Segment, stream: JobStream) -> Steps[None]:
+        """Write tokens into the session's cache the way the segment says, a chunk per step, checking
+        for cancellation before each."""
         cache = session.cache
         if seg.kind == "messages":
             steps = [(0, len(tokens))]  # one call: message-mean writes depend on call boundaries
         else:
-            size = self.guard.prefill_step(seg.end, PREFILL_STEP)
-            steps = [(i, min(i + size, len(tokens))) for i in range(0, len(tokens), size)]
+            chunk = self.guard.prefill_step(seg.end, self.settings.prefill_chunk)
+            steps = [(i, min(i + chunk, len(tokens))) for i in range(0, len(tokens), chunk)]
         # The δ record keeps the state before and after every message's `<|im_start|>`: a new request
         # diverges from the session right after one (the next role differs), so rollbacks land there.
         marks = [seg.start + i + j for i in message_starts(self.tokenizer, tokens) for j in (0, 1)]
         for a, b in steps:
             if stream.cancelled:
                 raise Cancelled
+            # Memory guard: room for what this step adds, beside the caches of the other answers.
+            self._make_room_to_grow([(len(session.tokens), b - a)])
             if session.delta:
                 ids = [list(seg.message_ids[a:b])] if seg.kind == "messages" else None
                 set_delta_controls(cache, write=seg.kind != "read", message_ids=ids, keep=marks)
@@ -408,90 +526,64 @@ class Engine:
             piece = Segment(seg.start + a, seg.start + b, seg.kind, seg.message_ids[a:b] if seg.message_ids else ())
             session.record(tokens[a:b], piece.kind, piece.message_ids)
             session.prefilled_tokens += b - a
+            yield
         mx.clear_cache()
-
-    def _decode(self, session: Session, last: int, job: ChatJob, max_tokens: int, stream: JobStream) -> None:
-        cache = session.cache
-        if session.delta:
-            # Token writes while decoding, as the reference does; the state where the answer starts
-            # is kept, so that a retried request rolls back to it without prefilling again.
-            set_delta_controls(cache, keep=[cache[0].offset])
-        if job.seed is not None:
-            mx.random.seed(job.seed)
-        sampler = make_sampler(job.temperature, job.top_p)
-        detokenizer = self.tokenizer.detokenizer
-        detokenizer.reset()
-        scanner = StopScanner(job.stop)
-        eos = set(self.tokenizer.eos_token_ids)
-        fed: list[int] = [last]
-        finish, count = "length", 0
-        for token, _ in generate_step(mx.array([last]), self.model, prompt_cache=cache, sampler=sampler, max_tokens=max_tokens):
-            count += 1
-            fed.append(token)
-            if token in eos:
-                finish = "stop"
-                break
-            detokenizer.add_token(token)
-            text = scanner.feed(detokenizer.last_segment)
-            if text:
-                stream.emit(TextDelta(text))
-            if scanner.stopped:
-                finish = "stop"
-                break
-            if stream.cancelled:
-                finish = "cancelled"
-                break
-        if finish == "length":
-            detokenizer.finalize()
-            tail = scanner.feed(detokenizer.last_segment) + scanner.flush()
-            if tail:
-                stream.emit(TextDelta(tail))
-        # generate_step has fed every token it yielded into the cache.
-        kind: SegmentKind = "write" if session.delta else "plain"
-        session.record(fed[: cache[0].offset - len(session.tokens)], kind)
-        self._finish(session, stream, finish, count)
 
     def _finish(self, session: Session, stream: JobStream, reason: str, completion_tokens: int) -> None:
         session.turns += 1
-        if reason == "cancelled":
-            self.counters.cancelled += 1
-        else:
-            self.counters.jobs += 1
+        self.counters.add(**{"cancelled" if reason == "cancelled" else "jobs": 1})
         self._persist(session)
         if self.kv_disk is not None:
             # Taken before the limits may evict the cache; written once the answer has ended.
             self._disk_writes.append(self.kv_disk.take_session(session))
-        self._enforce_limits(session)
+        self._enforce_limits()
         stream.emit(Finished(reason, completion_tokens))  # type: ignore[arg-type]
+        self._write_taken_chunks()
 
     def _write_taken_chunks(self) -> None:
-        """Encode and queue the chunks a job took for the disk cache, now that its answer has ended."""
+        """Encode and queue the chunks jobs took for the disk cache, once an answer has ended (or failed)."""
         while self.kv_disk is not None and self._disk_writes:
             self.kv_disk.submit(self._disk_writes.pop(0))
 
     # ---- memory guard: the one place that keeps the caches within the KV budget ----------
 
     def _reserve(self, session: Session, tokens: int, messages: int, snapshot_tokens: int = 0) -> None:
-        """Make room for `session` to hold `tokens` tokens (plus a prefix snapshot): evict least recently
-        used sessions, then shared prefixes; raise KvBudgetExceeded when it cannot fit even alone."""
+        """Make room for `session` to hold `tokens` tokens (plus a prefix snapshot) beside the sessions
+        answering now; raise KvBudgetExceeded when it cannot fit even alone."""
         needed = self.guard.session_bytes(tokens, messages)
         if snapshot_tokens:
             needed += self.guard.session_bytes(snapshot_tokens)
-        held = [(("session", s.file_stem), s.kv_bytes) for s in self.store.sessions() if s is not session and s.cache]
-        held += [(("prefix", key), nbytes) for key, nbytes in self.prefixes.entries()]
-        plan = eviction_plan(needed, self.guard.budget, held)
-        if plan is None:
+        if needed > self.guard.budget:
             raise KvBudgetExceeded(needed, self.guard.budget, tokens)
-        for kind, key in plan:
+        self._make_room(needed, growing=session)
+
+    def _make_room_to_grow(self, growth: Iterable[tuple[int, int]]) -> None:
+        """Make room for sessions of `length` tokens to take `added` more, for each (length, added)."""
+        size = self.guard.session_bytes
+        needed = sum(size(length + added) - size(length) for length, added in growth)
+        if needed > 0:
+            self._make_room(needed)
+
+    def _make_room(self, needed: int, growing: Session | None = None) -> None:
+        """Evict idle sessions (least recently used first), then shared prefixes, until `needed` bytes
+        fit in the budget beside the caches of the sessions answering now (`growing`'s own cache is
+        part of `needed`). Answering sessions are never evicted: when they hold the rest, every idle
+        one goes and the step runs (a failed allocation then fails its requests, not the server)."""
+        busy = self._scheduler.busy_keys()
+        sessions = [s for s in self.store.sessions() if s.cache is not None and s is not growing]
+        answering = sum(s.kv_bytes for s in sessions if s.key_hash in busy)
+        idle = [(("session", s.file_stem), s.kv_bytes) for s in sessions if s.key_hash not in busy]
+        idle += [(("prefix", key), nbytes) for key, nbytes in self.prefixes.entries()]
+        plan = eviction_plan(answering + needed, self.guard.budget, idle)
+        for kind, key in plan if plan is not None else [key for key, _ in idle]:
             if kind == "session":
                 self.store.evict(key, "kv budget")
             else:
                 self.prefixes.evict(key)
 
-    def _after_allocation_failure(self, job: ChatJob, exc: BaseException) -> None:
+    def _after_allocation_failure(self, key_hash: str, exc: BaseException) -> None:
         """Drop the caches a failed allocation may have left half-written, and MLX's free buffers."""
-        self.counters.allocation_failures += 1
-        key_hash = hash_session_key(job.session_key)
+        self.counters.add(allocation_failures=1)
         log.error("out of memory while answering session %s: %s", key_hash[:12], exc)
         for delta in (True, False):
             session = self.store.peek(key_hash, delta)
@@ -522,9 +614,10 @@ class Engine:
             "mlx_peak_bytes": mx.get_peak_memory(),
         }
 
-    def _enforce_limits(self, active: Session) -> None:
-        """Sessions and shared prefixes together stay within the KV byte bound (sessions go first)."""
-        self.store.enforce_limits(keep=active, reserved_bytes=self.prefixes.nbytes)
+    def _enforce_limits(self) -> None:
+        """Sessions and shared prefixes together stay within the KV byte bound (sessions go first);
+        the sessions answering now keep their caches."""
+        self.store.enforce_limits(keep=self._scheduler.busy_keys(), reserved_bytes=self.prefixes.nbytes)
         self.prefixes.trim_to_bytes(max(0, self.store.max_kv_bytes - self.store.kv_bytes))
 
     def _persist(self, session: Session) -> bool:
@@ -551,7 +644,16 @@ class Engine:
             set_delta_controls(cache, enabled=delta)
         return cache
 
-    # ---- admin (on the worker) ----------------------------------------------------------
+    # ---- admin (on the generation thread, between two steps) ----------------------------------
+
+    def _reset(self, key_hash: str) -> bool:
+        if self._scheduler.busy(key_hash):
+            raise EngineError(
+                "this session is answering a request; reset it when the answer has ended (or cancel it)",
+                409,
+                "session_busy",
+            )
+        return self._remove(key_hash)
 
     def _stats(self, key_hash: str) -> dict[str, Any] | None:
         found = {}
@@ -590,6 +692,12 @@ class Engine:
         failed = sum(not self._persist(session) for session in sessions)
         if failed:
             log.error("%d session(s) could not be saved at shutdown: their turns since the last save are lost", failed)
+
+
+def _too_long(tokens: str, window: int) -> Failed:
+    return Failed(
+        f"the prompt is {tokens} tokens; this model's context window is {window}", "context_length_exceeded", 400
+    )
 
 
 def _mode(session: Session) -> str:

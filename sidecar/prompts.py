@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import unicodedata
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -10,6 +13,7 @@ from sidecar.engine_io import ChatMessage
 
 IM_START = "<|im_start|>"
 SYSTEM_ROLES = ("system", "developer")
+UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,40 @@ def render_prompt(tokenizer: Any, messages: Sequence[ChatMessage], tools: Sequen
 def render_text(tokenizer: Any, text: str) -> list[int]:
     """Token ids of plain text (hidden memory snippets), without special tokens."""
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+@dataclass(frozen=True)
+class TokenFloor:
+    """A lower bound on how many tokens texts become, from their length alone (no tokenizing).
+
+    No token covers more characters of the normalised text than the vocabulary's longest token has
+    (a byte-level token of n bytes covers at most n characters), so a text of C normalised
+    characters is at least C / longest tokens.
+    """
+
+    longest: int
+    normalize: Callable[[str], str]
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> "TokenFloor | None":
+        """The floor for a fast (Rust) tokenizer; None when its normalisation cannot be applied here."""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        form = type(backend.normalizer).__name__ if backend.normalizer is not None else None
+        if form is not None and form not in UNICODE_FORMS:
+            return None  # lowercasing, replacements...: lengths could change in ways not followed here
+        # The same Unicode normalisation as the tokenizer's, done by the standard library (fast).
+        normalize = functools.partial(unicodedata.normalize, form) if form else _unchanged
+        return cls(longest=max(len(token) for token in tokenizer.get_vocab()), normalize=normalize)
+
+    def __call__(self, texts: Iterable[str]) -> int:
+        """The fewest tokens these texts can be."""
+        return sum(len(self.normalize(text)) for text in texts) // self.longest
+
+
+def _unchanged(text: str) -> str:
+    return text
 
 
 def message_spans(tokenizer: Any, tokens: Sequence[int]) -> list[Span]:

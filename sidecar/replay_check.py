@@ -20,7 +20,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from sidecar.delta.api import delta_info, delta_states_at
+from sidecar.delta.api import delta_info, delta_states_at, restorable_offset
 from sidecar.session_state import Session
 
 log = logging.getLogger("sidecar.replay_check")
@@ -42,8 +42,10 @@ def checkpoint_offsets(tokens: Sequence[int], message_start: int | None) -> list
 
 
 def checkpoint_states(model: Any, cache: list[Any], offsets: Sequence[int]) -> dict[int, list[np.ndarray]]:
-    """The δ-states of every δ layer at each offset, read from the cache (which keeps them all)."""
-    states = {offset: delta_states_at(model, cache, offset) for offset in offsets}
+    """The δ-states of every δ layer at each offset the cache kept: prefilled message starts are
+    kept, but a `<|im_start|>` the model generated in an answer may fall between kept states."""
+    kept = [offset for offset in offsets if restorable_offset(cache, offset) == offset]
+    states = {offset: delta_states_at(model, cache, offset) for offset in kept}
     mx.eval(list(states.values()))
     return {offset: [np.array(s) for s in layers] for offset, layers in states.items()}
 

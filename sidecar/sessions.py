@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,15 +159,15 @@ class SessionStore:
             self._unsaved.discard(stem)
         return found
 
-    def enforce_limits(self, keep: Session | None = None, reserved_bytes: int = 0) -> None:
+    def enforce_limits(self, keep: Collection[str] = (), reserved_bytes: int = 0) -> None:
         """Drop least recently used sessions until within bounds (counting `reserved_bytes` held
-        elsewhere); `keep`, the active session, stays."""
+        elsewhere); the sessions whose key hashes are in `keep` (those answering now) stay."""
         for stem in list(self._sessions):
             over_count = len(self._sessions) > self.max_sessions
             over_bytes = self.kv_bytes + reserved_bytes > self.max_kv_bytes
             if not (over_count or over_bytes):
                 break
-            if self._sessions[stem] is not keep:
+            if self._sessions[stem].key_hash not in keep:
                 self.evict(stem, "count" if over_count else "kv bytes")
 
     def evict(self, stem: str, reason: str) -> None:

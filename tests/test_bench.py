@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import memory, plugin_load, restart, runtime, sessions
+from bench import batch_layout, concurrency, memory, plugin_load, restart, runtime, sessions
 
 
 def test_runtime_bench_reports_every_figure() -> None:
@@ -33,6 +33,39 @@ def test_sessions_bench_replays_openclaw_turns(
     assert report["prefix_cache"]["hits"] >= 2 and report["non_shared_tokens"] > 0
 
 
+def test_batch_layout_bench_measures_both_layouts() -> None:
+    shape = runtime.Shape("tiny", 64, 2, 4, 2, 16, 128, 256)
+    result = batch_layout.measure(shape, [16, 40, 100], repeats=1, seed=0)
+    for key in ("step_ms_rows", "step_ms_padded", "step_ms_rows_delta", "attention_layer_ms_rows",
+                "attention_layer_ms_padded", "merge_all_ms", "leave_extract_ms", "leave_filter_ms", "join_extend_ms"):
+        assert result[key] > 0, key
+    # Padding to the longest row: the padded buffer holds more than the rows themselves.
+    assert result["kv_mib_padded"] > result["kv_mib_rows"]
+
+
+@pytest.mark.e2e
+def test_concurrency_bench_runs_the_three_servers(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--json", "--quick", "--sessions", "1,2", "--system-tokens", "200", "--long-tokens", "300",
+            "--max-tokens", "8", "--prefill-chunk", "64", "--decode-rounds", "1", "--model", str(tiny_model_dir),
+            "--adapter", str(tiny_adapter_dir)]  # fmt: skip
+    assert concurrency.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["gap_sessions"] == [2]  # --quick: a gap round at the largest N only
+    for name in ("max_batch_8", "max_batch_1", "mlx_lm_server"):
+        rounds = report["servers"][name]["rounds"]
+        assert [r["n"] for r in rounds] == [1, 2]
+        for row in rounds:
+            assert row["tok_s"] > 0 and row["throughput_tok_s"] > 0 and row["ttft_max_s"] >= row["ttft_p50_s"] > 0
+        assert "long_prompt_ttft_s" not in rounds[0]
+        assert rounds[1]["long_prompt_ttft_s"] > 0 and rounds[1]["max_stream_gap_s"] > 0
+    gap_round = report["servers"]["max_batch_8"]["rounds"][1]
+    assert gap_round["decode_interval_longest_s"] > 0 and gap_round["prefill_step_longest_s"] > 0
+    assert gap_round["decode_interval_over_longest_prefill_step"] > 0
+    assert report["servers"]["mlx_lm_server"]["prefill_step_tokens"] == 2048
+    for key in ("throughput_vs_peer_n8", "throughput_vs_unbatched_n8", "ttft_max_vs_peer_n8", "n1_vs_unbatched"):
+        assert report[key] > 0
 def test_plugin_load_bench_counts_what_openclaw_copies(tmp_path: Path) -> None:
     root = tmp_path / "clone"
     outside = tmp_path / "clone.venv"

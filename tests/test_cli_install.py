@@ -192,7 +192,7 @@ def test_a_failed_install_leaves_no_receipt_and_a_rerun_completes(
     assert verify_receipt(root) == []
 
 
-def test_start_sidecar_qmd_flags_update_the_settings(
+def test_start_sidecar_qmd_and_batching_flags_update_the_settings(
     root: Path, tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _ok(_install(root, tiny))
@@ -203,9 +203,11 @@ def test_start_sidecar_qmd_flags_update_the_settings(
     qmd.chmod(qmd.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     args = ["start-sidecar", "--root", str(root), "--attention-state-source", "qmd", "--qmd-mode", "search"]
-    _ok([*args, "--qmd-limit", "3", "--qmd-timeout", "2.5", "--health-timeout", "120"])
+    batching = ["--max-batch", "4", "--prefill-chunk", "128"]
+    _ok([*args, "--qmd-limit", "3", "--qmd-timeout", "2.5", *batching, "--health-timeout", "120"])
     settings = json.loads(RootLayout.of(root).settings.read_text())
     assert settings["attention_state_source"] == "qmd"
+    assert (settings["max_batch"], settings["prefill_chunk"]) == (4, 128)
     assert settings["qmd"] == {
         **settings["qmd"],
         "mode": "search",
@@ -215,6 +217,9 @@ def test_start_sidecar_qmd_flags_update_the_settings(
     }
     missing = runner.invoke(app, ["start-sidecar", "--root", str(root), "--qmd-bin", "qmd-not-there"])
     assert missing.exit_code == 1 and "QMD: 'qmd-not-there' not found" in missing.output
+    too_big = runner.invoke(app, ["start-sidecar", "--root", str(root), "--max-batch", "1000"])
+    assert too_big.exit_code == 1 and "max_batch must be in 1..64" in too_big.output
+    assert json.loads(RootLayout.of(root).settings.read_text())["max_batch"] == 4
 
 
 def test_install_refuses_a_custom_preset_without_a_model(root: Path) -> None:

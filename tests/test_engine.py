@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,10 @@ import pytest
 from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, run, session_of
 from mlx_lm.models.cache import make_prompt_cache
 
+from sidecar import engine as engine_module
 from sidecar.delta.api import delta_states, set_delta_controls
-from sidecar.engine_io import Failed, Finished, PromptDone, TextDelta
+from sidecar.engine_io import EngineError, Failed, Finished, PromptDone, TextDelta
+from sidecar.prompts import render_prompt
 from sidecar.replay_check import ReplayChecks
 
 
@@ -202,3 +205,136 @@ def test_temporary_files_of_an_interrupted_save_are_cleaned_up(engine_factory, t
     unrelated.write_text("kept")
     engine_factory()
     assert not leftover.exists() and unrelated.exists()
+
+
+def test_a_prompt_being_tokenized_holds_up_no_other_session(engine_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = engine_factory(context_window=300)
+    started, release = threading.Event(), threading.Event()
+
+    def slow_render(tokenizer: Any, messages: Any, tools: Any) -> list[int]:
+        if messages[-1].content.startswith("huge"):
+            started.set()
+            assert release.wait(60)
+        return render_prompt(tokenizer, messages, tools)
+
+    monkeypatch.setattr(engine_module, "render_prompt", slow_render)
+
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        huge = engine.submit(job([("user", "huge " + "word " * 400)], key="huge"))
+        assert await asyncio.to_thread(started.wait, 60)
+        # While the huge prompt is still being tokenized, a small chat is answered in full.
+        small = await asyncio.wait_for(_collect(engine.submit(job([("user", "hi")], key="small"))), 60)
+        release.set()
+        return small, await _collect(huge)
+
+    small, huge = asyncio.run(scenario())
+    assert isinstance(small[-1], Finished) and small[-1].finish_reason != "cancelled"
+    assert isinstance(huge[-1], Failed) and huge[-1].code == "context_length_exceeded" and huge[-1].status == 400
+
+
+def test_a_prompt_too_long_by_its_text_alone_is_refused_without_tokenizing(
+    engine_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_factory(context_window=300)
+    rendered: list[int] = []
+
+    def counting_render(tokenizer: Any, messages: Any, tools: Any) -> list[int]:
+        rendered.append(len(messages))
+        return render_prompt(tokenizer, messages, tools)
+
+    monkeypatch.setattr(engine_module, "render_prompt", counting_render)
+    longest = max(len(token) for token in engine.tokenizer.get_vocab())
+    events = run(engine, job([("user", "x" * (300 * longest))]))
+    assert isinstance(events[-1], Failed) and events[-1].code == "context_length_exceeded"
+    assert "at least 300 tokens" in events[-1].message and rendered == []
+    # Just under the bound the text is tokenized (and here fits).
+    assert isinstance(run(engine, job([("user", "hello")]))[-1], Finished) and rendered == [1]
+
+
+def test_a_session_answering_now_cannot_be_reset_but_can_be_read(engine_factory) -> None:
+    engine = engine_factory()
+
+    async def scenario() -> tuple[Any, dict[str, Any], list[Any], bool]:
+        stream = engine.submit(job([("user", "tell me a long story")], key="busy", max_tokens=400))
+        events = [await stream.__anext__()]
+        while not isinstance(events[-1], TextDelta):
+            events.append(await stream.__anext__())
+        with pytest.raises(EngineError) as refused:
+            await engine.reset_session("busy")
+        # Read between two decode steps, while the answer goes on.
+        stats = await engine.session_stats("busy")
+        stream.cancel()
+        events += [event async for event in stream]
+        return refused.value, stats, events, await engine.reset_session("busy")
+
+    refused, stats, events, reset = asyncio.run(scenario())
+    assert (refused.status, refused.code) == (409, "session_busy")
+    assert stats["delta"]["tokens"] > events[0].prompt_tokens - 1
+    assert events[-1].finish_reason == "cancelled" and events[-1].completion_tokens < 400
+    assert reset and session_of(engine, "busy") is None
+
+
+def test_two_requests_of_one_session_run_one_after_the_other(engine_factory) -> None:
+    engine = engine_factory()
+    first, second = openclaw_turns(2)
+    order: list[str] = []
+
+    async def turn(name: str, messages: list[tuple[str, str]]) -> list[Any]:
+        events = []
+        async for event in engine.submit(job(messages, max_tokens=12)):
+            events.append(event)
+            order.append(f"{name}:{type(event).__name__}")
+        return events
+
+    async def scenario() -> list[list[Any]]:
+        return await asyncio.gather(turn("first", first), turn("second", second))
+
+    _, later = asyncio.run(scenario())
+    assert order.index("second:PromptDone") > order.index("first:Finished")
+    # The second request found the first one's tokens in the session: it ran after it, not beside it.
+    assert later[0].cached_tokens > len(engine.tokenizer.encode(SYSTEM))
+
+
+def test_seeded_sampling_is_the_rows_own(engine_factory) -> None:
+    engine = engine_factory()
+    sampled = dict(temperature=0.9, top_p=0.95, max_tokens=16)
+
+    async def answers(jobs: list[Any]) -> list[str]:
+        results = await asyncio.gather(*(_collect(engine.submit(j)) for j in jobs))
+        return ["".join(e.text for e in events if isinstance(e, TextDelta)) for events in results]
+
+    alone = asyncio.run(answers([job([("user", "pick words")], key="a", seed=7, **sampled)]))[0]
+    crowd = [
+        job([("user", "pick words")], key="b", seed=7, **sampled),
+        job([("user", "something else")], key="c", seed=8, **sampled),
+        job([("user", "greedy here")], key="d", max_tokens=16),
+    ]
+    together = asyncio.run(answers(crowd))
+    # Same seed, same prompt: the same text, whatever else shares the batch.
+    assert together[0] == alone
+    other_seed = asyncio.run(answers([job([("user", "pick words")], key="e", seed=8, **sampled)]))[0]
+    assert other_seed != alone
+
+
+async def _collect(stream: Any) -> list[Any]:
+    return [event async for event in stream]
+
+
+def test_a_failure_while_finishing_an_answer_fails_that_request_and_the_engine_goes_on(
+    engine_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_factory()
+    real_persist = engine._persist
+    broken = {engine_module.hash_session_key("s1")}
+
+    def persist(session: Any) -> bool:
+        if session.key_hash in broken:
+            raise RuntimeError("a bug while saving")
+        return real_persist(session)
+
+    monkeypatch.setattr(engine, "_persist", persist)
+    failure = run(engine, job([("user", "hello")], key="s1"))[-1]
+    assert isinstance(failure, Failed) and failure.status == 500 and failure.code == "engine_error"
+    # The generation thread is still running: the next request is answered.
+    assert run(engine, job([("user", "hello")], key="s2"))[-1].finish_reason == "length"
+    broken.clear()  # the shutdown saves every session

@@ -5,6 +5,8 @@ allocation that fails one request and leaves the engine healthy)."""
 from __future__ import annotations
 
 import asyncio
+import gc
+from collections.abc import Iterator
 from typing import Any
 
 import mlx.core as mx
@@ -13,6 +15,7 @@ import pytest
 from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, run, session_of
 
 from common.kv_budget import DELTA_RECORD_INTERVAL, MIB, KvShape, model_weight_bytes
+from sidecar import decoding
 from sidecar.delta.api import delta_states
 from sidecar.engine_io import Failed, Finished, PromptDone, TextDelta
 from sidecar.memory_guard import WORKING_BYTES, KvGuard, effective_budget, eviction_plan, is_allocation_failure
@@ -150,9 +153,10 @@ def test_sessions_are_evicted_before_a_prefill_would_exceed_the_budget(engine_fa
     seen: list[int] = []
     original = engine._run_segment
 
-    def measured(*args: Any, **kwargs: Any) -> None:
-        original(*args, **kwargs)
-        seen.append(_held(engine))
+    def measured(*args: Any, **kwargs: Any) -> Iterator[None]:
+        for step in original(*args, **kwargs):  # after every prefill step
+            seen.append(_held(engine))
+            yield step
 
     monkeypatch.setattr(engine, "_run_segment", measured)
     for key in ("a", "b", "c"):
@@ -179,6 +183,7 @@ def test_a_request_that_cannot_fit_alone_is_refused_with_413_and_nothing_evicted
 
 
 def test_mlx_memory_limit_lowers_the_budget(engine_factory, tiny_model_dir) -> None:
+    gc.collect()  # earlier tests' engines (an engine and its scheduler refer to each other) hold MLX memory
     limit = mx.get_active_memory() + model_weight_bytes(tiny_model_dir) + WORKING_BYTES + 2 * MIB
     previous = mx.set_memory_limit(limit)
     try:
@@ -246,3 +251,30 @@ def test_health_reports_kv_per_session_shared_prefix_and_delta_record(
     assert memory["kv_bytes"] == engine.store.kv_bytes + engine.prefixes.nbytes
     assert 0 < memory["delta_record_bytes"] < memory["kv_bytes"]
     assert all(0 < s["delta_record_bytes"] < s["kv_bytes"] for s in memory["sessions"])
+
+
+def test_a_failed_allocation_in_a_batched_decode_step_fails_its_rows_and_leaves_the_engine_healthy(
+    engine_factory, monkeypatch
+) -> None:
+    engine = engine_factory()
+    real_step = decoding.decode_rows
+
+    def failing_when_batched(model: Any, tokens: mx.array, caches: list[Any], delta: list[bool]) -> mx.array:
+        if len(caches) > 1:
+            raise RuntimeError("[metal::malloc] Attempting to allocate 8589934592 bytes, more than the buffer limit")
+        return real_step(model, tokens, caches, delta)
+
+    monkeypatch.setattr(decoding, "decode_rows", failing_when_batched)
+
+    async def events(key: str) -> list[Any]:
+        return [event async for event in engine.submit(job([("user", f"row {key}")], key=key, max_tokens=32))]
+
+    async def together() -> list[list[Any]]:
+        return await asyncio.gather(events("a"), events("b"))
+
+    for events in asyncio.run(together()):
+        failure = events[-1]
+        assert isinstance(failure, Failed) and failure.status == 503 and failure.code == "out_of_memory"
+    assert session_of(engine, "a").cache is None and session_of(engine, "b").cache is None
+    assert asyncio.run(engine.health())["jobs"]["allocation_failures"] == 1
+    assert _answer(run(engine, job([("user", "row a")], key="a", max_tokens=4)))

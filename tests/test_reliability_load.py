@@ -1,4 +1,4 @@
-"""Load: 8 concurrent sessions × 25 streaming turns, clients leaving mid-stream, LRU limits reached.
+"""Load: 8 concurrent sessions × 25 streaming turns, batched, clients leaving mid-stream, LRU limits reached.
 
 The load runs against one server, then every session's completed turns are replayed alone, one
 session at a time, against a fresh second server. No cross-talk means every session ends with
@@ -84,6 +84,8 @@ def test_every_turn_completes_and_leaving_clients_are_cancelled_cleanly(
             "errors": len(report.errors),
             "jobs_failed": after["jobs"]["failed"],
             "evictions": after["sessions"]["evictions"],
+            "decode_steps": after["batch"]["steps"],
+            "mean_batch_occupancy": after["batch"]["mean_occupancy"],
             "replays_checked_against_saved_state": after["sessions"]["replay_checks"],
             "replay_mismatches": after["sessions"]["replay_mismatches"],
             **rss,
@@ -96,6 +98,8 @@ def test_every_turn_completes_and_leaving_clients_are_cancelled_cleanly(
     # A client that leaves before the answer ends gets its job cancelled; none of them broke anything.
     assert 0 < report.cancelled_by_server <= report.disconnects
     assert after["jobs"]["failed"] == 0 and loaded.process.poll() is None
+    # The sessions were answered together (the server runs with its default --max-batch 8).
+    assert after["batch"]["max_batch"] == 8 and after["batch"]["mean_occupancy"] > 1
     assert "Traceback" not in loaded.log_text()
     # Evicted sessions came back by replaying their history, each checked against its saved δ-state.
     assert after["sessions"]["evictions"] > 0 and after["sessions"]["replay_checks"] > 0

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from engine_support import job, openclaw_turns, run, session_of
 
-from sidecar.delta.api import delta_states
-from sidecar.replay_check import MAX_CHECKPOINTS, ReplayChecks, checkpoint_offsets
+from sidecar.delta.api import delta_states, delta_states_at, restorable_offset
+from sidecar.prompts import message_start_id
+from sidecar.replay_check import MAX_CHECKPOINTS, ReplayChecks, checkpoint_offsets, checkpoint_states
 from sidecar.session_files import SessionFileError, load_session_file, save_session_file
 from sidecar.session_keys import hash_session_key
 from sidecar.session_state import Segment, Session
@@ -134,3 +135,17 @@ def test_a_corrupted_state_is_caught_when_a_restarted_server_rebuilds_a_session(
     with caplog.at_level(logging.WARNING, logger="sidecar.replay_check"):
         run(second, job(turns[2], key="a"))
     _assert_caught(second, caplog, reference)
+
+
+def test_checkpoints_the_delta_record_did_not_keep_are_left_out(engine_factory) -> None:
+    # A `<|im_start|>` the model generates lies between the states the sparse δ record keeps.
+    engine = engine_factory()
+    run(engine, job(openclaw_turns(1)[0], max_tokens=40))
+    session = session_of(engine)
+    kept = checkpoint_offsets(session.tokens, message_start_id(engine.tokenizer))[0]  # prefilled: kept
+    answer = range(len(session.tokens) - 40, len(session.tokens))
+    unkept = next(o for o in answer if restorable_offset(session.cache, o) < o)
+    states = checkpoint_states(engine.model, session.cache, [kept, unkept])
+    assert list(states) == [kept]
+    for saved, now in zip(states[kept], delta_states_at(engine.model, session.cache, kept), strict=True):
+        np.testing.assert_array_equal(saved, np.array(now))

@@ -47,7 +47,7 @@ def test_flags_build_the_settings(started: list[dict[str, Any]], dirs: tuple[Pat
         "--model", str(model), "--adapter", str(adapter), "--model-id", "delta-mem-test", "--port", "9001",
         "--context-window", "16384", "--max-sessions", "4", "--attention-state-source", "qmd",
         "--qmd-bin", "/opt/qmd", "--qmd-mode", "search", "--qmd-limit", "3", "--qmd-timeout", "2.5",
-        "--qmd-collection", "notes", "--write-policy", "skip-system",
+        "--qmd-collection", "notes", "--write-policy", "skip-system", "--max-batch", "4", "--prefill-chunk", "256",
     )
     assert result.exit_code == 0, result.output
     [call] = started
@@ -56,6 +56,7 @@ def test_flags_build_the_settings(started: list[dict[str, Any]], dirs: tuple[Pat
     assert settings.model_path == str(model) and settings.adapter_path == str(adapter)
     assert (settings.model_id, settings.context_window, settings.max_sessions) == ("delta-mem-test", 16384, 4)
     assert settings.attention_state_source == "qmd" and settings.write_policy == "skip-system"
+    assert (settings.max_batch, settings.prefill_chunk) == (4, 256)
     assert settings.qmd == QmdSettings(bin="/opt/qmd", mode="search", limit=3, timeout=2.5, collection="notes")
     assert call["limits"].max_connections > 0 and call["limits"].header_timeout_s > 0
     assert call["shutdown_grace_s"] > 0
@@ -117,6 +118,8 @@ def test_non_loopback_with_key_from_env(started: list[dict[str, Any]], dirs: tup
          "attention_state_source"),
         (["--model", "MODEL", "--model-id", "m", "--no-adapter", "--port", "70000"], "port 70000"),
         (["--model", "MODEL", "--model-id", "m", "--no-adapter", "--log-level", "loud"], "--log-level"),
+        (["--model", "MODEL", "--model-id", "m", "--no-adapter", "--max-batch", "0"], "max_batch must be in 1..64"),
+        (["--model", "MODEL", "--model-id", "m", "--no-adapter", "--prefill-chunk", "8"], "prefill_chunk must"),
         (["--model-id", "m", "--no-adapter"], "sidecar.json does not exist"),
     ],
 )

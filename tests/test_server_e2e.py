@@ -243,6 +243,28 @@ def _health(server: Server) -> dict[str, Any]:
     return httpx.get(f"{server.base_url}/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()
 
 
+def test_session_routes_answer_between_steps_and_refuse_to_reset_an_answering_session(server: Server) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", **session("answering")}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Talk a lot."}], "stream": True,
+            "max_completion_tokens": 1000, "temperature": 0}  # fmt: skip
+    with httpx.Client(timeout=120) as http:
+        with http.stream("POST", f"{server.base_url}/v1/chat/completions", headers=headers, json=body) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if '"content":"' in line and '"content":""' not in line)
+            busy = http.delete(f"{server.base_url}/v1/session", headers=headers)
+            stats = http.get(f"{server.base_url}/v1/session", headers=headers)
+            # Both were answered while the answer was still being generated.
+            assert next(line for line in lines if line).startswith("data: {")
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "session_busy"
+        assert stats.status_code == 200 and stats.json()["delta"]["tokens"] > 0
+        # Once the answer has ended (the client left: it is cancelled), the session can be reset.
+        deadline = time.monotonic() + 60
+        while (reset := http.delete(f"{server.base_url}/v1/session", headers=headers)).status_code == 409:
+            assert time.monotonic() < deadline, "the session stayed busy after its client left"
+            time.sleep(0.2)
+    assert reset.status_code == 200 and reset.json()["reset"] is True
+
+
 def test_errors_have_the_openai_shape(server: Server, client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])

@@ -69,6 +69,12 @@ def start_sidecar(
     qmd_timeout: Annotated[float | None, typer.Option(help="Seconds QMD may take per request.")] = None,
     qmd_bin: Annotated[str | None, typer.Option(help="The qmd binary (a name on PATH or a path).")] = None,
     qmd_collection: Annotated[str | None, typer.Option(help="QMD collection to search.")] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="Requests decoded together, one token each per step (1: one at a time).")
+    ] = None,
+    prefill_chunk: Annotated[
+        int | None, typer.Option(help="Prompt tokens prefilled per step between two decode steps.")
+    ] = None,
     kv_bits: Annotated[
         str | None, typer.Option(help="KV cache precision: none (float), 8 or 4 bits.", show_default=False)
     ] = None,
@@ -85,23 +91,21 @@ def start_sidecar(
     """Start the installed sidecar under its supervisor and wait until it is healthy.
 
     Refuses, naming what is missing, when the root has no completed install or its files changed,
-    and names the program in the way when the sidecar's port is taken. The QMD, KV and disk options
-    are saved in the root's settings; a running sidecar is restarted to apply them. A new KV precision
-    also sets the context window the KV budget holds at that precision. A start that fails stops
-    the supervision again, so nothing keeps retrying in the background.
+    and names the program in the way when the sidecar's port is taken. The QMD, batching, KV and disk
+    options are saved in the root's settings; a running sidecar is restarted to apply them. A new KV
+    precision also sets the context window the KV budget holds at that precision. A start that fails
+    stops the supervision again, so nothing keeps retrying in the background.
     """
     root_path = resolve_root(root)
     with hold_root(root_path, "delta-mem-mlx start-sidecar"):
         require_installed(root_path)
         settings = load_settings(root_path)
-        updated = _with_qmd_flags(
+        updated = _with_flags(
             settings,
             attention_state_source=attention_state_source,
-            mode=qmd_mode,
-            limit=qmd_limit,
-            timeout=qmd_timeout,
-            bin=qmd_bin,
-            collection=qmd_collection,
+            max_batch=max_batch,
+            prefill_chunk=prefill_chunk,
+            qmd=dict(mode=qmd_mode, limit=qmd_limit, timeout=qmd_timeout, bin=qmd_bin, collection=qmd_collection),
         )
         if updated.attention_state_source == "qmd":
             updated = _with_resolved_qmd(updated)
@@ -282,14 +286,11 @@ def _refuse_if_still_served(root: Path) -> None:
         )
 
 
-def _with_qmd_flags(
-    settings: SidecarSettings, *, attention_state_source: str | None, **qmd: Any
-) -> SidecarSettings:
-    qmd_changes = {k: v for k, v in qmd.items() if v is not None}
-    updated = dataclasses.replace(settings, qmd=dataclasses.replace(settings.qmd, **qmd_changes))
-    if attention_state_source is not None:
-        updated = dataclasses.replace(updated, attention_state_source=attention_state_source)
-    return updated
+def _with_flags(settings: SidecarSettings, *, qmd: dict[str, Any], **options: Any) -> SidecarSettings:
+    """The settings with the options given on the command line put in (None: not given)."""
+    given = {k: v for k, v in options.items() if v is not None}
+    qmd_given = {k: v for k, v in qmd.items() if v is not None}
+    return dataclasses.replace(settings, **given, qmd=dataclasses.replace(settings.qmd, **qmd_given))
 
 
 def _with_kv_flags(

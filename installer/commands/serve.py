@@ -96,6 +96,16 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(
+            "--max-batch", help="Requests decoded together, one token each per step (1: one at a time). Default 8."
+        ),
+    ] = None,
+    prefill_chunk: Annotated[
+        int | None,
+        typer.Option("--prefill-chunk", help="Prompt tokens prefilled per step between two decode steps. Default 512."),
+    ] = None,
     max_connections: Annotated[
         int, typer.Option("--max-connections", help="Connections held at once (within the open-file limit).")
     ] = DEFAULTS.max_connections,
@@ -130,6 +140,8 @@ def serve(
         attention_state_source=attention_state_source,
         write_policy=write_policy,
         prefix_cache=prefix_cache,
+        max_batch=max_batch,
+        prefill_chunk=prefill_chunk,
     )
     if no_adapter or adapter is not None:
         flags["adapter_path"] = _absolute(adapter)

@@ -86,8 +86,7 @@ class DeltaAttention(nn.Module):
             states = states.reshape(B, T, *self.state_shape)
             deltas = _deltas(self.delta_layout, reads, self.delta_weight, x.dtype)
         elif controls.write and T == 1:
-            step = _decode_step(self.config, self.delta_layout)
-            deltas, state = step(x, self.memory_weight, self.memory_bias, state, self.delta_weight)
+            deltas, state = self._step(x, state)
             if delta_cache is not None:
                 delta_cache.push_state(start, state)
         elif controls.write:
@@ -99,6 +98,26 @@ class DeltaAttention(nn.Module):
         if delta_cache is not None and states is not None:
             delta_cache.store_states(start, states)
         return _attend(self.base, x, mask, cache, deltas)
+
+    def decode_rows(self, x: mx.array, caches: list[DeltaLayerCache], enabled: list[bool]) -> dict[str, mx.array]:
+        """One token for each of B rows (x: [B, 1, d]), each row with its own cache: the Δ terms.
+
+        The rows' states are stepped together; each δ row's new state goes to its own cache, and
+        the Δ terms of rows with δ off are zero, so those rows run the plain attention.
+        """
+        states = mx.concatenate([cache.state_at(cache.offset, 1) for cache in caches])
+        deltas, new_states = self._step(x, states)
+        for i, (cache, on) in enumerate(zip(caches, enabled)):
+            if on:
+                cache.push_state(cache.offset, new_states[i : i + 1])
+        if all(enabled):
+            return deltas
+        on_rows = mx.array(enabled, dtype=x.dtype)[:, None, None]
+        return {head: delta * on_rows for head, delta in deltas.items()}
+
+    def _step(self, x: mx.array, state: mx.array) -> tuple[dict[str, mx.array], mx.array]:
+        step = _decode_step(self.config, self.delta_layout)
+        return step(x, self.memory_weight, self.memory_bias, state, self.delta_weight)
 
     def _heads(self, state: mx.array) -> mx.array:
         """A stored state [B, *state_shape] as [B, heads, r, r]."""
@@ -238,6 +257,37 @@ def _deltas(layout: DeltaLayout, reads: mx.array, delta_weight: mx.array, dtype:
 
 def _attend(base: nn.Module, x: mx.array, mask: Any, cache: Any, deltas: dict[str, mx.array]) -> mx.array:
     """The plain Qwen3/Qwen2 attention with Δ terms added at the reference's points."""
+    queries, keys, values = _project_qkv(base, x, cache.offset if cache is not None else 0, deltas)
+    if cache is not None:
+        keys, values = cache.update_and_fetch(keys, values)
+    output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=base.scale, mask=mask)
+    return _project_out(base, output, deltas)
+
+
+def attend_rows(
+    base: nn.Module, x: mx.array, caches: list[Any], offsets: mx.array, deltas: dict[str, mx.array]
+) -> mx.array:
+    """Attention for B rows of one token each (x: [B, 1, d]), every row on its own cache.
+
+    Projections and RoPE (at each row's own offset) run batched; each row then attends to exactly
+    its own keys and values, so rows of different lengths need no padding and no mask.
+    """
+    queries, keys, values = _project_qkv(base, x, offsets, deltas)
+    outputs = []
+    for i, cache in enumerate(caches):
+        row_keys, row_values = cache.update_and_fetch(keys[i : i + 1], values[i : i + 1])
+        outputs.append(
+            scaled_dot_product_attention(
+                queries[i : i + 1], row_keys, row_values, cache=cache, scale=base.scale, mask=None
+            )
+        )
+    return _project_out(base, mx.concatenate(outputs), deltas)
+
+
+def _project_qkv(
+    base: nn.Module, x: mx.array, offset: int | mx.array, deltas: dict[str, mx.array]
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Queries, keys and values [B, heads, L, head_dim], Δ terms added, norms and RoPE applied."""
     B, L, _ = x.shape
     queries = _linear_plus(base.q_proj, x, deltas.get("q"))
     keys = _linear_plus(base.k_proj, x, deltas.get("k"))
@@ -248,15 +298,11 @@ def _attend(base: nn.Module, x: mx.array, mask: Any, cache: Any, deltas: dict[st
         queries, keys = base.q_norm(queries), base.k_norm(keys)
     queries, keys = queries.transpose(0, 2, 1, 3), keys.transpose(0, 2, 1, 3)
     values = values.reshape(B, L, base.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    if cache is not None:
-        queries = base.rope(queries, offset=cache.offset)
-        keys = base.rope(keys, offset=cache.offset)
-        keys, values = cache.update_and_fetch(keys, values)
-    else:
-        queries, keys = base.rope(queries), base.rope(keys)
-    output = scaled_dot_product_attention(
-        queries, keys, values, cache=cache, scale=base.scale, mask=mask
-    )
+    return base.rope(queries, offset=offset), base.rope(keys, offset=offset), values
+
+
+def _project_out(base: nn.Module, output: mx.array, deltas: dict[str, mx.array]) -> mx.array:
+    B, _, L, _ = output.shape
     return _linear_plus(base.o_proj, output.transpose(0, 2, 1, 3).reshape(B, L, -1), deltas.get("o"))
 
 
