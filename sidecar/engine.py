@@ -224,8 +224,13 @@ class Engine:
         return await self._scheduler.call(lambda: self._stats(hash_session_key(session_key)))
 
     async def save_session(self, session_key: str) -> dict[str, Any]:
-        """Write a session to the state dir now."""
-        return await self._scheduler.call(lambda: self._save(hash_session_key(session_key)))
+        """Write a session to the state dir now (and wait for its disk-cache chunks, off the generation thread)."""
+        key_hash = hash_session_key(session_key)
+        saved = await self._scheduler.call(lambda: self._save(key_hash))
+        if self.kv_disk is not None:
+            for delta in (True, False):
+                await asyncio.to_thread(self.kv_disk.wait, Session(key_hash, delta).file_stem)
+        return saved
 
     async def load_session(self, session_key: str) -> dict[str, Any]:
         """Bring a session back from the state dir (its KV is rebuilt at its next turn)."""
@@ -672,8 +677,6 @@ class Engine:
         for session in sessions:
             # StateWriteError goes to the client: a save that wrote nothing must not answer 200.
             self.store.save(session, *self._states_of(session))
-            if self.kv_disk is not None:
-                self.kv_disk.wait(session.file_stem)
         return {"saved": [_mode(session) for session in sessions]}
 
     def _load(self, key_hash: str) -> dict[str, Any]:
