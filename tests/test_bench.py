@@ -13,8 +13,9 @@ from bench import batch_layout, concurrency, memory, plugin_load, restart, runti
 def test_runtime_bench_reports_every_figure() -> None:
     shape = runtime.Shape("tiny", 64, 2, 4, 2, 16, 128, 256)
     result = runtime._run(shape, prompt_tokens=64, decode_tokens=4, prefill_pairs=1, decode_pairs=1, seed=0)
-    for key in ("prefill_tps_plain", "prefill_tps_delta", "prefill_ratio", "decode_tps_plain", "decode_tps_delta", "decode_ratio"):
-        assert result[key] > 0
+    for phase in ("prefill", "decode"):
+        for key in (f"{phase}_tps_plain", f"{phase}_tps_delta", f"{phase}_ratio"):
+            assert result[key] > 0, key
     assert result["prompt_tokens"] == 64 and result["model"]["hidden_size"] == 64
 
 
@@ -66,6 +67,8 @@ def test_concurrency_bench_runs_the_three_servers(
     assert report["servers"]["mlx_lm_server"]["prefill_step_tokens"] == 2048
     for key in ("throughput_vs_peer_n8", "throughput_vs_unbatched_n8", "ttft_max_vs_peer_n8", "n1_vs_unbatched"):
         assert report[key] > 0
+
+
 def test_plugin_load_bench_counts_what_openclaw_copies(tmp_path: Path) -> None:
     root = tmp_path / "clone"
     outside = tmp_path / "clone.venv"
@@ -81,13 +84,20 @@ def test_plugin_load_bench_counts_what_openclaw_copies(tmp_path: Path) -> None:
     assert copied == {"files": 3, "mb": 2.2}
 
 
-@pytest.mark.e2e
-def test_memory_bench_reports_every_kv_setting(
-    tiny_kv_model_dir: Path, tiny_kv_adapter_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture
+def openclaw_turns() -> Path:
+    """OpenClaw's captured requests, which bench.memory and bench.restart replay."""
     turns_file = Path(memory.SHARED / "openclaw" / "agent-turns.json")
     if not turns_file.exists():
         pytest.skip(f"{turns_file} (OpenClaw's captured requests) is not on this machine")
+    return turns_file
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("openclaw_turns")
+def test_memory_bench_reports_every_kv_setting(
+    tiny_kv_model_dir: Path, tiny_kv_adapter_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = [
         "--json", "--sessions", "2", "--turns", "2", "--max-tokens", "3", "--system-chars", "1500", "--tools", "0",
         "--agreement-sessions", "1", "--agreement-tokens", "4",
@@ -113,12 +123,10 @@ def test_memory_bench_reports_every_kv_setting(
 
 
 @pytest.mark.e2e
+@pytest.mark.usefixtures("openclaw_turns")
 def test_restart_bench_times_warm_restart_and_replay(
     tiny_kv_model_dir: Path, tiny_kv_adapter_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    turns_file = Path(memory.SHARED / "openclaw" / "agent-turns.json")
-    if not turns_file.exists():
-        pytest.skip(f"{turns_file} (OpenClaw's captured requests) is not on this machine")
     argv = [
         "--json", "--max-tokens", "3", "--system-chars", "1500", "--tools", "0",
         "--model", str(tiny_kv_model_dir), "--adapter", str(tiny_kv_adapter_dir),
