@@ -135,4 +135,4 @@ class EngineLike(Protocol):
     async def load_session(self, session_key: str) -> dict[str, Any]: ...
 
     async def close(self) -> None:
-        """Stop the worker and persist sessions; called once when the server shuts down."""
+        """Stop the generation thread and persist sessions; called once when the server shuts down."""

@@ -3,7 +3,7 @@
 Layout under `<state dir>/kv/`: `sessions/<key hash>.<mode>/manifest.json` and that session's chunk
 files `<n>.safetensors`; `prefixes/<id>.json` + `<id>.safetensors`, each shared prefix once. A
 turn adds one chunk: the tokens from where the session last diverged from what is on disk (the
-manifest is cut there) to its end. The worker thread takes the chunk's arrays and encodes them; a
+manifest is cut there) to its end. The generation thread takes the chunk's arrays and encodes them; a
 writer thread writes the file, then the manifest, then removes the chunks cut away, so a kill at
 any moment leaves the old manifest or the new one, both whole. Writes never hold up an answer: the
 queue is bounded, and a turn that finds it full is written with the next one.
@@ -102,7 +102,7 @@ class _Behind(Exception):
 
 @dataclass
 class PendingChunk:
-    """A chunk taken on the worker thread, to be encoded (`submit`) once the answer has ended."""
+    """A chunk taken on the generation thread, to be encoded (`submit`) once the answer has ended."""
 
     job: _Job
     chunk: CacheChunk
@@ -152,7 +152,7 @@ class KvDisk:
         self._writer = threading.Thread(target=self._write_loop, name="kv-disk-writer", daemon=True)
         self._writer.start()
 
-    # ---- the worker thread's side ---------------------------------------------------------
+    # ---- the generation thread's side -----------------------------------------------------
 
     def take_session(self, session: Session) -> PendingChunk | None:
         """The chunk a finished turn adds to the session's files (its arrays are taken, not yet encoded)."""

@@ -61,7 +61,7 @@ async def until_disconnect(receive: Receive, work: Awaitable[T], on_disconnect: 
     try:
         await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        # The server itself is cancelling this request (e.g. shutting down): free the worker too.
+        # The server itself is cancelling this request (e.g. shutting down): free its batch row too.
         on_disconnect()
         work_task.cancel()
         raise
