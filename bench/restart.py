@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.memory import QUICK_SYSTEM_CHARS, add_model_options, chosen_model, describe_model, session_requests
+from bench.memory import QUICK_SYSTEM_CHARS, add_model_options, chosen_model, session_requests
+from bench.models import describe_model
 from bench.runtime import reexec_with_openblas
 from bench.sessions import Sidecar, serve_sidecar
 

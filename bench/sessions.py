@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from bench.runtime import OPENBLAS, QUICK
+from bench.models import describe_model, write_quick_model
+from bench.runtime import OPENBLAS
 from installer.sidecar_client import REQUEST_TIMEOUT_S, Message, SidecarClient
+from sidecar.write_plan import common_prefix
 
 MODEL_ID = "delta-mem-bench"
 API_KEY = "bench"
@@ -121,7 +123,7 @@ def _replay(
                 "prompt_tokens": reply.prompt_tokens,
                 "cached_tokens": reply.cached_tokens,
                 "prefilled_tokens": reply.prompt_tokens - reply.cached_tokens,
-                "new_tokens": len(prompt) - _common_prefix(prompt, previous),
+                "new_tokens": len(prompt) - common_prefix(prompt, previous),
                 "ttft_s": round(reply.ttft_s, 4),
             }
         )
@@ -221,18 +223,7 @@ def model_dirs(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
         if not args.adapter:
             raise SystemExit("--model needs --adapter")
         return Path(args.model), Path(args.adapter)
-    from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
-
-    model_dir = write_tiny_model(
-        work / "model",
-        hidden_size=QUICK.hidden_size,
-        num_layers=QUICK.num_layers,
-        num_heads=QUICK.num_heads,
-        num_kv_heads=QUICK.num_kv_heads,
-        head_dim=QUICK.head_dim,
-        intermediate_size=QUICK.intermediate_size,
-    )
-    return model_dir, write_tiny_adapter(work / "adapter", model_dir)
+    return write_quick_model(work)
 
 
 def tokenizer_of(model_dir: Path) -> Any:
@@ -258,22 +249,6 @@ def system_prompt(tokenizer: Any, tokens: int, seed: int) -> str:
     text = "\n\n".join(paragraphs)
     ids = tokenizer.encode(text)[:tokens]
     return tokenizer.decode(ids)
-
-
-def describe_model(model_dir: Path) -> dict[str, Any]:
-    """The model's type and size, from its config.json."""
-    config = json.loads((model_dir / "config.json").read_text())
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
-    return {k: config.get(k) for k in keys}
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _mean(values: Any) -> float:
