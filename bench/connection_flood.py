@@ -33,7 +33,7 @@ import psutil
 
 from common.layout import RootLayout
 from common.settings import SidecarSettings, save_settings
-from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 
 HALF_REQUEST = b"GET /health HTTP/1.1\r\nHost: sidecar\r\n"
 POLL_S = 0.25

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sidecar.fingerprint import content_fingerprint
-from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+from sidecar.sessions.fingerprint import content_fingerprint
+from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 
 QWEN3_4B_4BIT_BYTES = 2.26e9
 CHUNK = 64 * 1024 * 1024

@@ -38,7 +38,7 @@ from bench.models import describe_model, write_quick_model
 from bench.runtime import reexec_with_openblas
 from bench.sessions import serve_sidecar
 from installer.memory_eval.conversations import Message
-from sidecar.write_plan import common_prefix
+from sidecar.sessions.state import common_prefix
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -171,8 +171,8 @@ def _agreement(
 
     from sidecar.delta import attach_delta_mem
     from sidecar.delta.api import make_cache
-    from sidecar.engine_io import ChatMessage
-    from sidecar.prompts import render_prompt
+    from sidecar.engine.interface import ChatMessage
+    from sidecar.engine.prompts import render_prompt
 
     model, tokenizer = mlx_lm.load(str(model_dir))
     attach_delta_mem(model, adapter_dir)

@@ -11,7 +11,7 @@ from bench.runtime import QUICK
 
 def write_quick_model(work: Path, **tokenizer: Any) -> tuple[Path, Path]:
     """Write the quick-shaped model and its adapter under `work`; `tokenizer` options go to write_tiny_model."""
-    from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+    from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 
     model_dir = write_tiny_model(
         work / "model",

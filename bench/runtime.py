@@ -155,7 +155,7 @@ def build_model(shape: Shape, seed: int, delta: bool = True) -> tuple[Any, Any]:
     from sidecar.delta.adapter_files import model_dims
     from sidecar.delta.api import attach_tensors
     from sidecar.delta.config import DeltaMemConfig
-    from sidecar.tiny_model import random_adapter_tensors
+    from sidecar.testing.tiny_model import random_adapter_tensors
 
     mx.random.seed(seed)
     args = qwen3.ModelArgs(

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 from bench.models import describe_model, write_quick_model
 from bench.runtime import OPENBLAS
 from installer.sidecar_client import REQUEST_TIMEOUT_S, Message, SidecarClient
-from sidecar.write_plan import common_prefix
+from sidecar.sessions.state import common_prefix
 
 MODEL_ID = "delta-mem-bench"
 API_KEY = "bench"
@@ -234,8 +234,8 @@ def tokenizer_of(model_dir: Path) -> Any:
 
 
 def _render(tokenizer: Any, messages: list[Message]) -> list[int]:
-    from sidecar.engine_io import ChatMessage
-    from sidecar.prompts import render_prompt
+    from sidecar.engine.interface import ChatMessage
+    from sidecar.engine.prompts import render_prompt
 
     return render_prompt(tokenizer, [ChatMessage(m.role, m.content) for m in messages], ())
 

@@ -265,7 +265,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _tiny_model(work: Path) -> tuple[Path, Path]:
-    from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+    from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 
     model_dir = write_tiny_model(work / "model")
     return model_dir, write_tiny_adapter(work / "adapter", model_dir)

@@ -11,9 +11,9 @@ import pytest
 
 from common.settings import SidecarSettings
 from sidecar.delta.api import delta_states, make_cache, write_context
-from sidecar.engine import Engine, load_engine
-from sidecar.engine_io import ChatJob, ChatMessage
-from sidecar.session_keys import hash_session_key
+from sidecar.engine.engine import Engine, load_engine
+from sidecar.engine.interface import ChatJob, ChatMessage
+from sidecar.sessions.keys import hash_session_key
 
 SYSTEM = "You are a careful assistant with tools. " * 30
 

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from sidecar.engine_io import (
+from sidecar.engine.interface import (
     ChatJob,
     EngineError,
     EngineEvent,

@@ -1,6 +1,6 @@
 """Session-scoped tiny models and adapters (a pytest plugin, loaded from conftest.py).
 
-Every directory is generated once per test session by `sidecar.tiny_model`; tests must not modify
+Every directory is generated once per test session by `sidecar.testing.tiny_model`; tests must not modify
 them (copy with `shutil.copytree` first when a test needs to break or convert one).
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 
 
 @pytest.fixture(scope="session")

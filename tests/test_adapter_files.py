@@ -30,7 +30,7 @@ from sidecar.delta.adapter_files import (
 )
 from sidecar.delta.config import CONFIG_FILE, AdapterConfigError, DeltaMemConfig
 from sidecar.delta.torch_archive import UnsafeArchiveError
-from sidecar.tiny_model import write_tiny_adapter
+from sidecar.testing.tiny_model import write_tiny_adapter
 
 PARITY = Path(__file__).resolve().parent / "parity"
 PARITY_CASES = ["tsw_model", "ssw_model", "msw_model"]

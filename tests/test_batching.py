@@ -21,9 +21,9 @@ import pytest
 from engine_support import SYSTEM, job
 from mlx_lm.models.cache import QuantizedKVCache
 
-from sidecar.engine import Engine
-from sidecar.engine_io import ChatJob, Finished, PromptDone, TextDelta
-from sidecar.session_keys import hash_session_key
+from sidecar.engine.engine import Engine
+from sidecar.engine.interface import ChatJob, Finished, PromptDone, TextDelta
+from sidecar.sessions.keys import hash_session_key
 
 TOLERANCE = 1e-4
 CHUNK = 32

@@ -18,7 +18,7 @@ from common.layout import RootLayout
 from common.ports import free_port
 from common.receipt import read_receipt, verify_receipt
 from installer.cli import app
-from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 from supervisors import supervisor_for_root
 
 runner = CliRunner()

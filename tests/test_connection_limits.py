@@ -19,7 +19,7 @@ import pytest
 from reliability import AUTH, record_figures
 from server_process import Server, start_server, stop_server
 
-from sidecar.connection_limits import OPEN_FILES
+from sidecar.server.connection_limits import OPEN_FILES
 
 MAX_CONNECTIONS = 40
 TIMEOUT_S = 1.0

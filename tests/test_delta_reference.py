@@ -22,7 +22,7 @@ from sidecar.delta.adapter_files import model_dims
 from sidecar.delta.api import attach_tensors
 from sidecar.delta.cache import DeltaControls, DeltaKVCache
 from sidecar.delta.config import AdapterConfigError, DeltaMemConfig, tensor_key
-from sidecar.tiny_model import random_adapter_tensors
+from sidecar.testing.tiny_model import random_adapter_tensors
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 CONFIGS = {

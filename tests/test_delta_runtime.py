@@ -27,7 +27,7 @@ from sidecar.delta.api import (
 from sidecar.delta.cache import MissingDeltaState
 from sidecar.delta.config import CONFIG_FILE
 from sidecar.delta.scan import scan
-from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 
 ATOL = 1e-5
 

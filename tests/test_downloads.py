@@ -22,7 +22,7 @@ from common.receipt import read_receipt, verify_receipt
 from installer.cli import app
 from installer.downloads import DownloadError, download, plan_downloads
 from presets.catalog import Source, load_preset, with_overrides
-from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 
 MODEL_REPO = "fake-org/tiny-qwen3-mlx"
 NPZ_ADAPTER_REPO = "fake-org/tiny-delta-mem-mlx"

@@ -13,11 +13,11 @@ import pytest
 from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, run, session_of
 from mlx_lm.models.cache import make_prompt_cache
 
-from sidecar import engine as engine_module
 from sidecar.delta.api import delta_states, set_delta_controls
-from sidecar.engine_io import EngineError, Failed, Finished, PromptDone, TextDelta
-from sidecar.prompts import render_prompt
-from sidecar.replay_check import ReplayChecks
+from sidecar.engine import engine as engine_module
+from sidecar.engine.interface import EngineError, Failed, Finished, PromptDone, TextDelta
+from sidecar.engine.prompts import render_prompt
+from sidecar.sessions.replay_check import ReplayChecks
 
 
 def _assert_states_close(a: list[mx.array], b: list[mx.array]) -> None:

@@ -19,8 +19,7 @@ from fastapi.testclient import TestClient
 from starlette.types import Message
 
 from common.settings import QmdSettings, SidecarSettings
-from sidecar.app import create_app
-from sidecar.engine_io import (
+from sidecar.engine.interface import (
     ChatJob,
     EngineEvent,
     Failed,
@@ -28,8 +27,9 @@ from sidecar.engine_io import (
     PromptDone,
     TextDelta,
 )
-from sidecar.memory_input import MAX_SNIPPETS
-from sidecar.session_keys import hash_session_key
+from sidecar.server.app import create_app
+from sidecar.server.memory_input import MAX_SNIPPETS
+from sidecar.sessions.keys import hash_session_key
 
 MODEL = "fake-model"
 USER = [{"role": "user", "content": "hello there"}]
@@ -383,7 +383,7 @@ def test_qmd_source_fills_in_when_the_request_carries_none(tmp_path: Path) -> No
 
 def test_a_broken_qmd_still_answers_with_count_zero(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with serving(attention_state_source="qmd", qmd=QmdSettings(bin=str(tmp_path / "missing-qmd"))) as (client, engine):
-        with caplog.at_level(logging.WARNING, logger="sidecar.serving"):
+        with caplog.at_level(logging.WARNING, logger="sidecar.server.serving"):
             response = chat(client)
     assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "hello there"
     assert response.headers["X-Delta-Attention-State-Count"] == "0"

@@ -1,8 +1,10 @@
 """The product's packages import only downward, and none of them in a cycle.
 
-Layers, top to bottom (the README's Development section lists the same):
-  the CLI (installer) · the eval harness, the plugin payloads and the sidecar server · supervision and
-  presets · the δ-mem runtime · the leaf (common).
+Layers, top to bottom (docs/development.md lists the same):
+  the CLI (installer) · the eval harness, the plugin payloads and the sidecar's HTTP server
+  (sidecar.server) · the engine (sidecar.engine) · the cache tiers (sidecar.kvcache) · sessions
+  (sidecar.sessions), the generated test models (sidecar.testing), supervision and presets · the δ-mem
+  runtime (sidecar.delta) · the leaf (common).
 Every import of the product's own modules is read from the source (module level and inside functions),
 so an import added anywhere that points upward, or closes a cycle between top-level packages, fails here.
 """
@@ -24,14 +26,19 @@ PACKAGES = ("common", "sidecar", "supervisors", "presets", "plugin_tools", "inst
 # Module prefix → layer (higher imports lower; the longest matching prefix decides).
 LAYERS: dict[str, int] = {
     "common": 0,
+    "sidecar": 5,  # the package itself (empty): its modules live in the rooms below
     "sidecar.delta": 1,
+    "sidecar.sessions": 2,
+    "sidecar.testing": 2,
     "presets": 2,
     "supervisors": 2,
-    "sidecar": 3,
-    "plugin_tools": 3,
-    "installer.memory_eval": 3,
-    "installer.sidecar_client": 3,
-    "installer": 4,
+    "sidecar.kvcache": 3,
+    "sidecar.engine": 4,
+    "sidecar.server": 5,
+    "plugin_tools": 5,
+    "installer.memory_eval": 5,
+    "installer.sidecar_client": 5,
+    "installer": 6,
 }
 # Third-party packages a tool call must not load.
 HEAVY = ("mlx", "mlx_lm", "fastapi", "starlette", "uvicorn", "pydantic")
@@ -86,6 +93,14 @@ def _graph() -> dict[str, set[str]]:
 
 def test_every_product_module_has_a_layer() -> None:
     assert [m for m in _product_modules() if _layer(m) is None] == []
+
+
+def test_the_sidecar_is_made_of_rooms() -> None:
+    # Every sidecar module lives in a subpackage with a layer of its own: the folders show the layers.
+    loose = [p.name for p in (REPO / "sidecar").glob("*.py") if p.name != "__init__.py"]
+    rooms = {p.name for p in (REPO / "sidecar").iterdir() if (p / "__init__.py").exists()}
+    assert loose == []
+    assert {f"sidecar.{room}" for room in rooms} <= LAYERS.keys()
 
 
 def test_no_module_imports_upward() -> None:

@@ -14,14 +14,14 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-import sidecar.http_server
+import sidecar.server.http_server
 from common.kv_budget import GIB, disk_budget, kv_budget, model_weight_bytes
 from common.layout import RootLayout
 from common.ports import free_port
 from common.receipt import read_receipt
 from common.settings import load_settings
 from installer.cli import app
-from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 from supervisors import supervisor_for_root
 
 runner = CliRunner()
@@ -136,7 +136,7 @@ def test_start_sidecar_refuses_a_group_size_the_model_cannot_take(root: Path, ti
 
 def test_serve_takes_kv_flags(monkeypatch: pytest.MonkeyPatch, tiny: dict[str, Path]) -> None:
     seen: list[Any] = []
-    monkeypatch.setattr(sidecar.http_server, "run_server", lambda settings, **kw: seen.append(settings) or 0)
+    monkeypatch.setattr(sidecar.server.http_server, "run_server", lambda settings, **kw: seen.append(settings) or 0)
     args = ["serve", "--model", str(tiny["wide"]), "--no-adapter", "--model-id", "m"]
     result = runner.invoke(app, [*args, "--kv-bits", "4", "--kv-group-size", "32", "--max-kv-bytes", "1000000"])
     assert result.exit_code == 0, result.output
@@ -195,7 +195,7 @@ def test_install_derives_the_disk_cache_budget_from_free_disk_never_above_a_prev
 
 def test_serve_takes_max_disk_bytes(monkeypatch: pytest.MonkeyPatch, tiny: dict[str, Path]) -> None:
     seen: list[Any] = []
-    monkeypatch.setattr(sidecar.http_server, "run_server", lambda settings, **kw: seen.append(settings) or 0)
+    monkeypatch.setattr(sidecar.server.http_server, "run_server", lambda settings, **kw: seen.append(settings) or 0)
     args = ["serve", "--model", str(tiny["narrow"]), "--no-adapter", "--model-id", "m", "--max-disk-bytes", "12345"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

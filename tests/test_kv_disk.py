@@ -14,10 +14,10 @@ import mlx.core as mx
 import pytest
 from engine_support import job, openclaw_turns, run, session_of, settings_for
 
-from sidecar import kv_disk
 from sidecar.delta.api import delta_states
-from sidecar.engine import Engine, load_engine
-from sidecar.engine_io import Finished, PromptDone, TextDelta
+from sidecar.engine.engine import Engine, load_engine
+from sidecar.engine.interface import Finished, PromptDone, TextDelta
+from sidecar.kvcache import disk_cache
 
 TURNS = openclaw_turns(3)
 
@@ -67,7 +67,7 @@ def third_turn(
     """The third turn's answer on a new engine over `state` (its disk cache's log captured), and its stats."""
     engine = start(model, adapter, state, **overrides)
     try:
-        with caplog.at_level(logging.INFO, logger="sidecar.kv_disk"):
+        with caplog.at_level(logging.INFO, logger="sidecar.kvcache.disk_cache"):
             text = answer(run(engine, job(TURNS[2])))
         return text, engine.kv_disk.stats()
     finally:
@@ -196,7 +196,7 @@ def test_a_full_disk_fails_no_turn_and_the_files_catch_up_afterwards(
     run(engine, job(TURNS[0]))
     asyncio.run(engine.save_session("s1"))  # returns once the session's chunks are written
     with monkeypatch.context() as patch:
-        patch.setattr(kv_disk, "write_chunk_file", full)
+        patch.setattr(disk_cache, "write_chunk_file", full)
         events = run(engine, job(TURNS[1]))
         stop(engine)  # waits for the writer: the failure is counted
     assert isinstance(events[-1], Finished) and events[-1].finish_reason in ("stop", "length")
@@ -256,7 +256,7 @@ def test_the_shared_prefix_is_stored_once_and_deleting_a_session_removes_its_fil
 
 
 def session_of_stem(key: str) -> str:
-    from sidecar.session_keys import hash_session_key
+    from sidecar.sessions.keys import hash_session_key
 
     return f"{hash_session_key(key)}.delta"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import sidecar.log_output
-from sidecar.log_output import RepeatLimiter
+import sidecar.server.log_output
+from sidecar.server.log_output import RepeatLimiter
 
 CAP = 20_000
 LINES = 2_000  # about 200 kB of log: ten times the cap
@@ -24,7 +24,7 @@ def record(message: str, *args: object, level: int = logging.WARNING, name: str 
 
 def test_repeats_are_limited_per_kind_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
-    monkeypatch.setattr(sidecar.log_output.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(sidecar.server.log_output.time, "monotonic", lambda: now[0])
     limiter = RepeatLimiter(burst=5, window_s=60)
     passed = [limiter.filter(record("closed connection %d", i)) for i in range(1000)]
     assert sum(passed) == 5 and passed[:5] == [True] * 5
@@ -48,7 +48,7 @@ def test_logs_are_rotated_in_place_while_supervised(tmp_path: Path) -> None:
     child = textwrap.dedent(f"""
         import logging, sys
         from pathlib import Path
-        from sidecar.log_output import configure_logging
+        from sidecar.server.log_output import configure_logging
         configure_logging("info", (Path({str(out_log)!r}), Path({str(err_log)!r})), {CAP})
         log = logging.getLogger("sidecar.test")
         for i in range({LINES}):
@@ -75,7 +75,7 @@ def test_logs_are_rotated_in_place_while_supervised(tmp_path: Path) -> None:
 def test_a_descriptor_that_is_not_the_supervised_file_is_left_alone(tmp_path: Path) -> None:
     elsewhere = tmp_path / "terminal.log"
     with elsewhere.open("ab") as handle:
-        cap = sidecar.log_output.OutputCap.of(handle.fileno(), tmp_path / "sidecar.err.log", CAP)
+        cap = sidecar.server.log_output.OutputCap.of(handle.fileno(), tmp_path / "sidecar.err.log", CAP)
     assert cap is None
 
 
@@ -88,11 +88,11 @@ def test_on_a_full_disk_the_log_is_emptied_without_a_partial_copy(
         Path(target).write_bytes(b"half a copy")
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
-    monkeypatch.setattr(sidecar.log_output.shutil, "copyfile", copy_until_the_disk_fills)
+    monkeypatch.setattr(sidecar.server.log_output.shutil, "copyfile", copy_until_the_disk_fills)
     with path.open("ab") as handle:
         handle.write(b"x" * (CAP + 1))
         handle.flush()
-        cap = sidecar.log_output.OutputCap.of(handle.fileno(), path, CAP)
+        cap = sidecar.server.log_output.OutputCap.of(handle.fileno(), path, CAP)
         assert cap is not None
         cap.check()
     assert path.read_bytes().startswith(b"(log rotated at ") and path.stat().st_size < 200

@@ -15,12 +15,12 @@ import pytest
 from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, run, session_of
 
 from common.kv_budget import DELTA_RECORD_INTERVAL, MIB, KvShape, model_weight_bytes
-from sidecar import decoding
 from sidecar.delta.api import delta_states
-from sidecar.engine_io import Failed, Finished, PromptDone, TextDelta
-from sidecar.memory_guard import WORKING_BYTES, KvGuard, effective_budget, eviction_plan, is_allocation_failure
-from sidecar.prompts import message_starts, render_prompt
-from sidecar.write_plan import common_prefix
+from sidecar.engine import decoding
+from sidecar.engine.interface import Failed, Finished, PromptDone, TextDelta
+from sidecar.engine.memory_guard import WORKING_BYTES, KvGuard, effective_budget, eviction_plan, is_allocation_failure
+from sidecar.engine.prompts import message_starts, render_prompt
+from sidecar.sessions.state import common_prefix
 
 
 def _answer(events: list[Any]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from sidecar.memory_input import (
+from sidecar.server.memory_input import (
     MAX_SNIPPET_CHARS,
     MAX_SNIPPETS,
     MAX_TOTAL_CHARS,

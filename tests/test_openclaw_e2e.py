@@ -30,8 +30,8 @@ from fake_engine import FakeEngine, text_events
 
 from common.settings import SidecarSettings
 from plugin_tools.payloads import PROVIDER_CONFIG_TOOL, PROVIDER_ID, STATUS_TOOL
-from sidecar.app import create_app
-from sidecar.engine_io import ChatJob, EngineEvent
+from sidecar.engine.interface import ChatJob, EngineEvent
+from sidecar.server.app import create_app
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 

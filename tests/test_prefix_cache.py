@@ -10,7 +10,7 @@ import pytest
 from engine_support import SYSTEM, job, one_shot_states, run, session_of
 
 from sidecar.delta.api import delta_states
-from sidecar.engine import Engine
+from sidecar.engine.engine import Engine
 
 QUESTION = [("user", "what did we decide about the garden?")]
 

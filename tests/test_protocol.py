@@ -7,7 +7,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from sidecar.protocol import (
+from sidecar.server.protocol import (
     ApiError,
     AssistantMessage,
     ChatCompletionChunk,
@@ -18,7 +18,7 @@ from sidecar.protocol import (
     ToolMessage,
     UserMessage,
 )
-from sidecar.session_keys import DEFAULT_SESSION_KEY, hash_session_key, session_key_from_headers
+from sidecar.sessions.keys import DEFAULT_SESSION_KEY, hash_session_key, session_key_from_headers
 
 OPENCLAW_BODY = {
     "model": "delta-mem-test",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from common.settings import QmdSettings
-from sidecar.qmd import MAX_OUTPUT_BYTES, QmdResult, qmd_argv, qmd_lookup, qmd_query, strip_hunk_header
+from sidecar.server.qmd import MAX_OUTPUT_BYTES, QmdResult, qmd_argv, qmd_lookup, qmd_query, strip_hunk_header
 
 FAKE_QMD = f"""#!{sys.executable}
 import json, os, sys

@@ -29,9 +29,9 @@ from server_process import KEY, MODEL, Server, start_server, stop_server
 from common.settings import SidecarSettings
 from sidecar.delta import attach_delta_mem, delta_states
 from sidecar.delta.api import set_delta_controls
-from sidecar.engine import Engine
-from sidecar.engine_io import TextDelta
-from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+from sidecar.engine.engine import Engine
+from sidecar.engine.interface import TextDelta
+from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 
 BITS, GROUP_SIZE = 4, 64
 TOL = dict(atol=1e-4, rtol=1e-4)

@@ -29,7 +29,7 @@ from reliability import (
 )
 from server_process import KEY, MODEL, Server, stop_server
 
-from sidecar.session_keys import hash_session_key
+from sidecar.sessions.keys import hash_session_key
 
 pytestmark = pytest.mark.e2e
 

@@ -34,8 +34,8 @@ from server_process import KEY, MODEL, Server, start_server, stop_server
 from bench.soak import STATE_TOLERANCE
 from common.ports import free_port
 from common.settings import QmdSettings
-from sidecar.qmd import MAX_OUTPUT_BYTES, qmd_lookup
-from sidecar.session_keys import hash_session_key
+from sidecar.server.qmd import MAX_OUTPUT_BYTES, qmd_lookup
+from sidecar.sessions.keys import hash_session_key
 from supervisors import process as process_module
 from supervisors.process import ProcessSupervisor
 

@@ -30,7 +30,7 @@ from common.ports import free_port
 from common.receipt import read_receipt, verify_receipt
 from installer.cli import app
 from plugin_tools.payloads import PROVIDER_ID
-from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 
 MODEL_REPO = "fake-org/tiny-model"
 ADAPTER_REPO = "fake-org/tiny-adapter"

@@ -27,7 +27,7 @@ from bench.soak import (
     state_stats,
 )
 from installer.sidecar_client import SidecarClient
-from sidecar.session_keys import hash_session_key
+from sidecar.sessions.keys import hash_session_key
 
 pytestmark = pytest.mark.e2e
 

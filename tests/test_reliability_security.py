@@ -30,8 +30,8 @@ from common.exit_codes import CONFIG_ERROR
 from common.receipt import read_receipt
 from common.settings import SettingsError, SidecarSettings
 from installer.cli import app
-from sidecar.app import create_app
-from sidecar.session_keys import SESSION_HEADERS, hash_session_key
+from sidecar.server.app import create_app
+from sidecar.sessions.keys import SESSION_HEADERS, hash_session_key
 
 pytestmark = pytest.mark.e2e
 

@@ -16,11 +16,11 @@ import pytest
 from engine_support import job, openclaw_turns, run, session_of
 
 from sidecar.delta.api import delta_states, delta_states_at, restorable_offset
-from sidecar.prompts import message_start_id
-from sidecar.replay_check import MAX_CHECKPOINTS, ReplayChecks, checkpoint_offsets, checkpoint_states
-from sidecar.session_files import SessionFileError, load_session_file, save_session_file
-from sidecar.session_keys import hash_session_key
-from sidecar.session_state import Segment, Session
+from sidecar.engine.prompts import message_start_id
+from sidecar.sessions.files import SessionFileError, load_session_file, save_session_file
+from sidecar.sessions.keys import hash_session_key
+from sidecar.sessions.replay_check import MAX_CHECKPOINTS, ReplayChecks, checkpoint_offsets, checkpoint_states
+from sidecar.sessions.state import Segment, Session
 
 CORRUPTED_LAYER = 1
 SNIPPETS = ("a fact about a", "another fact about a")
@@ -95,7 +95,7 @@ def _assert_caught(engine, caplog: pytest.LogCaptureFixture, reference: list[mx.
     assert engine.replays == ReplayChecks(checks=1, mismatches=1)
     health = asyncio.run(engine.health())["sessions"]
     assert (health["replay_checks"], health["replay_mismatches"]) == (1, 1)
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "sidecar.replay_check"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "sidecar.sessions.replay_check"]
     assert warning.startswith(f"session {hash_session_key('a')[:12]}: replayed δ-state of layer {CORRUPTED_LAYER} ")
     assert "keeping the replayed state" in warning
     # The replayed state is what the tokens produce: it is kept, so the session is right again.
@@ -115,7 +115,7 @@ def test_a_corrupted_state_is_caught_when_an_evicted_session_is_rebuilt(
     assert session_of(engine, "a").cache is None
     _corrupt(tmp_path / "state" / f"{hash_session_key('a')}.delta.session.npz", CORRUPTED_LAYER)
 
-    with caplog.at_level(logging.WARNING, logger="sidecar.replay_check"):
+    with caplog.at_level(logging.WARNING, logger="sidecar.sessions.replay_check"):
         run(engine, job(turns[2], key="a"))
     _assert_caught(engine, caplog, reference)
 
@@ -132,7 +132,7 @@ def test_a_corrupted_state_is_caught_when_a_restarted_server_rebuilds_a_session(
     _corrupt(tmp_path / "state" / f"{hash_session_key('a')}.delta.session.npz", CORRUPTED_LAYER)
 
     second = engine_factory()
-    with caplog.at_level(logging.WARNING, logger="sidecar.replay_check"):
+    with caplog.at_level(logging.WARNING, logger="sidecar.sessions.replay_check"):
         run(second, job(turns[2], key="a"))
     _assert_caught(second, caplog, reference)
 

@@ -16,8 +16,8 @@ from fake_engine import FakeEngine
 from fastapi.testclient import TestClient
 
 from common.settings import SidecarSettings
-from sidecar.app import create_app
-from sidecar.protocol import ChatCompletionRequest
+from sidecar.server.app import create_app
+from sidecar.server.protocol import ChatCompletionRequest
 
 MODEL = "m"
 BASE: dict[str, Any] = {

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.engine_io import ChatJob, ChatMessage, Finished, TextDelta
-from sidecar.scheduler import Admission, JobStream, Scheduler
+from sidecar.engine.interface import ChatJob, ChatMessage, Finished, TextDelta
+from sidecar.engine.scheduler import Admission, JobStream, Scheduler
 
 DEADLINE_S = 30
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-import sidecar.http_server
+import sidecar.server.http_server
 from common.exit_codes import CONFIG_ERROR
 from common.settings import QmdSettings, SidecarSettings, save_settings
 from installer.cli import app as cli
@@ -25,7 +25,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         calls.append({"settings": settings, "host": settings.host, "port": settings.port, **options})
         return 0
 
-    monkeypatch.setattr(sidecar.http_server, "run_server", fake_run)
+    monkeypatch.setattr(sidecar.server.http_server, "run_server", fake_run)
     return calls
 
 

@@ -24,9 +24,9 @@ from reliability import record_figures
 
 from common.exit_codes import CONFIG_ERROR, PORT_IN_USE
 from common.settings import SidecarSettings
-from sidecar.app import create_app
 from sidecar.delta.adapter_files import AdapterError
-from sidecar.http_server import LOAD_FAILED, exit_status_for
+from sidecar.server.app import create_app
+from sidecar.server.http_server import LOAD_FAILED, exit_status_for
 
 
 def serve(case: str, model: Path, adapter: Path, port: int, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ from fake_qmd import TIMEOUT_S as QMD_TIMEOUT_S
 from fake_qmd import write_fake_qmd
 from server_process import KEY, MODEL, Server, start_server, stop_server
 
-from sidecar.session_keys import hash_session_key
+from sidecar.sessions.keys import hash_session_key
 
 pytestmark = pytest.mark.e2e
 

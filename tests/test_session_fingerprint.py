@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from engine_support import job, run, settings_for
 
-from sidecar.engine import Engine, load_engine
-from sidecar.fingerprint import content_fingerprint, legacy_fingerprint
-from sidecar.session_files import load_session_file, save_session_file
-from sidecar.session_keys import hash_session_key
-from sidecar.tiny_model import write_tiny_adapter
+from sidecar.engine.engine import Engine, load_engine
+from sidecar.sessions.files import load_session_file, save_session_file
+from sidecar.sessions.fingerprint import content_fingerprint, legacy_fingerprint
+from sidecar.sessions.keys import hash_session_key
+from sidecar.testing.tiny_model import write_tiny_adapter
 
 KEY = "fingerprinted"
 
@@ -56,7 +56,7 @@ def test_a_swapped_adapter_with_the_same_names_sizes_and_times_ignores_old_sessi
     close(unchanged)
 
     swap_keeping_names_sizes_and_times(adapter, tiny_model_dir, tmp_path / "other")
-    with caplog.at_level(logging.WARNING, logger="sidecar.sessions"):
+    with caplog.at_level(logging.WARNING, logger="sidecar.sessions.store"):
         swapped = engine_on(tiny_model_dir, adapter, state)
         assert stats(swapped) is None, "the old adapter's δ-states were served as the new one's"
     close(swapped)
@@ -93,7 +93,7 @@ def test_files_from_before_content_fingerprints_keep_their_history_not_their_sta
     saved = load_session_file(path, engine.store.fingerprint.current)
     old = legacy_fingerprint("tiny", str(tiny_model_dir), str(tiny_adapter_dir))
     save_session_file(path, saved, old, saved.saved_states, {})
-    with caplog.at_level(logging.INFO, logger="sidecar.sessions"):
+    with caplog.at_level(logging.INFO, logger="sidecar.sessions.store"):
         kept = load_session_file(path, "sha256:new", legacy=old)
     assert kept.tokens == saved.tokens and kept.saved_states is None
     assert "predates content fingerprints" in caplog.text

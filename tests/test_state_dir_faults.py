@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-import sidecar.session_files
-from sidecar.app import create_app
-from sidecar.engine import Engine
-from sidecar.session_files import load_session_file
-from sidecar.session_keys import hash_session_key
+import sidecar.sessions.files
+from sidecar.engine.engine import Engine
+from sidecar.server.app import create_app
+from sidecar.sessions.files import load_session_file
+from sidecar.sessions.keys import hash_session_key
 
 KEY = "state-faults"
 HEADERS = {"X-OpenClaw-Session-Key": KEY}
@@ -59,7 +59,7 @@ def disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_space(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(sidecar.session_files, "atomic_write_bytes", no_space)
+    monkeypatch.setattr(sidecar.sessions.files, "atomic_write_bytes", no_space)
 
 
 def state_file(engine: Engine) -> Path:
@@ -131,7 +131,7 @@ def test_a_leftover_that_cannot_be_removed_does_not_stop_the_engine(
     # A directory where a temporary file was: unlink fails for any user, as for a file the
     # server does not own.
     (state / ".abc.delta.session.npz.x1y2.tmp").mkdir(parents=True)
-    with caplog.at_level(logging.WARNING, logger="sidecar.sessions"):
+    with caplog.at_level(logging.WARNING, logger="sidecar.sessions.store"):
         engine = engine_factory()
     assert "cannot remove the leftover temporary file .abc.delta.session.npz.x1y2.tmp" in caplog.text
     assert engine.store.state_dir == state

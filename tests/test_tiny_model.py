@@ -26,9 +26,9 @@ from sidecar.delta.adapter_files import (
 )
 from sidecar.delta.config import CONFIG_FILE, DeltaMemConfig, tensor_key
 from sidecar.delta.torch_archive import read_torch_archive
-from sidecar.engine_io import ChatMessage
-from sidecar.prompts import render_prompt
-from sidecar.tiny_model import ADDED_TOKENS, SPECIAL_TOKENS, write_tiny_adapter, write_tiny_model
+from sidecar.engine.interface import ChatMessage
+from sidecar.engine.prompts import render_prompt
+from sidecar.testing.tiny_model import ADDED_TOKENS, SPECIAL_TOKENS, write_tiny_adapter, write_tiny_model
 
 TOOLS = [
     {

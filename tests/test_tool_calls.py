@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from sidecar.engine_io import ToolCallFormat
-from sidecar.tool_calls import ContentDelta, ParsedToolCall, ParserEvent, ToolCallStreamParser, load_tool_parser
+from sidecar.engine.interface import ToolCallFormat
+from sidecar.server.tool_calls import ContentDelta, ParsedToolCall, ParserEvent, ToolCallStreamParser, load_tool_parser
 
 QWEN3 = ToolCallFormat("<tool_call>", "</tool_call>", "json_tools")
 TOOLS = [

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from sidecar.prompts import Span
-from sidecar.session_state import Segment, SnippetWrite
-from sidecar.write_plan import (
+from sidecar.engine.prompts import Span
+from sidecar.engine.write_plan import (
     ReplayStep,
     WritePolicy,
-    common_prefix,
     message_ids,
     plan_writes,
     replay_steps,
     shared_boundary,
     split_at,
 )
+from sidecar.sessions.state import Segment, SnippetWrite, common_prefix
 
 # system [0, 10), user [10, 16), assistant [16, 20), user [20, 25), generation prompt [25, 28)
 SPANS = [Span(0, 10, "system"), Span(10, 16, "user"), Span(16, 20, "assistant"), Span(20, 25, "user"), Span(25, 28, "assistant")]

@@ -59,7 +59,7 @@ def selftest(
     # Imported here: they pull in MLX, tokenizers and the Hub client, which --help does not need.
     from installer.installation import InstallRequest, install
     from presets.catalog import load_preset, with_overrides
-    from sidecar.tiny_model import write_tiny_adapter, write_tiny_model
+    from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 
     workdir = Path(tempfile.mkdtemp(prefix="delta-mem-mlx-selftest-"))
     root = workdir / "root"

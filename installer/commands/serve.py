@@ -23,7 +23,7 @@ from common.layout import RootLayout
 from common.settings import SettingsError, SidecarSettings, load_settings
 from installer.commands.options import RootOption, examples, resolve_root
 from installer.errors import describe
-from sidecar.connection_limits import ConnectionLimits
+from sidecar.server.connection_limits import ConnectionLimits
 from supervisors import LOG_MAX_BYTES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -228,7 +228,7 @@ def _run(
     outputs: tuple[Path, Path] | None,
 ) -> int:
     # Imported here so that `delta-mem-mlx --help` does not load FastAPI.
-    from sidecar.http_server import PortInUseError, run_server
+    from sidecar.server.http_server import PortInUseError, run_server
 
     try:
         return run_server(

@@ -92,7 +92,7 @@ class QmdRetriever:
         # Imported here: only QMD lookups need asyncio and the sidecar's memory input (pydantic), not --help.
         import asyncio
 
-        from sidecar.qmd import qmd_lookup
+        from sidecar.server.qmd import qmd_lookup
 
         result = asyncio.run(qmd_lookup(replace(self._settings, limit=k), query))
         snippets = _distinct((Snippet(item.text, item.source or "qmd", item.score or 0.0) for item in result.snippets), k)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from common.settings import QmdSettings
-from sidecar.memory_input import MemorySnippet, memory_snippets
+from sidecar.server.memory_input import MemorySnippet, memory_snippets
 
 log = logging.getLogger(__name__)
 

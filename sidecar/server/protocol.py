@@ -192,7 +192,7 @@ class ChatCompletionRequest(BaseModel):
     # ---- project extensions ------------------------------------------------------------
     # Hidden memory snippets written into the session's δ-state instead of the prompt.
     # Three spellings are accepted because existing clients use all three; the shapes are
-    # parsed leniently by sidecar/memory_input.py, so they are untyped here.
+    # parsed leniently by sidecar/server/memory_input.py, so they are untyped here.
     attention_state: Any = None
     attentionState: Any = None
     delta_attention_state: Any = None

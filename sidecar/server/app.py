@@ -28,11 +28,11 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.settings import SidecarSettings
-from sidecar.connection_limits import raise_open_file_limit
-from sidecar.engine_io import EngineError, EngineLike
-from sidecar.protocol import ApiError, ChatCompletionRequest, ErrorType, ModelCard, ModelList
-from sidecar.serving import ChatCompletionService
-from sidecar.session_keys import hash_session_key, session_key_from_headers
+from sidecar.engine.interface import EngineError, EngineLike
+from sidecar.server.connection_limits import raise_open_file_limit
+from sidecar.server.protocol import ApiError, ChatCompletionRequest, ErrorType, ModelCard, ModelList
+from sidecar.server.serving import ChatCompletionService
+from sidecar.sessions.keys import hash_session_key, session_key_from_headers
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def create_app(
 def _load_real_engine(settings: SidecarSettings) -> EngineLike:
     # Imported here: the engine pulls in MLX and the model code, which the app module and its
     # tests with a fake engine do not need.
-    from sidecar.engine import load_engine
+    from sidecar.engine.engine import load_engine
 
     engine = load_engine(settings)
     # Importing mlx-lm set the soft open-file limit to 2048 (the hard one to 4096): take it back up.

@@ -12,19 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.engine_io import EngineError
-from sidecar.fingerprint import SessionFingerprint
-from sidecar.session_files import SessionFileError, load_session_file, save_session_file
-from sidecar.session_state import Session
+from sidecar.sessions.files import SessionFileError, load_session_file, save_session_file
+from sidecar.sessions.fingerprint import SessionFingerprint
+from sidecar.sessions.state import Session
 
-log = logging.getLogger("sidecar.sessions")
+log = logging.getLogger("sidecar.sessions.store")
 
 
-class StateWriteError(EngineError):
-    """A session file that could not be written or removed; safe to show the client."""
+class StateWriteError(Exception):
+    """A session file that could not be written or removed; the message is safe to show the client."""
 
     def __init__(self, what: str, exc: OSError) -> None:
-        super().__init__(f"could not {what}: {describe_os_error(exc)}", 500, "state_write_failed")
+        super().__init__(f"could not {what}: {describe_os_error(exc)}")
 
 
 def mode_name(delta: bool) -> str:

@@ -16,11 +16,11 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 
 from sidecar.delta.batch import decode_rows
-from sidecar.engine_io import TextDelta
-from sidecar.sampling import RowSampler, sample_rows
-from sidecar.scheduler import JobStream
-from sidecar.session_state import Session
-from sidecar.stop_strings import StopScanner
+from sidecar.engine.interface import TextDelta
+from sidecar.engine.sampling import RowSampler, sample_rows
+from sidecar.engine.scheduler import JobStream
+from sidecar.engine.stop_strings import StopScanner
+from sidecar.sessions.state import Session
 
 FinishReason = Literal["stop", "length", "cancelled"]
 

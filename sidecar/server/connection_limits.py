@@ -7,7 +7,7 @@ import logging
 import resource
 from dataclasses import dataclass
 
-log = logging.getLogger("sidecar.connections")
+log = logging.getLogger("sidecar.server.connections")
 
 # mlx-lm sets the open-file limits to (2048, 4096) when imported; 4096 is the most it leaves.
 OPEN_FILES = 4096

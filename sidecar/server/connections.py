@@ -10,7 +10,7 @@ the server can accept nothing, `/health` included. So:
   longest for its client (a request being answered is never closed), so a client that sends its
   request at once, as every real one does, still gets in during a flood;
 - the soft limit on open files is raised so that the cap and the server's own files fit
-  (sidecar/connection_limits.py).
+  (sidecar/server/connection_limits.py).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Literal
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from sidecar.connection_limits import ConnectionLimits
+from sidecar.server.connection_limits import ConnectionLimits
 
-log = logging.getLogger("sidecar.connections")
+log = logging.getLogger("sidecar.server.connections")
 
 Phase = Literal["head", "body", "busy"]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sidecar.prompts import SYSTEM_ROLES, Span
-from sidecar.session_state import Segment, SegmentKind, SnippetWrite
+from sidecar.engine.prompts import SYSTEM_ROLES, Span
+from sidecar.sessions.state import Segment, SegmentKind, SnippetWrite
 
 
 @dataclass(frozen=True)
@@ -34,15 +34,6 @@ class ReplayStep:
 
     segment: Segment | None = None
     snippets: SnippetWrite | None = None
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def plan_writes(policy: WritePolicy, spans: Sequence[Span], start: int, end: int) -> list[Segment]:

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from common.files import atomic_write_bytes
-from sidecar.session_state import Segment, Session, SnippetWrite
+from sidecar.sessions.state import Segment, Session, SnippetWrite
 
-log = logging.getLogger("sidecar.sessions")
+log = logging.getLogger("sidecar.sessions.store")
 
 FORMAT = 1
 _KINDS = ("write", "read", "messages", "plain")

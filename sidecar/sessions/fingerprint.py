@@ -21,7 +21,7 @@ from pathlib import Path
 from sidecar.delta.adapter_files import NPZ_FILE, PT_FILE
 from sidecar.delta.config import CONFIG_FILE
 
-log = logging.getLogger("sidecar.fingerprint")
+log = logging.getLogger("sidecar.sessions.fingerprint")
 
 # What mlx-lm reads from a model folder (and what the installer downloads): config, weights,
 # tokenizer and chat template. Other files in the folder do not change the model.

@@ -22,10 +22,10 @@ import uvicorn
 from common.errors import UserError
 from common.exit_codes import CONFIG_ERROR
 from common.settings import SidecarSettings
-from sidecar.app import ServerState, create_app
-from sidecar.connection_limits import OPEN_FILES, ConnectionLimits, fit_to_open_files, raise_open_file_limit
-from sidecar.connections import guarded_protocol
-from sidecar.log_output import configure_logging, report_dropped
+from sidecar.server.app import ServerState, create_app
+from sidecar.server.connection_limits import OPEN_FILES, ConnectionLimits, fit_to_open_files, raise_open_file_limit
+from sidecar.server.connections import guarded_protocol
+from sidecar.server.log_output import configure_logging, report_dropped
 
 log = logging.getLogger("sidecar.server")
 
@@ -130,7 +130,7 @@ def run_server(
     app = create_app(settings)
     config = uvicorn.Config(
         app,
-        log_config=None,  # records go to the root logger: one stream, rate-limited (sidecar/log_output.py)
+        log_config=None,  # records go to the root logger: one stream, rate-limited (sidecar/server/log_output.py)
         log_level=log_level,
         http=guarded_protocol(limits),
         lifespan="on",

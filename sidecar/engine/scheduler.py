@@ -20,7 +20,7 @@ from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sidecar.engine_io import ChatJob, EngineEvent, Failed, Finished
+from sidecar.engine.interface import ChatJob, EngineEvent, Failed, Finished
 
 
 class Cancelled(Exception):

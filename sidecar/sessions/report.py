@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar.delta.api import delta_info, delta_state_stats, state_stats
-from sidecar.session_state import Session
+from sidecar.sessions.state import Session
 
 
 def describe_session(model: Any, session: Session) -> dict[str, Any]:

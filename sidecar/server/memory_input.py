@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.protocol import json_text_problem
+from sidecar.server.protocol import json_text_problem
 
 MEMORY_HEADER = "x-delta-attention-state"
 TEXT_KEYS = ("text", "content", "snippet")

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from common.settings import SidecarSettings
-from sidecar.engine_io import (
+from sidecar.engine.interface import (
     ChatJob,
     ChatMessage,
     EngineLike,
@@ -23,8 +23,8 @@ from sidecar.engine_io import (
     PromptDone,
     TextDelta,
 )
-from sidecar.memory_input import MEMORY_HEADER, ParsedMemory, bounded_snippets, parse_memory_input
-from sidecar.protocol import (
+from sidecar.server.memory_input import MEMORY_HEADER, ParsedMemory, bounded_snippets, parse_memory_input
+from sidecar.server.protocol import (
     ApiError,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -46,10 +46,10 @@ from sidecar.protocol import (
     Usage,
     completion_id,
 )
-from sidecar.qmd import qmd_lookup
-from sidecar.session_keys import hash_session_key, session_key_from_headers
-from sidecar.sse import SSE_DONE, EventStreamResponse, sse, until_disconnect
-from sidecar.tool_calls import ContentDelta, ParsedToolCall, ParserEvent, ToolCallStreamParser
+from sidecar.server.qmd import qmd_lookup
+from sidecar.server.sse import SSE_DONE, EventStreamResponse, sse, until_disconnect
+from sidecar.server.tool_calls import ContentDelta, ParsedToolCall, ParserEvent, ToolCallStreamParser
+from sidecar.sessions.keys import hash_session_key, session_key_from_headers
 
 log = logging.getLogger(__name__)
 

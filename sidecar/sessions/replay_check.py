@@ -21,9 +21,9 @@ import mlx.core as mx
 import numpy as np
 
 from sidecar.delta.api import delta_info, delta_states_at, restorable_offset
-from sidecar.session_state import Session
+from sidecar.sessions.state import Session
 
-log = logging.getLogger("sidecar.replay_check")
+log = logging.getLogger("sidecar.sessions.replay_check")
 
 # Replays prefill in other chunks than the turns did (and decode steps become one prefill), so
 # float32 sums come out in another order: differences of ~1e-6 are noise, not a wrong history.

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-from sidecar.engine_io import ToolCallFormat
+from sidecar.engine.interface import ToolCallFormat
 
 log = logging.getLogger(__name__)
 

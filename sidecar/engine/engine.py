@@ -4,7 +4,7 @@ A request's prompt is rendered off the generation thread, then compared with wha
 already holds; the cache is cut back to the longest common prefix (exact at any offset, see
 sidecar/delta/cache.py), hidden-memory snippets are written into the δ-state right there, and only
 the rest of the prompt is prefilled, a chunk per step. Its answer is then decoded in the running
-batch with the other sessions' answers (sidecar/decoding.py); the scheduler (sidecar/scheduler.py)
+batch with the other sessions' answers (sidecar/engine/decoding.py); the scheduler (sidecar/engine/scheduler.py)
 decides what runs when.
 """
 
@@ -29,8 +29,6 @@ import mlx_lm
 
 from common.kv_budget import KvShape, kv_bits_name
 from common.settings import SidecarSettings
-from sidecar import decoding
-from sidecar.decoding import Row
 from sidecar.delta.api import (
     attach_delta_mem,
     check_kv_quantization,
@@ -43,7 +41,9 @@ from sidecar.delta.api import (
     write_context,
 )
 from sidecar.delta.cache_chunks import fill_cache
-from sidecar.engine_io import (
+from sidecar.engine import decoding
+from sidecar.engine.decoding import Row
+from sidecar.engine.interface import (
     ChatJob,
     EngineError,
     EngineInfo,
@@ -52,11 +52,14 @@ from sidecar.engine_io import (
     PromptDone,
     ToolCallFormat,
 )
-from sidecar.fingerprint import SessionFingerprint
-from sidecar.kv_disk import KvDisk, PendingChunk, Restored
-from sidecar.memory_guard import KvBudgetExceeded, KvGuard, effective_budget, eviction_plan, is_allocation_failure
-from sidecar.prefix_cache import PrefixCache
-from sidecar.prompts import (
+from sidecar.engine.memory_guard import (
+    KvBudgetExceeded,
+    KvGuard,
+    effective_budget,
+    eviction_plan,
+    is_allocation_failure,
+)
+from sidecar.engine.prompts import (
     TokenFloor,
     leading_span,
     message_spans,
@@ -65,17 +68,20 @@ from sidecar.prompts import (
     render_prompt,
     render_text,
 )
-from sidecar.replay_check import ReplayChecks, checkpoint_offsets, checkpoint_states, saved_points
-from sidecar.sampling import row_sampler
-from sidecar.scheduler import Admission, Cancelled, JobStream, Scheduler
-from sidecar.session_keys import hash_session_key
-from sidecar.session_report import describe_session
-from sidecar.session_state import Segment, Session, SnippetWrite
-from sidecar.sessions import SessionStore, StateWriteError
-from sidecar.stop_strings import StopScanner
-from sidecar.write_plan import WritePolicy, common_prefix, plan_writes, replay_steps, shared_boundary
+from sidecar.engine.sampling import row_sampler
+from sidecar.engine.scheduler import Admission, Cancelled, JobStream, Scheduler
+from sidecar.engine.stop_strings import StopScanner
+from sidecar.engine.write_plan import WritePolicy, plan_writes, replay_steps, shared_boundary
+from sidecar.kvcache.disk_cache import KvDisk, PendingChunk, Restored
+from sidecar.kvcache.prefix_cache import PrefixCache
+from sidecar.sessions.fingerprint import SessionFingerprint
+from sidecar.sessions.keys import hash_session_key
+from sidecar.sessions.replay_check import ReplayChecks, checkpoint_offsets, checkpoint_states, saved_points
+from sidecar.sessions.report import describe_session
+from sidecar.sessions.state import Segment, Session, SnippetWrite, common_prefix
+from sidecar.sessions.store import SessionStore, StateWriteError
 
-log = logging.getLogger("sidecar.engine")
+log = logging.getLogger("sidecar.engine.engine")
 
 T = TypeVar("T")
 # The pipeline runs as generators: each `yield` ends one step (one forward pass), so the scheduler
@@ -658,7 +664,10 @@ class Engine:
                 409,
                 "session_busy",
             )
-        return self._remove(key_hash)
+        try:
+            return self._remove(key_hash)
+        except StateWriteError as exc:
+            raise _state_write_failed(exc) from exc
 
     def _stats(self, key_hash: str) -> dict[str, Any] | None:
         found = {}
@@ -675,8 +684,10 @@ class Engine:
         if not sessions:
             raise EngineError("this session has no state on the server", 404, "session_not_found")
         for session in sessions:
-            # StateWriteError goes to the client: a save that wrote nothing must not answer 200.
-            self.store.save(session, *self._states_of(session))
+            try:
+                self.store.save(session, *self._states_of(session))
+            except StateWriteError as exc:  # a save that wrote nothing must not answer 200
+                raise _state_write_failed(exc) from exc
         return {"saved": [_mode(session) for session in sessions]}
 
     def _load(self, key_hash: str) -> dict[str, Any]:
@@ -701,6 +712,10 @@ def _too_long(tokens: str, window: int) -> Failed:
     return Failed(
         f"the prompt is {tokens} tokens; this model's context window is {window}", "context_length_exceeded", 400
     )
+
+
+def _state_write_failed(exc: StateWriteError) -> EngineError:
+    return EngineError(str(exc), 500, "state_write_failed")
 
 
 def _mode(session: Session) -> str:
@@ -749,7 +764,7 @@ def _tool_call_format(tokenizer: Any) -> ToolCallFormat | None:
 
 
 def _fingerprint(settings: SidecarSettings) -> SessionFingerprint | None:
-    """What saved δ-states depend on (see sidecar/fingerprint.py); nothing to hash without a state dir."""
+    """What saved δ-states depend on (see sidecar/sessions/fingerprint.py); nothing to hash without a state dir."""
     if settings.state_dir is None:
         return None
     return SessionFingerprint(settings.model_id, settings.model_path, settings.adapter_path)

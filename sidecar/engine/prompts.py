@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from sidecar.engine_io import ChatMessage
+from sidecar.engine.interface import ChatMessage
 
 IM_START = "<|im_start|>"
 SYSTEM_ROLES = ("system", "developer")

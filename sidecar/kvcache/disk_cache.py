@@ -30,7 +30,7 @@ from typing import Any
 
 from sidecar.delta.api import restorable_offset
 from sidecar.delta.cache_chunks import CacheChunk, cache_chunk, fill_cache
-from sidecar.kv_files import (
+from sidecar.kvcache.disk_files import (
     CHUNK_SUFFIX,
     ChunkEntry,
     KvFileError,
@@ -45,11 +45,10 @@ from sidecar.kv_files import (
     write_manifest,
     write_prefix_record,
 )
-from sidecar.session_state import Session, SnippetWrite
-from sidecar.sessions import describe_os_error
-from sidecar.write_plan import common_prefix
+from sidecar.sessions.state import Session, SnippetWrite, common_prefix
+from sidecar.sessions.store import describe_os_error
 
-log = logging.getLogger("sidecar.kv_disk")
+log = logging.getLogger("sidecar.kvcache.disk_cache")
 
 MANIFEST = "manifest.json"
 QUEUE_LENGTH = 8

@@ -8,11 +8,20 @@ rebuilt, and a rollback can cut the history at any safe offset.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 SegmentKind = Literal["write", "read", "messages", "plain"]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,7 @@ class Session:
     snippet_writes: list[SnippetWrite] = field(default_factory=list)
     cache: list[Any] | None = None
     # δ-states read from disk, until the cache is rebuilt: after the whole history, and after the
-    # first `offset` tokens for each checkpoint offset (see sidecar/replay_check.py).
+    # first `offset` tokens for each checkpoint offset (see sidecar/sessions/replay_check.py).
     saved_states: list[Any] | None = None
     saved_checkpoints: dict[int, list[Any]] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
