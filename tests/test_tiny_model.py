@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from bench.repo_files import OPENCLAW_TURNS
 from sidecar.delta import attach_delta_mem, delta_states
 from sidecar.delta.adapter_files import (
     NPZ_FILE,
@@ -403,10 +404,7 @@ def test_a_real_vocabulary_model_tokenizes_openclaw_like_qwen3(tmp_path: Path, q
     assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == 151936
     _, tokenizer = mlx_lm.load(str(model_dir))
     assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<tool_call>"]) == [151644, 151645, 151657]
-    captured = Path(__file__).resolve().parents[2] / "shared" / "openclaw" / "agent-turns.json"
-    if not captured.exists():
-        return
-    body = json.loads(captured.read_text())[0]["body"]
+    body = json.loads(OPENCLAW_TURNS.read_text(encoding="utf-8"))[0]["body"]
     messages = [
         ChatMessage(m["role"], m["content"] if isinstance(m["content"], str) else m["content"][0]["text"])
         for m in body["messages"]

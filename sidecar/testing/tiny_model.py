@@ -19,7 +19,6 @@ import mlx.core as mx
 import numpy as np
 from tokenizers import (
     AddedToken,
-    Regex,
     Tokenizer,
     decoders,
     models,
@@ -37,6 +36,7 @@ from sidecar.delta.adapter_files import (
 )
 from sidecar.delta.config import CONFIG_FILE, DeltaMemConfig, tensor_key
 from sidecar.delta.torch_archive import write_torch_archive
+from sidecar.testing.qwen_vocab import qwen_pre_tokenizer
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Qwen3's added tokens: ordinary (non-special) tokens, so decoding keeps them in the text.
@@ -47,14 +47,6 @@ PAD_TOKEN = "<|endoftext|>"
 _TRAINED_VOCAB_SIZE = 768
 _DTYPES = ("float32", "bfloat16", "float16")
 _VARIANTS = ("tsw", "ssw", "msw")
-
-# Qwen2/Qwen3's pre-tokenizer split (contractions, letters, single digits, punctuation runs,
-# newlines, spaces), so token boundaries behave like the real model's. No normaliser: the
-# byte-level round trip must be lossless for any Unicode input.
-_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 
 # ChatML exactly as Qwen3-Instruct-2507 renders it, written for this project. Deliberate
 # choices: a `developer` message is treated as `system` (Qwen's own template drops it); content
@@ -201,7 +193,7 @@ def write_tiny_model(
     """Write a random Qwen3 (or Qwen2) model dir that `mlx_lm.load` accepts; returns `dest`.
 
     `tokenizer_json` replaces the tiny trained tokenizer with another (e.g. Qwen's real vocabulary,
-    written by the shared qwen_vocab.py tool, with `vocab_size` 151936), so that prompts tokenize
+    written by sidecar.testing.qwen_vocab, with `vocab_size` 151936), so that prompts tokenize
     as they do for the real model.
     """
     if model_type not in ("qwen3", "qwen2"):
@@ -309,12 +301,9 @@ def random_adapter_tensors(config: DeltaMemConfig, dims: ModelDims, seed: int = 
 @functools.cache
 def _trained_tokenizer_json() -> str:
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    # Qwen's split, so token boundaries behave like the real model's. No normaliser (the real one has
+    # NFC): the byte-level round trip must be lossless for any Unicode input.
+    tokenizer.pre_tokenizer = qwen_pre_tokenizer()
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=_TRAINED_VOCAB_SIZE,
