@@ -14,9 +14,10 @@ from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, run, se
 from mlx_lm.models.cache import make_prompt_cache
 
 from sidecar.delta.api import delta_states, set_delta_controls
-from sidecar.engine import engine as engine_module
+from sidecar.engine import rendering
 from sidecar.engine.interface import EngineError, Failed, Finished, PromptDone, TextDelta
 from sidecar.engine.prompts import render_prompt
+from sidecar.sessions.keys import hash_session_key
 from sidecar.sessions.replay_check import ReplayChecks
 
 
@@ -217,7 +218,7 @@ def test_a_prompt_being_tokenized_holds_up_no_other_session(engine_factory, monk
             assert release.wait(60)
         return render_prompt(tokenizer, messages, tools)
 
-    monkeypatch.setattr(engine_module, "render_prompt", slow_render)
+    monkeypatch.setattr(rendering, "render_prompt", slow_render)
 
     async def scenario() -> tuple[list[Any], list[Any]]:
         huge = engine.submit(job([("user", "huge " + "word " * 400)], key="huge"))
@@ -242,7 +243,7 @@ def test_a_prompt_too_long_by_its_text_alone_is_refused_without_tokenizing(
         rendered.append(len(messages))
         return render_prompt(tokenizer, messages, tools)
 
-    monkeypatch.setattr(engine_module, "render_prompt", counting_render)
+    monkeypatch.setattr(rendering, "render_prompt", counting_render)
     longest = max(len(token) for token in engine.tokenizer.get_vocab())
     events = run(engine, job([("user", "x" * (300 * longest))]))
     assert isinstance(events[-1], Failed) and events[-1].code == "context_length_exceeded"
@@ -324,15 +325,15 @@ def test_a_failure_while_finishing_an_answer_fails_that_request_and_the_engine_g
     engine_factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = engine_factory()
-    real_persist = engine._persist
-    broken = {engine_module.hash_session_key("s1")}
+    real_persist = engine.admin.persist
+    broken = {hash_session_key("s1")}
 
     def persist(session: Any) -> bool:
         if session.key_hash in broken:
             raise RuntimeError("a bug while saving")
         return real_persist(session)
 
-    monkeypatch.setattr(engine, "_persist", persist)
+    monkeypatch.setattr(engine.admin, "persist", persist)
     failure = run(engine, job([("user", "hello")], key="s1"))[-1]
     assert isinstance(failure, Failed) and failure.status == 500 and failure.code == "engine_error"
     # The generation thread is still running: the next request is answered.
