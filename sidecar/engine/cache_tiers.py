@@ -19,7 +19,7 @@ from sidecar.delta.cache_chunks import fill_cache
 from sidecar.kvcache.disk_cache import KvDisk, PendingChunk, Restored
 from sidecar.kvcache.prefix_cache import PrefixCache
 from sidecar.sessions.fingerprint import SessionFingerprint
-from sidecar.sessions.state import Session
+from sidecar.sessions.state import MODES, Session, file_stem
 
 
 class CacheTiers:
@@ -53,7 +53,7 @@ class CacheTiers:
         """A session's cache read back from the disk cache; a shared prefix read with it is kept in memory."""
         if self.kv_disk is None:
             return None
-        mode = _mode(history)
+        mode = history.mode
         restored = self.kv_disk.restore(
             history, lambda: self.new_cache(history.delta), lambda tokens: self.prefixes.peek(mode, tokens)
         )
@@ -83,15 +83,15 @@ class CacheTiers:
         """Forget a key's chunks (both modes) in the disk cache; True if there were any."""
         found = False
         if self.kv_disk is not None:
-            for delta in (True, False):
-                found |= self.kv_disk.remove(Session(key_hash, delta).file_stem)
+            for delta in MODES:
+                found |= self.kv_disk.remove(file_stem(key_hash, delta))
         return found
 
     def wait_for_writes(self, key_hash: str) -> None:
         """Block until a key's chunks (both modes) are on disk (called off the generation thread)."""
         if self.kv_disk is not None:
-            for delta in (True, False):
-                self.kv_disk.wait(Session(key_hash, delta).file_stem)
+            for delta in MODES:
+                self.kv_disk.wait(file_stem(key_hash, delta))
 
     def disk_stats(self) -> dict[str, Any]:
         """The disk cache's figures for /health."""
@@ -112,7 +112,3 @@ def open_kv_disk(model: Any, settings: SidecarSettings, fingerprint: SessionFing
     kv_format = f"{dtype}|kv {kv_bits_name(settings.kv_bits)}/{settings.kv_group_size}"
     root = Path(settings.state_dir) / "kv"
     return KvDisk(root, settings.max_disk_bytes, lambda: f"{fingerprint.current}|{kv_format}")
-
-
-def _mode(session: Session) -> str:
-    return "delta" if session.delta else "base"

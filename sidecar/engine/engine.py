@@ -186,7 +186,7 @@ class Engine:
             else:
                 log.exception("a decode step failed (%d rows)", len(live))
             for row in live:
-                row.session.cache = None
+                row.session.drop_cache()
                 self.counters.add(failed=1)
                 row.stream.emit(OUT_OF_MEMORY if out_of_memory else ENGINE_FAILED)
             failed = live

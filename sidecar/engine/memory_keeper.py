@@ -83,10 +83,8 @@ class MemoryKeeper:
         """Drop the caches a failed allocation may have left half-written, and MLX's free buffers."""
         self.counters.add(allocation_failures=1)
         log.error("out of memory while answering session %s: %s", key_hash[:12], exc)
-        for delta in (True, False):
-            session = self.store.peek(key_hash, delta)
-            if session is not None:
-                session.cache = None  # rebuilt from its history at its next turn
+        for session in self.store.peek_modes(key_hash):
+            session.drop_cache()
         mx.clear_cache()
 
     def enforce_limits(self) -> None:
@@ -108,7 +106,7 @@ class MemoryKeeper:
             "sessions": [
                 {
                     "session": s.key_hash[:12],
-                    "mode": _mode(s),
+                    "mode": s.mode,
                     "tokens": len(s.tokens),
                     "kv_bytes": s.kv_bytes,
                     "delta_record_bytes": delta_record_nbytes(s.cache),
@@ -118,7 +116,3 @@ class MemoryKeeper:
             "mlx_active_bytes": mx.get_active_memory(),
             "mlx_peak_bytes": mx.get_peak_memory(),
         }
-
-
-def _mode(session: Session) -> str:
-    return "delta" if session.delta else "base"

@@ -86,7 +86,7 @@ class Prefill:
         boundary = shared_boundary(leading_span(self.tokenizer, prompt), len(prompt))
         max_tokens = min(job.max_tokens, window - len(prompt))
         # Memory guard: room for the whole request (and a new shared-prefix snapshot) before any prefill.
-        snapshot = boundary if boundary and not self.tiers.prefixes.contains(_mode(session), prompt[:boundary]) else 0
+        snapshot = boundary if boundary and not self.tiers.prefixes.contains(session.mode, prompt[:boundary]) else 0
         self.memory.reserve(session, len(prompt) + max_tokens, _count_messages(self.tokenizer, prompt), snapshot)
         try:
             reused = yield from self._prepare(session, prompt, boundary, stream)
@@ -100,7 +100,7 @@ class Prefill:
         self.counters.add(prompt_tokens=len(prompt), cached_tokens=reused)
         log.info(
             "session %s (%s): prompt %d tokens, %d reused, %d written in %.2f s, %d memory snippets",
-            session.key_hash[:12], _mode(session), len(prompt), reused, len(prompt) - 1 - reused,
+            session.key_hash[:12], session.mode, len(prompt), reused, len(prompt) - 1 - reused,
             time.perf_counter() - began, written,
         )
         stream.emit(PromptDone(prompt_tokens=len(prompt), cached_tokens=reused, snippets_written=written))
@@ -136,13 +136,13 @@ class Prefill:
             start = len(session.tokens)
             plan = self._plan(session.delta, prompt, start, boundary)
             yield from self._prefill(session, prompt[start:boundary], plan, stream)
-            self.tiers.keep_prefix(_mode(session), prompt[:boundary], session.cache)
+            self.tiers.keep_prefix(session.mode, prompt[:boundary], session.cache)
         session.reused_tokens += reused
         return reused
 
     def _start_from_shared_prefix(self, session: Session, prompt: list[int], boundary: int) -> int:
         """Replace the session's cache with the longest shared prefix of prompt[:boundary], if longer."""
-        hit = self.tiers.fetch_prefix(_mode(session), prompt[:boundary])
+        hit = self.tiers.fetch_prefix(session.mode, prompt[:boundary])
         if hit is None or hit[0] <= len(session.tokens):
             return 0
         length, cache = hit
@@ -167,7 +167,7 @@ class Prefill:
         if restored is not None:
             shared, fresh.cache, fresh.snippet_writes = restored.length, restored.cache, restored.snippet_writes
         elif first_write > 0:
-            hit = self.tiers.fetch_prefix(_mode(session), history.tokens[:first_write])
+            hit = self.tiers.fetch_prefix(session.mode, history.tokens[:first_write])
             if hit is not None:
                 shared, fresh.cache = hit
         fresh.tokens = history.tokens[:shared]
@@ -182,9 +182,7 @@ class Prefill:
         # Only now, with the replay complete, does the session change: a cancelled replay loses nothing.
         if session.delta:
             self.replays.check(self.model, fresh, saved)
-        session.tokens, session.segments, session.snippet_writes = fresh.tokens, fresh.segments, fresh.snippet_writes
-        session.cache, session.saved_states, session.saved_checkpoints = fresh.cache, None, {}
-        session.prefilled_tokens += fresh.prefilled_tokens
+        session.adopt(fresh)
         return shared
 
     def _write_snippets(self, session: Session, snippets: tuple[str, ...]) -> Steps[int]:
@@ -241,10 +239,6 @@ class Prefill:
             session.prefilled_tokens += b - a
             yield
         mx.clear_cache()
-
-
-def _mode(session: Session) -> str:
-    return "delta" if session.delta else "base"
 
 
 def _count_messages(tokenizer: Any, prompt: list[int]) -> int:

@@ -56,18 +56,14 @@ class SessionAdmin:
 
     def stats(self, key_hash: str) -> dict[str, Any] | None:
         """Tokens, cache and δ-state figures of a session, or None if it does not exist."""
-        found = {}
-        for delta in (True, False):
-            session = self.store.peek(key_hash, delta)
-            if session is not None:
-                found["delta" if delta else "base"] = describe_session(self.model, session)
+        found = {session.mode: describe_session(self.model, session) for session in self.store.peek_modes(key_hash)}
         return found or None
 
     def save(self, key_hash: str) -> dict[str, Any]:
         """Write a session to the state dir now."""
         if self.store.state_dir is None:
             raise EngineError("this server has no state dir (start it with --state-dir)", 409, "no_state_dir")
-        sessions = [s for s in (self.store.peek(key_hash, delta) for delta in (True, False)) if s is not None]
+        sessions = self.store.peek_modes(key_hash)
         if not sessions:
             raise EngineError("this session has no state on the server", 404, "session_not_found")
         for session in sessions:
@@ -75,16 +71,14 @@ class SessionAdmin:
                 self.store.save(session, *self._states_of(session))
             except StateWriteError as exc:  # a save that wrote nothing must not answer 200
                 raise _state_write_failed(exc) from exc
-        return {"saved": [_mode(session) for session in sessions]}
+        return {"saved": [session.mode for session in sessions]}
 
     def load(self, key_hash: str) -> dict[str, Any]:
         """Bring a session back from the state dir (its KV is rebuilt at its next turn)."""
         loaded = {}
-        for delta in (True, False):
-            session = self.store.peek(key_hash, delta)
-            if session is not None:
-                self.store.get(key_hash, delta)
-                loaded["delta" if delta else "base"] = {"tokens": len(session.tokens), "kv_in_memory": session.cache is not None}
+        for session in self.store.peek_modes(key_hash):
+            self.store.get(key_hash, session.delta)
+            loaded[session.mode] = {"tokens": len(session.tokens), "kv_in_memory": session.cache is not None}
         if not loaded:
             raise EngineError("no saved state for this session", 404, "session_not_found")
         return {"loaded": loaded}
@@ -123,7 +117,3 @@ class SessionAdmin:
 
 def _state_write_failed(exc: StateWriteError) -> EngineError:
     return EngineError(str(exc), 500, "state_write_failed")
-
-
-def _mode(session: Session) -> str:
-    return "delta" if session.delta else "base"
