@@ -28,13 +28,13 @@ from sidecar.engine.cache_tiers import CacheTiers, open_kv_disk
 from sidecar.engine.decoding import Row
 from sidecar.engine.failures import ENGINE_FAILED, OUT_OF_MEMORY, JobCounters
 from sidecar.engine.health import health_report
-from sidecar.engine.interface import ChatJob, EngineInfo, Failed, Finished, ToolCallFormat
+from sidecar.engine.interface import ChatJob, EngineInfo, Failed, Finished, FinishReason, ToolCallFormat
 from sidecar.engine.memory_guard import KvBudgetExceeded, KvGuard, effective_budget, is_allocation_failure
 from sidecar.engine.memory_keeper import MemoryKeeper
 from sidecar.engine.prefill import Prefill, Steps
 from sidecar.engine.prompts import message_start_id
 from sidecar.engine.rendering import Renderer
-from sidecar.engine.scheduler import Admission, JobStream, Scheduler
+from sidecar.engine.scheduler import Admission, JobChannel, Scheduler
 from sidecar.engine.session_admin import SessionAdmin
 from sidecar.engine.write_plan import WritePolicy
 from sidecar.kvcache.prefix_cache import PrefixCache
@@ -105,9 +105,9 @@ class Engine:
 
     # ---- the interface the serving layer uses -------------------------------------------
 
-    def submit(self, job: ChatJob) -> JobStream:
+    def submit(self, job: ChatJob) -> JobChannel:
         """Put a chat job in line (its prompt is rendered meanwhile); iterate the returned stream for its events."""
-        stream = JobStream(asyncio.get_running_loop())
+        stream = JobChannel(asyncio.get_running_loop())
         admission = self._scheduler.enqueue(hash_session_key(job.session_key), job, stream)
         self.renderer.submit(admission)
         return stream
@@ -167,7 +167,7 @@ class Engine:
 
     def decode(self, rows: list[Row]) -> list[Row]:
         """One token for every row in one forward pass; finishes off and returns the rows that ended."""
-        ended: list[tuple[Row, decoding.FinishReason]] = [(row, "cancelled") for row in rows if row.stream.cancelled]
+        ended: list[tuple[Row, FinishReason]] = [(row, "cancelled") for row in rows if row.stream.cancelled]
         live = [row for row in rows if not row.stream.cancelled]
         failed: list[Row] = []
         try:
@@ -206,14 +206,14 @@ class Engine:
         self.counters.add(cancelled=1)
         admission.stream.emit(Finished("cancelled", 0))
 
-    def _finish(self, session: Session, stream: JobStream, reason: str, completion_tokens: int) -> None:
+    def _finish(self, session: Session, stream: JobChannel, reason: FinishReason, completion_tokens: int) -> None:
         session.turns += 1
         self.counters.add(**{"cancelled" if reason == "cancelled" else "jobs": 1})
         self.admin.persist(session)
         # Taken before the limits may evict the cache; written once the answer has ended.
         self.tiers.take_session(session)
         self.memory.enforce_limits()
-        stream.emit(Finished(reason, completion_tokens))  # type: ignore[arg-type]
+        stream.emit(Finished(reason, completion_tokens))
         self.tiers.write_taken_chunks()
 
     def _ready(self, admission: Admission) -> None:

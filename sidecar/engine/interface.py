@@ -55,11 +55,15 @@ class TextDelta:
     text: str
 
 
+# Why an answer ended: a stop (EOS or a stop string), the length limit, or the client left.
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
 @dataclass(frozen=True)
 class Finished:
     """The last event of a job."""
 
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: FinishReason
     completion_tokens: int
 
 
@@ -108,7 +112,8 @@ class EngineInfo:
 
 
 class JobStream(Protocol):
-    """A submitted job: iterate its events; cancel it when the client goes away."""
+    """A submitted job: iterate its events; cancel it when the client goes away (the engine's is
+    scheduler.JobChannel)."""
 
     def __aiter__(self) -> "JobStream": ...
 

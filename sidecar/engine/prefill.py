@@ -23,12 +23,12 @@ from sidecar.delta.api import delta_info, restorable_offset, set_delta_controls,
 from sidecar.engine.cache_tiers import CacheTiers
 from sidecar.engine.decoding import Row
 from sidecar.engine.failures import JobCounters
-from sidecar.engine.interface import ChatJob, PromptDone
+from sidecar.engine.interface import ChatJob, FinishReason, PromptDone
 from sidecar.engine.memory_guard import KvGuard
 from sidecar.engine.memory_keeper import MemoryKeeper
 from sidecar.engine.prompts import leading_span, message_spans, message_starts, render_text
 from sidecar.engine.sampling import row_sampler
-from sidecar.engine.scheduler import Cancelled, JobStream
+from sidecar.engine.scheduler import Cancelled, JobChannel
 from sidecar.engine.stop_strings import StopScanner
 from sidecar.engine.write_plan import WritePolicy, plan_writes, replay_steps, shared_boundary
 from sidecar.sessions.keys import hash_session_key
@@ -43,7 +43,7 @@ T = TypeVar("T")
 # can run a decode step for the batch before the next one.
 Steps = Generator[None, None, T]
 
-Finish = Callable[[Session, JobStream, str, int], None]
+Finish = Callable[[Session, JobChannel, FinishReason, int], None]
 
 
 class Prefill:
@@ -77,7 +77,7 @@ class Prefill:
         self._finish = finish  # ends a job cancelled while prefilling
         self._eos = frozenset(tokenizer.eos_token_ids)
 
-    def prefill_job(self, job: ChatJob, prompt: list[int], stream: JobStream) -> Steps[Row | None]:
+    def prefill_job(self, job: ChatJob, prompt: list[int], stream: JobChannel) -> Steps[Row | None]:
         """The job's prompt, a step at a time; returns the row that decodes its answer, or None if cancelled."""
         window = self.settings.context_window
         delta = job.delta_enabled and delta_info(self.model) is not None
@@ -121,7 +121,7 @@ class Prefill:
             input=mx.array([prompt[-1]], dtype=mx.uint32),
         )
 
-    def _prepare(self, session: Session, prompt: list[int], boundary: int, stream: JobStream) -> Steps[int]:
+    def _prepare(self, session: Session, prompt: list[int], boundary: int, stream: JobChannel) -> Steps[int]:
         """Cut the session back to what it shares with this prompt, then bring it up to the shared
         boundary (the end of the leading system prompt) from a zero state; returns tokens reused."""
         limit = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
@@ -151,7 +151,7 @@ class Prefill:
         session.segments = self._plan(session.delta, prompt, 0, length)
         return length
 
-    def _rebuild(self, session: Session, target: int, stream: JobStream) -> Steps[int]:
+    def _rebuild(self, session: Session, target: int, stream: JobChannel) -> Steps[int]:
         """Recreate the KV cache of a new, evicted or restored session up to `target`: from the disk
         cache as far as it holds the history, else from a shared prefix, replaying the rest; checked
         against the δ-states it saved. Returns the tokens not replayed."""
@@ -207,12 +207,12 @@ class Prefill:
         spans = message_spans(self.tokenizer, prompt) if policy.needs_spans and start < end else []
         return plan_writes(policy, spans, start, end)
 
-    def _prefill(self, session: Session, tokens: list[int], plan: list[Segment], stream: JobStream) -> Steps[None]:
+    def _prefill(self, session: Session, tokens: list[int], plan: list[Segment], stream: JobChannel) -> Steps[None]:
         base = len(session.tokens)
         for seg in plan:
             yield from self._run_segment(session, tokens[seg.start - base : seg.end - base], seg, stream)
 
-    def _run_segment(self, session: Session, tokens: list[int], seg: Segment, stream: JobStream) -> Steps[None]:
+    def _run_segment(self, session: Session, tokens: list[int], seg: Segment, stream: JobChannel) -> Steps[None]:
         """Write tokens into the session's cache the way the segment says, a chunk per step, checking
         for cancellation before each."""
         cache = session.cache

@@ -27,8 +27,9 @@ class Cancelled(Exception):
     """The client went away; the job stops between two steps."""
 
 
-class JobStream:
-    """Events of one job, delivered from the generation thread to the event loop that submitted it."""
+class JobChannel:
+    """Events of one job, delivered from the generation thread to the event loop that submitted it
+    (the engine's JobStream, see interface.py)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
@@ -36,7 +37,7 @@ class JobStream:
         self._cancelled = threading.Event()
         self._done = False
 
-    def __aiter__(self) -> "JobStream":
+    def __aiter__(self) -> "JobChannel":
         return self
 
     async def __anext__(self) -> EngineEvent:
@@ -66,7 +67,7 @@ class Admission:
 
     key: str  # the session key's hash: jobs with the same key never run at once
     job: ChatJob
-    stream: JobStream
+    stream: JobChannel
     prompt: list[int] | None = None
     ready: bool = False  # rendered: `prompt` is set, or the job was refused (and told so)
 
@@ -140,7 +141,7 @@ class Scheduler:
         """True until stop() has let the thread end."""
         return self._thread.is_alive()
 
-    def enqueue(self, key: str, job: ChatJob, stream: JobStream) -> Admission:
+    def enqueue(self, key: str, job: ChatJob, stream: JobChannel) -> Admission:
         """Put a job in line (in arrival order); it starts once `ready` is called for it."""
         admission = Admission(key, job, stream)
         self._inbox.put(admission)

@@ -302,14 +302,15 @@ class ResponseMessage(BaseModel):
     tool_calls: list[ResponseToolCall] | None = None
 
 
-FinishReason = Literal["stop", "length", "tool_calls"]
+# What an OpenAI choice reports; serving.py maps the engine's FinishReason (interface.py) to it.
+ChoiceFinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
     logprobs: None = None
-    finish_reason: FinishReason
+    finish_reason: ChoiceFinishReason
 
 
 def completion_id() -> str:
@@ -359,7 +360,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChoiceDelta
     logprobs: None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ChoiceFinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

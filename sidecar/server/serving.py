@@ -34,7 +34,7 @@ from sidecar.server.protocol import (
     ChunkChoice,
     ErrorInfo,
     ErrorResponse,
-    FinishReason,
+    ChoiceFinishReason,
     FunctionCallDelta,
     MessageContent,
     PromptTokensDetails,
@@ -69,7 +69,7 @@ class _Outcome:
     content: list[str] = field(default_factory=list)
     tool_calls: list[ParsedToolCall] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
-    finish_reason: FinishReason = "stop"
+    finish_reason: ChoiceFinishReason = "stop"
 
 
 @dataclass(frozen=True)
@@ -331,7 +331,7 @@ def _gather(outcome: _Outcome, events: list[ParserEvent]) -> None:
             outcome.tool_calls.append(event)
 
 
-def _finish_reason(event: Finished, tool_calls: Sequence[ParsedToolCall]) -> FinishReason:
+def _finish_reason(event: Finished, tool_calls: Sequence[ParsedToolCall]) -> ChoiceFinishReason:
     if event.finish_reason == "stop" and tool_calls:
         return "tool_calls"
     return "length" if event.finish_reason == "length" else "stop"
@@ -391,7 +391,7 @@ async def _sse_events(
 ) -> AsyncIterator[str]:
     """The event stream of one answer: role first, then deltas, finish, usage, [DONE]."""
 
-    def chunk(delta: ChoiceDelta, finish_reason: FinishReason | None = None) -> str:
+    def chunk(delta: ChoiceDelta, finish_reason: ChoiceFinishReason | None = None) -> str:
         choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
         body = ChatCompletionChunk(id=meta.id, created=meta.created, model=meta.model, choices=[choice])
         return sse(body.model_dump_json())
