@@ -14,7 +14,7 @@ from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, run, se
 from mlx_lm.models.cache import make_prompt_cache
 
 from sidecar.delta.api import delta_states, set_delta_controls
-from sidecar.engine import rendering
+from sidecar.engine import prompts, rendering
 from sidecar.engine.interface import EngineError, Failed, Finished, PromptDone, TextDelta
 from sidecar.engine.prompts import render_prompt
 from sidecar.sessions.keys import hash_session_key
@@ -120,6 +120,26 @@ def test_a_restarted_server_continues_a_session(engine_factory) -> None:
     assert isinstance(events[-1], Finished) and events[-1].finish_reason != "cancelled"
     assert len(session_of(second).snippet_writes) == 1
     assert second.replays == ReplayChecks(checks=1, mismatches=0)
+
+
+def test_prompts_are_scanned_for_messages_on_render_threads_only(engine_factory, monkeypatch) -> None:
+    # Even a session rebuilt by a replay (no disk cache) finds its message starts in the prompt's layout.
+    turns = openclaw_turns(2)
+    first = engine_factory(max_disk_bytes=0)
+    run(first, job(turns[0]))
+    asyncio.run(first.close())
+    second = engine_factory(max_disk_bytes=0)
+    threads: list[str] = []
+    real = prompts.message_start_id
+
+    def recording(tokenizer: Any) -> int | None:
+        threads.append(threading.current_thread().name)
+        return real(tokenizer)
+
+    monkeypatch.setattr(prompts, "message_start_id", recording)
+    events = run(second, job(turns[1]))
+    assert isinstance(events[-1], Finished) and second.replays.checks == 1  # the session was rebuilt
+    assert threads and all(name.startswith("delta-mem-render") for name in threads), threads
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])

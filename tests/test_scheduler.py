@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from sidecar.engine.interface import ChatJob, ChatMessage, Finished, TextDelta
+from sidecar.engine.prompt_layout import PromptLayout
 from sidecar.engine.scheduler import Admission, JobChannel, Scheduler
 
 DEADLINE_S = 30
@@ -65,7 +66,7 @@ def _job(name: str) -> ChatJob:
 def _submit(scheduler: Scheduler, key: str, name: str | None = None) -> JobChannel:
     stream = JobChannel(asyncio.get_running_loop())
     admission = scheduler.enqueue(key, _job(name or key), stream)
-    admission.prompt = [1, 2, 3]
+    admission.layout = PromptLayout(tokens=[1, 2, 3], spans=(), starts=(), boundary=0)
     scheduler.ready(admission)
     return stream
 

@@ -148,9 +148,9 @@ class Engine:
 
     def prefill(self, admission: Admission) -> Steps[Row | None]:
         """The job's prompt, a step at a time; returns the row that decodes its answer, or None."""
-        assert admission.prompt is not None  # the scheduler starts rendered jobs only
+        assert admission.layout is not None  # the scheduler starts rendered jobs only
         try:
-            return (yield from self.prefiller.prefill_job(admission.job, admission.prompt, admission.stream))
+            return (yield from self.prefiller.prefill_job(admission.job, admission.layout, admission.stream))
         except KvBudgetExceeded as exc:
             self.counters.add(refused_for_memory=1)
             admission.stream.emit(Failed(str(exc), "kv_budget_exceeded", 413))

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar
 
 import mlx.core as mx
@@ -26,11 +26,12 @@ from sidecar.engine.failures import JobCounters
 from sidecar.engine.interface import ChatJob, FinishReason, PromptDone
 from sidecar.engine.memory_guard import KvGuard
 from sidecar.engine.memory_keeper import MemoryKeeper
-from sidecar.engine.prompts import leading_span, message_spans, message_starts, render_text
+from sidecar.engine.prompt_layout import PromptLayout
+from sidecar.engine.prompts import render_text
 from sidecar.engine.sampling import row_sampler
 from sidecar.engine.scheduler import Cancelled, JobChannel
 from sidecar.engine.stop_strings import StopScanner
-from sidecar.engine.write_plan import WritePolicy, plan_writes, replay_steps, shared_boundary
+from sidecar.engine.write_plan import WritePolicy, plan_writes, replay_steps
 from sidecar.sessions.keys import hash_session_key
 from sidecar.sessions.replay_check import ReplayChecks, saved_points
 from sidecar.sessions.state import Segment, Session, SnippetWrite, common_prefix
@@ -77,23 +78,24 @@ class Prefill:
         self._finish = finish  # ends a job cancelled while prefilling
         self._eos = frozenset(tokenizer.eos_token_ids)
 
-    def prefill_job(self, job: ChatJob, prompt: list[int], stream: JobChannel) -> Steps[Row | None]:
+    def prefill_job(self, job: ChatJob, layout: PromptLayout, stream: JobChannel) -> Steps[Row | None]:
         """The job's prompt, a step at a time; returns the row that decodes its answer, or None if cancelled."""
+        prompt = layout.tokens
         window = self.settings.context_window
         delta = job.delta_enabled and delta_info(self.model) is not None
         session = self.store.get(hash_session_key(job.session_key), delta)
         began = time.perf_counter()
-        boundary = shared_boundary(leading_span(self.tokenizer, prompt), len(prompt))
+        boundary = layout.boundary
         max_tokens = min(job.max_tokens, window - len(prompt))
         # Memory guard: room for the whole request (and a new shared-prefix snapshot) before any prefill.
         snapshot = boundary if boundary and not self.tiers.prefixes.contains(session.mode, prompt[:boundary]) else 0
-        self.memory.reserve(session, len(prompt) + max_tokens, _count_messages(self.tokenizer, prompt), snapshot)
+        self.memory.reserve(session, len(prompt) + max_tokens, layout.kept_states, snapshot)
         try:
-            reused = yield from self._prepare(session, prompt, boundary, stream)
+            reused = yield from self._prepare(session, layout, stream)
             written = (yield from self._write_snippets(session, job.snippets)) if delta else 0
             start = len(session.tokens)
-            plan = self._plan(delta, prompt, start, len(prompt) - 1)
-            yield from self._prefill(session, prompt[start:-1], plan, stream)
+            plan = self._plan(delta, layout, start, len(prompt) - 1)
+            yield from self._prefill(session, layout, plan, stream)
         except Cancelled:
             self._finish(session, stream, "cancelled", 0)
             return None
@@ -105,7 +107,7 @@ class Prefill:
         )
         stream.emit(PromptDone(prompt_tokens=len(prompt), cached_tokens=reused, snippets_written=written))
         # Memory guard: the answer's room again, now that the prompt (and any snapshot) is in.
-        self.memory.reserve(session, len(session.tokens) + max_tokens, _count_messages(self.tokenizer, prompt))
+        self.memory.reserve(session, len(session.tokens) + max_tokens, layout.kept_states)
         if session.delta:
             # Token writes while decoding, as the reference does; the state where the answer starts
             # is kept, so that a retried request rolls back to it without prefilling again.
@@ -121,40 +123,43 @@ class Prefill:
             input=mx.array([prompt[-1]], dtype=mx.uint32),
         )
 
-    def _prepare(self, session: Session, prompt: list[int], boundary: int, stream: JobChannel) -> Steps[int]:
+    def _prepare(self, session: Session, layout: PromptLayout, stream: JobChannel) -> Steps[int]:
         """Cut the session back to what it shares with this prompt, then bring it up to the shared
         boundary (the end of the leading system prompt) from a zero state; returns tokens reused."""
+        prompt, boundary = layout.tokens, layout.boundary
         limit = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
         if session.cache is None:
-            reused = yield from self._rebuild(session, session.safe_offset(limit), stream)
+            reused = yield from self._rebuild(session, session.safe_offset(limit), layout, stream)
         else:
             # Back to a cut the δ record restores exactly: at most 63 tokens before `limit`.
             reused = session.cut_point(limit, lambda offset: restorable_offset(session.cache, offset))
             session.truncate(reused)
         if len(session.tokens) < boundary and not session.snippet_writes:
-            reused = max(reused, self._start_from_shared_prefix(session, prompt, boundary))
+            reused = max(reused, self._start_from_shared_prefix(session, layout))
             start = len(session.tokens)
-            plan = self._plan(session.delta, prompt, start, boundary)
-            yield from self._prefill(session, prompt[start:boundary], plan, stream)
+            plan = self._plan(session.delta, layout, start, boundary)
+            yield from self._prefill(session, layout, plan, stream)
             self.tiers.keep_prefix(session.mode, prompt[:boundary], session.cache)
         session.reused_tokens += reused
         return reused
 
-    def _start_from_shared_prefix(self, session: Session, prompt: list[int], boundary: int) -> int:
+    def _start_from_shared_prefix(self, session: Session, layout: PromptLayout) -> int:
         """Replace the session's cache with the longest shared prefix of prompt[:boundary], if longer."""
+        prompt, boundary = layout.tokens, layout.boundary
         hit = self.tiers.fetch_prefix(session.mode, prompt[:boundary])
         if hit is None or hit[0] <= len(session.tokens):
             return 0
         length, cache = hit
         session.cache = cache
         session.tokens = list(prompt[:length])
-        session.segments = self._plan(session.delta, prompt, 0, length)
+        session.segments = self._plan(session.delta, layout, 0, length)
         return length
 
-    def _rebuild(self, session: Session, target: int, stream: JobChannel) -> Steps[int]:
+    def _rebuild(self, session: Session, target: int, layout: PromptLayout, stream: JobChannel) -> Steps[int]:
         """Recreate the KV cache of a new, evicted or restored session up to `target`: from the disk
         cache as far as it holds the history, else from a shared prefix, replaying the rest; checked
-        against the δ-states it saved. Returns the tokens not replayed."""
+        against the δ-states it saved. Returns the tokens not replayed. The history up to `target` is
+        the prompt's too, so the prompt's layout says where its messages start."""
         saved = saved_points(session)
         history = Session(
             session.key_hash, session.delta, list(session.tokens), list(session.segments), list(session.snippet_writes)
@@ -178,7 +183,7 @@ class Prefill:
                 yield from self._apply_snippets(fresh, step.snippets)
             else:
                 tokens = history.tokens[step.segment.start : step.segment.end]
-                yield from self._run_segment(fresh, tokens, step.segment, stream)
+                yield from self._run_segment(fresh, tokens, step.segment, stream, layout.starts)
         # Only now, with the replay complete, does the session change: a cancelled replay loses nothing.
         if session.delta:
             self.replays.check(self.model, fresh, saved)
@@ -201,20 +206,21 @@ class Prefill:
         session.snippet_writes.append(write)
         yield
 
-    def _plan(self, delta: bool, prompt: list[int], start: int, end: int) -> list[Segment]:
+    def _plan(self, delta: bool, layout: PromptLayout, start: int, end: int) -> list[Segment]:
         """How to write prompt[start:end] (see write_plan.plan_writes)."""
         policy = dataclasses.replace(self.policy, delta=delta)
-        spans = message_spans(self.tokenizer, prompt) if policy.needs_spans and start < end else []
+        spans = layout.spans if policy.needs_spans and start < end else ()
         return plan_writes(policy, spans, start, end)
 
-    def _prefill(self, session: Session, tokens: list[int], plan: list[Segment], stream: JobChannel) -> Steps[None]:
-        base = len(session.tokens)
+    def _prefill(self, session: Session, layout: PromptLayout, plan: list[Segment], stream: JobChannel) -> Steps[None]:
         for seg in plan:
-            yield from self._run_segment(session, tokens[seg.start - base : seg.end - base], seg, stream)
+            yield from self._run_segment(session, layout.tokens[seg.start : seg.end], seg, stream, layout.starts)
 
-    def _run_segment(self, session: Session, tokens: list[int], seg: Segment, stream: JobChannel) -> Steps[None]:
+    def _run_segment(
+        self, session: Session, tokens: list[int], seg: Segment, stream: JobChannel, starts: Sequence[int]
+    ) -> Steps[None]:
         """Write tokens into the session's cache the way the segment says, a chunk per step, checking
-        for cancellation before each."""
+        for cancellation before each; `starts`: where messages start in the prompt the tokens are from."""
         cache = session.cache
         if seg.kind == "messages":
             steps = [(0, len(tokens))]  # one call: message-mean writes depend on call boundaries
@@ -223,7 +229,7 @@ class Prefill:
             steps = [(i, min(i + chunk, len(tokens))) for i in range(0, len(tokens), chunk)]
         # The δ record keeps the state before and after every message's `<|im_start|>`: a new request
         # diverges from the session right after one (the next role differs), so rollbacks land there.
-        marks = [seg.start + i + j for i in message_starts(self.tokenizer, tokens) for j in (0, 1)]
+        marks = [i + j for i in starts if seg.start <= i < seg.end for j in (0, 1)]
         for a, b in steps:
             if stream.cancelled:
                 raise Cancelled
@@ -239,7 +245,3 @@ class Prefill:
             session.prefilled_tokens += b - a
             yield
         mx.clear_cache()
-
-
-def _count_messages(tokenizer: Any, prompt: list[int]) -> int:
-    return len(message_starts(tokenizer, prompt)) * 2  # two kept δ-states per message (see _run_segment)

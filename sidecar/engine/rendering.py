@@ -13,6 +13,7 @@ from typing import Any
 
 from sidecar.engine.failures import JobCounters, PromptRefused
 from sidecar.engine.interface import ChatJob, Failed
+from sidecar.engine.prompt_layout import PromptLayout, analyse_prompt
 from sidecar.engine.prompts import TokenFloor, render_prompt
 from sidecar.engine.scheduler import Admission
 
@@ -46,7 +47,7 @@ class Renderer:
         """Render and tokenize the job's prompt, or refuse it; either way the scheduler may go on."""
         try:
             if not admission.stream.cancelled:  # the client may have left while the job waited here
-                admission.prompt = self.prompt(admission.job)
+                admission.layout = self.layout(admission.job)
         except PromptRefused as refused:
             admission.stream.emit(refused.failure)
         except Exception:
@@ -57,8 +58,8 @@ class Renderer:
         finally:
             self._ready(admission)
 
-    def prompt(self, job: ChatJob) -> list[int]:
-        """The job's prompt tokens; PromptRefused when it cannot fit the context window."""
+    def layout(self, job: ChatJob) -> PromptLayout:
+        """The job's prompt tokens and where its messages sit; PromptRefused when it cannot fit the context window."""
         window = self.context_window
         # Text that cannot fit is refused before the (costly) tokenizing.
         floor = self._token_floor([m.content for m in job.messages]) if self._token_floor else 0
@@ -67,7 +68,7 @@ class Renderer:
         prompt = render_prompt(self.tokenizer, job.messages, job.tools)
         if len(prompt) >= window:
             raise PromptRefused(_too_long(str(len(prompt)), window))
-        return prompt
+        return analyse_prompt(self.tokenizer, prompt)
 
 
 def _too_long(tokens: str, window: int) -> Failed:

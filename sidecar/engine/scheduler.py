@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sidecar.engine.interface import ChatJob, EngineEvent, Failed, Finished
+from sidecar.engine.prompt_layout import PromptLayout
 
 
 class Cancelled(Exception):
@@ -63,13 +64,13 @@ class JobChannel:
 
 @dataclass(eq=False)
 class Admission:
-    """A job from submission until it starts: its session, its stream, and its prompt once rendered."""
+    """A job from submission until it starts: its session, its stream, and its prompt's layout once rendered."""
 
     key: str  # the session key's hash: jobs with the same key never run at once
     job: ChatJob
     stream: JobChannel
-    prompt: list[int] | None = None
-    ready: bool = False  # rendered: `prompt` is set, or the job was refused (and told so)
+    layout: PromptLayout | None = None
+    ready: bool = False  # rendered: `layout` is set, or the job was refused (and told so)
 
 
 class Pipeline(Protocol):
@@ -227,7 +228,7 @@ class Scheduler:
             if admission.stream.cancelled:
                 self._waiting.remove(admission)
                 self._pipeline.drop(admission)
-            elif admission.ready and admission.prompt is None:
+            elif admission.ready and admission.layout is None:
                 self._waiting.remove(admission)  # refused while rendering; the client was told
             elif self._can_start(admission, blocked):
                 self._waiting.remove(admission)
