@@ -112,7 +112,7 @@ def test_a_restarted_server_continues_a_session(engine_factory) -> None:
     asyncio.run(first.close())
 
     second = engine_factory()
-    stats = asyncio.run(second.session_stats("s1"))
+    stats = asyncio.run(second.session_stats(hash_session_key("s1")))
     assert stats["delta"]["memory_writes"] == 1
     for saved, layer in zip(states, stats["delta"]["delta_state"]):
         assert layer["norm"] == pytest.approx(float(np.linalg.norm(saved)), rel=1e-5)
@@ -152,7 +152,7 @@ def test_a_damaged_session_file_is_ignored(engine_factory, tmp_path: Path, damag
     path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00junk" * 100, "empty": b""}[damage])
 
     fresh = engine_factory()
-    assert asyncio.run(fresh.session_stats("s1")) is None
+    assert asyncio.run(fresh.session_stats(hash_session_key("s1"))) is None
     events = run(fresh, job(openclaw_turns(1)[0]))
     # Nothing of the session's history is reused: only the shared system prompt, from the disk cache.
     assert events[0].cached_tokens == fresh.prefixes.stats()["tokens"] > 0 and isinstance(events[-1], Finished)
@@ -281,12 +281,12 @@ def test_a_session_answering_now_cannot_be_reset_but_can_be_read(engine_factory)
         while not isinstance(events[-1], TextDelta):
             events.append(await stream.__anext__())
         with pytest.raises(EngineError) as refused:
-            await engine.reset_session("busy")
+            await engine.reset_session(hash_session_key("busy"))
         # Read between two decode steps, while the answer goes on.
-        stats = await engine.session_stats("busy")
+        stats = await engine.session_stats(hash_session_key("busy"))
         stream.cancel()
         events += [event async for event in stream]
-        return refused.value, stats, events, await engine.reset_session("busy")
+        return refused.value, stats, events, await engine.reset_session(hash_session_key("busy"))
 
     refused, stats, events, reset = asyncio.run(scenario())
     assert (refused.status, refused.code) == (409, "session_busy")

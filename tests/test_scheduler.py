@@ -60,7 +60,7 @@ class ScriptedPipeline:
 
 
 def _job(name: str) -> ChatJob:
-    return ChatJob(session_key=name, messages=(ChatMessage("user", name),), max_tokens=8)
+    return ChatJob(key_hash=name, messages=(ChatMessage("user", name),), max_tokens=8)
 
 
 def _submit(scheduler: Scheduler, key: str, name: str | None = None) -> JobChannel:

@@ -39,7 +39,6 @@ from sidecar.engine.session_admin import SessionAdmin
 from sidecar.engine.write_plan import WritePolicy
 from sidecar.kvcache.prefix_cache import PrefixCache
 from sidecar.sessions.fingerprint import SessionFingerprint
-from sidecar.sessions.keys import hash_session_key
 from sidecar.sessions.replay_check import ReplayChecks
 from sidecar.sessions.state import Session
 from sidecar.sessions.store import SessionStore
@@ -108,7 +107,7 @@ class Engine:
     def submit(self, job: ChatJob) -> JobChannel:
         """Put a chat job in line (its prompt is rendered meanwhile); iterate the returned stream for its events."""
         stream = JobChannel(asyncio.get_running_loop())
-        admission = self._scheduler.enqueue(hash_session_key(job.session_key), job, stream)
+        admission = self._scheduler.enqueue(job.key_hash, job, stream)
         self.renderer.submit(admission)
         return stream
 
@@ -116,24 +115,23 @@ class Engine:
         """Counters for /health, read without waiting for the generation thread."""
         return health_report(self, self._scheduler.stats())
 
-    async def reset_session(self, session_key: str) -> bool:
+    async def reset_session(self, key_hash: str) -> bool:
         """Forget a session (both modes), in memory and on disk; refused while it is answering."""
-        return await self._scheduler.call(lambda: self.admin.reset(hash_session_key(session_key)))
+        return await self._scheduler.call(lambda: self.admin.reset(key_hash))
 
-    async def session_stats(self, session_key: str) -> dict[str, Any] | None:
+    async def session_stats(self, key_hash: str) -> dict[str, Any] | None:
         """Tokens, cache and δ-state figures of a session, or None if it does not exist."""
-        return await self._scheduler.call(lambda: self.admin.stats(hash_session_key(session_key)))
+        return await self._scheduler.call(lambda: self.admin.stats(key_hash))
 
-    async def save_session(self, session_key: str) -> dict[str, Any]:
+    async def save_session(self, key_hash: str) -> dict[str, Any]:
         """Write a session to the state dir now (and wait for its disk-cache chunks, off the generation thread)."""
-        key_hash = hash_session_key(session_key)
         saved = await self._scheduler.call(lambda: self.admin.save(key_hash))
         await asyncio.to_thread(self.tiers.wait_for_writes, key_hash)
         return saved
 
-    async def load_session(self, session_key: str) -> dict[str, Any]:
+    async def load_session(self, key_hash: str) -> dict[str, Any]:
         """Bring a session back from the state dir (its KV is rebuilt at its next turn)."""
-        return await self._scheduler.call(lambda: self.admin.load(hash_session_key(session_key)))
+        return await self._scheduler.call(lambda: self.admin.load(key_hash))
 
     async def close(self) -> None:
         """Save every session, let the started and waiting jobs finish, stop the threads (once)."""

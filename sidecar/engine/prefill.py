@@ -32,7 +32,6 @@ from sidecar.engine.sampling import row_sampler
 from sidecar.engine.scheduler import Cancelled, JobChannel
 from sidecar.engine.stop_strings import StopScanner
 from sidecar.engine.write_plan import WritePolicy, plan_writes, replay_steps
-from sidecar.sessions.keys import hash_session_key
 from sidecar.sessions.replay_check import ReplayChecks, saved_points
 from sidecar.sessions.state import Segment, Session, SnippetWrite, common_prefix
 from sidecar.sessions.store import SessionStore
@@ -83,7 +82,7 @@ class Prefill:
         prompt = layout.tokens
         window = self.settings.context_window
         delta = job.delta_enabled and delta_info(self.model) is not None
-        session = self.store.get(hash_session_key(job.session_key), delta)
+        session = self.store.get(job.key_hash, delta)
         began = time.perf_counter()
         boundary = layout.boundary
         max_tokens = min(job.max_tokens, window - len(prompt))

@@ -131,26 +131,26 @@ def create_app(
 
     @app.get("/v1/session")
     async def session_stats(request: Request) -> JSONResponse:
-        key = session_key_from_headers(request.headers)
-        stats = await state.ready_engine().session_stats(key)
+        key_hash = _key_hash(request)
+        stats = await state.ready_engine().session_stats(key_hash)
         if stats is None:
             raise ApiError(404, "this session has no state on the server", code="session_not_found")
-        return _session_response(key, stats)
+        return _session_response(key_hash, stats)
 
     @app.delete("/v1/session")
     async def session_reset(request: Request) -> JSONResponse:
-        key = session_key_from_headers(request.headers)
-        return _session_response(key, {"reset": await state.ready_engine().reset_session(key)})
+        key_hash = _key_hash(request)
+        return _session_response(key_hash, {"reset": await state.ready_engine().reset_session(key_hash)})
 
     @app.post("/v1/session/save")
     async def session_save(request: Request) -> JSONResponse:
-        key = session_key_from_headers(request.headers)
-        return _session_response(key, await state.ready_engine().save_session(key))
+        key_hash = _key_hash(request)
+        return _session_response(key_hash, await state.ready_engine().save_session(key_hash))
 
     @app.post("/v1/session/load")
     async def session_load(request: Request) -> JSONResponse:
-        key = session_key_from_headers(request.headers)
-        return _session_response(key, await state.ready_engine().load_session(key))
+        key_hash = _key_hash(request)
+        return _session_response(key_hash, await state.ready_engine().load_session(key_hash))
 
     return app
 
@@ -178,9 +178,13 @@ async def _load(state: ServerState, loader: EngineLoader) -> None:
     log.info("model %s ready in %.1f s", state.settings.model_id, time.monotonic() - began)
 
 
-def _session_response(key: str, payload: dict[str, Any]) -> JSONResponse:
-    session = hash_session_key(key)
-    return JSONResponse({"session": session, **payload}, headers={"X-Delta-Session": session})
+def _key_hash(request: Request) -> str:
+    """The hash of the session key the request's headers name: past this point, a session's only name."""
+    return hash_session_key(session_key_from_headers(request.headers))
+
+
+def _session_response(key_hash: str, payload: dict[str, Any]) -> JSONResponse:
+    return JSONResponse({"session": key_hash, **payload}, headers={"X-Delta-Session": key_hash})
 
 
 # --------------------------------------------------------------------------- errors

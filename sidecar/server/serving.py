@@ -31,10 +31,10 @@ from sidecar.server.protocol import (
     ChatCompletionResponse,
     Choice,
     ChoiceDelta,
+    ChoiceFinishReason,
     ChunkChoice,
     ErrorInfo,
     ErrorResponse,
-    ChoiceFinishReason,
     FunctionCallDelta,
     MessageContent,
     PromptTokensDetails,
@@ -139,12 +139,12 @@ class ChatCompletionService:
         """Answer one request: JSON, or a token-by-token event stream."""
         self._check_model(request.model)
         mode = self._delta_mode(http.headers)
-        session_key = session_key_from_headers(http.headers)
+        key_hash = hash_session_key(session_key_from_headers(http.headers))  # the engine only sees the hash
         messages = tuple(to_chat_message(message) for message in request.messages)
         memory, source = await self._memory(request, http.headers, messages)
         tools, parse_tools = self._tools(request)
         job = ChatJob(
-            session_key=session_key,
+            key_hash=key_hash,
             messages=messages,
             max_tokens=self._max_tokens(request),
             tools=tools,
@@ -153,12 +153,12 @@ class ChatCompletionService:
             delta_enabled=mode == "delta",
             **_sampling(request),
         )
-        headers = _response_headers(session_key, mode, memory, source)
+        headers = _response_headers(key_hash, mode, memory, source)
         fmt = self.engine.info.tool_call_format
         parser = ToolCallStreamParser(fmt, tools) if parse_tools and fmt is not None else None
         stream = self.engine.submit(job)
         self.answers.add(stream)
-        meta = _Meta(completion_id(), int(time.time()), request.model, hash_session_key(session_key), time.monotonic())
+        meta = _Meta(completion_id(), int(time.time()), request.model, key_hash, time.monotonic())
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             events = _sse_events(_checked(stream, self.answers), parser, meta, include_usage)
@@ -264,9 +264,9 @@ def _sampling(request: ChatCompletionRequest) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
 
-def _response_headers(session_key: str, mode: DeltaMode, memory: ParsedMemory, source: MemorySource) -> dict[str, str]:
+def _response_headers(key_hash: str, mode: DeltaMode, memory: ParsedMemory, source: MemorySource) -> dict[str, str]:
     headers = {
-        "X-Delta-Session": hash_session_key(session_key),
+        "X-Delta-Session": key_hash,
         "X-Delta-Mode": mode,
         "X-Delta-Attention-State-Count": str(len(memory.snippets)),
         "X-Delta-Attention-State-Source": source,
