@@ -253,6 +253,23 @@ def test_a_prompt_being_tokenized_holds_up_no_other_session(engine_factory, monk
     assert isinstance(huge[-1], Failed) and huge[-1].code == "context_length_exceeded" and huge[-1].status == 400
 
 
+def test_a_prompt_that_fails_to_render_fails_its_request_and_is_counted(engine_factory, monkeypatch) -> None:
+    engine = engine_factory()
+
+    def broken_render(tokenizer: Any, messages: Any, tools: Any) -> list[int]:
+        if messages[-1].content == "break":
+            raise RuntimeError("a bug in the template")
+        return render_prompt(tokenizer, messages, tools)
+
+    monkeypatch.setattr(rendering, "render_prompt", broken_render)
+    failure = run(engine, job([("user", "break")], key="broken"))[-1]
+    assert isinstance(failure, Failed) and (failure.status, failure.code) == (500, "engine_error")
+    assert "reading the prompt" in failure.message
+    assert run(engine, job([("user", "hello")], key="next"))[-1].finish_reason == "length"
+    jobs = asyncio.run(engine.health())["jobs"]
+    assert (jobs["failed"], jobs["completed"]) == (1, 1)
+
+
 def test_a_prompt_too_long_by_its_text_alone_is_refused_without_tokenizing(
     engine_factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

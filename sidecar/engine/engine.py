@@ -26,10 +26,10 @@ from sidecar.delta.api import attach_delta_mem, check_kv_quantization, delta_inf
 from sidecar.engine import decoding
 from sidecar.engine.cache_tiers import CacheTiers, open_kv_disk
 from sidecar.engine.decoding import Row
-from sidecar.engine.failures import ENGINE_FAILED, OUT_OF_MEMORY, JobCounters
+from sidecar.engine.failures import ENGINE_FAILED, OUT_OF_MEMORY, JobCounters, failures_told
 from sidecar.engine.health import health_report
-from sidecar.engine.interface import ChatJob, EngineInfo, Failed, Finished, FinishReason, ToolCallFormat
-from sidecar.engine.memory_guard import KvBudgetExceeded, KvGuard, effective_budget, is_allocation_failure
+from sidecar.engine.interface import ChatJob, EngineInfo, Finished, FinishReason, ToolCallFormat
+from sidecar.engine.memory_guard import KvGuard, effective_budget, is_allocation_failure
 from sidecar.engine.memory_keeper import MemoryKeeper
 from sidecar.engine.prefill import Prefill, Steps
 from sidecar.engine.prompts import message_start_id
@@ -147,19 +147,13 @@ class Engine:
     def prefill(self, admission: Admission) -> Steps[Row | None]:
         """The job's prompt, a step at a time; returns the row that decodes its answer, or None."""
         assert admission.layout is not None  # the scheduler starts rendered jobs only
-        try:
+        key = admission.key
+
+        def out_of_memory(exc: BaseException) -> None:
+            self.memory.after_allocation_failure(key, exc)
+
+        with failures_told(admission.stream, key, self.counters, "chat job failed", out_of_memory=out_of_memory):
             return (yield from self.prefiller.prefill_job(admission.job, admission.layout, admission.stream))
-        except KvBudgetExceeded as exc:
-            self.counters.add(refused_for_memory=1)
-            admission.stream.emit(Failed(str(exc), "kv_budget_exceeded", 413))
-        except Exception as exc:
-            self.counters.add(failed=1)
-            if is_allocation_failure(exc):
-                self.memory.after_allocation_failure(admission.key, exc)
-                admission.stream.emit(OUT_OF_MEMORY)
-            else:
-                log.exception("chat job failed (session %s)", admission.key[:12])
-                admission.stream.emit(ENGINE_FAILED)
         self.tiers.write_taken_chunks()  # a shared prefix built before the failure is kept
         return None
 
@@ -191,12 +185,9 @@ class Engine:
         if self._scheduler.steps % CLEAR_CACHE_STEPS == 0:
             mx.clear_cache()
         for row, reason in ended:
-            try:
+            # A bug in one row's finishing fails that row only.
+            with failures_told(row.stream, row.session.key_hash, self.counters, "finishing an answer failed"):
                 self._finish(row.session, row.stream, reason, row.generated)
-            except Exception:  # a bug in one row's finishing must not stop the generation thread
-                log.exception("finishing an answer failed (session %s)", row.session.key_hash[:12])
-                self.counters.add(failed=1)
-                row.stream.emit(ENGINE_FAILED)
         return [row for row, _ in ended] + failed
 
     def drop(self, admission: Admission) -> None:

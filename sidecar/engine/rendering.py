@@ -6,20 +6,18 @@ fit the context window is refused before the (costly) tokenizing.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sidecar.engine.failures import JobCounters, PromptRefused
+from sidecar.engine.failures import JobCounters, PromptRefused, failures_told
 from sidecar.engine.interface import ChatJob, Failed
 from sidecar.engine.prompt_layout import PromptLayout, analyse_prompt
 from sidecar.engine.prompts import TokenFloor, render_prompt
 from sidecar.engine.scheduler import Admission
 
-log = logging.getLogger(__name__)
-
 RENDER_THREADS = 4
+READING_FAILED = Failed("the engine failed while reading the prompt; see the server log", "engine_error", 500)
 
 
 class Renderer:
@@ -45,16 +43,11 @@ class Renderer:
 
     def render(self, admission: Admission) -> None:
         """Render and tokenize the job's prompt, or refuse it; either way the scheduler may go on."""
+        stream = admission.stream
         try:
-            if not admission.stream.cancelled:  # the client may have left while the job waited here
-                admission.layout = self.layout(admission.job)
-        except PromptRefused as refused:
-            admission.stream.emit(refused.failure)
-        except Exception:
-            self.counters.add(failed=1)
-            log.exception("rendering a prompt failed (session %s)", admission.key[:12])
-            failure = Failed("the engine failed while reading the prompt; see the server log", "engine_error", 500)
-            admission.stream.emit(failure)
+            with failures_told(stream, admission.key, self.counters, "rendering a prompt failed", READING_FAILED):
+                if not admission.stream.cancelled:  # the client may have left while the job waited here
+                    admission.layout = self.layout(admission.job)
         finally:
             self._ready(admission)
 
