@@ -33,7 +33,6 @@ from sidecar.server.protocol import (
     ChoiceDelta,
     ChoiceFinishReason,
     ChunkChoice,
-    ErrorInfo,
     ErrorResponse,
     FunctionCallDelta,
     MessageContent,
@@ -64,12 +63,32 @@ CLIENT_CLOSED_REQUEST = 499
 
 @dataclass
 class _Outcome:
-    """What a finished job produced, gathered from its events."""
+    """What a job produced, folded from its events as they arrive: the one fold for JSON answers and streams."""
 
+    parser: ToolCallStreamParser | None = None
     content: list[str] = field(default_factory=list)
     tool_calls: list[ParsedToolCall] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
     finish_reason: ChoiceFinishReason = "stop"
+
+    def fold(self, event: "Answered") -> list[ParserEvent]:
+        """Take in one event; returns the text and tool-call pieces it adds (a stream sends them on)."""
+        if isinstance(event, PromptDone):
+            self.usage = _usage(event, 0)
+            return []
+        if isinstance(event, TextDelta):
+            pieces = _text_events(self.parser, event.text)
+        else:
+            pieces = self.parser.finish() if self.parser else []
+        for piece in pieces:
+            if isinstance(piece, ContentDelta):
+                self.content.append(piece.text)
+            else:
+                self.tool_calls.append(piece)
+        if isinstance(event, Finished):
+            self.usage = _with_completion(self.usage, event.completion_tokens)
+            self.finish_reason = _finish_reason(event, self.tool_calls)
+        return pieces
 
 
 @dataclass(frozen=True)
@@ -277,24 +296,15 @@ def _response_headers(key_hash: str, mode: DeltaMode, memory: ParsedMemory, sour
 
 
 def _failure_error(failure: Failed) -> ApiError:
-    kind = "server_error" if failure.status >= 500 else "invalid_request_error"
-    return ApiError(failure.status, failure.message, type=kind, code=failure.code)
+    return ApiError(failure.status, failure.message, code=failure.code)
 
 
 async def _collect(events: AsyncIterator[Answered], parser: ToolCallStreamParser | None) -> _Outcome:
     """Run a job to the end for a non-streamed answer."""
-    outcome = _Outcome()
+    outcome = _Outcome(parser)
     try:
         async for event in events:
-            if isinstance(event, PromptDone):
-                outcome.usage = _usage(event, 0)
-            elif isinstance(event, TextDelta):
-                _gather(outcome, _text_events(parser, event.text))
-            elif isinstance(event, Finished):
-                if parser:
-                    _gather(outcome, parser.finish())
-                outcome.usage = _with_completion(outcome.usage, event.completion_tokens)
-                outcome.finish_reason = _finish_reason(event, outcome.tool_calls)
+            outcome.fold(event)
     except _JobFailed as exc:
         raise _failure_error(exc.failure) from None
     return outcome
@@ -321,14 +331,6 @@ def _text_events(parser: ToolCallStreamParser | None, text: str) -> list[ParserE
     if parser is not None:
         return parser.feed(text)
     return [ContentDelta(text)] if text else []
-
-
-def _gather(outcome: _Outcome, events: list[ParserEvent]) -> None:
-    for event in events:
-        if isinstance(event, ContentDelta):
-            outcome.content.append(event.text)
-        else:
-            outcome.tool_calls.append(event)
 
 
 def _finish_reason(event: Finished, tool_calls: Sequence[ParsedToolCall]) -> ChoiceFinishReason:
@@ -398,22 +400,11 @@ async def _sse_events(
 
     # Sent before the prompt is processed so that clients see the answer begin at once.
     yield chunk(ChoiceDelta(role="assistant", content=""))
-    outcome = _Outcome()
+    outcome = _Outcome(parser)
     try:
         async for event in events:
-            if isinstance(event, PromptDone):
-                outcome.usage = _usage(event, 0)
-                continue
-            if isinstance(event, TextDelta):
-                parsed = _text_events(parser, event.text)
-            else:
-                parsed = parser.finish() if parser else []
-            for item in parsed:
-                yield chunk(_delta(item))
-            _gather(outcome, parsed)
-            if isinstance(event, Finished):
-                outcome.usage = _with_completion(outcome.usage, event.completion_tokens)
-                outcome.finish_reason = _finish_reason(event, outcome.tool_calls)
+            for piece in outcome.fold(event):
+                yield chunk(_delta(piece))
         yield chunk(ChoiceDelta(), outcome.finish_reason)
         if include_usage:
             usage_chunk = ChatCompletionChunk(
@@ -425,8 +416,8 @@ async def _sse_events(
         yield sse(ErrorResponse(error=_failure_error(exc.failure).info).model_dump_json())
     except Exception:
         log.exception("session %s: stream failed", meta.session_hash[:12])
-        error = ErrorInfo(message="internal error while generating", type="server_error", code="internal_error")
-        yield sse(ErrorResponse(error=error).model_dump_json())
+        error = ApiError(500, "internal error while generating", code="internal_error")
+        yield sse(ErrorResponse(error=error.info).model_dump_json())
     yield SSE_DONE
 
 
