@@ -89,6 +89,7 @@ class Engine:
             skip_system=settings.write_policy == "skip-system",
         )
 
+        # The scheduler comes last (its thread starts at once); the parts reach it through these two.
         def answering() -> frozenset[str]:
             return self._scheduler.busy_keys()
 

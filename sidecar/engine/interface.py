@@ -1,7 +1,7 @@
 """What the serving layer hands the engine, and what the engine streams back.
 
-The HTTP side (protocol.py, serving.py, app.py) only speaks these types; the engine
-(engine.py, sessions.py) only speaks these types. Neither imports the other's internals.
+The HTTP side (sidecar/server/) only speaks these types; the engine (sidecar/engine/) only speaks
+these types. Neither imports the other's internals.
 """
 
 from __future__ import annotations
