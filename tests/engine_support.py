@@ -48,7 +48,7 @@ def engine_factory(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path)
 
 def job(messages: list[tuple[str, str]], key: str = "s1", **kw: Any) -> ChatJob:
     kw.setdefault("max_tokens", 8)
-    return ChatJob(session_key=key, messages=tuple(ChatMessage(r, c) for r, c in messages), **kw)  # type: ignore[arg-type]
+    return ChatJob(key_hash=hash_session_key(key), messages=tuple(ChatMessage(r, c) for r, c in messages), **kw)  # type: ignore[arg-type]
 
 
 def run(engine: Engine, job: ChatJob) -> list[Any]:

@@ -100,7 +100,7 @@ class FakeEngine:
 
     def submit(self, job: ChatJob) -> FakeJobStream:
         self.jobs.append(job)
-        self.sessions[job.session_key] = self.sessions.get(job.session_key, 0) + 1
+        self.sessions[job.key_hash] = self.sessions.get(job.key_hash, 0) + 1
         stream = FakeJobStream(self.script(job), self.gate)
         self.streams.append(stream)
         return stream
@@ -113,21 +113,21 @@ class FakeEngine:
             "sessions": len(self.sessions),
         }
 
-    async def reset_session(self, session_key: str) -> bool:
-        return self.sessions.pop(session_key, None) is not None
+    async def reset_session(self, key_hash: str) -> bool:
+        return self.sessions.pop(key_hash, None) is not None
 
-    async def session_stats(self, session_key: str) -> dict[str, Any] | None:
-        if session_key not in self.sessions:
+    async def session_stats(self, key_hash: str) -> dict[str, Any] | None:
+        if key_hash not in self.sessions:
             return None
-        return {"turns": self.sessions[session_key]}
+        return {"turns": self.sessions[key_hash]}
 
-    async def save_session(self, session_key: str) -> dict[str, Any]:
-        if session_key not in self.sessions:
+    async def save_session(self, key_hash: str) -> dict[str, Any]:
+        if key_hash not in self.sessions:
             raise EngineError("no such session", status=404, code="session_not_found")
         return {"saved": True}
 
-    async def load_session(self, session_key: str) -> dict[str, Any]:
-        self.sessions.setdefault(session_key, 0)
+    async def load_session(self, key_hash: str) -> dict[str, Any]:
+        self.sessions.setdefault(key_hash, 0)
         return {"loaded": True}
 
     async def close(self) -> None:

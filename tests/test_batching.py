@@ -61,7 +61,7 @@ def _plan(prefix: str) -> dict[str, list[ChatJob]]:
 def _snapshot(engine: Engine, request: ChatJob, events: list[Any]) -> TurnResult:
     """The session's history and δ-states as saved when the turn finished."""
     mode = "delta" if request.delta_enabled else "base"
-    path = Path(engine.settings.state_dir) / f"{hash_session_key(request.session_key)}.{mode}.session.npz"
+    path = Path(engine.settings.state_dir) / f"{request.key_hash}.{mode}.session.npz"
     with np.load(path, allow_pickle=False) as data:
         layers = sorted((n for n in data.files if n.startswith("state_")), key=lambda n: int(n[6:]))
         tokens, states = data["tokens"], [data[n] for n in layers]

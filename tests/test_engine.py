@@ -14,9 +14,10 @@ from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, run, se
 from mlx_lm.models.cache import make_prompt_cache
 
 from sidecar.delta.api import delta_states, set_delta_controls
-from sidecar.engine import engine as engine_module
+from sidecar.engine import prompts, rendering
 from sidecar.engine.interface import EngineError, Failed, Finished, PromptDone, TextDelta
 from sidecar.engine.prompts import render_prompt
+from sidecar.sessions.keys import hash_session_key
 from sidecar.sessions.replay_check import ReplayChecks
 
 
@@ -111,7 +112,7 @@ def test_a_restarted_server_continues_a_session(engine_factory) -> None:
     asyncio.run(first.close())
 
     second = engine_factory()
-    stats = asyncio.run(second.session_stats("s1"))
+    stats = asyncio.run(second.session_stats(hash_session_key("s1")))
     assert stats["delta"]["memory_writes"] == 1
     for saved, layer in zip(states, stats["delta"]["delta_state"]):
         assert layer["norm"] == pytest.approx(float(np.linalg.norm(saved)), rel=1e-5)
@@ -119,6 +120,26 @@ def test_a_restarted_server_continues_a_session(engine_factory) -> None:
     assert isinstance(events[-1], Finished) and events[-1].finish_reason != "cancelled"
     assert len(session_of(second).snippet_writes) == 1
     assert second.replays == ReplayChecks(checks=1, mismatches=0)
+
+
+def test_prompts_are_scanned_for_messages_on_render_threads_only(engine_factory, monkeypatch) -> None:
+    # Even a session rebuilt by a replay (no disk cache) finds its message starts in the prompt's layout.
+    turns = openclaw_turns(2)
+    first = engine_factory(max_disk_bytes=0)
+    run(first, job(turns[0]))
+    asyncio.run(first.close())
+    second = engine_factory(max_disk_bytes=0)
+    threads: list[str] = []
+    real = prompts.message_start_id
+
+    def recording(tokenizer: Any) -> int | None:
+        threads.append(threading.current_thread().name)
+        return real(tokenizer)
+
+    monkeypatch.setattr(prompts, "message_start_id", recording)
+    events = run(second, job(turns[1]))
+    assert isinstance(events[-1], Finished) and second.replays.checks == 1  # the session was rebuilt
+    assert threads and all(name.startswith("delta-mem-render") for name in threads), threads
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
@@ -131,7 +152,7 @@ def test_a_damaged_session_file_is_ignored(engine_factory, tmp_path: Path, damag
     path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00junk" * 100, "empty": b""}[damage])
 
     fresh = engine_factory()
-    assert asyncio.run(fresh.session_stats("s1")) is None
+    assert asyncio.run(fresh.session_stats(hash_session_key("s1"))) is None
     events = run(fresh, job(openclaw_turns(1)[0]))
     # Nothing of the session's history is reused: only the shared system prompt, from the disk cache.
     assert events[0].cached_tokens == fresh.prefixes.stats()["tokens"] > 0 and isinstance(events[-1], Finished)
@@ -217,7 +238,7 @@ def test_a_prompt_being_tokenized_holds_up_no_other_session(engine_factory, monk
             assert release.wait(60)
         return render_prompt(tokenizer, messages, tools)
 
-    monkeypatch.setattr(engine_module, "render_prompt", slow_render)
+    monkeypatch.setattr(rendering, "render_prompt", slow_render)
 
     async def scenario() -> tuple[list[Any], list[Any]]:
         huge = engine.submit(job([("user", "huge " + "word " * 400)], key="huge"))
@@ -232,6 +253,23 @@ def test_a_prompt_being_tokenized_holds_up_no_other_session(engine_factory, monk
     assert isinstance(huge[-1], Failed) and huge[-1].code == "context_length_exceeded" and huge[-1].status == 400
 
 
+def test_a_prompt_that_fails_to_render_fails_its_request_and_is_counted(engine_factory, monkeypatch) -> None:
+    engine = engine_factory()
+
+    def broken_render(tokenizer: Any, messages: Any, tools: Any) -> list[int]:
+        if messages[-1].content == "break":
+            raise RuntimeError("a bug in the template")
+        return render_prompt(tokenizer, messages, tools)
+
+    monkeypatch.setattr(rendering, "render_prompt", broken_render)
+    failure = run(engine, job([("user", "break")], key="broken"))[-1]
+    assert isinstance(failure, Failed) and (failure.status, failure.code) == (500, "engine_error")
+    assert "reading the prompt" in failure.message
+    assert run(engine, job([("user", "hello")], key="next"))[-1].finish_reason == "length"
+    jobs = asyncio.run(engine.health())["jobs"]
+    assert (jobs["failed"], jobs["completed"]) == (1, 1)
+
+
 def test_a_prompt_too_long_by_its_text_alone_is_refused_without_tokenizing(
     engine_factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -242,7 +280,7 @@ def test_a_prompt_too_long_by_its_text_alone_is_refused_without_tokenizing(
         rendered.append(len(messages))
         return render_prompt(tokenizer, messages, tools)
 
-    monkeypatch.setattr(engine_module, "render_prompt", counting_render)
+    monkeypatch.setattr(rendering, "render_prompt", counting_render)
     longest = max(len(token) for token in engine.tokenizer.get_vocab())
     events = run(engine, job([("user", "x" * (300 * longest))]))
     assert isinstance(events[-1], Failed) and events[-1].code == "context_length_exceeded"
@@ -260,12 +298,12 @@ def test_a_session_answering_now_cannot_be_reset_but_can_be_read(engine_factory)
         while not isinstance(events[-1], TextDelta):
             events.append(await stream.__anext__())
         with pytest.raises(EngineError) as refused:
-            await engine.reset_session("busy")
+            await engine.reset_session(hash_session_key("busy"))
         # Read between two decode steps, while the answer goes on.
-        stats = await engine.session_stats("busy")
+        stats = await engine.session_stats(hash_session_key("busy"))
         stream.cancel()
         events += [event async for event in stream]
-        return refused.value, stats, events, await engine.reset_session("busy")
+        return refused.value, stats, events, await engine.reset_session(hash_session_key("busy"))
 
     refused, stats, events, reset = asyncio.run(scenario())
     assert (refused.status, refused.code) == (409, "session_busy")
@@ -324,15 +362,15 @@ def test_a_failure_while_finishing_an_answer_fails_that_request_and_the_engine_g
     engine_factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = engine_factory()
-    real_persist = engine._persist
-    broken = {engine_module.hash_session_key("s1")}
+    real_persist = engine.admin.persist
+    broken = {hash_session_key("s1")}
 
     def persist(session: Any) -> bool:
         if session.key_hash in broken:
             raise RuntimeError("a bug while saving")
         return real_persist(session)
 
-    monkeypatch.setattr(engine, "_persist", persist)
+    monkeypatch.setattr(engine.admin, "persist", persist)
     failure = run(engine, job([("user", "hello")], key="s1"))[-1]
     assert isinstance(failure, Failed) and failure.status == 500 and failure.code == "engine_error"
     # The generation thread is still running: the next request is answered.

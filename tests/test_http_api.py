@@ -302,7 +302,7 @@ def test_session_key_comes_from_openclaw_headers() -> None:
     with serving() as (client, engine):
         chat(client, headers={"session_id": affinity, "x-session-affinity": affinity})
         chat(client)
-    assert [job.session_key for job in engine.jobs] == [affinity, "default"]
+    assert [job.key_hash for job in engine.jobs] == [hash_session_key(affinity), hash_session_key("default")]
 
 
 # --------------------------------------------------------------------------- hidden memory

@@ -18,6 +18,7 @@ from sidecar.delta.api import delta_states
 from sidecar.engine.engine import Engine, load_engine
 from sidecar.engine.interface import Finished, PromptDone, TextDelta
 from sidecar.kvcache import disk_cache
+from sidecar.sessions.keys import hash_session_key
 
 TURNS = openclaw_turns(3)
 
@@ -194,7 +195,7 @@ def test_a_full_disk_fails_no_turn_and_the_files_catch_up_afterwards(
 
     engine = start(tiny_model_dir, tiny_adapter_dir, tmp_path / "state")
     run(engine, job(TURNS[0]))
-    asyncio.run(engine.save_session("s1"))  # returns once the session's chunks are written
+    asyncio.run(engine.save_session(hash_session_key("s1")))  # returns once the session's chunks are written
     with monkeypatch.context() as patch:
         patch.setattr(disk_cache, "write_chunk_file", full)
         events = run(engine, job(TURNS[1]))
@@ -248,7 +249,7 @@ def test_the_shared_prefix_is_stored_once_and_deleting_a_session_removes_its_fil
     assert sorted(p.name for p in (kv / "sessions").iterdir()) == sorted(map(session_of_stem, "ab"))  # hashed keys
     engine = start(tiny_model_dir, tiny_adapter_dir, tmp_path / "state")
     try:
-        assert asyncio.run(engine.reset_session("a"))
+        assert asyncio.run(engine.reset_session(hash_session_key("a")))
         assert not (kv / "sessions" / session_of_stem("a")).exists()
         assert (kv / "sessions" / session_of_stem("b")).exists()
     finally:
@@ -256,8 +257,6 @@ def test_the_shared_prefix_is_stored_once_and_deleting_a_session_removes_its_fil
 
 
 def session_of_stem(key: str) -> str:
-    from sidecar.sessions.keys import hash_session_key
-
     return f"{hash_session_key(key)}.delta"
 
 

@@ -151,14 +151,14 @@ def test_sessions_are_evicted_before_a_prefill_would_exceed_the_budget(engine_fa
     budget = _budget_for(probe, 1.5)
     engine = engine_factory(max_kv_bytes=budget)
     seen: list[int] = []
-    original = engine._run_segment
+    original = engine.prefiller._run_segment
 
     def measured(*args: Any, **kwargs: Any) -> Iterator[None]:
         for step in original(*args, **kwargs):  # after every prefill step
             seen.append(_held(engine))
             yield step
 
-    monkeypatch.setattr(engine, "_run_segment", measured)
+    monkeypatch.setattr(engine.prefiller, "_run_segment", measured)
     for key in ("a", "b", "c"):
         assert _answer(run(engine, job(openclaw_turns(1)[0], key=key)))
         assert _held(engine) <= budget

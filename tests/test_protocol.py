@@ -174,3 +174,10 @@ def test_hash_session_key_is_sha256_hex() -> None:
     assert len(digest) == 64 and set(digest) <= set("0123456789abcdef")
     assert digest == hash_session_key("agent:main:test") != hash_session_key("agent:main:other")
     assert "agent" not in digest
+
+
+def test_an_error_type_follows_its_status_unless_given() -> None:
+    assert ApiError(503, "loading").info.type == "server_error"
+    assert ApiError(500, "bug").info.type == "server_error"
+    assert ApiError(404, "no such session").info.type == "invalid_request_error"
+    assert ApiError(401, "wrong key", type="authentication_error").info.type == "authentication_error"

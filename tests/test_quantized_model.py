@@ -31,6 +31,7 @@ from sidecar.delta import attach_delta_mem, delta_states
 from sidecar.delta.api import set_delta_controls
 from sidecar.engine.engine import Engine
 from sidecar.engine.interface import TextDelta
+from sidecar.sessions.keys import hash_session_key
 from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 
 BITS, GROUP_SIZE = 4, 64
@@ -142,7 +143,7 @@ def test_a_server_on_the_4_bit_model_answers_like_the_dequantized_runtime(
     engine = Engine(model, tokenizer, settings)
     try:
         events = run(engine, job(MESSAGES, key="q4", snippets=SNIPPETS, max_tokens=12, temperature=0.0))
-        stats: dict[str, Any] = asyncio.run(engine.session_stats("q4"))
+        stats: dict[str, Any] = asyncio.run(engine.session_stats(hash_session_key("q4")))
     finally:
         asyncio.run(engine.close())
     assert served and served == "".join(e.text for e in events if isinstance(e, TextDelta))

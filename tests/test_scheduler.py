@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from sidecar.engine.interface import ChatJob, ChatMessage, Finished, TextDelta
-from sidecar.engine.scheduler import Admission, JobStream, Scheduler
+from sidecar.engine.prompt_layout import PromptLayout
+from sidecar.engine.scheduler import Admission, JobChannel, Scheduler
 
 DEADLINE_S = 30
 
@@ -20,7 +21,7 @@ DEADLINE_S = 30
 @dataclass(eq=False)
 class FakeRow:
     name: str
-    stream: JobStream
+    stream: JobChannel
     left: int
 
 
@@ -59,18 +60,18 @@ class ScriptedPipeline:
 
 
 def _job(name: str) -> ChatJob:
-    return ChatJob(session_key=name, messages=(ChatMessage("user", name),), max_tokens=8)
+    return ChatJob(key_hash=name, messages=(ChatMessage("user", name),), max_tokens=8)
 
 
-def _submit(scheduler: Scheduler, key: str, name: str | None = None) -> JobStream:
-    stream = JobStream(asyncio.get_running_loop())
+def _submit(scheduler: Scheduler, key: str, name: str | None = None) -> JobChannel:
+    stream = JobChannel(asyncio.get_running_loop())
     admission = scheduler.enqueue(key, _job(name or key), stream)
-    admission.prompt = [1, 2, 3]
+    admission.layout = PromptLayout(tokens=[1, 2, 3], spans=(), starts=(), boundary=0)
     scheduler.ready(admission)
     return stream
 
 
-async def _drain(stream: JobStream) -> list[Any]:
+async def _drain(stream: JobChannel) -> list[Any]:
     return [event async for event in stream]
 
 

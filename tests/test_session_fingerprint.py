@@ -25,7 +25,7 @@ def engine_on(model: Path, adapter: Path, state: Path) -> Engine:
 
 
 def stats(engine: Engine) -> dict | None:
-    return asyncio.run(engine.session_stats(KEY))
+    return asyncio.run(engine.session_stats(hash_session_key(KEY)))
 
 
 def close(engine: Engine) -> None:

@@ -10,19 +10,17 @@ string, the length limit) is in the cache too, as it was with generate_step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
 
 from sidecar.delta.batch import decode_rows
-from sidecar.engine.interface import TextDelta
+from sidecar.engine.interface import FinishReason, TextDelta
 from sidecar.engine.sampling import RowSampler, sample_rows
-from sidecar.engine.scheduler import JobStream
+from sidecar.engine.scheduler import JobChannel
 from sidecar.engine.stop_strings import StopScanner
 from sidecar.sessions.state import Session
-
-FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass(eq=False)
@@ -30,7 +28,7 @@ class Row:
     """One answer being decoded: its session, its stream, its sampling and what it has produced."""
 
     session: Session
-    stream: JobStream
+    stream: JobChannel
     max_tokens: int
     sampler: RowSampler | None
     detokenizer: Any

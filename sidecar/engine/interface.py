@@ -1,7 +1,7 @@
 """What the serving layer hands the engine, and what the engine streams back.
 
-The HTTP side (protocol.py, serving.py, app.py) only speaks these types; the engine
-(engine.py, sessions.py) only speaks these types. Neither imports the other's internals.
+The HTTP side (sidecar/server/) only speaks these types; the engine (sidecar/engine/) only speaks
+these types. Neither imports the other's internals.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class ChatMessage:
 class ChatJob:
     """One chat completion to run in a session."""
 
-    session_key: str
+    key_hash: str  # the session key's hash (sidecar/sessions/keys.py): the engine never sees the key
     messages: tuple[ChatMessage, ...]
     max_tokens: int
     tools: tuple[dict[str, Any], ...] = ()
@@ -55,11 +55,15 @@ class TextDelta:
     text: str
 
 
+# Why an answer ended: a stop (EOS or a stop string), the length limit, or the client left.
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
 @dataclass(frozen=True)
 class Finished:
     """The last event of a job."""
 
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: FinishReason
     completion_tokens: int
 
 
@@ -108,7 +112,8 @@ class EngineInfo:
 
 
 class JobStream(Protocol):
-    """A submitted job: iterate its events; cancel it when the client goes away."""
+    """A submitted job: iterate its events; cancel it when the client goes away (the engine's is
+    scheduler.JobChannel)."""
 
     def __aiter__(self) -> "JobStream": ...
 
@@ -126,13 +131,14 @@ class EngineLike(Protocol):
 
     async def health(self) -> dict[str, Any]: ...
 
-    async def reset_session(self, session_key: str) -> bool: ...
+    # Sessions are named by their key's hash, as everywhere past the HTTP layer.
+    async def reset_session(self, key_hash: str) -> bool: ...
 
-    async def session_stats(self, session_key: str) -> dict[str, Any] | None: ...
+    async def session_stats(self, key_hash: str) -> dict[str, Any] | None: ...
 
-    async def save_session(self, session_key: str) -> dict[str, Any]: ...
+    async def save_session(self, key_hash: str) -> dict[str, Any]: ...
 
-    async def load_session(self, session_key: str) -> dict[str, Any]: ...
+    async def load_session(self, key_hash: str) -> dict[str, Any]: ...
 
     async def close(self) -> None:
         """Stop the generation thread and persist sessions; called once when the server shuts down."""

@@ -1,8 +1,9 @@
 """The KV budget at run time: what a request will hold, whom to evict for it, when to refuse it.
 
-Pure functions over byte counts; nothing here touches MLX or the session store. The engine asks
-before a prefill and before decoding (the two calls marked "memory guard" in engine.py) and does
-the evicting itself; a batching scheduler asks the same before each batch step.
+Pure functions over byte counts; nothing here touches MLX or the session store. The memory keeper
+(memory_keeper.py) asks before a prefill (room for the whole request) and before every prefill and
+decode step (room for what the step adds), at the places marked "memory guard" in prefill.py and
+engine.py, and does the evicting itself.
 """
 
 from __future__ import annotations

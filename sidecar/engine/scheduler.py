@@ -21,14 +21,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sidecar.engine.interface import ChatJob, EngineEvent, Failed, Finished
+from sidecar.engine.prompt_layout import PromptLayout
 
 
 class Cancelled(Exception):
     """The client went away; the job stops between two steps."""
 
 
-class JobStream:
-    """Events of one job, delivered from the generation thread to the event loop that submitted it."""
+class JobChannel:
+    """Events of one job, delivered from the generation thread to the event loop that submitted it
+    (the engine's JobStream, see interface.py)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
@@ -36,7 +38,7 @@ class JobStream:
         self._cancelled = threading.Event()
         self._done = False
 
-    def __aiter__(self) -> "JobStream":
+    def __aiter__(self) -> "JobChannel":
         return self
 
     async def __anext__(self) -> EngineEvent:
@@ -62,13 +64,13 @@ class JobStream:
 
 @dataclass(eq=False)
 class Admission:
-    """A job from submission until it starts: its session, its stream, and its prompt once rendered."""
+    """A job from submission until it starts: its session, its stream, and its prompt's layout once rendered."""
 
     key: str  # the session key's hash: jobs with the same key never run at once
     job: ChatJob
-    stream: JobStream
-    prompt: list[int] | None = None
-    ready: bool = False  # rendered: `prompt` is set, or the job was refused (and told so)
+    stream: JobChannel
+    layout: PromptLayout | None = None
+    ready: bool = False  # rendered: `layout` is set, or the job was refused (and told so)
 
 
 class Pipeline(Protocol):
@@ -140,7 +142,7 @@ class Scheduler:
         """True until stop() has let the thread end."""
         return self._thread.is_alive()
 
-    def enqueue(self, key: str, job: ChatJob, stream: JobStream) -> Admission:
+    def enqueue(self, key: str, job: ChatJob, stream: JobChannel) -> Admission:
         """Put a job in line (in arrival order); it starts once `ready` is called for it."""
         admission = Admission(key, job, stream)
         self._inbox.put(admission)
@@ -226,7 +228,7 @@ class Scheduler:
             if admission.stream.cancelled:
                 self._waiting.remove(admission)
                 self._pipeline.drop(admission)
-            elif admission.ready and admission.prompt is None:
+            elif admission.ready and admission.layout is None:
                 self._waiting.remove(admission)  # refused while rendering; the client was told
             elif self._can_start(admission, blocked):
                 self._waiting.remove(admission)

@@ -62,12 +62,8 @@ class ServerState:
         """The chat service, or a 503 that says why there is none yet."""
         if self.chat is None:
             if self.load_error is not None:
-                raise ApiError(
-                    503, f"the model failed to load: {self.load_error}", type="server_error", code="model_load_failed"
-                )
-            raise ApiError(
-                503, "the model is still loading; retry in a few seconds", type="server_error", code="model_loading"
-            )
+                raise ApiError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
+            raise ApiError(503, "the model is still loading; retry in a few seconds", code="model_loading")
         return self.chat
 
     def ready_engine(self) -> EngineLike:
@@ -131,26 +127,26 @@ def create_app(
 
     @app.get("/v1/session")
     async def session_stats(request: Request) -> JSONResponse:
-        key = session_key_from_headers(request.headers)
-        stats = await state.ready_engine().session_stats(key)
+        key_hash = _key_hash(request)
+        stats = await state.ready_engine().session_stats(key_hash)
         if stats is None:
             raise ApiError(404, "this session has no state on the server", code="session_not_found")
-        return _session_response(key, stats)
+        return _session_response(key_hash, stats)
 
     @app.delete("/v1/session")
     async def session_reset(request: Request) -> JSONResponse:
-        key = session_key_from_headers(request.headers)
-        return _session_response(key, {"reset": await state.ready_engine().reset_session(key)})
+        key_hash = _key_hash(request)
+        return _session_response(key_hash, {"reset": await state.ready_engine().reset_session(key_hash)})
 
     @app.post("/v1/session/save")
     async def session_save(request: Request) -> JSONResponse:
-        key = session_key_from_headers(request.headers)
-        return _session_response(key, await state.ready_engine().save_session(key))
+        key_hash = _key_hash(request)
+        return _session_response(key_hash, await state.ready_engine().save_session(key_hash))
 
     @app.post("/v1/session/load")
     async def session_load(request: Request) -> JSONResponse:
-        key = session_key_from_headers(request.headers)
-        return _session_response(key, await state.ready_engine().load_session(key))
+        key_hash = _key_hash(request)
+        return _session_response(key_hash, await state.ready_engine().load_session(key_hash))
 
     return app
 
@@ -178,18 +174,22 @@ async def _load(state: ServerState, loader: EngineLoader) -> None:
     log.info("model %s ready in %.1f s", state.settings.model_id, time.monotonic() - began)
 
 
-def _session_response(key: str, payload: dict[str, Any]) -> JSONResponse:
-    session = hash_session_key(key)
-    return JSONResponse({"session": session, **payload}, headers={"X-Delta-Session": session})
+def _key_hash(request: Request) -> str:
+    """The hash of the session key the request's headers name: past this point, a session's only name."""
+    return hash_session_key(session_key_from_headers(request.headers))
+
+
+def _session_response(key_hash: str, payload: dict[str, Any]) -> JSONResponse:
+    return JSONResponse({"session": key_hash, **payload}, headers={"X-Delta-Session": key_hash})
 
 
 # --------------------------------------------------------------------------- errors
 
 
 def error_response(
-    status: int, message: str, type: ErrorType, param: str | None = None, code: str | None = None
+    status: int, message: str, type: ErrorType | None = None, param: str | None = None, code: str | None = None
 ) -> JSONResponse:
-    """An OpenAI-shaped error response."""
+    """An OpenAI-shaped error response (its type from the status unless given)."""
     body = ApiError(status, message, type=type, param=param, code=code).response_body()
     return JSONResponse(body, status_code=status)
 
@@ -204,38 +204,38 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, *_describe_validation(exc))
+        message, param, code = _describe_validation(exc)
+        return error_response(400, message, param=param, code=code)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind: ErrorType = "server_error" if exc.status_code >= 500 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), kind, code=_HTTP_CODES.get(exc.status_code))
+        return error_response(exc.status_code, str(exc.detail), code=_HTTP_CODES.get(exc.status_code))
 
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
-        kind: ErrorType = "server_error" if exc.status >= 500 else "invalid_request_error"
-        return error_response(exc.status, str(exc), kind, code=exc.code)
+        return error_response(exc.status, str(exc), code=exc.code)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal server error", "server_error", code="internal_error")
+        return error_response(500, "internal server error", code="internal_error")
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[str, str, str | None, str]:
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None, str]:
+    """The message, parameter and code of a request that failed validation (a 400)."""
     errors = exc.errors()
     if not errors:
-        return "invalid request body", "invalid_request_error", None, "invalid_request"
+        return "invalid request body", None, "invalid_request"
     first = errors[0]
     if first.get("type") == "json_invalid":
         reason = first.get("ctx", {}).get("error", "JSON decode error")
-        return f"the body is not valid JSON: {reason}", "invalid_request_error", None, "invalid_json"
+        return f"the body is not valid JSON: {reason}", None, "invalid_json"
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
     # pydantic prefixes messages of custom validators; the client only needs the reason.
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return f"{param or 'body'}: {message}{more}", "invalid_request_error", param, "invalid_request"
+    return f"{param or 'body'}: {message}{more}", param, "invalid_request"
 
 
 # --------------------------------------------------------------------------- auth and body size
@@ -268,10 +268,8 @@ class RequestGuard:
         await self.app(scope, self._counting(receive), send)
 
     def _too_large(self) -> JSONResponse:
-        return error_response(
-            413, f"the request body is larger than {self.max_body_bytes} bytes", "invalid_request_error",
-            code="request_too_large",
-        )
+        message = f"the request body is larger than {self.max_body_bytes} bytes"
+        return error_response(413, message, code="request_too_large")
 
     def _counting(self, receive: Receive) -> Receive:
         # A chunked body has no Content-Length; count what arrives instead.

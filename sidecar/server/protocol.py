@@ -302,14 +302,15 @@ class ResponseMessage(BaseModel):
     tool_calls: list[ResponseToolCall] | None = None
 
 
-FinishReason = Literal["stop", "length", "tool_calls"]
+# What an OpenAI choice reports; serving.py maps the engine's FinishReason (interface.py) to it.
+ChoiceFinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
     logprobs: None = None
-    finish_reason: FinishReason
+    finish_reason: ChoiceFinishReason
 
 
 def completion_id() -> str:
@@ -359,7 +360,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChoiceDelta
     logprobs: None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ChoiceFinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -393,6 +394,11 @@ class ModelList(BaseModel):
 ErrorType = Literal["invalid_request_error", "authentication_error", "server_error"]
 
 
+def error_type(status: int) -> ErrorType:
+    """The OpenAI error type of an HTTP status (unless a more precise one applies, as for a wrong API key)."""
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: ErrorType
@@ -407,20 +413,21 @@ class ErrorResponse(BaseModel):
 
 
 class ApiError(Exception):
-    """A failure to report to the client as an ErrorResponse with an HTTP status."""
+    """A failure to report to the client as an ErrorResponse with an HTTP status (its type from the status
+    unless given): the one way the server turns a status into an OpenAI error."""
 
     def __init__(
         self,
         status: int,
         message: str,
         *,
-        type: ErrorType = "invalid_request_error",
+        type: ErrorType | None = None,
         param: str | None = None,
         code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+        self.info = ErrorInfo(message=message, type=type or error_type(status), param=param, code=code)
 
     def response_body(self) -> dict[str, Any]:
         """The JSON body for this error."""

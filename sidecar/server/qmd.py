@@ -1,4 +1,7 @@
-"""QMD fallback: ask the `qmd` CLI for memory snippets when a request carries none (DESIGN §5).
+"""QMD fallback: ask the `qmd` CLI for memory snippets when a request carries none.
+
+Used when the server runs with `--attention-state-source qmd`: the latest user text is the query,
+and what QMD finds is written into the session's δ-state as hidden memory, as request snippets are.
 
 Every failure (missing binary, timeout, non-zero exit, oversized or non-JSON output) yields no
 snippets and a reason for the log; a request never fails because of QMD.

@@ -31,10 +31,9 @@ from sidecar.server.protocol import (
     ChatCompletionResponse,
     Choice,
     ChoiceDelta,
+    ChoiceFinishReason,
     ChunkChoice,
-    ErrorInfo,
     ErrorResponse,
-    FinishReason,
     FunctionCallDelta,
     MessageContent,
     PromptTokensDetails,
@@ -64,12 +63,32 @@ CLIENT_CLOSED_REQUEST = 499
 
 @dataclass
 class _Outcome:
-    """What a finished job produced, gathered from its events."""
+    """What a job produced, folded from its events as they arrive: the one fold for JSON answers and streams."""
 
+    parser: ToolCallStreamParser | None = None
     content: list[str] = field(default_factory=list)
     tool_calls: list[ParsedToolCall] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
-    finish_reason: FinishReason = "stop"
+    finish_reason: ChoiceFinishReason = "stop"
+
+    def fold(self, event: "Answered") -> list[ParserEvent]:
+        """Take in one event; returns the text and tool-call pieces it adds (a stream sends them on)."""
+        if isinstance(event, PromptDone):
+            self.usage = _usage(event, 0)
+            return []
+        if isinstance(event, TextDelta):
+            pieces = _text_events(self.parser, event.text)
+        else:
+            pieces = self.parser.finish() if self.parser else []
+        for piece in pieces:
+            if isinstance(piece, ContentDelta):
+                self.content.append(piece.text)
+            else:
+                self.tool_calls.append(piece)
+        if isinstance(event, Finished):
+            self.usage = _with_completion(self.usage, event.completion_tokens)
+            self.finish_reason = _finish_reason(event, self.tool_calls)
+        return pieces
 
 
 @dataclass(frozen=True)
@@ -139,12 +158,12 @@ class ChatCompletionService:
         """Answer one request: JSON, or a token-by-token event stream."""
         self._check_model(request.model)
         mode = self._delta_mode(http.headers)
-        session_key = session_key_from_headers(http.headers)
+        key_hash = hash_session_key(session_key_from_headers(http.headers))  # the engine only sees the hash
         messages = tuple(to_chat_message(message) for message in request.messages)
         memory, source = await self._memory(request, http.headers, messages)
         tools, parse_tools = self._tools(request)
         job = ChatJob(
-            session_key=session_key,
+            key_hash=key_hash,
             messages=messages,
             max_tokens=self._max_tokens(request),
             tools=tools,
@@ -153,12 +172,12 @@ class ChatCompletionService:
             delta_enabled=mode == "delta",
             **_sampling(request),
         )
-        headers = _response_headers(session_key, mode, memory, source)
+        headers = _response_headers(key_hash, mode, memory, source)
         fmt = self.engine.info.tool_call_format
         parser = ToolCallStreamParser(fmt, tools) if parse_tools and fmt is not None else None
         stream = self.engine.submit(job)
         self.answers.add(stream)
-        meta = _Meta(completion_id(), int(time.time()), request.model, hash_session_key(session_key), time.monotonic())
+        meta = _Meta(completion_id(), int(time.time()), request.model, key_hash, time.monotonic())
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             events = _sse_events(_checked(stream, self.answers), parser, meta, include_usage)
@@ -264,9 +283,9 @@ def _sampling(request: ChatCompletionRequest) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
 
-def _response_headers(session_key: str, mode: DeltaMode, memory: ParsedMemory, source: MemorySource) -> dict[str, str]:
+def _response_headers(key_hash: str, mode: DeltaMode, memory: ParsedMemory, source: MemorySource) -> dict[str, str]:
     headers = {
-        "X-Delta-Session": hash_session_key(session_key),
+        "X-Delta-Session": key_hash,
         "X-Delta-Mode": mode,
         "X-Delta-Attention-State-Count": str(len(memory.snippets)),
         "X-Delta-Attention-State-Source": source,
@@ -277,24 +296,15 @@ def _response_headers(session_key: str, mode: DeltaMode, memory: ParsedMemory, s
 
 
 def _failure_error(failure: Failed) -> ApiError:
-    kind = "server_error" if failure.status >= 500 else "invalid_request_error"
-    return ApiError(failure.status, failure.message, type=kind, code=failure.code)
+    return ApiError(failure.status, failure.message, code=failure.code)
 
 
 async def _collect(events: AsyncIterator[Answered], parser: ToolCallStreamParser | None) -> _Outcome:
     """Run a job to the end for a non-streamed answer."""
-    outcome = _Outcome()
+    outcome = _Outcome(parser)
     try:
         async for event in events:
-            if isinstance(event, PromptDone):
-                outcome.usage = _usage(event, 0)
-            elif isinstance(event, TextDelta):
-                _gather(outcome, _text_events(parser, event.text))
-            elif isinstance(event, Finished):
-                if parser:
-                    _gather(outcome, parser.finish())
-                outcome.usage = _with_completion(outcome.usage, event.completion_tokens)
-                outcome.finish_reason = _finish_reason(event, outcome.tool_calls)
+            outcome.fold(event)
     except _JobFailed as exc:
         raise _failure_error(exc.failure) from None
     return outcome
@@ -323,15 +333,7 @@ def _text_events(parser: ToolCallStreamParser | None, text: str) -> list[ParserE
     return [ContentDelta(text)] if text else []
 
 
-def _gather(outcome: _Outcome, events: list[ParserEvent]) -> None:
-    for event in events:
-        if isinstance(event, ContentDelta):
-            outcome.content.append(event.text)
-        else:
-            outcome.tool_calls.append(event)
-
-
-def _finish_reason(event: Finished, tool_calls: Sequence[ParsedToolCall]) -> FinishReason:
+def _finish_reason(event: Finished, tool_calls: Sequence[ParsedToolCall]) -> ChoiceFinishReason:
     if event.finish_reason == "stop" and tool_calls:
         return "tool_calls"
     return "length" if event.finish_reason == "length" else "stop"
@@ -391,29 +393,18 @@ async def _sse_events(
 ) -> AsyncIterator[str]:
     """The event stream of one answer: role first, then deltas, finish, usage, [DONE]."""
 
-    def chunk(delta: ChoiceDelta, finish_reason: FinishReason | None = None) -> str:
+    def chunk(delta: ChoiceDelta, finish_reason: ChoiceFinishReason | None = None) -> str:
         choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
         body = ChatCompletionChunk(id=meta.id, created=meta.created, model=meta.model, choices=[choice])
         return sse(body.model_dump_json())
 
     # Sent before the prompt is processed so that clients see the answer begin at once.
     yield chunk(ChoiceDelta(role="assistant", content=""))
-    outcome = _Outcome()
+    outcome = _Outcome(parser)
     try:
         async for event in events:
-            if isinstance(event, PromptDone):
-                outcome.usage = _usage(event, 0)
-                continue
-            if isinstance(event, TextDelta):
-                parsed = _text_events(parser, event.text)
-            else:
-                parsed = parser.finish() if parser else []
-            for item in parsed:
-                yield chunk(_delta(item))
-            _gather(outcome, parsed)
-            if isinstance(event, Finished):
-                outcome.usage = _with_completion(outcome.usage, event.completion_tokens)
-                outcome.finish_reason = _finish_reason(event, outcome.tool_calls)
+            for piece in outcome.fold(event):
+                yield chunk(_delta(piece))
         yield chunk(ChoiceDelta(), outcome.finish_reason)
         if include_usage:
             usage_chunk = ChatCompletionChunk(
@@ -425,8 +416,8 @@ async def _sse_events(
         yield sse(ErrorResponse(error=_failure_error(exc.failure).info).model_dump_json())
     except Exception:
         log.exception("session %s: stream failed", meta.session_hash[:12])
-        error = ErrorInfo(message="internal error while generating", type="server_error", code="internal_error")
-        yield sse(ErrorResponse(error=error).model_dump_json())
+        error = ApiError(500, "internal error while generating", code="internal_error")
+        yield sse(ErrorResponse(error=error.info).model_dump_json())
     yield SSE_DONE
 
 

@@ -14,6 +14,19 @@ from typing import Any, Literal
 
 SegmentKind = Literal["write", "read", "messages", "plain"]
 
+# A key has a session in each mode: δ on, then δ off (base).
+MODES: tuple[bool, bool] = (True, False)
+
+
+def mode_name(delta: bool) -> str:
+    """How answers, logs and file names name a session's mode."""
+    return "delta" if delta else "base"
+
+
+def file_stem(key_hash: str, delta: bool) -> str:
+    """A session's file name without extension: the key's hash and its mode."""
+    return f"{key_hash}.{mode_name(delta)}"
+
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token lists."""
@@ -70,14 +83,29 @@ class Session:
     reused_tokens: int = 0
 
     @property
+    def mode(self) -> str:
+        """The session's mode: "delta" or "base"."""
+        return mode_name(self.delta)
+
+    @property
     def file_stem(self) -> str:
         """The session's file name without extension: the key's hash and its mode."""
-        return f"{self.key_hash}.{'delta' if self.delta else 'base'}"
+        return file_stem(self.key_hash, self.delta)
 
     @property
     def kv_bytes(self) -> int:
         """Bytes held by this session's cache (0 once evicted)."""
         return sum(c.nbytes for c in self.cache) if self.cache else 0
+
+    def drop_cache(self) -> None:
+        """Forget the KV cache; it is rebuilt from the history at the session's next turn."""
+        self.cache = None
+
+    def adopt(self, rebuilt: "Session") -> None:
+        """Take the history and cache of a rebuilt copy (its δ-states now live in the cache)."""
+        self.tokens, self.segments, self.snippet_writes = rebuilt.tokens, rebuilt.segments, rebuilt.snippet_writes
+        self.cache, self.saved_states, self.saved_checkpoints = rebuilt.cache, None, {}
+        self.prefilled_tokens += rebuilt.prefilled_tokens
 
     def safe_offset(self, offset: int) -> int:
         """The largest offset ≤ `offset` where the history can be cut (never inside a message-mean write)."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from sidecar.sessions.files import SessionFileError, load_session_file, save_session_file
 from sidecar.sessions.fingerprint import SessionFingerprint
-from sidecar.sessions.state import Session
+from sidecar.sessions.state import MODES, Session, file_stem, mode_name
 
 log = logging.getLogger("sidecar.sessions.store")
 
@@ -24,11 +24,6 @@ class StateWriteError(Exception):
 
     def __init__(self, what: str, exc: OSError) -> None:
         super().__init__(f"could not {what}: {describe_os_error(exc)}")
-
-
-def mode_name(delta: bool) -> str:
-    """How answers and logs name a session's mode."""
-    return "delta" if delta else "base"
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -95,7 +90,7 @@ class SessionStore:
 
     def get(self, key_hash: str, delta: bool) -> Session:
         """The session for a key and mode: in memory, else from disk, else new."""
-        stem = Session(key_hash, delta).file_stem
+        stem = file_stem(key_hash, delta)
         session = self._sessions.get(stem) or self._evicted_unsaved.pop(stem, None)
         if session is None:
             session = self._from_disk(key_hash, delta) or Session(key_hash, delta)
@@ -107,8 +102,12 @@ class SessionStore:
 
     def peek(self, key_hash: str, delta: bool) -> Session | None:
         """The session if it is in memory or on disk, without creating one."""
-        stem = Session(key_hash, delta).file_stem
+        stem = file_stem(key_hash, delta)
         return self._sessions.get(stem) or self._evicted_unsaved.get(stem) or self._from_disk(key_hash, delta)
+
+    def peek_modes(self, key_hash: str) -> list[Session]:
+        """The key's sessions (δ first) that are in memory or on disk, without creating any."""
+        return [s for s in (self.peek(key_hash, delta) for delta in MODES) if s is not None]
 
     def save(self, session: Session, states: list[Any] | None, checkpoints: dict[int, list[Any]]) -> Path | None:
         """Write the session's history (and its current and checkpoint δ-states) to disk, atomically.
@@ -121,7 +120,7 @@ class SessionStore:
         try:
             save_session_file(path, session, self._fingerprint().current, states, checkpoints)
         except OSError as exc:
-            error = StateWriteError(f"save the session's {mode_name(session.delta)} state", exc)
+            error = StateWriteError(f"save the session's {session.mode} state", exc)
             self.saves.failed += 1
             self.saves.failing = True
             self.saves.last_error = str(error)
@@ -140,8 +139,8 @@ class SessionStore:
         mode is kept in memory, so the state on disk never outlives newer state in memory.
         """
         found = False
-        for delta in (True, False):
-            stem = Session(key_hash, delta).file_stem
+        for delta in MODES:
+            stem = file_stem(key_hash, delta)
             path = self._path(stem)
             if path is not None:
                 try:
@@ -174,7 +173,7 @@ class SessionStore:
         with self._lock:
             session = self._sessions.pop(stem, None)
         if session is not None:
-            session.cache = None
+            session.drop_cache()
             if stem in self._unsaved:
                 self._evicted_unsaved[stem] = session
             self.evictions += 1
@@ -214,7 +213,7 @@ class SessionStore:
         return None if self.state_dir is None else self.state_dir / f"{stem}.session.npz"
 
     def _from_disk(self, key_hash: str, delta: bool) -> Session | None:
-        path = self._path(Session(key_hash, delta).file_stem)
+        path = self._path(file_stem(key_hash, delta))
         if path is None or not path.exists():
             return None
         try:
