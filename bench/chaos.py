@@ -59,6 +59,8 @@ HEALTH_POLL_S = 0.2
 MAX_ATTEMPTS = 6
 CLI_TIMEOUT_S = 600.0
 MB = 1024 * 1024
+# How much higher the later sidecar processes may peak than the first ones and still count as flat.
+RSS_SLACK = 0.10
 _WORDS = (
     "agent tool memory session file workspace policy channel message reply search config user context note "
     "plan task result error retry limit budget token model provider gateway plugin skill"
@@ -94,6 +96,7 @@ class Turn:
     answer: str
     state_sha256: list[str]
     attempts: int
+    failures: tuple[str, ...]  # why the attempts before the last one failed
     restart_before: bool  # the sidecar restarted since this session's previous turn
 
 
@@ -111,7 +114,7 @@ class Tally:
     abandoned_turns: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     restarts: int = 0  # faults that restarted the sidecar, so far
-    read_only_enforced: bool | None = None
+    read_only: str | None = None  # how the state dir was made read-only, and whether writes were refused
     rss: list[tuple[float, int, int]] = field(default_factory=list)  # (seconds, pid, RSS bytes)
 
 
@@ -226,9 +229,12 @@ class Clients:
             done = self._with_retries(key, lambda: self._turn(key, messages, memory))
             if done is None:
                 return
-            (answer, states), attempts = done
+            (answer, states), failures = done
             restarts_now = self.tally.restarts
-            turn = Turn(key, index, messages, memory, answer, states, attempts, restarts_now != restarts_seen)
+            turn = Turn(
+                key, index, messages, memory, answer, states, len(failures) + 1, failures,
+                restarts_now != restarts_seen,
+            )  # fmt: skip
             restarts_seen = restarts_now
             with self.tally.lock:
                 self.tally.turns.append(turn)
@@ -243,14 +249,17 @@ class Clients:
             raise SidecarError("the answer stream had no finish_reason")
         return reply.text, state_digest(self.client, key)
 
-    def _with_retries(self, key: str, attempt: Any) -> tuple[Any, int] | None:
-        """`attempt()` until it works, waiting for a healthy sidecar between tries; None: given up."""
-        for number in range(1, MAX_ATTEMPTS + 1):
+    def _with_retries(self, key: str, attempt: Any) -> tuple[Any, tuple[str, ...]] | None:
+        """`attempt()` until it works, waiting for a healthy sidecar between tries: its result and why the
+        earlier tries failed; None: given up."""
+        failures: list[str] = []
+        for _ in range(MAX_ATTEMPTS):
             if not self.ready.wait(self.plan.health_deadline_s):
                 break
             try:
-                return attempt(), number
+                return attempt(), tuple(failures)
             except SidecarError as exc:
+                failures.append(str(exc)[:160])
                 if not self._count_failure(key, exc):
                     return None
             with self.tally.lock:
@@ -370,27 +379,52 @@ class Faults:
 
     def _read_only(self) -> None:
         state_dir = Path(self.settings.state_dir or "")
-        folders = [state_dir, *(p for p in state_dir.rglob("*") if p.is_dir())]
-        modes = {folder: stat.S_IMODE(folder.stat().st_mode) for folder in folders}
-        try:
-            for folder in folders:
-                folder.chmod(0o500)
+        with read_only(state_dir) as method:
             enforced = _writes_refused(state_dir)
             with self.tally.lock:
-                self.tally.read_only_enforced = enforced
+                self.tally.read_only = f"{method} ({'writes refused' if enforced else 'writes NOT refused'})"
             time.sleep(self.plan.read_only_s)  # the sidecar serves with a read-only state dir meanwhile
+
+
+@contextmanager
+def read_only(folder: Path) -> Iterator[str]:
+    """Make `folder` read-only for the sidecar, then restore it; yields how.
+
+    chmod does not stop root, so as root the folder gets a read-only bind mount over itself
+    (writes fail with EROFS, as on a read-only volume) when mounting is allowed; else chmod."""
+    if os.geteuid() == 0 and _mount("--bind", str(folder), str(folder)):
+        try:
+            if _mount("-o", "remount,bind,ro", str(folder)):
+                yield "read-only bind mount"
+                return
         finally:
-            for folder, mode in modes.items():
-                if folder.exists():
-                    folder.chmod(mode)
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
+    folders = [folder, *(p for p in folder.rglob("*") if p.is_dir())]
+    modes = {f: stat.S_IMODE(f.stat().st_mode) for f in folders}
+    try:
+        for f in folders:
+            f.chmod(0o500)
+        yield "chmod 0500"
+    finally:
+        for f, mode in modes.items():
+            if f.exists():
+                f.chmod(mode)
+
+
+def _mount(*args: str) -> bool:
+    """`mount ARGS` (an argument list, no shell); True when it worked."""
+    try:
+        return subprocess.run(["mount", *args], capture_output=True, check=False, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def _writes_refused(folder: Path) -> bool:
-    """True when this process cannot create a file in `folder` (false for root, whom chmod does not stop)."""
+    """True when this process cannot create a file in `folder`."""
     probe = folder / f".chaos-probe-{os.getpid()}"
     try:
         probe.touch()
-    except PermissionError:
+    except OSError:
         return True
     probe.unlink()
     return False
@@ -412,20 +446,21 @@ def sample_rss(root: Path, tally: Tally, stop: threading.Event, every_s: float, 
                 tally.rss.append((round(time.monotonic() - started, 1), pid, rss))
 
 
-def rss_report(samples: list[tuple[float, int, int]], warmup_fraction: float = 0.5) -> dict[str, Any]:
-    """RSS over time: every sample (MB), and for the last sidecar process, its growth after its warm-up."""
-    if not samples:
-        return {"samples": []}
-    last_pid = samples[-1][1]
-    last = [rss for _, pid, rss in samples if pid == last_pid]
-    warm = last[int(len(last) * warmup_fraction) :] or last
+def rss_report(samples: list[tuple[float, int, int]]) -> dict[str, Any]:
+    """RSS over time (MB, per sample) and each sidecar process's peak: each restart warms up again, so
+    RSS is flat when the later processes peak no higher than the first ones (within RSS_SLACK)."""
+    peaks: dict[int, int] = {}
+    for _, pid, rss in samples:
+        peaks[pid] = max(rss, peaks.get(pid, 0))
+    ordered = [round(peak / MB, 1) for peak in peaks.values()]  # dicts keep the order processes came in
+    half = max(1, len(ordered) // 2)
+    early, late = ordered[:half], ordered[half:] or ordered[:half]
     return {
         "samples": [[t, pid, round(rss / MB, 1)] for t, pid, rss in samples],
-        "processes": len({pid for _, pid, _ in samples}),
-        "peak_mb": round(max(rss for _, _, rss in samples) / MB, 1),
-        "last_process_after_warmup_mb": round(warm[0] / MB, 1),
-        "last_process_end_mb": round(last[-1] / MB, 1),
-        "last_process_growth_after_warmup_mb": round((max(warm) - warm[0]) / MB, 1),
+        "peak_per_process_mb": ordered,
+        "early_processes_peak_mb": max(early, default=0.0),
+        "late_processes_peak_mb": max(late, default=0.0),
+        "flat": bool(ordered) and max(late) <= max(early) * (1 + RSS_SLACK),
     }
 
 
@@ -484,6 +519,7 @@ def replay(client: SidecarClient, turns: list[Turn], max_tokens: int) -> list[di
                     "memory_on_turn": turn.attention_state is not None,
                     "restart_before": turn.restart_before,
                     "attempts": turn.attempts,
+                    "failures": list(turn.failures),
                     "chaos_answer": turn.answer,
                     "replay_answer": reply.text,
                 }
@@ -538,7 +574,7 @@ def run(plan: ChaosPlan, work: Path) -> dict[str, Any]:
         "conversations": tally.conversations,
         "faults": {kind: tally.faults[kind] for kind in FAULT_KINDS},
         "fault_errors": faults.errors,
-        "read_only_enforced": tally.read_only_enforced,
+        "read_only_state_dir": tally.read_only,
         "retries": tally.retries,
         "abandoned_turns": tally.abandoned_turns,
         "http_5xx": tally.http_5xx,
@@ -553,13 +589,12 @@ def run(plan: ChaosPlan, work: Path) -> dict[str, Any]:
         "chaos_s": round(chaos_elapsed, 1),
         "elapsed_s": round(time.monotonic() - started, 1),
     }
-    growth = rss.get("last_process_growth_after_warmup_mb", 0.0)
     report["targets"] = {
         "no_differing_turns": not differing,
         "no_5xx": tally.http_5xx == 0,
         "no_leftover_files": not leftovers,
         "no_abandoned_turns": tally.abandoned_turns == 0 and not faults.errors,
-        "rss_flat_after_warmup": growth <= 0.1 * rss.get("last_process_after_warmup_mb", 0.0),
+        "rss_flat_after_warmup": rss["flat"],
     }
     return report
 
