@@ -97,7 +97,7 @@ class Turn:
     state_sha256: list[str]
     attempts: int
     failures: tuple[str, ...]  # why the attempts before the last one failed
-    restart_before: bool  # the sidecar restarted since this session's previous turn
+    restart_before: str | None  # the fault that last restarted the sidecar since this session's previous turn
 
 
 @dataclass
@@ -114,6 +114,7 @@ class Tally:
     abandoned_turns: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     restarts: int = 0  # faults that restarted the sidecar, so far
+    last_restart: str | None = None  # the kind of the latest of them
     read_only: str | None = None  # how the state dir was made read-only, and whether writes were refused
     rss: list[tuple[float, int, int]] = field(default_factory=list)  # (seconds, pid, RSS bytes)
 
@@ -230,10 +231,10 @@ class Clients:
             if done is None:
                 return
             (answer, states), failures = done
-            restarts_now = self.tally.restarts
+            restarts_now, last_restart = self.tally.restarts, self.tally.last_restart
             turn = Turn(
                 key, index, messages, memory, answer, states, len(failures) + 1, failures,
-                restarts_now != restarts_seen,
+                last_restart if restarts_now != restarts_seen else None,
             )  # fmt: skip
             restarts_seen = restarts_now
             with self.tally.lock:
@@ -358,7 +359,7 @@ class Faults:
             if kind == "full_disk_budget":
                 budget = load_settings(self.root).max_disk_bytes
                 cli("start-sidecar", "--root", str(self.root), "--max-disk-bytes", str(TINY_DISK_BYTES))
-                self._note_restart()
+                self._note_restart(kind)
                 self.clients.ready.set()
                 time.sleep(self.plan.full_disk_s)  # the sidecar serves with a full disk cache meanwhile
                 self.clients.ready.clear()
@@ -369,13 +370,14 @@ class Faults:
                     raise RuntimeError(f"no sidecar to signal: {ProcessSupervisor(self.root).status().detail}")
                 os.kill(pid, signal.SIGKILL if kind == "kill9" else signal.SIGTERM)
                 wait_healthy(self.root, self.settings, self.plan.health_deadline_s, not_pid=pid)
-            self._note_restart()
+            self._note_restart(kind)
         finally:
             self.clients.ready.set()
 
-    def _note_restart(self) -> None:
+    def _note_restart(self, kind: str) -> None:
         with self.tally.lock:
             self.tally.restarts += 1
+            self.tally.last_restart = kind
 
     def _read_only(self) -> None:
         state_dir = Path(self.settings.state_dir or "")
@@ -582,7 +584,7 @@ def run(plan: ChaosPlan, work: Path) -> dict[str, Any]:
         "client_errors": tally.client_errors,
         "differing_turns": len(differing),
         "differing": differing,
-        "turns_after_a_restart": sum(t.restart_before for t in tally.turns),
+        "turns_after_a_restart": sum(t.restart_before is not None for t in tally.turns),
         "leftover_files": leftovers,
         "last_exit": None if last_exit is None else asdict(last_exit),
         "rss": rss,
