@@ -37,6 +37,9 @@ AttentionState = Sequence[str | dict[str, Any]]
 class SidecarError(UserError, RuntimeError):
     """A request to the sidecar failed; the message says what failed and what to do."""
 
+    # The HTTP status the sidecar answered with (None: no answer, or a failure inside a stream).
+    http_status: int | None = None
+
 
 @dataclass(frozen=True)
 class Message:
@@ -221,8 +224,11 @@ class SidecarClient:
         try:
             return open_local(request, self.timeout)
         except urllib.error.HTTPError as exc:
-            error = _error_body(exc.read())
-            raise SidecarError(_failure(f"{method} {request.full_url} failed with HTTP {exc.code}", error)) from None
+            failure = SidecarError(
+                _failure(f"{method} {request.full_url} failed with HTTP {exc.code}", _error_body(exc.read()))
+            )
+            failure.http_status = exc.code
+            raise failure from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise SidecarError(

@@ -84,14 +84,25 @@ class InstallReport(TypedDict):
     problems: list[str]
 
 
+class LastExitReport(TypedDict):
+    """How the sidecar last exited, as its supervisor tells (supervisors.LastExit)."""
+
+    description: str
+    code: int | None
+    signal: str | None
+    time: str | None
+    restarts: int | None
+
+
 class SupervisorReport(TypedDict):
-    """Who keeps the sidecar running (launchd, systemd or a pidfile) and its state."""
+    """Who keeps the sidecar running (launchd, systemd or a pidfile), its state and its last exit."""
 
     kind: str | None
     state: str
     pid: int | None
     detail: str
     uptime_s: float | None
+    last_exit: LastExitReport | None
 
 
 class HealthReport(TypedDict):

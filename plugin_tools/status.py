@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import psutil
@@ -91,18 +92,27 @@ def install_report(root: Path) -> tuple[InstallReport, SidecarSettings | None]:
 
 
 def supervisor_report(root: Path) -> SupervisorReport:
-    """The supervisor's view of the sidecar process."""
+    """The supervisor's view of the sidecar process, with how it last exited when the supervisor says."""
     try:
         state = supervisor_for_root(root).status()
     except Exception as exc:  # a status tool reports what it cannot read instead of failing
         problem = f"cannot ask the supervisor: {exc}"
-        return {"kind": None, "state": "unknown", "pid": None, "detail": problem, "uptime_s": None}
+        return {
+            "kind": None,
+            "state": "unknown",
+            "pid": None,
+            "detail": problem,
+            "uptime_s": None,
+            "last_exit": None,
+        }
+    last_exit = state.last_exit
     return {
         "kind": state.kind,
         "state": state.state,
         "pid": state.pid,
         "detail": state.detail,
         "uptime_s": _uptime(state.pid),
+        "last_exit": None if last_exit is None else asdict(last_exit),  # type: ignore[typeddict-item]
     }
 
 

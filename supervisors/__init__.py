@@ -12,6 +12,7 @@ import subprocess
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -35,13 +36,32 @@ class SupervisorError(UserError, RuntimeError):
 
 
 @dataclass(frozen=True)
+class LastExit:
+    """How the sidecar last exited, as far as its supervisor tells (None: it does not say)."""
+
+    description: str  # 'was killed by SIGTERM', 'exited with status 3'
+    code: int | None  # the exit status, when it exited by itself
+    signal: str | None  # 'SIGTERM', when a signal ended it
+    time: str | None  # when, as the supervisor gives it (ISO 8601 UTC for the keeper)
+    restarts: int | None  # how many times the supervisor started it again since its own start
+
+    def text(self) -> str:
+        """'was killed by SIGTERM at 2026-12-07T01:50:02Z; restarted 1 time since start-sidecar'."""
+        parts = [self.description + (f" at {self.time}" if self.time else "")]
+        if self.restarts is not None:
+            parts.append(f"restarted {self.restarts} time{'' if self.restarts == 1 else 's'} since start-sidecar")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
 class SupervisorStatus:
-    """What the supervisor says about the sidecar: kind, state, pid if running, a detail line."""
+    """What the supervisor says about the sidecar: kind, state, pid if running, a detail line, its last exit."""
 
     kind: str
     state: SupervisorState
     pid: int | None
     detail: str
+    last_exit: LastExit | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The JSON form used by `status --json` and the plugin's status tool."""
@@ -99,6 +119,11 @@ class Supervisor(ABC):
         for log in self.log_paths():
             if log.exists() and log.stat().st_size > LOG_MAX_BYTES:
                 os.replace(log, log.with_name(log.name + ".1"))
+
+
+def iso_time(seconds: float) -> str:
+    """A Unix time as ISO 8601 UTC to the second: '2026-12-07T01:50:02Z'."""
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def tail_lines(path: Path, count: int) -> list[str]:

@@ -1,19 +1,21 @@
-"""The process supervisor's keeper: runs the sidecar, starts it again when it crashes, stops it on request.
+"""The process supervisor's keeper: runs the sidecar, starts it again whenever it exits, stops it on request.
 
-It behaves like launchd's KeepAlive with ThrottleInterval (and systemd's Restart=on-failure):
-- a sidecar that crashes or is killed is started again, no sooner than `throttle` seconds after
+It behaves like launchd's KeepAlive with ThrottleInterval (and systemd's Restart=always):
+- a sidecar that exits for any reason but a stop request — a crash, a signal from someone else
+  (SIGKILL, SIGTERM, …), even status 0 — is started again, no sooner than `throttle` seconds after
   its previous start (at once if it had been up longer than that);
-- a clean exit (status 0, or SIGTERM/SIGINT/SIGHUP/SIGPIPE sent by someone else) ends the keeper,
-  and so does a configuration error (`common.exit_codes.CONFIG_ERROR`): a restart cannot fix it;
-- a sidecar whose port is taken (`PORT_IN_USE`) is started again like a crash, so it comes back
-  if the port frees soon, and the keeper gives up like after any crash loop if it does not;
-- after MAX_QUICK_CRASHES crashes in a row, each within `throttle` seconds of its start, it gives
+- a configuration error (`common.exit_codes.CONFIG_ERROR`) ends the keeper: a restart cannot fix it;
+- a sidecar whose port is taken (`PORT_IN_USE`) is started again like after a crash, so it comes
+  back if the port frees soon, and the keeper gives up like after any crash loop if it does not;
+- after MAX_QUICK_CRASHES exits in a row, each within `throttle` seconds of its start, it gives
   up, so that a broken install does not spin for ever;
 - SIGTERM, SIGINT or SIGHUP to the keeper stop the sidecar (SIGTERM, then SIGKILL after
-  STOP_TIMEOUT_S) and end the keeper. On Linux the sidecar also gets SIGTERM if the keeper dies.
+  STOP_TIMEOUT_S) and end the keeper: that is the only way to stop it for good. On Linux the
+  sidecar also gets SIGTERM if the keeper dies.
 
-While it waits to start the sidecar again, and after it gave up, it says so in a small JSON
-state file, which the process supervisor reads for `status`.
+Once the sidecar has exited, a small JSON state file says how it last exited, when, how many times
+the keeper started it again, and whether the keeper waits to start it again or gave up; the
+process supervisor reads it for `status`.
 
 With `--pidfile`, only one keeper runs per pidfile: a keeper first takes an exclusive lock next to
 it (`<pidfile without .json>.lock`, held for its whole life and dropped by the kernel when it exits)
@@ -45,14 +47,13 @@ import psutil
 
 from common.exit_codes import CONFIG_ERROR, PORT_IN_USE
 from common.files import atomic_write_json
+from supervisors import LastExit, iso_time
 
 THROTTLE_S = 10.0
 MAX_QUICK_CRASHES = 5
 # Below the process supervisor's own STOP_TIMEOUT_S, so the keeper finishes the job itself.
 STOP_TIMEOUT_S = 15.0
 
-# systemd's Restart=on-failure counts these as a clean end, not a crash.
-CLEAN_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE})
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1
 # What the sidecar's own exit statuses mean, for the log, the state file and `status`.
@@ -61,7 +62,7 @@ EXIT_MEANINGS = {
     PORT_IN_USE: "its port is in use",
 }
 
-KeeperState = Literal["restarting", "gave-up"]
+KeeperState = Literal["running", "restarting", "gave-up"]
 
 log = logging.getLogger("keeper")
 
@@ -74,7 +75,7 @@ class RestartPolicy:
     max_quick_crashes: int = MAX_QUICK_CRASHES
 
     def after_crash(self, quick_crashes: int, uptime_s: float) -> tuple[int, float | None]:
-        """After a crash `uptime_s` seconds into a run that followed `quick_crashes` quick crashes in a
+        """After an exit `uptime_s` seconds into a run that followed `quick_crashes` quick exits in a
         row: the new count, and the seconds to wait before the next start (None: give up)."""
         crashes = quick_crashes + 1 if uptime_s < self.throttle_s else 0
         if crashes >= self.max_quick_crashes:
@@ -97,25 +98,35 @@ def keeper_lock_path(pidfile: Path) -> Path:
     return pidfile.with_suffix(".lock")
 
 
+def signal_name(number: int) -> str:
+    """'SIGTERM' for 15; 'signal 99' for a number this platform does not name."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def describe_exit(returncode: int) -> str:
     """'exited with status 3', 'exited with status 78 (its configuration is wrong; …)' or 'was killed by SIGKILL'."""
     if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"was killed by {name}"
+        return f"was killed by {signal_name(-returncode)}"
     meaning = EXIT_MEANINGS.get(returncode)
     return f"exited with status {returncode}" + (f" ({meaning})" if meaning else "")
 
 
-def is_clean_exit(returncode: int) -> bool:
-    """True for an exit that was asked for: status 0 or one of CLEAN_SIGNALS."""
-    return returncode == 0 or (returncode < 0 and -returncode in CLEAN_SIGNALS)
+def last_exit_of(returncode: int, at: float, restarts: int) -> LastExit:
+    """The `LastExit` of a sidecar that ended with this Popen return code at this time."""
+    return LastExit(
+        description=describe_exit(returncode),
+        code=returncode if returncode >= 0 else None,
+        signal=signal_name(-returncode) if returncode < 0 else None,
+        time=iso_time(at),
+        restarts=restarts,
+    )
 
 
 class Keeper:
-    """Runs one command, starting it again after crashes, until it ends cleanly or is told to stop.
+    """Runs one command, starting it again whenever it exits, until it is told to stop or gives up.
 
     It has no threads: signal handlers only set a flag, and the loop sleeps in `select` on the
     signal wakeup pipe, so a child's exit (SIGCHLD) or a stop request wakes it at once.
@@ -140,34 +151,37 @@ class Keeper:
     def run(self) -> int:
         """Keep the command running; the keeper's exit status (1 when it gave up)."""
         quick_crashes = 0
+        restarts = 0
         try:
             while not self._stopping:
                 started = time.monotonic()
                 returncode = self._run_once()
-                if returncode is None or is_clean_exit(returncode):
+                if returncode is None:
                     return 0
+                ended = time.time()
                 uptime = time.monotonic() - started
                 quick_crashes, delay = self.policy.after_crash(quick_crashes, uptime)
-                exit_text = describe_exit(returncode)
-                what = f"the sidecar {exit_text} after {uptime:.1f} s"
+                what = f"the sidecar {describe_exit(returncode)} after {uptime:.1f} s"
                 if returncode == CONFIG_ERROR:
                     log.error("%s, so the keeper does not start it again: fix the cause shown above", what)
-                    self._write_state("gave-up", returncode, quick_crashes, None)
+                    self._write_state("gave-up", returncode, ended, restarts, quick_crashes)
                     return 1
                 if delay is None:
                     log.error(
-                        "%s; it crashed %d times in a row within %g s of starting, so the keeper gives up: "
+                        "%s; it exited %d times in a row within %g s of starting, so the keeper gives up: "
                         "fix the cause shown above, then run 'delta-mem-mlx start-sidecar'",
                         what,
                         quick_crashes,
                         self.policy.throttle_s,
                     )
-                    self._write_state("gave-up", returncode, quick_crashes, None)
+                    self._write_state("gave-up", returncode, ended, restarts, quick_crashes)
                     return 1
                 log.warning("%s; starting it again in %.1f s", what, delay)
-                self._write_state("restarting", returncode, quick_crashes, delay)
+                self._write_state("restarting", returncode, ended, restarts, quick_crashes, delay)
                 self._sleep_until(time.monotonic() + delay)
-                self.state_file.unlink(missing_ok=True)
+                if not self._stopping:
+                    restarts += 1
+                    self._write_state("running", returncode, ended, restarts, quick_crashes)
             return 0
         finally:
             if self._stopping:
@@ -204,11 +218,21 @@ class Keeper:
             except BlockingIOError:
                 pass
 
-    def _write_state(self, state: KeeperState, returncode: int, crashes: int, delay: float | None) -> None:
+    def _write_state(
+        self,
+        state: KeeperState,
+        returncode: int,
+        ended: float,
+        restarts: int,
+        crashes: int,
+        delay: float | None = None,
+    ) -> None:
         record: dict[str, Any] = {
             "state": state,
             "last_exit": describe_exit(returncode),
             "returncode": returncode,
+            "exited_at": ended,
+            "restarts": restarts,
             "quick_crashes": crashes,
             "time": time.time(),
         }

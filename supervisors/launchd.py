@@ -16,6 +16,7 @@ from typing import Any
 
 from common.files import atomic_write_bytes
 from supervisors import (
+    LastExit,
     Supervisor,
     SupervisorStatus,
     ToolError,
@@ -23,13 +24,16 @@ from supervisors import (
     sidecar_command,
     sidecar_environment,
 )
+from supervisors.keeper import describe_exit, signal_name
 
 LABEL_PREFIX = "ai.openclaw.delta-mem-mlx"
 THROTTLE_INTERVAL_S = 10
 BOOTOUT_IN_PROGRESS = 36  # "Operation now in progress": the job is still shutting down
 UNLOAD_TIMEOUT_S = 15.0
 
-_PRINT_FIELD = re.compile(r"^\s*(state|pid|last exit code)\s*=\s*(.+?)\s*$")
+_PRINT_FIELD = re.compile(r"^\s*(state|pid|runs|last exit code|last terminating signal)\s*=\s*(.+?)\s*$")
+_LEADING_NUMBER = re.compile(r"^(\d+)")
+_TRAILING_NUMBER = re.compile(r"(\d+)\s*$")
 
 
 class LaunchctlError(ToolError):
@@ -42,7 +46,8 @@ def launchctl(*args: str) -> str:
 
 
 def parse_print(output: str) -> dict[str, str]:
-    """The job's own `state`, `pid` and `last exit code` from `launchctl print` (nested blocks skipped)."""
+    """The job's own `state`, `pid`, `runs`, `last exit code` and `last terminating signal` from `launchctl print`
+    (nested blocks skipped)."""
     fields: dict[str, str] = {}
     depth = 0
     for line in output.splitlines():
@@ -52,6 +57,22 @@ def parse_print(output: str) -> dict[str, str]:
                 fields[match.group(1)] = match.group(2)
         depth += line.count("{") - line.count("}")
     return fields
+
+
+def parse_last_exit(fields: dict[str, str]) -> LastExit | None:
+    """The job's last exit from `parse_print` fields: 'last terminating signal = Terminated: 15' when a signal
+    ended it, else 'last exit code = 78: EX_CONFIG' (None: it never exited)."""
+    runs = fields.get("runs", "")
+    restarts = int(runs) - 1 if runs.isdigit() and int(runs) > 0 else None
+    signal_match = _TRAILING_NUMBER.search(fields.get("last terminating signal", ""))
+    if signal_match:
+        number = int(signal_match.group(1))
+        return LastExit(describe_exit(-number), None, signal_name(number), None, restarts)
+    code_match = _LEADING_NUMBER.match(fields.get("last exit code", ""))
+    if code_match:
+        code = int(code_match.group(1))
+        return LastExit(describe_exit(code), code, None, None, restarts)
+    return None
 
 
 class LaunchdSupervisor(Supervisor):
@@ -147,9 +168,12 @@ class LaunchdSupervisor(Supervisor):
         pid_text = fields.get("pid", "")
         pid = int(pid_text) if pid_text.isdigit() else None
         detail = f"launchd job {self.label}: {state}"
-        if "last exit code" in fields:
+        last_exit = parse_last_exit(fields)
+        if last_exit is not None:
+            detail += f"; the sidecar last {last_exit.text()}"
+        elif "last exit code" in fields:
             detail += f", last exit code {fields['last exit code']}"
-        return SupervisorStatus(self.kind, "running" if state == "running" else "stopped", pid, detail)
+        return SupervisorStatus(self.kind, "running" if state == "running" else "stopped", pid, detail, last_exit)
 
     def uninstall(self) -> None:
         """Unload the job and delete its plist."""

@@ -1,10 +1,11 @@
 """The fallback supervisor: a detached keeper process that runs the sidecar, and a pidfile.
 
-The keeper (supervisors/keeper.py) starts the sidecar again when it crashes or is
-killed, throttled like launchd, and stops it on SIGTERM. The keeper writes the pidfile itself,
-once it holds the lock that lets only one keeper run per root: its pid, start time and command
-line, so a stale pidfile or a pid reused by another program is never taken for it, and a second
-keeper started at the same moment exits instead of fighting the first one for the port.
+The keeper (supervisors/keeper.py) starts the sidecar again whenever it exits (a crash, a kill, a
+stray SIGTERM), throttled like launchd, and stops it for good only on its own SIGTERM (stop-sidecar).
+The keeper writes the pidfile itself, once it holds the lock that lets only one keeper run per root:
+its pid, start time and command line, so a stale pidfile or a pid reused by another program is never
+taken for it, and a second keeper started at the same moment exits instead of fighting the first one
+for the port.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import psutil
 from common.files import read_regular_file
 from supervisors import (
     STOP_TIMEOUT_S,
+    LastExit,
     Supervisor,
     SupervisorError,
     SupervisorStatus,
     sidecar_command,
     sidecar_environment,
 )
-from supervisors.keeper import THROTTLE_S, keeper_command
+from supervisors.keeper import THROTTLE_S, keeper_command, last_exit_of
 
 # Least seconds between two starts of a crashing sidecar (a module constant so tests can shorten it).
 RESTART_THROTTLE_S = THROTTLE_S
@@ -139,23 +141,27 @@ class ProcessSupervisor(Supervisor):
         if not self.layout.pidfile.exists():
             return SupervisorStatus(self.kind, "stopped", None, "not running")
         keeper_state = _read_json(self.keeper_state_file)
+        last_exit = _last_exit(keeper_state)
         process = self.running_process()
         if process is None:
             detail = f"stale pidfile {self.layout.pidfile}: the sidecar is not running"
             if keeper_state.get("state") == "gave-up":
                 detail = (
-                    f"the sidecar {keeper_state.get('last_exit', 'crashed')} and crashed "
+                    f"the sidecar {keeper_state.get('last_exit', 'crashed')} and exited "
                     f"{keeper_state.get('quick_crashes', 'several')} times in a row: its keeper gave up "
                     "(see 'delta-mem-mlx logs')"
                 )
-            return SupervisorStatus(self.kind, "stopped", None, detail)
+            return SupervisorStatus(self.kind, "stopped", None, detail, last_exit)
         if keeper_state.get("state") == "restarting":
             detail = (
                 f"the sidecar {keeper_state.get('last_exit', 'crashed')}; its keeper (pid {process.pid}) "
                 "starts it again shortly"
             )
-            return SupervisorStatus(self.kind, "stopped", process.pid, detail)
-        return SupervisorStatus(self.kind, "running", process.pid, f"background process {process.pid} (keeper)")
+            return SupervisorStatus(self.kind, "stopped", process.pid, detail, last_exit)
+        detail = f"background process {process.pid} (keeper)"
+        if last_exit is not None:
+            detail += f"; the sidecar last {last_exit.text()}"
+        return SupervisorStatus(self.kind, "running", process.pid, detail, last_exit)
 
     def last_exit_status(self) -> int | None:
         """The status the sidecar last exited with, while its keeper waits to restart it or after it gave up."""
@@ -187,6 +193,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def _last_exit(keeper_state: dict[str, Any]) -> LastExit | None:
+    """The sidecar's last exit from the keeper's state file (None: it has not exited since the start)."""
+    returncode, exited_at, restarts = (keeper_state.get(k) for k in ("returncode", "exited_at", "restarts"))
+    if not isinstance(returncode, int) or not isinstance(exited_at, (int, float)) or not isinstance(restarts, int):
+        return None
+    return last_exit_of(returncode, exited_at, restarts)
 
 
 def _read_pidfile(path: Path) -> dict[str, Any] | None:

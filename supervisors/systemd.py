@@ -1,4 +1,4 @@
-"""systemd supervision on Linux: a `systemctl --user` service that restarts the sidecar on failure."""
+"""systemd supervision on Linux: a `systemctl --user` service that restarts the sidecar whenever it exits."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from common.exit_codes import CONFIG_ERROR
 from common.files import atomic_write_text
 from supervisors import (
+    LastExit,
     Supervisor,
     SupervisorStatus,
     ToolError,
@@ -14,9 +15,24 @@ from supervisors import (
     sidecar_command,
     sidecar_environment,
 )
+from supervisors.keeper import describe_exit, signal_name
 
 UNIT_PREFIX = "delta-mem-mlx"
 RESTART_SEC = 10
+
+
+SHOW_PROPERTIES = (
+    "ActiveState",
+    "SubState",
+    "MainPID",
+    "Result",
+    "ExecMainCode",
+    "ExecMainStatus",
+    "ExecMainExitTimestamp",
+    "NRestarts",
+)
+# ExecMainCode: the si_code of the main process's end (0: it has not ended since its last start).
+_CLD_EXITED = 1
 
 
 class SystemctlError(ToolError):
@@ -26,6 +42,23 @@ class SystemctlError(ToolError):
 def systemctl(*args: str) -> str:
     """Run `systemctl --user` with these arguments (no shell); its stdout, or SystemctlError."""
     return run_tool(["systemctl", "--user", *args], SystemctlError)
+
+
+def parse_last_exit(fields: dict[str, str]) -> LastExit | None:
+    """The main process's last exit from `systemctl show` fields (None while the current run has not ended)."""
+    code, status = fields.get("ExecMainCode", "0"), fields.get("ExecMainStatus", "0")
+    if not code.isdigit() or not status.isdigit() or int(code) == 0:
+        return None
+    number = int(status)
+    exited = int(code) == _CLD_EXITED
+    restarts = fields.get("NRestarts", "")
+    return LastExit(
+        description=describe_exit(number if exited else -number),
+        code=number if exited else None,
+        signal=None if exited else signal_name(number),
+        time=fields.get("ExecMainExitTimestamp") or None,
+        restarts=int(restarts) if restarts.isdigit() else None,
+    )
 
 
 def quote_arg(value: str) -> str:
@@ -50,7 +83,7 @@ class SystemdSupervisor(Supervisor):
         return self.unit_dir / self.unit_name
 
     def unit_text(self) -> str:
-        """The unit: run `serve` for the root, restart on failure, log into the root."""
+        """The unit: run `serve` for the root, restart it whenever it exits, log into the root."""
         out_log, err_log = self.log_paths()
         environment = " ".join(quote_arg(f"{k}={v}") for k, v in sidecar_environment().items())
         return "\n".join(
@@ -63,7 +96,8 @@ class SystemdSupervisor(Supervisor):
                 "ExecStart=" + " ".join(quote_arg(arg) for arg in sidecar_command(self.layout.root)),
                 f"WorkingDirectory={quote_arg(str(self.layout.root))}",
                 f"Environment={environment}",
-                "Restart=on-failure",
+                # Like launchd's KeepAlive: any exit but `systemctl stop` (a stray SIGTERM too) restarts it.
+                "Restart=always",
                 # A configuration error does not go away by itself: no restart loop for it.
                 f"RestartPreventExitStatus={CONFIG_ERROR}",
                 f"RestartSec={RESTART_SEC}",
@@ -108,18 +142,21 @@ class SystemdSupervisor(Supervisor):
             systemctl("stop", self.unit_name)
 
     def status(self) -> SupervisorStatus:
-        """ActiveState, SubState and MainPID from `systemctl --user show`."""
+        """ActiveState, SubState, MainPID, Result and the main process's last exit from `systemctl --user show`."""
         if not self.is_installed():
             return SupervisorStatus(self.kind, "not-installed", None, f"no {self.unit_path}")
-        output = systemctl("show", self.unit_name, "--property=ActiveState,SubState,MainPID,Result")
+        output = systemctl("show", self.unit_name, f"--property={','.join(SHOW_PROPERTIES)}")
         fields = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
         active = fields.get("ActiveState", "unknown")
         pid = int(fields.get("MainPID", "0") or 0) or None
         detail = f"systemd unit {self.unit_name}: {active}/{fields.get('SubState', '?')}"
         if fields.get("Result", "success") != "success":
             detail += f", last result {fields['Result']}"
+        last_exit = parse_last_exit(fields)
+        if last_exit is not None:
+            detail += f"; the sidecar last {last_exit.text()}"
         state = "running" if active in ("active", "reloading") else "stopped"
-        return SupervisorStatus(self.kind, state, pid, detail)
+        return SupervisorStatus(self.kind, state, pid, detail, last_exit)
 
     def uninstall(self) -> None:
         """Stop and disable the unit and delete its file."""

@@ -1,4 +1,4 @@
-"""The process supervisor's keeper: restarts after a crash or kill -9, throttles, gives up, stops cleanly."""
+"""The process supervisor's keeper: restarts after any exit but a stop, throttles, gives up, stops cleanly."""
 
 from __future__ import annotations
 
@@ -20,21 +20,23 @@ from supervisors.keeper import (
     MAX_QUICK_CRASHES,
     RestartPolicy,
     describe_exit,
-    is_clean_exit,
     keeper_command,
+    last_exit_of,
 )
 from supervisors.process import ProcessSupervisor
 
 DEADLINE_S = 30.0
 
 # The supervised program, a shell script (it starts in milliseconds, where Python takes a good part of
-# a second on a loaded machine): appends its pid to `starts`, then does what `behaviour` says.
+# a second on a loaded machine): appends its pid to `starts`, then does what `behaviour` says
+# (the `-once` behaviours only on the first start).
 CHILD = """
 echo $$ >> "$1/starts"
+first=$([ "$(wc -l < "$1/starts")" -eq 1 ] && echo yes)
 case "$(cat "$1/behaviour")" in
     crash) exit 3 ;;
-    exit0) exit 0 ;;
-    sigterm-self) kill -TERM $$ ;;
+    exit0-once) [ "$first" ] && exit 0 ;;
+    sigterm-self-once) [ "$first" ] && kill -TERM $$ ;;
 esac
 exec sleep 100000
 """
@@ -105,20 +107,27 @@ def live_children(keeper: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def test_a_killed_sidecar_is_started_again(supervisor: ProcessSupervisor, child: Child) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_sidecar_is_started_again(supervisor: ProcessSupervisor, child: Child, signum: int) -> None:
     supervisor.start()
     keeper = keeper_of(supervisor)
     wait_for(lambda: len(child.starts()) == 1, "the first start")
     first = child.starts()[0]
     assert [c.pid for c in live_children(keeper)] == [first]
     assert supervisor.status().state == "running" and supervisor.status().pid == keeper.pid
-    os.kill(first, signal.SIGKILL)
+    assert supervisor.status().last_exit is None
+    os.kill(first, signum)
     wait_for(lambda: len(child.starts()) == 2, "the restart")
     second = child.starts()[1]
     assert second != first
     wait_for(lambda: [c.pid for c in live_children(keeper)] == [second], "the new sidecar")
-    assert supervisor.status().state == "running"
-    assert any("the sidecar was killed by SIGKILL" in line for line in tail_lines(supervisor.log_paths()[1], 20))
+    name = signal.Signals(signum).name
+    wait_for(lambda: supervisor.status().state == "running", "the keeper to say it runs again")
+    status = supervisor.status()
+    assert status.last_exit is not None
+    assert (status.last_exit.signal, status.last_exit.code, status.last_exit.restarts) == (name, None, 1)
+    assert f"the sidecar last was killed by {name} at 20" in status.detail and "restarted 1 time " in status.detail
+    assert any(f"the sidecar was killed by {name}" in line for line in tail_lines(supervisor.log_paths()[1], 20))
     supervisor.stop()
     assert not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE
     assert not supervisor.layout.pidfile.exists() and not supervisor.keeper_state_file.exists()
@@ -155,18 +164,20 @@ def test_a_crash_loop_backs_off_then_gives_up(
     assert supervisor.status().state == "running"
 
 
-@pytest.mark.parametrize("behaviour", ["exit0", "sigterm-self"])
-def test_a_clean_exit_is_not_restarted(
-    supervisor: ProcessSupervisor, child: Child, behaviour: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("behaviour", "said"), [("exit0-once", "exited with status 0"), ("sigterm-self-once", "was killed by SIGTERM")]
+)
+def test_an_exit_nobody_asked_for_is_restarted(
+    supervisor: ProcessSupervisor, child: Child, behaviour: str, said: str
 ) -> None:
-    # The start looks for its keeper only every second, so the keeper has usually ended by then.
-    monkeypatch.setattr(process_module, "_STARTUP_POLL_S", 1.0)
     child.behaviour(behaviour)
     supervisor.start()
-    keeper_pid = json.loads(supervisor.layout.pidfile.read_text())["pid"]
-    wait_for(lambda: not _alive(keeper_pid), "the keeper to end with its sidecar")
-    assert len(child.starts()) == 1
-    assert supervisor.status().state == "stopped"
+    wait_for(lambda: len(child.starts()) == 2, "the restart after an exit the keeper did not ask for")
+    wait_for(lambda: supervisor.status().state == "running", "the keeper to say it runs again")
+    status = supervisor.status()
+    assert status.last_exit is not None and status.last_exit.description == said
+    assert status.last_exit.restarts == 1
+    assert [c.pid for c in live_children(keeper_of(supervisor))] == [child.starts()[1]]
 
 
 def test_while_waiting_to_restart_status_says_so_and_stop_is_prompt(
@@ -179,6 +190,7 @@ def test_while_waiting_to_restart_status_says_so_and_stop_is_prompt(
     wait_for(lambda: supervisor.keeper_state_file.exists(), "the keeper to wait for a restart")
     record = json.loads(supervisor.keeper_state_file.read_text())
     assert record["state"] == "restarting" and record["last_exit"] == "exited with status 3"
+    assert record["returncode"] == 3 and record["restarts"] == 0
     waiting = supervisor.status()
     assert (waiting.state, waiting.pid) == ("stopped", keeper.pid)
     assert "exited with status 3" in waiting.detail and "starts it again shortly" in waiting.detail
@@ -235,7 +247,9 @@ def test_keeper_runs_directly_and_forwards_sigterm(tmp_path: Path) -> None:
 def test_exit_descriptions() -> None:
     assert describe_exit(3) == "exited with status 3"
     assert describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
-    assert [is_clean_exit(code) for code in (0, -signal.SIGTERM, -signal.SIGINT, 1, -signal.SIGKILL)] == [
-        True, True, True, False, False,
-    ]
+    assert describe_exit(78) == "exited with status 78 (its configuration is wrong; a restart cannot fix it)"
+    exit = last_exit_of(-signal.SIGTERM, 0.0, 2)
+    assert (exit.signal, exit.code, exit.time, exit.restarts) == ("SIGTERM", None, "1970-01-01T00:00:00Z", 2)
+    assert exit.text() == "was killed by SIGTERM at 1970-01-01T00:00:00Z; restarted 2 times since start-sidecar"
+    assert (last_exit_of(0, 0.0, 0).code, last_exit_of(0, 0.0, 0).signal) == (0, None)
 

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from common.receipt import new_receipt, write_receipt
 from installer.cli import app
-from supervisors import sidecar_command, supervisor_for_root
-from supervisors.launchd import LaunchctlError, LaunchdSupervisor, parse_print
+from supervisors import LastExit, sidecar_command, supervisor_for_root
+from supervisors.launchd import LaunchctlError, LaunchdSupervisor, parse_last_exit, parse_print
 
 UID = 501
 runner = CliRunner()
@@ -215,6 +215,14 @@ def test_parse_print_reads_only_the_jobs_own_fields() -> None:
         ]
     )
     assert parse_print(output) == {"state": "not running", "last exit code": "78: EX_CONFIG"}
+
+
+def test_the_last_exit_is_read_from_launchctl_print() -> None:
+    killed = parse_print("gui/501/x = {\n\truns = 4\n\tlast terminating signal = Terminated: 15\n}")
+    assert parse_last_exit(killed) == LastExit("was killed by SIGTERM", None, "SIGTERM", None, 3)
+    config = parse_last_exit({"last exit code": "78: EX_CONFIG", "runs": "1"})
+    assert config is not None and (config.code, config.signal, config.restarts) == (78, None, 0)
+    assert parse_last_exit({"last exit code": "(never exited)"}) is None
 
 
 def test_cli_commands_drive_launchd_from_the_receipt(

@@ -7,12 +7,15 @@
 - A taken port is named with its holder before anything starts, and a sidecar that exits because
   of its port or its configuration is not retried behind the user's back.
 - A sidecar of the root that its supervisor did not start is never reported as stopped.
+- A stray SIGTERM to the supervised sidecar does not stop it for good: the keeper starts it again,
+  `status` says it was killed by SIGTERM, and only `stop-sidecar` stops it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,12 +30,14 @@ from reliability import record_figures
 from typer.testing import CliRunner
 
 from common.exit_codes import CONFIG_ERROR, PORT_IN_USE
+from common.health import probe_health
 from common.layout import RootLayout
 from common.ports import free_port
 from common.settings import load_settings
 from installer.cli import app
 from supervisors import process as process_module
 from supervisors import supervisor_for_root
+from supervisors.port_owner import listener_pid
 
 pytestmark = pytest.mark.e2e
 
@@ -264,3 +269,33 @@ def test_a_sidecar_its_supervisor_did_not_start_is_never_called_stopped(root: Pa
     finally:
         foreground.terminate()
         foreground.wait(timeout=60)
+
+
+def test_a_stray_sigterm_to_the_sidecar_is_restarted_and_only_stop_sidecar_stops_it(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process_module, "RESTART_THROTTLE_S", 1.0)
+    started = runner.invoke(app, ["start-sidecar", "--root", str(root)])
+    assert started.exit_code == 0, started.output
+    [first] = sidecars(root)
+    first.send_signal(signal.SIGTERM)
+    settings = load_settings(root)
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        serving = [p.pid for p in sidecars(root)]
+        if serving and serving != [first.pid] and probe_health(settings).ready:
+            break
+        assert time.monotonic() < deadline, f"no new sidecar answered /health (status: {status(root)['supervisor']})"
+        time.sleep(0.2)
+    assert listener_pid(settings.port) == serving[0] != first.pid
+    supervisor = status(root)["supervisor"]
+    assert supervisor["state"] == "running", supervisor
+    assert supervisor["last_exit"]["signal"] == "SIGTERM" and supervisor["last_exit"]["restarts"] == 1
+    assert supervisor["last_exit"]["description"] == "was killed by SIGTERM"
+    assert "last exit   was killed by SIGTERM at " in runner.invoke(app, ["status", "--root", str(root)]).output
+
+    stopped = runner.invoke(app, ["stop-sidecar", "--root", str(root)])
+    assert stopped.exit_code == 0, stopped.output
+    assert keepers(root) == [] and sidecars(root) == []
+    report = status(root)
+    assert report["supervisor"]["state"] == "stopped" and report["health"]["problem"] is not None

@@ -23,7 +23,7 @@ from supervisors import (
 )
 from supervisors import process as process_module
 from supervisors.process import ProcessSupervisor
-from supervisors.systemd import SystemdSupervisor, quote_arg
+from supervisors.systemd import SystemdSupervisor, parse_last_exit, quote_arg
 
 DEADLINE_S = 30.0
 
@@ -68,6 +68,7 @@ def test_start_status_stop(supervisor: ProcessSupervisor) -> None:
         "state": "stopped",
         "pid": None,
         "detail": "not running",
+        "last_exit": None,
     }
 
 
@@ -198,7 +199,7 @@ def test_systemd_unit_and_calls(tmp_path: Path, fake_systemctl: Path) -> None:
     assert sup.unit_path.name.startswith("delta-mem-mlx-") and sup.unit_path.suffix == ".service"
     assert f'ExecStart={quote_arg(sys.executable)} "-m" "installer" "serve" "--root"' in unit
     assert "100%% odd $$chars" in unit
-    assert "Restart=on-failure" in unit and "WantedBy=default.target" in unit
+    assert "\nRestart=always\n" in unit and "RestartPreventExitStatus=78" in unit and "WantedBy=default.target" in unit
     assert f"StandardError=append:{root / 'logs' / 'sidecar.err.log'}" in unit
     sup.start()
     status = sup.status()
@@ -209,6 +210,16 @@ def test_systemd_unit_and_calls(tmp_path: Path, fake_systemctl: Path) -> None:
     verbs = [call[1] for call in _systemctl_calls(fake_systemctl)]
     assert verbs == ["daemon-reload", "enable", "start", "show", "stop", "stop", "disable", "daemon-reload"]
     assert all(call[0] == "--user" for call in _systemctl_calls(fake_systemctl))
+
+
+def test_systemd_last_exit_from_show() -> None:
+    killed = {"ExecMainCode": "2", "ExecMainStatus": "15", "NRestarts": "3", "ExecMainExitTimestamp": "Mon 2026-12-07"}
+    exit = parse_last_exit(killed)
+    assert exit is not None and (exit.description, exit.signal, exit.code) == ("was killed by SIGTERM", "SIGTERM", None)
+    assert (exit.time, exit.restarts) == ("Mon 2026-12-07", 3)
+    exited = parse_last_exit({"ExecMainCode": "1", "ExecMainStatus": "78", "NRestarts": "0"})
+    assert exited is not None and (exited.code, exited.signal, exited.restarts) == (78, None, 0)
+    assert parse_last_exit({"ExecMainCode": "0", "ExecMainStatus": "0"}) is None  # running, never ended
 
 
 def test_quote_arg() -> None:

@@ -37,7 +37,7 @@ from installer.commands.options import (
 )
 from installer.errors import cli_errors
 from installer.purge import purge_refusal, purge_root
-from supervisors import Supervisor, sidecar_command, supervisor_for_root, tail_lines
+from supervisors import LastExit, Supervisor, sidecar_command, supervisor_for_root, tail_lines
 from supervisors.readiness import DEFAULT_HEALTH_TIMEOUT_S, SidecarStartError, wait_until_healthy
 from supervisors.root_lock import hold_root
 
@@ -163,7 +163,7 @@ def restart_sidecar(
 
 @cli_errors
 def status(root: RootOption = None, json_output: JsonOption = False) -> None:
-    """Show the install, the supervisor state and pid, health, model, adapter and uptime.
+    """Show the install, the supervisor state and pid, how the sidecar last exited, health, model, adapter, uptime.
 
     The report is the plugin's `delta_mem_mlx_status` payload; --json prints it as is.
     """
@@ -179,6 +179,8 @@ def status(root: RootOption = None, json_output: JsonOption = False) -> None:
     typer.echo(f"root        {root_path}")
     typer.echo(f"install     {'complete' if install['installed'] else (install['problems'] or ['incomplete'])[0]}")
     typer.echo(f"supervisor  {supervisor['kind']}: {supervisor['state']} ({supervisor['detail']})")
+    if supervisor["last_exit"] is not None:
+        typer.echo(f"last exit   {LastExit(**supervisor['last_exit']).text()}")
     typer.echo(f"health      {health['url']}: {'ready' if health['problem'] is None else health['problem']}")
     typer.echo(f"model       {install['model_id'] or '-'}")
     typer.echo(f"adapter     {install['adapter_path'] or 'none'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,9 +170,17 @@ def delta_state_stats(model: nn.Module, cache: list[Any]) -> list[dict[str, Any]
 
 
 def state_stats(state: Any) -> dict[str, Any]:
-    """Frobenius norm, largest magnitude and non-zero count of one state (an MLX or NumPy array)."""
+    """Frobenius norm, largest magnitude, non-zero count and sha256 of one state (an MLX or NumPy array).
+
+    The sha256 covers the state's float32 values, so two runs can be compared exactly (bench.chaos)."""
     s = mx.array(state)
-    return {"norm": float(mx.sqrt(mx.sum(s * s))), "max_abs": float(mx.max(mx.abs(s))), "nonzero": int(mx.sum(s != 0))}
+    exact = np.ascontiguousarray(np.array(s.astype(mx.float32)))
+    return {
+        "norm": float(mx.sqrt(mx.sum(s * s))),
+        "max_abs": float(mx.max(mx.abs(s))),
+        "nonzero": int(mx.sum(s != 0)),
+        "sha256": hashlib.sha256(exact.tobytes()).hexdigest(),
+    }
 
 
 def set_delta_controls(
