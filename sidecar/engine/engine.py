@@ -40,7 +40,7 @@ from sidecar.delta.api import (
     set_delta_controls,
     write_context,
 )
-from sidecar.delta.cache_chunks import fill_cache
+from sidecar.delta.cache_chunks import cache_layout, fill_cache
 from sidecar.engine import decoding
 from sidecar.engine.decoding import Row
 from sidecar.engine.interface import (
@@ -72,7 +72,8 @@ from sidecar.engine.sampling import row_sampler
 from sidecar.engine.scheduler import Admission, Cancelled, JobStream, Scheduler
 from sidecar.engine.stop_strings import StopScanner
 from sidecar.engine.write_plan import WritePolicy, plan_writes, replay_steps, shared_boundary
-from sidecar.kvcache.disk_cache import KvDisk, PendingChunk, Restored
+from sidecar.kvcache.disk_cache import KvDisk, Restored, until_read
+from sidecar.kvcache.disk_writer import PendingChunk
 from sidecar.kvcache.prefix_cache import PrefixCache
 from sidecar.sessions.fingerprint import SessionFingerprint
 from sidecar.sessions.keys import hash_session_key
@@ -203,7 +204,7 @@ class Engine:
                 "replay_mismatches": self.replays.mismatches,
                 **self.store.save_report(),
             },
-            "problems": self.store.saves.problems(),
+            "problems": self.store.saves.problems() + (self.kv_disk.problems() if self.kv_disk is not None else []),
             "prefix_cache": self.prefixes.stats(),
             "disk_cache": self.kv_disk.stats() if self.kv_disk is not None else {"enabled": False},
             "memory": self._memory_report(sessions),
@@ -396,7 +397,7 @@ class Engine:
             reused = session.cut_point(limit, lambda offset: restorable_offset(session.cache, offset))
             session.truncate(reused)
         if len(session.tokens) < boundary and not session.snippet_writes:
-            reused = max(reused, self._start_from_shared_prefix(session, prompt, boundary))
+            reused = max(reused, (yield from self._start_from_shared_prefix(session, prompt, boundary)))
             start = len(session.tokens)
             plan = self._plan(session.delta, prompt, start, boundary)
             yield from self._prefill(session, prompt[start:boundary], plan, stream)
@@ -406,9 +407,9 @@ class Engine:
         session.reused_tokens += reused
         return reused
 
-    def _start_from_shared_prefix(self, session: Session, prompt: list[int], boundary: int) -> int:
+    def _start_from_shared_prefix(self, session: Session, prompt: list[int], boundary: int) -> Steps[int]:
         """Replace the session's cache with the longest shared prefix of prompt[:boundary], if longer."""
-        hit = self._fetch_prefix(_mode(session), prompt[:boundary])
+        hit = yield from self._fetch_prefix(_mode(session), prompt[:boundary])
         if hit is None or hit[0] <= len(session.tokens):
             return 0
         length, cache = hit
@@ -429,11 +430,11 @@ class Engine:
         fresh = Session(session.key_hash, session.delta, cache=self._new_cache(session.delta))
         shared = 0
         first_write = history.snippet_writes[0].offset if history.snippet_writes else target
-        restored = self._restore_from_disk(history) if target > 0 else None
+        restored = (yield from self._restore_from_disk(history)) if target > 0 else None
         if restored is not None:
             shared, fresh.cache, fresh.snippet_writes = restored.length, restored.cache, restored.snippet_writes
         elif first_write > 0:
-            hit = self._fetch_prefix(_mode(session), history.tokens[:first_write])
+            hit = yield from self._fetch_prefix(_mode(session), history.tokens[:first_write])
             if hit is not None:
                 shared, fresh.cache = hit
         fresh.tokens = history.tokens[:shared]
@@ -453,24 +454,28 @@ class Engine:
         session.prefilled_tokens += fresh.prefilled_tokens
         return shared
 
-    def _fetch_prefix(self, mode: str, tokens: list[int]) -> tuple[int, list[Any]] | None:
-        """The longest shared prefix of `tokens` in memory, else from disk (kept in memory from then on)."""
+    def _fetch_prefix(self, mode: str, tokens: list[int]) -> Steps[tuple[int, list[Any]] | None]:
+        """The longest shared prefix of `tokens` in memory, else from disk (kept in memory from then on;
+        the other rows take their steps while it is read)."""
         hit = self.prefixes.fetch(mode, tokens)
         if hit is None and self.kv_disk is not None and self.prefixes.max_entries:
-            loaded = self.kv_disk.load_prefix(mode, tokens, lambda: self._new_cache(mode == "delta"))
+            read = self.kv_disk.read_prefix(mode, tokens)
+            yield from until_read(read)
+            loaded = self.kv_disk.load_prefix(read, lambda: self._new_cache(mode == "delta")) if read else None
             if loaded is not None:
                 self.prefixes.insert(mode, tokens[: loaded[0]], loaded[1])
                 hit = self.prefixes.fetch(mode, tokens)
         return hit
 
-    def _restore_from_disk(self, history: Session) -> Restored | None:
-        """A session's cache read back from the disk cache; a shared prefix read with it is kept in memory."""
+    def _restore_from_disk(self, history: Session) -> Steps[Restored | None]:
+        """A session's cache read back from the disk cache (the other rows take their steps while it is
+        read); a shared prefix read with it is kept in memory."""
         if self.kv_disk is None:
             return None
         mode = _mode(history)
-        restored = self.kv_disk.restore(
-            history, lambda: self._new_cache(history.delta), lambda tokens: self.prefixes.peek(mode, tokens)
-        )
+        read = self.kv_disk.read_session(history, lambda tokens: self.prefixes.peek(mode, tokens))
+        yield from until_read(read)
+        restored = self.kv_disk.restore(read, lambda: self._new_cache(history.delta))
         if restored is not None and restored.prefix_read is not None and self.prefixes.max_entries:
             prefix = self._new_cache(history.delta)
             fill_cache(prefix, [restored.prefix_read])
@@ -554,7 +559,7 @@ class Engine:
     def _write_taken_chunks(self) -> None:
         """Encode and queue the chunks jobs took for the disk cache, once an answer has ended (or failed)."""
         while self.kv_disk is not None and self._disk_writes:
-            self.kv_disk.submit(self._disk_writes.pop(0))
+            self.kv_disk.queue_write(self._disk_writes.pop(0))
 
     # ---- memory guard: the one place that keeps the caches within the KV budget ----------
 
@@ -743,7 +748,8 @@ def _kv_disk(model: Any, settings: SidecarSettings, fingerprint: SessionFingerpr
     dtype = model.model.embed_tokens(mx.array([[0]])).dtype
     kv_format = f"{dtype}|kv {kv_bits_name(settings.kv_bits)}/{settings.kv_group_size}"
     root = Path(settings.state_dir) / "kv"
-    return KvDisk(root, settings.max_disk_bytes, lambda: f"{fingerprint.current}|{kv_format}")
+    layout = cache_layout(model, make_cache(model, settings.kv_bits, settings.kv_group_size))
+    return KvDisk(root, settings.max_disk_bytes, lambda: f"{fingerprint.current}|{kv_format}", layout)
 
 
 def _backend() -> dict[str, Any]:
