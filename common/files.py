@@ -57,12 +57,16 @@ def read_regular_file(path: Path, max_bytes: int, *, follow_links: bool = True) 
     """
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
     fd = os.open(path, flags)
-    kind = stat.S_IFMT(os.fstat(fd).st_mode)
+    info = os.fstat(fd)
+    kind = stat.S_IFMT(info.st_mode)
     if kind != stat.S_IFREG:
         os.close(fd)
         raise OSError(errno.EINVAL, f"is {_FILE_KINDS.get(kind, 'a special file')}, not a regular file", str(path))
+    if info.st_size > max_bytes:
+        os.close(fd)
+        raise OSError(errno.EFBIG, f"is larger than {max_bytes} bytes", str(path))
     with os.fdopen(fd, "rb") as handle:
-        data = handle.read(max_bytes + 1)
+        data = handle.read(info.st_size + 1)  # never a buffer larger than the file (+1: one that grew)
     if len(data) > max_bytes:
         raise OSError(errno.EFBIG, f"is larger than {max_bytes} bytes", str(path))
     return data

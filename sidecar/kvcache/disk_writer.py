@@ -11,6 +11,7 @@ that fails is counted, and /health lists it as a problem until a later write wor
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import threading
@@ -232,7 +233,7 @@ class DiskWriter:
             prefix = self.index.prefixes.get(write.prefix[0]) if write.prefix is not None else None
         folder = self.layout.session_dir(write.name)
         if folder.is_symlink() or (folder.exists() and not is_real_dir(folder)):
-            raise OSError(f"{folder} is not a folder of the disk cache (a symbolic link?); left alone")
+            raise OSError(errno.ELOOP, f"{folder.name} is not a folder of the disk cache (a symbolic link?)")
         fingerprint = self._fingerprint()
         manifest = self._manifest_or_none(folder, fingerprint)
         if manifest is None:  # none, unreadable, or another model's: its files go
