@@ -25,7 +25,14 @@ from typing import Any
 
 from sidecar.delta.api import restorable_offset
 from sidecar.delta.cache_chunks import CacheChunk, CacheLayout, fill_cache
-from sidecar.kvcache.disk_files import KvFileError, KvReadError, decode_chunk, read_chunk_bytes, tokens_digest
+from sidecar.kvcache.disk_files import (
+    KvFileError,
+    KvReadError,
+    PrefixRecord,
+    decode_chunk,
+    read_chunk_bytes,
+    tokens_digest,
+)
 from sidecar.kvcache.disk_folders import DiskLayout, scan
 from sidecar.kvcache.disk_index import DiskIndex, History, history_of
 from sidecar.kvcache.disk_reader import READ_DEADLINE_S, DiskReader, PendingRead, ReadStalled
@@ -87,12 +94,12 @@ class KvDisk:
         read_deadline_s: float = READ_DEADLINE_S,
     ):  # fmt: skip
         self.layout = layout
-        self.files = DiskLayout(root)
-        self.files.make()
+        self.folders = DiskLayout(root)
+        self.folders.make()
         self._fingerprint = fingerprint
         self.counters = DiskCounters()
-        self.index = DiskIndex(max_bytes, *scan(self.files))
-        self.writer = DiskWriter(self.files, self.index, self.counters, fingerprint)
+        self.index = DiskIndex(max_bytes, *scan(self.folders))
+        self.writer = DiskWriter(self.folders, self.index, self.counters, fingerprint)
         self.reader = DiskReader(read_deadline_s)
         self._read_error: str | None = None
         self.writer.enforce_budget(keep="")
@@ -127,7 +134,7 @@ class KvDisk:
                     held[prefix_id] = cache
         name, wanted, ids = session.file_stem, len(history.tokens), frozenset(held)
         pending = self.reader.read(
-            lambda: read_session_files(self.files, self.index, self.writer, name, wanted, ids, fingerprint)
+            lambda: read_session_files(self.folders, self.index, self.writer, name, wanted, ids, fingerprint)
         )
         return SessionRead(session, history, held, pending)
 
@@ -167,7 +174,7 @@ class KvDisk:
         if found is None:
             return None
         prefix_id = found[0]
-        path = self.files.prefix_file(prefix_id)
+        path = self.folders.prefix_file(prefix_id)
 
         def read() -> bytes:
             if not self.writer.wait(prefix_id, PENDING_WAIT_S):
@@ -249,7 +256,7 @@ class KvDisk:
         self.counters.add(**{"stalled_reads" if stalled else "read_failures": 1})
         self._read_error = error
 
-    def _written_prefix(self, prefix_id: str) -> Any:
+    def _written_prefix(self, prefix_id: str) -> PrefixRecord:
         with self.index.lock:
             record = self.index.touch_prefix(prefix_id)
         if record is None:

@@ -103,7 +103,7 @@ def remove_session_folder(folder: Path) -> None:
             log.warning("disk cache: %s is a symbolic link, not ours: left alone", folder)
         return
     for path in folder.iterdir():
-        if path.is_symlink() or not is_session_file(path.name):
+        if path.is_symlink() or path.is_dir() or not is_session_file(path.name):
             log.warning("disk cache: %s is not one of the disk cache's files: left alone", path)
         else:
             path.unlink(missing_ok=True)
