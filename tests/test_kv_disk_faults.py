@@ -140,6 +140,48 @@ def test_a_read_that_stalls_is_given_up_at_its_deadline_and_health_shows_it(
     assert answer(events) == replayed(tiny_model_dir, tiny_adapter_dir, tmp_path / "reference")[0]
 
 
+def test_other_rows_decode_while_a_restore_waits_for_its_read(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    two_turns(tiny_model_dir, tiny_adapter_dir, state)
+    release, entered = threading.Event(), threading.Event()
+    real_read = disk_restore.read_chunk_bytes
+
+    def slow(path: Path, sha256: str, nbytes: int) -> bytes:
+        entered.set()
+        release.wait(TURN_TIMEOUT_S)  # a slow disk, well within the read's deadline
+        return real_read(path, sha256, nbytes)
+
+    monkeypatch.setattr(disk_restore, "read_chunk_bytes", slow)
+    engine = start(tiny_model_dir, tiny_adapter_dir, state)
+
+    async def scenario() -> tuple[list[Any], list[Any], bool]:
+        other = engine.submit(job(TURNS[0], key="other", max_tokens=48))
+        first = await other.__anext__()  # its prompt is in: it decodes from now on
+        restoring = engine.submit(job(TURNS[2]))
+        await asyncio.to_thread(entered.wait, TURN_TIMEOUT_S)
+        try:
+            decoded = [first] + await asyncio.wait_for(_collect(other), TURN_TIMEOUT_S)
+            read_still_pending = not release.is_set()
+        finally:
+            release.set()
+        return decoded, await _collect(restoring), read_still_pending
+
+    try:
+        decoded, restored, read_still_pending = asyncio.run(scenario())
+        stats = engine.kv_disk.stats()
+    finally:
+        release.set()
+        stop(engine)
+    assert read_still_pending and isinstance(decoded[-1], Finished) and decoded[-1].completion_tokens == 48
+    assert isinstance(restored[-1], Finished) and stats["hits"] == 1 and stats["stalled_reads"] == 0
+
+
+async def _collect(stream: Any) -> list[Any]:
+    return [event async for event in stream]
+
+
 # ---- F3: the start-up scan never follows a link out of the state dir, never deletes what is not ours ----
 
 
