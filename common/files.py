@@ -48,19 +48,25 @@ _FILE_KINDS = {
 }
 
 
-def read_regular_file(path: Path, max_bytes: int) -> bytes:
+def read_regular_file(path: Path, max_bytes: int, *, follow_links: bool = True) -> bytes:
     """The bytes of a regular file of at most `max_bytes`; OSError for anything else.
 
     A FIFO or a device in place of a small JSON file must not block for ever or fill memory: the
-    file is opened without blocking and refused unless it is a regular file that fits.
+    file is opened without blocking and refused unless it is a regular file that fits. Without
+    `follow_links`, a symbolic link in place of the file is refused too (ELOOP).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    kind = stat.S_IFMT(os.fstat(fd).st_mode)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    info = os.fstat(fd)
+    kind = stat.S_IFMT(info.st_mode)
     if kind != stat.S_IFREG:
         os.close(fd)
         raise OSError(errno.EINVAL, f"is {_FILE_KINDS.get(kind, 'a special file')}, not a regular file", str(path))
+    if info.st_size > max_bytes:
+        os.close(fd)
+        raise OSError(errno.EFBIG, f"is larger than {max_bytes} bytes", str(path))
     with os.fdopen(fd, "rb") as handle:
-        data = handle.read(max_bytes + 1)
+        data = handle.read(info.st_size + 1)  # never a buffer larger than the file (+1: one that grew)
     if len(data) > max_bytes:
         raise OSError(errno.EFBIG, f"is larger than {max_bytes} bytes", str(path))
     return data

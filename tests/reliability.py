@@ -24,6 +24,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 SESSION_FILE = re.compile(r"^[0-9a-f]{64}\.(delta|base)\.session\.npz$")
 STATE_PATHS = (
     SESSION_FILE,
+    re.compile(r"^server\.lock$"),  # one server per state dir (sidecar/server/state_dir_lock.py)
     re.compile(r"^kv(/sessions|/prefixes)?$"),
     re.compile(r"^kv/sessions/[0-9a-f]{64}\.(delta|base)(/(manifest\.json|[0-9]+\.safetensors))?$"),
     re.compile(r"^kv/prefixes/[0-9a-f]{32}\.(json|safetensors)$"),

@@ -23,7 +23,6 @@ from mlx_lm.models.cache import QuantizedKVCache
 
 from sidecar.engine.engine import Engine
 from sidecar.engine.interface import ChatJob, Finished, PromptDone, TextDelta
-from sidecar.sessions.keys import hash_session_key
 
 TOLERANCE = 1e-4
 CHUNK = 32

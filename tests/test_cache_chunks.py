@@ -19,7 +19,7 @@ from sidecar.delta.api import (
     set_delta_controls,
     write_context,
 )
-from sidecar.delta.cache_chunks import cache_chunk, fill_cache
+from sidecar.delta.cache_chunks import CacheChunk, cache_chunk, cache_layout, check_chunk, fill_cache
 
 TOKENS = list(range(5, 305))
 
@@ -80,3 +80,28 @@ def test_a_chunk_used_only_in_part_keeps_the_states_up_to_its_cut(
     for layer in restored:
         layer.trim(layer.offset - 192)
     assert max_diff(delta_states(model, restored), delta_states_at(model, original, 192)) == 0
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_a_chunk_is_checked_against_the_model_cache_layout(
+    tiny_kv_model_dir: Path, tiny_kv_adapter_dir: Path, bits: int | None
+) -> None:
+    model, _ = mlx_lm.load(str(tiny_kv_model_dir))
+    attach_delta_mem(model, tiny_kv_adapter_dir)
+    layout = cache_layout(model, make_cache(model, bits, 32))
+    original, chunks = turns(model, bits)
+    check_chunk(cache_chunk(original, 0), layout)
+    good = chunks[1]
+    check_chunk(good, layout)
+    broken = {
+        "one KV head fewer": {**good.arrays, "k0.0": good.arrays["k0.0"][:, :1]},
+        "another dtype": {**good.arrays, "v1.0": good.arrays["v1.0"].astype(mx.float16)},
+        "a layer missing": {k: v for k, v in good.arrays.items() if not k.startswith(("k1.", "v1."))},
+        "δ-states of another shape": {**good.arrays, "latest0": mx.zeros((1, 3, 3))},
+        "a stray array": {**good.arrays, "extra": mx.zeros((1,))},
+    }
+    for arrays in broken.values():
+        with pytest.raises(ValueError):
+            check_chunk(CacheChunk(good.start, good.end, arrays, good.records), layout)
+    with pytest.raises(ValueError, match="layers"):
+        check_chunk(CacheChunk(good.start, good.end, good.arrays, good.records[:-1]), layout)

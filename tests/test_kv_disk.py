@@ -17,7 +17,7 @@ from engine_support import job, openclaw_turns, run, session_of, settings_for
 from sidecar.delta.api import delta_states
 from sidecar.engine.engine import Engine, load_engine
 from sidecar.engine.interface import Finished, PromptDone, TextDelta
-from sidecar.kvcache import disk_cache
+from sidecar.kvcache import disk_files
 from sidecar.sessions.keys import hash_session_key
 
 TURNS = openclaw_turns(3)
@@ -197,7 +197,7 @@ def test_a_full_disk_fails_no_turn_and_the_files_catch_up_afterwards(
     run(engine, job(TURNS[0]))
     asyncio.run(engine.save_session(hash_session_key("s1")))  # returns once the session's chunks are written
     with monkeypatch.context() as patch:
-        patch.setattr(disk_cache, "write_chunk_file", full)
+        patch.setattr(disk_files, "write_chunk_file", full)
         events = run(engine, job(TURNS[1]))
         stop(engine)  # waits for the writer: the failure is counted
     assert isinstance(events[-1], Finished) and events[-1].finish_reason in ("stop", "length")

@@ -1,9 +1,11 @@
-"""Faults of the disk cache in a real server: kill -9 while it writes, a truncated chunk, a budget too
-small to hold anything. Each time the restarted server starts, answers, and the session's next answer
-equals that of a server that never kept KV on disk (greedy, float32)."""
+"""Faults of the disk cache in a real server: kill -9 while it writes, a truncated chunk, a FIFO in place
+of a chunk, a budget too small to hold anything. Each time the restarted server starts, answers, and
+the session's next answer equals that of a server that never kept KV on disk (greedy, float32); and
+SIGTERM stops it (stop_server fails the test after 60 s)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from server_process import MODEL, Server, start_server, stop_server
 pytestmark = pytest.mark.e2e
 
 SYSTEM = "You are a careful assistant with tools. " * 30
-FAULTS = ("kill-9", "truncated-chunk", "tiny-budget")
+FAULTS = ("kill-9", "truncated-chunk", "fifo-chunk", "tiny-budget")
 HEADERS = {**AUTH, "X-OpenClaw-Session-Key": "restart"}
 
 
@@ -70,9 +72,14 @@ def test_after_a_disk_cache_fault_the_restarted_server_answers_as_a_replay(
         (folder / "99.safetensors").write_bytes(b"a chunk whose manifest was never written")
     else:
         stop_server(server)
-    if fault == "truncated-chunk":
+    if fault in ("truncated-chunk", "fifo-chunk"):
         newest = max((kv / "sessions").glob("*/*.safetensors"), key=lambda p: int(p.stem))
-        newest.write_bytes(newest.read_bytes()[:100])
+        data = newest.read_bytes()
+        newest.unlink()
+        if fault == "truncated-chunk":
+            newest.write_bytes(data[:100])
+        else:  # a read of it would block for ever: the server must not wait for one
+            os.mkfifo(newest)
     server = start_server(tiny_model_dir, tiny_adapter_dir, tmp_path, *extra)
     try:
         reply = ask(server, third)
@@ -87,5 +94,6 @@ def test_after_a_disk_cache_fault_the_restarted_server_answers_as_a_replay(
     assert unexpected_files(tmp_path / "state") == []
     if fault == "tiny-budget":
         assert disk["bytes"] <= 1 and disk["hits"] == 0 and disk["evictions"] >= 1
-    elif fault == "truncated-chunk":
+    elif fault in ("truncated-chunk", "fifo-chunk"):
         assert disk["partial_hits"] == 1 and disk["hits"] == 0
+        assert disk["read_failures"] == (fault == "fifo-chunk")

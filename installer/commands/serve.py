@@ -2,7 +2,8 @@
 
 Its exit status (common/exit_codes.py) tells a supervisor what a restart can fix: CONFIG_ERROR for a
 configuration that cannot work (found before anything loads, or model files that fail to load),
-PORT_IN_USE when another process holds the port, 1 for a model that failed to load otherwise.
+PORT_IN_USE when another process holds the port, STATE_DIR_IN_USE when another server runs on the
+state dir, 1 for a model that failed to load otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Annotated, Any, Callable, NoReturn, ParamSpec
 import typer
 
 from common.errors import UserError
-from common.exit_codes import CONFIG_ERROR, PORT_IN_USE
+from common.exit_codes import CONFIG_ERROR, PORT_IN_USE, STATE_DIR_IN_USE
 from common.kv_budget import parse_kv_bits
 from common.layout import RootLayout
 from common.settings import SettingsError, SidecarSettings, load_settings
@@ -229,6 +230,7 @@ def _run(
 ) -> int:
     # Imported here so that `delta-mem-mlx --help` does not load FastAPI.
     from sidecar.server.http_server import PortInUseError, run_server
+    from sidecar.server.state_dir_lock import StateDirBusyError
 
     try:
         return run_server(
@@ -241,6 +243,8 @@ def _run(
         )
     except PortInUseError as exc:
         _fail(exc, PORT_IN_USE)
+    except StateDirBusyError as exc:
+        _fail(exc, STATE_DIR_IN_USE)
 
 
 def _fail(error: UserError, status: int) -> NoReturn:

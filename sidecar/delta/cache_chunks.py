@@ -8,6 +8,7 @@ chunk's runs replace whatever an earlier one kept from its start on, as a memory
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,75 @@ def cache_chunk(cache: list[Any], start: int) -> CacheChunk:
             arrays[f"latest{i}"] = record.latest
         records.append({"recorded": record.recorded, "known": record.known, "has_latest": record.latest is not None})
     return CacheChunk(start, end, arrays, records)
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """What every chunk of one model's caches holds: each K/V array's shape bar its token axis and
+    its dtype, and each layer's δ-state shape (None: a layer without δ)."""
+
+    kv: dict[str, tuple[tuple[int, ...], mx.Dtype]]
+    states: tuple[tuple[int, ...] | None, ...]
+
+
+_KV_NAME = re.compile(r"[kv](\d+)\.(\d+)")
+
+
+def cache_layout(model: Any, cache: list[Any]) -> CacheLayout:
+    """The layout of `model`'s caches, read off a one-token pass over `cache` (a new one, thrown away)."""
+    model(mx.array([[0]]), cache=cache)
+    chunk = cache_chunk(cache, 0)
+    kv = {name: (_bar_tokens(a.shape), a.dtype) for name, a in chunk.arrays.items() if _KV_NAME.fullmatch(name)}
+    states = tuple(layer.record.state_shape if isinstance(layer, DeltaLayerCache) else None for layer in cache)
+    return CacheLayout(kv, states)
+
+
+def check_chunk(chunk: CacheChunk, layout: CacheLayout) -> None:
+    """Raise ValueError, saying what differs, unless the chunk's arrays fit `layout` whole (as read from
+    a file: every array holds the chunk's tokens [start, end))."""
+    length = chunk.end - chunk.start
+    kv = {name: a for name, a in chunk.arrays.items() if _KV_NAME.fullmatch(name)}
+    if set(kv) != set(layout.kv):
+        raise ValueError(f"K/V arrays {sorted(set(kv) ^ set(layout.kv))[:4]} are not this model's")
+    for name, array in kv.items():
+        shape, dtype = layout.kv[name]
+        if array.ndim < 2 or _bar_tokens(array.shape) != shape or array.shape[-2] != length or array.dtype != dtype:
+            raise ValueError(f"{name} is {array.dtype} {array.shape}, not {dtype} {shape} over {length} tokens")
+    if len(chunk.records) != len(layout.states):
+        raise ValueError(f"{len(chunk.records)} layers, not {len(layout.states)}")
+    for i, (meta, state) in enumerate(zip(chunk.records, layout.states)):
+        _check_record(chunk, i, meta, state)
+    known = {f"{kind}{i}" for kind in ("runs", "kept", "latest") for i in range(len(layout.states))}
+    stray = set(chunk.arrays) - set(kv) - known
+    if stray:
+        raise ValueError(f"unexpected arrays {sorted(stray)[:4]}")
+
+
+def _check_record(chunk: CacheChunk, i: int, meta: Any, state: tuple[int, ...] | None) -> None:
+    names = [f"runs{i}", f"kept{i}", f"latest{i}"]
+    if state is None:
+        if meta is not None or any(name in chunk.arrays for name in names):
+            raise ValueError(f"layer {i} has no δ-state in this model")
+        return
+    if not isinstance(meta, dict) or set(meta) != {"recorded", "known", "has_latest"}:
+        raise ValueError(f"layer {i}'s δ record is missing or malformed")
+    if not (_natural(meta["recorded"]) and isinstance(meta["known"], bool) and isinstance(meta["has_latest"], bool)):
+        raise ValueError(f"layer {i}'s δ record is malformed")
+    runs, kept, latest = (chunk.arrays.get(name) for name in names)
+    if (runs is None) != (kept is None):
+        raise ValueError(f"layer {i} has δ runs without states, or states without runs")
+    if runs is not None and kept is not None:
+        if runs.dtype != mx.int32 or runs.ndim != 2 or runs.shape[0] != 2:
+            raise ValueError(f"runs{i} is {runs.dtype} {runs.shape}, not int32 (2, n)")
+        if kept.shape != (1, runs.shape[1], *state):
+            raise ValueError(f"kept{i} is {kept.shape}, not {(1, runs.shape[1], *state)}")
+        starts, ends = np.array(runs).tolist()
+        if any(not chunk.start <= s <= e <= chunk.end for s, e in zip(starts, ends)):
+            raise ValueError(f"runs{i} leave the chunk's tokens [{chunk.start}, {chunk.end}]")
+    if meta["has_latest"] != (latest is not None):
+        raise ValueError(f"layer {i}'s latest δ-state is missing or unexpected")
+    if latest is not None and latest.shape != (1, *state):
+        raise ValueError(f"latest{i} is {latest.shape}, not {(1, *state)}")
 
 
 def fill_cache(cache: list[Any], chunks: list[CacheChunk]) -> None:
@@ -113,6 +183,14 @@ def _record(shape: tuple[int, ...], chunks: list[CacheChunk], i: int) -> DeltaRe
     record = DeltaRecord.from_state((stacked, runs_array, latest, meta["recorded"], meta["known"], mx.array(shape)))
     record.trim(last.end)  # the last chunk may be cut: the state there is a kept one, or unknown
     return record
+
+
+def _bar_tokens(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (*shape[:-2], shape[-1])
+
+
+def _natural(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _parts(part: Any) -> tuple[mx.array, ...]:

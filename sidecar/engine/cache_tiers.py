@@ -7,19 +7,26 @@ are taken while a job runs and written once its answer has ended (or failed).
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlx.core as mx
 
 from common.kv_budget import kv_bits_name
 from common.settings import SidecarSettings
 from sidecar.delta.api import delta_info, make_cache, set_delta_controls
-from sidecar.delta.cache_chunks import fill_cache
-from sidecar.kvcache.disk_cache import KvDisk, PendingChunk, Restored
+from sidecar.delta.cache_chunks import cache_layout, fill_cache
+from sidecar.kvcache.disk_cache import KvDisk, Restored, until_read
+from sidecar.kvcache.disk_writer import PendingChunk
 from sidecar.kvcache.prefix_cache import PrefixCache
 from sidecar.sessions.fingerprint import SessionFingerprint
 from sidecar.sessions.state import MODES, Session, file_stem
+
+T = TypeVar("T")
+# A read from disk waits on the reader thread, a `yield` at a time: the scheduler runs the other
+# rows' steps meanwhile (see sidecar/engine/prefill.py).
+Steps = Generator[None, None, T]
 
 
 class CacheTiers:
@@ -39,24 +46,28 @@ class CacheTiers:
             set_delta_controls(cache, enabled=delta)
         return cache
 
-    def fetch_prefix(self, mode: str, tokens: list[int]) -> tuple[int, list[Any]] | None:
-        """The longest shared prefix of `tokens` in memory, else from disk (kept in memory from then on)."""
+    def fetch_prefix(self, mode: str, tokens: list[int]) -> Steps[tuple[int, list[Any]] | None]:
+        """The longest shared prefix of `tokens` in memory, else from disk (kept in memory from then on;
+        the other rows take their steps while it is read)."""
         hit = self.prefixes.fetch(mode, tokens)
         if hit is None and self.kv_disk is not None and self.prefixes.max_entries:
-            loaded = self.kv_disk.load_prefix(mode, tokens, lambda: self.new_cache(mode == "delta"))
+            read = self.kv_disk.read_prefix(mode, tokens)
+            yield from until_read(read)
+            loaded = self.kv_disk.load_prefix(read, lambda: self.new_cache(mode == "delta")) if read else None
             if loaded is not None:
                 self.prefixes.insert(mode, tokens[: loaded[0]], loaded[1])
                 hit = self.prefixes.fetch(mode, tokens)
         return hit
 
-    def restore_from_disk(self, history: Session) -> Restored | None:
-        """A session's cache read back from the disk cache; a shared prefix read with it is kept in memory."""
+    def restore_from_disk(self, history: Session) -> Steps[Restored | None]:
+        """A session's cache read back from the disk cache (the other rows take their steps while it is
+        read); a shared prefix read with it is kept in memory."""
         if self.kv_disk is None:
             return None
         mode = history.mode
-        restored = self.kv_disk.restore(
-            history, lambda: self.new_cache(history.delta), lambda tokens: self.prefixes.peek(mode, tokens)
-        )
+        read = self.kv_disk.read_session(history, lambda tokens: self.prefixes.peek(mode, tokens))
+        yield from until_read(read)
+        restored = self.kv_disk.restore(read, lambda: self.new_cache(history.delta))
         if restored is not None and restored.prefix_read is not None and self.prefixes.max_entries:
             prefix = self.new_cache(history.delta)
             fill_cache(prefix, [restored.prefix_read])
@@ -77,7 +88,7 @@ class CacheTiers:
     def write_taken_chunks(self) -> None:
         """Encode and queue the chunks jobs took for the disk cache, once an answer has ended (or failed)."""
         while self.kv_disk is not None and self._disk_writes:
-            self.kv_disk.submit(self._disk_writes.pop(0))
+            self.kv_disk.queue_write(self._disk_writes.pop(0))
 
     def remove_files(self, key_hash: str) -> bool:
         """Forget a key's chunks (both modes) in the disk cache; True if there were any."""
@@ -97,6 +108,10 @@ class CacheTiers:
         """The disk cache's figures for /health."""
         return self.kv_disk.stats() if self.kv_disk is not None else {"enabled": False}
 
+    def disk_problems(self) -> list[str]:
+        """What /health lists about the disk cache (failing writes, stalled reads)."""
+        return self.kv_disk.problems() if self.kv_disk is not None else []
+
     def close(self) -> None:
         """Let the disk cache finish its writes (called off the generation thread)."""
         if self.kv_disk is not None:
@@ -111,4 +126,5 @@ def open_kv_disk(model: Any, settings: SidecarSettings, fingerprint: SessionFing
     dtype = model.model.embed_tokens(mx.array([[0]])).dtype
     kv_format = f"{dtype}|kv {kv_bits_name(settings.kv_bits)}/{settings.kv_group_size}"
     root = Path(settings.state_dir) / "kv"
-    return KvDisk(root, settings.max_disk_bytes, lambda: f"{fingerprint.current}|{kv_format}")
+    layout = cache_layout(model, make_cache(model, settings.kv_bits, settings.kv_group_size))
+    return KvDisk(root, settings.max_disk_bytes, lambda: f"{fingerprint.current}|{kv_format}", layout)

@@ -31,7 +31,7 @@ def health_report(engine: "Engine", batch: dict[str, Any]) -> dict[str, Any]:
             "replay_mismatches": engine.replays.mismatches,
             **engine.store.save_report(),
         },
-        "problems": engine.store.saves.problems(),
+        "problems": engine.store.saves.problems() + engine.tiers.disk_problems(),
         "prefix_cache": engine.prefixes.stats(),
         "disk_cache": engine.tiers.disk_stats(),
         "memory": engine.memory.report(sessions),

@@ -134,7 +134,7 @@ class Prefill:
             reused = session.cut_point(limit, lambda offset: restorable_offset(session.cache, offset))
             session.truncate(reused)
         if len(session.tokens) < boundary and not session.snippet_writes:
-            reused = max(reused, self._start_from_shared_prefix(session, layout))
+            reused = max(reused, (yield from self._start_from_shared_prefix(session, layout)))
             start = len(session.tokens)
             plan = self._plan(session.delta, layout, start, boundary)
             yield from self._prefill(session, layout, plan, stream)
@@ -142,10 +142,10 @@ class Prefill:
         session.reused_tokens += reused
         return reused
 
-    def _start_from_shared_prefix(self, session: Session, layout: PromptLayout) -> int:
+    def _start_from_shared_prefix(self, session: Session, layout: PromptLayout) -> Steps[int]:
         """Replace the session's cache with the longest shared prefix of prompt[:boundary], if longer."""
         prompt, boundary = layout.tokens, layout.boundary
-        hit = self.tiers.fetch_prefix(session.mode, prompt[:boundary])
+        hit = yield from self.tiers.fetch_prefix(session.mode, prompt[:boundary])
         if hit is None or hit[0] <= len(session.tokens):
             return 0
         length, cache = hit
@@ -167,11 +167,11 @@ class Prefill:
         fresh = Session(session.key_hash, session.delta, cache=self.tiers.new_cache(session.delta))
         shared = 0
         first_write = history.snippet_writes[0].offset if history.snippet_writes else target
-        restored = self.tiers.restore_from_disk(history) if target > 0 else None
+        restored = (yield from self.tiers.restore_from_disk(history)) if target > 0 else None
         if restored is not None:
             shared, fresh.cache, fresh.snippet_writes = restored.length, restored.cache, restored.snippet_writes
         elif first_write > 0:
-            hit = self.tiers.fetch_prefix(session.mode, history.tokens[:first_write])
+            hit = yield from self.tiers.fetch_prefix(session.mode, history.tokens[:first_write])
             if hit is not None:
                 shared, fresh.cache = hit
         fresh.tokens = history.tokens[:shared]

@@ -1,67 +1,53 @@
 """The disk cache: each session's KV and δ record, and the shared prefixes, kept on disk across restarts.
 
-Layout under `<state dir>/kv/`: `sessions/<key hash>.<mode>/manifest.json` and that session's chunk
-files `<n>.safetensors`; `prefixes/<id>.json` + `<id>.safetensors`, each shared prefix once. A
-turn adds one chunk: the tokens from where the session last diverged from what is on disk (the
-manifest is cut there) to its end. The generation thread takes the chunk's arrays and encodes them; a
-writer thread writes the file, then the manifest, then removes the chunks cut away, so a kill at
-any moment leaves the old manifest or the new one, both whole. Writes never hold up an answer: the
-queue is bounded, and a turn that finds it full is written with the next one.
+Layout under `<state dir>/kv/` (sidecar/kvcache/disk_folders.py): `sessions/<key hash>.<mode>/`
+holds `manifest.json` and that session's chunk files `<n>.safetensors`; `prefixes/<id>.json` +
+`<id>.safetensors`, each shared prefix once. Its parts, one job each: the writer thread and its
+queue (disk_writer.py), the reader thread with a deadline per read (disk_reader.py), reading a
+session back and checking it (disk_restore.py), the tables and the byte budget (disk_index.py), the
+folders and the start-up scan (disk_folders.py), the file formats (disk_files.py).
 
-Restoring checks every chunk (sha256, fingerprint of model, adapter, dtype and KV format, its token
-ids and memory writes against the session's history) and stops at the first that fails, with a log
-line saying why: the engine replays from there, so a bad file costs time, never a wrong answer.
+The generation thread never touches a file: it takes a finished turn's chunk (`take_session`) and
+encodes it (`queue_write`); to restore it hands the read over (`read_session`), goes on with the
+other rows while the read runs, then decodes, checks and fills (`restore`). Any failure on the way
+(a file that fails a check, a read that fails or stalls, arrays that do not fit the model's cache)
+ends in a replay from where the good files end, with a log line saying why, never a failed request.
 Total bytes stay under `max_bytes`: least recently used sessions go first, then shared prefixes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import queue
-import shutil
-import threading
-import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sidecar.delta.api import restorable_offset
-from sidecar.delta.cache_chunks import CacheChunk, cache_chunk, fill_cache
+from sidecar.delta.cache_chunks import CacheChunk, CacheLayout, fill_cache
 from sidecar.kvcache.disk_files import (
-    CHUNK_SUFFIX,
-    ChunkEntry,
     KvFileError,
-    Manifest,
+    KvReadError,
     PrefixRecord,
-    encode_chunk,
-    read_chunk,
-    read_manifest,
-    read_prefix_record,
+    decode_chunk,
+    read_chunk_bytes,
     tokens_digest,
-    write_chunk_file,
-    write_manifest,
-    write_prefix_record,
 )
-from sidecar.sessions.state import Session, SnippetWrite, common_prefix
-from sidecar.sessions.store import describe_os_error
+from sidecar.kvcache.disk_folders import DiskLayout, scan
+from sidecar.kvcache.disk_index import DiskIndex, History, history_of
+from sidecar.kvcache.disk_reader import READ_DEADLINE_S, DiskReader, PendingRead, ReadStalled
+from sidecar.kvcache.disk_restore import PENDING_WAIT_S, SessionFiles, check_chunks, read_session_files
+from sidecar.kvcache.disk_writer import DiskCounters, DiskWriter, PendingChunk
+from sidecar.sessions.state import Session, SnippetWrite
 
 log = logging.getLogger("sidecar.kvcache.disk_cache")
 
-MANIFEST = "manifest.json"
-QUEUE_LENGTH = 8
-# How long restoring a session waits for its own queued writes (they hold its newest turn).
-PENDING_WAIT_S = 30.0
+# How often the generation thread looks at a pending read between two steps of the other rows.
+READ_POLL_S = 0.005
 
-
-@dataclass(frozen=True)
-class History:
-    """What a session's cache holds on disk, or will once the queued writes are done."""
-
-    tokens: tuple[int, ...]
-    writes: tuple[tuple[int, str], ...]
+NewCache = Callable[[], list[Any]]
+# A shared prefix kept in memory for exactly these tokens (not to be changed), or None.
+SharedPrefix = Callable[[list[int]], list[Any] | None]
 
 
 @dataclass(frozen=True)
@@ -75,490 +61,217 @@ class Restored:
     prefix_read: CacheChunk | None
 
 
-NewCache = Callable[[], list[Any]]
-# A shared prefix kept in memory for exactly these tokens (not to be changed), or None.
-SharedPrefix = Callable[[list[int]], list[Any] | None]
+@dataclass(frozen=True)
+class SessionRead:
+    """A session's restore in progress: its files being read, and what the generation thread keeps."""
+
+    session: Session
+    history: History
+    held: dict[str, list[Any]]  # shared prefixes in memory that its files may start with, by id
+    pending: PendingRead[SessionFiles]
 
 
-@dataclass
-class _Job:
-    """One write for the writer thread: a session's new chunk, or a shared prefix."""
+@dataclass(frozen=True)
+class PrefixRead:
+    """A shared prefix's file being read."""
 
-    name: str  # session folder or prefix id
-    data: bytes
-    start: int
-    end: int
-    history: History | None = None  # sessions: the history once written
-    cut: int = 0  # sessions: where the manifest is cut before the chunk is added
-    prefix: tuple[str, int] | None = None  # sessions: a shared prefix as the first chunk
-    record: PrefixRecord | None = None  # prefixes
-    generation: int = 0
-
-
-class _Behind(Exception):
-    """A chunk that cannot go on its session's files: an earlier write failed, so it would leave a gap."""
-
-
-@dataclass
-class PendingChunk:
-    """A chunk taken on the generation thread, to be encoded (`submit`) once the answer has ended."""
-
-    job: _Job
-    chunk: CacheChunk
+    length: int
     tokens: list[int]
+    pending: PendingRead[bytes]
 
 
-@dataclass
-class DiskCounters:
-    """What /health reports about the disk cache."""
-
-    hits: int = 0  # restores that brought back every token asked for
-    partial_hits: int = 0  # restores that stopped early (the rest was replayed)
-    fallbacks: int = 0  # restores that found nothing usable on disk (replayed)
-    restored_tokens: int = 0
-    prefix_loads: int = 0  # shared prefixes read from disk (each is kept in memory afterwards)
-    writes: int = 0
-    bytes_written: int = 0
-    write_failures: int = 0
-    skipped_writes: int = 0  # queue full: written with the session's next turn
-    evictions: int = 0
+def until_read(read: SessionRead | PrefixRead | None) -> Generator[None, None, None]:
+    """Yield (the other rows take their steps) until a read has ended; a pipeline's `yield from`."""
+    while read is not None and not read.pending.wait(READ_POLL_S):
+        yield
 
 
 class KvDisk:
     """Sessions' and shared prefixes' caches on disk, within a byte budget."""
 
-    def __init__(self, root: Path, max_bytes: int, fingerprint: Callable[[], str]):
-        self.root = root
-        self.max_bytes = max_bytes
+    def __init__(
+        self, root: Path, max_bytes: int, fingerprint: Callable[[], str], layout: CacheLayout,
+        read_deadline_s: float = READ_DEADLINE_S,
+    ):  # fmt: skip
+        self.layout = layout
+        self.folders = DiskLayout(root)
+        self.folders.make()
         self._fingerprint = fingerprint
         self.counters = DiskCounters()
-        self.last_error: str | None = None
-        # Two locks, always taken in this order: the files (the writer holds it through an fsync) and
-        # the tables below (held briefly, so that taking a turn's chunk never waits for a disk).
-        self._files = threading.Lock()
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._planned: dict[str, History] = {}  # what each session will hold once its queue drains
-        self._committed: dict[str, History] = {}  # what its manifest holds now
-        self._generation: Counter[str] = Counter()  # bumped when a session is removed
-        self._pending: Counter[str] = Counter()
-        self._sessions: dict[str, list[float]] = {}  # folder → [last used, bytes]
-        self._prefixes: dict[str, PrefixRecord] = {}
-        self._queue: queue.Queue[_Job | None] = queue.Queue(QUEUE_LENGTH)
-        (root / "sessions").mkdir(parents=True, exist_ok=True)
-        (root / "prefixes").mkdir(parents=True, exist_ok=True)
-        self._scan()
-        self._writer = threading.Thread(target=self._write_loop, name="kv-disk-writer", daemon=True)
-        self._writer.start()
+        self.index = DiskIndex(max_bytes, *scan(self.folders))
+        self.writer = DiskWriter(self.folders, self.index, self.counters, fingerprint)
+        self.reader = DiskReader(read_deadline_s)
+        self._read_error: str | None = None
+        self.writer.enforce_budget(keep="")
 
-    # ---- the generation thread's side -----------------------------------------------------
+    # ---- writing (the generation thread's side) --------------------------------------------
 
     def take_session(self, session: Session) -> PendingChunk | None:
         """The chunk a finished turn adds to the session's files (its arrays are taken, not yet encoded)."""
-        if session.cache is None or not session.tokens:
-            return None
-        name = session.file_stem
-        history = History(tuple(session.tokens), tuple((w.offset, w.digest) for w in session.snippet_writes))
-        with self._lock:
-            before = self._planned.get(name)
-            cut = 0 if before is None else _divergence(before, history)
-            prefix = self._shared_prefix(_mode(session), history) if cut == 0 else None
-            start = prefix[1] if prefix else cut
-            if start >= len(history.tokens):
-                return None
-            self._planned[name] = history
-            self._pending[name] += 1
-            generation = self._generation[name]
-        job = _Job(name, b"", start, len(history.tokens), history, cut, prefix, generation=generation)
-        return PendingChunk(job, cache_chunk(session.cache, start), list(history.tokens[start:]))
+        return self.writer.take_session(session)
 
     def take_prefix(self, mode: str, tokens: list[int], cache: list[Any]) -> PendingChunk | None:
         """The chunk of a new shared prefix, unless it is on disk (or on its way) already."""
-        name = _prefix_id(self._fingerprint(), mode, tokens)
-        with self._lock:
-            if name in self._prefixes:
-                return None
-            record = PrefixRecord(self._fingerprint(), mode, len(tokens), tokens_digest(tokens), "", 0, time.time())
-            self._prefixes[name] = record  # planned: sessions may name it before it is written
-            self._pending[name] += 1
-        job = _Job(name, b"", 0, len(tokens), record=record)
-        return PendingChunk(job, cache_chunk(cache, 0), list(tokens))
+        return self.writer.take_prefix(mode, tokens, cache)
 
-    def submit(self, pending: PendingChunk | None) -> None:
+    def queue_write(self, pending: PendingChunk | None) -> None:
         """Encode a taken chunk and queue it for the writer; a full queue defers it to the next turn."""
-        if pending is None:
-            return
-        job = pending.job
-        job.data = encode_chunk(pending.chunk, pending.tokens, self._fingerprint())
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            self.counters.skipped_writes += 1
-            self._failed(job)
-            with self._lock:
-                self._done(job)
+        self.writer.queue_write(pending)
 
-    def restore(self, session: Session, new_cache: NewCache, in_memory: SharedPrefix) -> Restored | None:
-        """The session's cache from disk, for as much of its history as the files hold and pass every
-        check, or None; logs why it stopped early. A shared prefix the session starts with is taken
-        from `in_memory` when there, else read too (and handed back, to be kept in memory)."""
-        name = session.file_stem
-        history = History(tuple(session.tokens), tuple((w.offset, w.digest) for w in session.snippet_writes))
-        self.wait(name)  # its queued chunks hold its newest turns
-        with self._files:
-            chunks, reason, prefix_read = self._read_chunks(name, history, in_memory)
-        length = chunks[-1].end if chunks else 0
-        cache = new_cache()
-        if chunks:
-            fill_cache(cache, chunks)
-            length = _restorable_point(cache, length, history.writes, session.safe_offset)
-            for layer in cache:
-                layer.trim(layer.offset - length)
-        self._count_restore(name, length, len(history.tokens), reason)
-        restored = History(history.tokens[:length], tuple(w for w in history.writes if w[0] < length))
-        with self._lock:
-            self._planned[name] = self._committed[name] = restored
-            if name in self._sessions:
-                self._sessions[name][0] = time.time()
+    # ---- restoring a session ------------------------------------------------------------------
+
+    def read_session(self, session: Session, in_memory: SharedPrefix) -> SessionRead:
+        """Start reading a session's files back (on the reader thread); `in_memory` gives the shared
+        prefixes held in memory, which are not read again."""
+        history, fingerprint = history_of(session), self._fingerprint()
+        with self.index.lock:
+            records = [(i, r.length, r.tokens_sha256) for i, r in self.index.prefixes.items() if r.sha256]
+        held = {}
+        for prefix_id, length, digest in records:
+            if length <= len(history.tokens) and tokens_digest(list(history.tokens[:length])) == digest:
+                cache = in_memory(list(history.tokens[:length]))
+                if cache is not None:
+                    held[prefix_id] = cache
+        name, wanted, ids = session.file_stem, len(history.tokens), frozenset(held)
+        pending = self.reader.read(
+            lambda: read_session_files(self.folders, self.index, self.writer, name, wanted, ids, fingerprint)
+        )
+        return SessionRead(session, history, held, pending)
+
+    def restore(self, read: SessionRead, new_cache: NewCache) -> Restored | None:
+        """The session's cache, once its read has ended, for as much of its history as the files hold
+        and pass every check, or None; logs why it stopped early. Never raises."""
+        session, history = read.session, read.history
+        try:
+            files = self._ended(read.pending)
+            if files.read_error is not None:
+                self._read_failed(files.read_error, stalled=False)
+            loaded = sum(1 for c in files.chunks if c.entry.prefix is not None and c.data is not None)
+            self.counters.add(prefix_loads=loaded)
+            chunks, reason, prefix_read = check_chunks(files, history, read.held, self._fingerprint(), self.layout)
+            cache, length = new_cache(), 0
+            if chunks:
+                fill_cache(cache, chunks)
+                length = _restorable_point(cache, chunks[-1].end, history.writes, session.safe_offset)
+                for layer in cache:
+                    layer.trim(layer.offset - length)
+        except Exception as exc:  # any failure to rebuild from disk is a replay, never a failed request
+            log.warning("session %s: its disk cache files cannot be used, replayed: %s", session.file_stem[:12], exc)
+            chunks, reason, prefix_read, length = [], str(exc), None, 0
+        self._count_restore(session.file_stem, length, len(history.tokens), reason)
+        self.writer.restored(session.file_stem, History(history.tokens[:length], _writes_before(history, length)))
         if length == 0:
             return None
         return Restored(length, cache, [w for w in session.snippet_writes if w.offset < length], prefix_read)
 
-    def load_prefix(self, mode: str, tokens: list[int], new_cache: NewCache) -> tuple[int, list[Any]] | None:
-        """The longest shared prefix of `tokens` on disk, as a cache, or None."""
-        fingerprint = self._fingerprint()
-        with self._lock:
-            found = self._longest_prefix(fingerprint, mode, tokens, limit=len(tokens))
+    # ---- shared prefixes ------------------------------------------------------------------
+
+    def read_prefix(self, mode: str, tokens: list[int]) -> PrefixRead | None:
+        """Start reading the longest shared prefix of `tokens` on disk, or None when there is none."""
+        with self.index.lock:
+            found = self.index.longest_prefix(self._fingerprint(), mode, tokens, limit=len(tokens))
+            record = self.index.touch_prefix(found[0]) if found is not None else None
         if found is None:
             return None
-        name, record = found
-        self.wait(name)
-        if not record.sha256:
-            return None  # its write failed
-        record.last_used = time.time()
-        try:
-            with self._files:
-                chunk, stored = read_chunk(self._prefix_file(name), record.sha256, fingerprint)
-        except KvFileError as exc:
-            log.warning("shared prefix %s not used: %s", name[:12], exc)
-            self.counters.fallbacks += 1
-            return None
-        if stored != tokens[: record.length]:
-            return None
-        cache = new_cache()
-        fill_cache(cache, [chunk])
-        self.counters.prefix_loads += 1
-        return record.length, cache
+        prefix_id = found[0]
+        path = self.folders.prefix_file(prefix_id)
 
-    def wait(self, name: str) -> bool:
-        """Wait (at most PENDING_WAIT_S) until the chunks queued for a session or prefix are written;
-        False on timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending[name] == 0, timeout=PENDING_WAIT_S)
+        def read() -> bytes:
+            if not self.writer.wait(prefix_id, PENDING_WAIT_S):
+                raise KvFileError("its write did not end in time")
+            written = record or self._written_prefix(prefix_id)
+            return read_chunk_bytes(path, written.sha256, written.nbytes)
+
+        return PrefixRead(found[1].length, tokens[: found[1].length], self.reader.read(read))
+
+    def load_prefix(self, read: PrefixRead, new_cache: NewCache) -> tuple[int, list[Any]] | None:
+        """The shared prefix's cache once its read has ended, or None (logged)."""
+        try:
+            data = self._ended(read.pending)
+            chunk, stored = decode_chunk(data, "of a shared prefix", self._fingerprint(), self.layout)
+            if stored != read.tokens or chunk.start != 0 or chunk.end != read.length:
+                raise KvFileError("it holds other tokens than its record")
+            cache = new_cache()
+            fill_cache(cache, [chunk])
+        except Exception as exc:  # a replay, never a failed request
+            log.warning("a shared prefix on disk was not used: %s", exc)
+            self.counters.add(fallbacks=1)
+            return None
+        self.counters.add(prefix_loads=1)
+        return read.length, cache
+
+    # ---- the rest ---------------------------------------------------------------------------
+
+    def wait(self, name: str, timeout: float = PENDING_WAIT_S) -> bool:
+        """Wait until the chunks queued for a session or prefix are written; False on timeout."""
+        return self.writer.wait(name, timeout)
 
     def remove(self, name: str) -> bool:
         """Delete a session's files now (its queued writes are dropped); True if it had any. Raises OSError."""
-        with self._files:
-            with self._lock:
-                self._generation[name] += 1
-                self._planned.pop(name, None)
-                self._committed.pop(name, None)
-                self._sessions.pop(name, None)
-            folder = self._session_dir(name)
-            if not folder.exists():
-                return False
-            shutil.rmtree(folder)
-            return True
+        return self.writer.remove(name)
+
+    def problems(self) -> list[str]:
+        """Lines for /health while writes fail or a read stalls; empty once a write works again."""
+        found = []
+        if self.writer.failing:
+            failures = self.counters.snapshot()["write_failures"]
+            found.append(f"the disk cache cannot write: {self.writer.last_error} ({failures} failed writes so far)")
+        stalled = self.reader.stalled()
+        if stalled is not None:
+            found.append(f"{stalled}: sessions are replayed instead of read back")
+        return found
 
     def stats(self) -> dict[str, Any]:
         """Bytes, entries and counters, for /health."""
-        with self._lock:  # never held through a disk write: /health does not wait for one
-            bytes_now = self._total_bytes()
-            sessions, prefixes = len(self._sessions), sum(1 for r in self._prefixes.values() if r.sha256)
-        counters = self.counters
+        with self.index.lock:  # never held through a disk write: /health does not wait for one
+            bytes_now, sessions = self.index.total_bytes(), len(self.index.sessions)
+            prefixes = self.index.written_prefixes()
         return {
             "enabled": True,
-            "max_bytes": self.max_bytes,
+            "max_bytes": self.index.max_bytes,
             "bytes": bytes_now,
             "sessions": sessions,
             "prefixes": prefixes,
-            "hits": counters.hits,
-            "partial_hits": counters.partial_hits,
-            "fallbacks": counters.fallbacks,
-            "restored_tokens": counters.restored_tokens,
-            "prefix_loads": counters.prefix_loads,
-            "writes": counters.writes,
-            "bytes_written": counters.bytes_written,
-            "write_failures": counters.write_failures,
-            "skipped_writes": counters.skipped_writes,
-            "evictions": counters.evictions,
-            "queued": self._queue.qsize(),
-            "last_error": self.last_error,
+            **self.counters.snapshot(),
+            "queued": self.writer.queued,
+            "last_error": self.writer.last_error,
+            "last_read_error": self._read_error,
         }
 
     def close(self, timeout: float = 30.0) -> None:
-        """Write what is queued (for at most `timeout` seconds) and stop the writer."""
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            log.warning("disk cache: %d writes still queued at shutdown are dropped", self._queue.qsize())
-            return
-        self._writer.join(timeout)
+        """Write what is queued (for at most `timeout` seconds) and stop the threads."""
+        self.reader.close()
+        self.writer.close(timeout)
 
-    # ---- the writer thread -----------------------------------------------------------------
+    def _ended(self, pending: PendingRead[Any]) -> Any:
+        """An ended read's result; raises what it failed with (a failed or stalled read counted for /health)."""
+        error = pending.error
+        if error is None:
+            return pending.result
+        if isinstance(error, ReadStalled) or isinstance(error, KvReadError) or not isinstance(error, KvFileError):
+            self._read_failed(str(error), stalled=isinstance(error, ReadStalled))
+        raise error
 
-    def _write_loop(self) -> None:
-        while (job := self._queue.get()) is not None:
-            try:
-                with self._files:
-                    if job.record is not None:
-                        self._write_prefix(job)
-                    else:
-                        self._write_session(job)
-                    with self._lock:
-                        self._enforce_budget(keep=job.name)
-            except _Behind as exc:
-                self.counters.skipped_writes += 1
-                log.info("disk cache: %s written with its next turn: %s", _label(job), exc)
-                self._failed(job)
-            except OSError as exc:
-                self.counters.write_failures += 1
-                self.last_error = describe_os_error(exc)
-                log.error("disk cache: could not write %s: %s", _label(job), self.last_error)
-                self._failed(job)
-            except Exception:  # the writer must outlive any one write
-                self.counters.write_failures += 1
-                log.exception("disk cache: could not write %s", _label(job))
-                self._failed(job)
-            finally:
-                with self._lock:
-                    self._done(job)
+    def _read_failed(self, error: str, stalled: bool) -> None:
+        self.counters.add(**{"stalled_reads" if stalled else "read_failures": 1})
+        self._read_error = error
 
-    def _write_session(self, job: _Job) -> None:
-        with self._lock:
-            if job.generation != self._generation[job.name]:
-                return  # the session was removed after this chunk was taken
-            prefix = self._prefixes.get(job.prefix[0]) if job.prefix is not None else None
-        folder = self._session_dir(job.name)
-        fingerprint = self._fingerprint()
-        manifest = self._manifest_or_none(job.name, fingerprint)
-        if manifest is None:  # none, unreadable, or another model's: its files go
-            shutil.rmtree(folder, ignore_errors=True)
-            manifest = Manifest(fingerprint, time.time())
-        dropped = manifest.cut(job.cut)
-        if job.prefix is not None:
-            prefix_id, length = job.prefix
-            if prefix is None or not prefix.sha256:
-                raise _Behind(f"the shared prefix {prefix_id[:12]} it starts with was not written")
-            manifest.chunks = [ChunkEntry(0, length, prefix=prefix_id)]
-        if manifest.end != job.start:
-            raise _Behind(f"its files end at token {manifest.end}, the new chunk starts at {job.start}")
-        name = f"{manifest.next_file}{CHUNK_SUFFIX}"
-        folder.mkdir(parents=True, exist_ok=True)
-        writes = [w for w in job.history.writes if job.start <= w[0] < job.end]
-        sha = write_chunk_file(folder / name, job.data)
-        manifest.chunks.append(ChunkEntry(job.start, job.end, name, sha, len(job.data), writes=writes))
-        manifest.next_file += 1
-        manifest.last_used = time.time()
-        write_manifest(folder / MANIFEST, manifest)
-        for entry in dropped:
-            if entry.file is not None:
-                (folder / entry.file).unlink(missing_ok=True)
-        with self._lock:
-            self._committed[job.name] = job.history
-            self._sessions[job.name] = [manifest.last_used, _own_bytes(manifest)]
-        self._count_write(len(job.data))
-
-    def _write_prefix(self, job: _Job) -> None:
-        record = job.record
-        record.sha256 = write_chunk_file(self._prefix_file(job.name), job.data)
-        record.nbytes = len(job.data)
-        write_prefix_record(self.root / "prefixes" / f"{job.name}.json", record)
-        self._count_write(len(job.data))
-
-    def _done(self, job: _Job) -> None:
-        """One queued chunk fewer (the tables' lock held)."""
-        self._pending[job.name] -= 1
-        self._idle.notify_all()
-
-    def _failed(self, job: _Job) -> None:
-        """After a chunk that was not written: the session's next turn writes from what its files hold."""
-        with self._lock:
-            if job.record is not None:
-                self._prefixes.pop(job.name, None)
-            elif job.generation == self._generation[job.name]:
-                committed = self._committed.get(job.name)
-                if committed is None:
-                    self._planned.pop(job.name, None)
-                else:
-                    self._planned[job.name] = committed
-        if job.record is not None:
-            self._prefix_file(job.name).unlink(missing_ok=True)
-
-    # ---- budget ----------------------------------------------------------------------------
-
-    def _enforce_budget(self, keep: str) -> None:
-        """Delete least recently used sessions, then shared prefixes, until within the budget."""
-        while self._total_bytes() > self.max_bytes:
-            sessions = sorted((v[0], k) for k, v in self._sessions.items() if k != keep)
-            prefixes = sorted((r.last_used, k) for k, r in self._prefixes.items() if r.sha256)
-            if sessions:
-                self._drop_session(sessions[0][1])
-            elif prefixes:
-                name = prefixes[0][1]
-                self._prefixes.pop(name)
-                self._prefix_file(name).unlink(missing_ok=True)
-                (self.root / "prefixes" / f"{name}.json").unlink(missing_ok=True)
-            elif keep in self._sessions:
-                self._drop_session(keep)  # one session alone is larger than the budget
-            else:
-                return
-            self.counters.evictions += 1
-
-    def _drop_session(self, name: str) -> None:
-        self._sessions.pop(name, None)
-        self._planned.pop(name, None)
-        self._committed.pop(name, None)
-        shutil.rmtree(self._session_dir(name), ignore_errors=True)
-
-    def _total_bytes(self) -> int:
-        own = sum(int(v[1]) for v in self._sessions.values())
-        return own + sum(r.nbytes for r in self._prefixes.values())
-
-    # ---- reading ---------------------------------------------------------------------------
-
-    def _read_chunks(
-        self, name: str, history: History, in_memory: SharedPrefix
-    ) -> tuple[list[CacheChunk], str | None, CacheChunk | None]:
-        """The chunks that match the history, in order; why reading stopped before its end; the shared
-        prefix, if it was read from disk."""
-        fingerprint = self._fingerprint()
-        try:
-            manifest = read_manifest(self._session_dir(name) / MANIFEST)
-        except KvFileError as exc:
-            return [], str(exc), None
-        if manifest.fingerprint != fingerprint:
-            return [], "written for another model, adapter or KV format", None
-        chunks: list[CacheChunk] = []
-        prefix_read = None
-        for entry in manifest.chunks:
-            if entry.start >= len(history.tokens):
-                break
-            end = min(entry.end, len(history.tokens))
-            shared = in_memory(list(history.tokens[: entry.end])) if entry.prefix is not None else None
-            try:
-                if shared is not None:
-                    chunk, stored = cache_chunk(shared, 0), list(history.tokens[: entry.end])
-                else:
-                    chunk, stored = self._read_entry(name, entry, fingerprint)
-            except KvFileError as exc:
-                return chunks, str(exc), prefix_read
-            owned = [w for w in history.writes if entry.start <= w[0] < end]
-            if stored[: end - entry.start] != list(history.tokens[entry.start : end]):
-                return chunks, f"chunk at token {entry.start} holds other tokens than the history", prefix_read
-            if [w for w in entry.writes if w[0] < end] != owned:
-                return chunks, f"chunk at token {entry.start} holds other memory writes than the history", prefix_read
-            if entry.prefix is not None and shared is None and end == entry.end:
-                prefix_read = chunk  # whole and checked: worth keeping in memory
-            chunks.append(chunk.cut(end))
-        reason = None if chunks and chunks[-1].end == len(history.tokens) else "the files end early"
-        return chunks, reason, prefix_read
-
-    def _read_entry(self, name: str, entry: ChunkEntry, fingerprint: str) -> tuple[CacheChunk, list[int]]:
-        if entry.prefix is None:
-            return read_chunk(self._session_dir(name) / (entry.file or ""), entry.sha256 or "", fingerprint)
-        record = self._prefixes.get(entry.prefix)
-        if record is None or not record.sha256:
-            raise KvFileError(f"shared prefix {entry.prefix[:12]} is no longer on disk")
-        record.last_used = time.time()
-        self.counters.prefix_loads += 1
-        return read_chunk(self._prefix_file(entry.prefix), record.sha256, fingerprint)
-
-    def _manifest_or_none(self, name: str, fingerprint: str) -> Manifest | None:
-        try:
-            manifest = read_manifest(self._session_dir(name) / MANIFEST)
-        except KvFileError:
-            return None
-        return manifest if manifest.fingerprint == fingerprint else None
-
-    def _shared_prefix(self, mode: str, history: History) -> tuple[str, int] | None:
-        """A shared prefix this history starts with, written before any memory write; (id, length)."""
-        first_write = history.writes[0][0] if history.writes else len(history.tokens)
-        found = self._longest_prefix(self._fingerprint(), mode, list(history.tokens), limit=first_write)
-        return None if found is None else (found[0], found[1].length)
-
-    def _longest_prefix(
-        self, fingerprint: str, mode: str, tokens: list[int], limit: int
-    ) -> tuple[str, PrefixRecord] | None:
-        best = None
-        for name, record in self._prefixes.items():
-            if record.fingerprint != fingerprint or record.mode != mode or record.length > limit:
-                continue
-            if best is not None and record.length <= best[1].length:
-                continue
-            if tokens_digest(tokens[: record.length]) == record.tokens_sha256:
-                best = (name, record)
-        return best
+    def _written_prefix(self, prefix_id: str) -> PrefixRecord:
+        with self.index.lock:
+            record = self.index.touch_prefix(prefix_id)
+        if record is None:
+            raise KvFileError(f"shared prefix {prefix_id[:12]} was not written")
+        return record
 
     def _count_restore(self, name: str, length: int, wanted: int, reason: str | None) -> None:
-        if length == wanted and wanted > 0:
-            self.counters.hits += 1
-        elif length > 0:
-            self.counters.partial_hits += 1
-        else:
-            self.counters.fallbacks += 1
-        self.counters.restored_tokens += length
+        kind = "hits" if length == wanted and wanted > 0 else "partial_hits" if length > 0 else "fallbacks"
+        self.counters.add(**{kind: 1, "restored_tokens": length})
         if length < wanted and reason is not None:
             log.info("session %s: %d of %d tokens from disk, the rest replayed: %s", name[:12], length, wanted, reason)
 
-    def _count_write(self, nbytes: int) -> None:
-        self.counters.writes += 1
-        self.counters.bytes_written += nbytes
 
-    # ---- start-up ---------------------------------------------------------------------------
-
-    def _scan(self) -> None:
-        """Read what earlier runs left: every manifest's size and age; remove what no manifest names."""
-        for path in (self.root / "prefixes").iterdir():
-            if path.suffix == ".json":
-                try:
-                    record = read_prefix_record(path)
-                except KvFileError as exc:
-                    log.warning("disk cache: removing shared prefix %s: %s", path.stem[:12], exc)
-                    path.unlink(missing_ok=True)
-                    continue
-                self._prefixes[path.stem] = record
-        for path in (self.root / "prefixes").iterdir():
-            if path.suffix != ".json" and (path.suffix != CHUNK_SUFFIX or path.stem not in self._prefixes):
-                path.unlink(missing_ok=True)  # a write a kill interrupted, or a record that went bad
-        for folder in (self.root / "sessions").iterdir():
-            try:
-                manifest = read_manifest(folder / MANIFEST)
-            except KvFileError:
-                shutil.rmtree(folder, ignore_errors=True)
-                continue
-            named = {c.file for c in manifest.chunks if c.file}
-            for path in folder.iterdir():
-                if path.name != MANIFEST and path.name not in named:
-                    path.unlink(missing_ok=True)
-            self._sessions[folder.name] = [manifest.last_used, _own_bytes(manifest)]
-        self._enforce_budget(keep="")
-
-    def _session_dir(self, name: str) -> Path:
-        return self.root / "sessions" / name
-
-    def _prefix_file(self, name: str) -> Path:
-        return self.root / "prefixes" / f"{name}{CHUNK_SUFFIX}"
-
-
-def _divergence(before: History, after: History) -> int:
-    """The first offset from which `after` holds other state than `before` (tokens or memory writes)."""
-    point = common_prefix(list(before.tokens), list(after.tokens))
-    for old, new in zip(before.writes, after.writes):
-        if old != new:
-            return min(point, old[0], new[0])
-    longer = before.writes[len(after.writes) :] or after.writes[len(before.writes) :]
-    return min(point, longer[0][0]) if longer else point
+def _writes_before(history: History, length: int) -> tuple[tuple[int, str], ...]:
+    return tuple(w for w in history.writes if w[0] < length)
 
 
 def _restorable_point(
@@ -574,20 +287,3 @@ def _restorable_point(
             return cut
         length = cut if cut < length else length - 1
     return 0
-
-
-def _own_bytes(manifest: Manifest) -> int:
-    return sum(c.nbytes for c in manifest.chunks if c.file)
-
-
-def _prefix_id(fingerprint: str, mode: str, tokens: list[int]) -> str:
-    """A shared prefix's file name: its tokens, mode and fingerprint hashed (never a prompt on disk)."""
-    return hashlib.sha256(f"{fingerprint}|{mode}|{tokens_digest(tokens)}".encode()).hexdigest()[:32]
-
-
-def _mode(session: Session) -> str:
-    return "delta" if session.delta else "base"
-
-
-def _label(job: _Job) -> str:
-    return f"shared prefix {job.name[:12]}" if job.record is not None else f"session {job.name[:12]}"

@@ -3,15 +3,21 @@
 A chunk file holds one `CacheChunk` (see sidecar/delta/cache_chunks.py) and the token ids it
 covers; its metadata names the fingerprint it was written under. Files are written to a temporary
 name, fsynced and renamed, so a reader sees a whole file or none; a manifest names each chunk with
-its sha256, so a truncated or damaged chunk is seen before MLX reads it. Never pickle.
+its size and sha256, so a truncated or damaged chunk is seen before MLX reads it, and its arrays
+are checked against the model's cache layout before they are used. Every field read from disk is
+checked (sizes never negative, token ranges in order and contiguous, plain file names, hex ids);
+files are read only if they are regular files, never through a link. Never pickle.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +25,24 @@ import mlx.core as mx
 import numpy as np
 
 from common.files import atomic_write_bytes, atomic_write_json, read_regular_file
-from sidecar.delta.cache_chunks import CacheChunk
+from sidecar.delta.cache_chunks import CacheChunk, CacheLayout, check_chunk
 
 FORMAT = 1
 CHUNK_SUFFIX = ".safetensors"
+MANIFEST = "manifest.json"
 # A manifest lists chunks and memory-write digests: kilobytes. Anything far larger is not ours.
 MAX_JSON_BYTES = 16 * 1024**2
+_CHUNK_NAME = re.compile(r"[0-9]{1,12}\.safetensors")
+_PREFIX_ID = re.compile(r"[0-9a-f]{32}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class KvFileError(ValueError):
     """A chunk or manifest that cannot be used; the message says why (logged, then replayed)."""
+
+
+class KvReadError(KvFileError):
+    """A file that cannot be read at all (missing, not a regular file, a link, an I/O error)."""
 
 
 @dataclass
@@ -100,27 +114,49 @@ def encode_chunk(chunk: CacheChunk, tokens: list[int], fingerprint: str) -> byte
     return buffer.getvalue()
 
 
-def read_chunk(path: Path, sha256: str, fingerprint: str) -> tuple[CacheChunk, list[int]]:
-    """A chunk file checked against its checksum and fingerprint; raises KvFileError."""
+def read_chunk_bytes(path: Path, sha256: str, nbytes: int) -> bytes:
+    """The bytes of a chunk file, checked against its size and checksum; raises KvFileError.
+
+    A regular file only, never through a link, never more than `nbytes` read: a FIFO, a device or a
+    link to /dev/zero in its place is refused at once (this runs on the disk cache's reader thread).
+    """
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path, nbytes, follow_links=False)
     except OSError as exc:
-        raise KvFileError(f"chunk {path.name} cannot be read: {exc.strerror or exc}") from exc
-    if hashlib.sha256(data).hexdigest() != sha256:
+        if exc.errno == errno.EFBIG:
+            raise KvFileError(f"chunk {path.name} fails its checksum (larger than its {nbytes} bytes)") from None
+        raise KvReadError(f"chunk {path.name} cannot be read: {exc.strerror or exc}") from exc
+    if len(data) != nbytes or hashlib.sha256(data).hexdigest() != sha256:
         raise KvFileError(f"chunk {path.name} fails its checksum ({len(data)} bytes: truncated or damaged)")
+    return data
+
+
+def decode_chunk(data: bytes, name: str, fingerprint: str, layout: CacheLayout) -> tuple[CacheChunk, list[int]]:
+    """A chunk and its token ids from checked bytes, its arrays checked against the model's cache
+    layout (on the generation thread: MLX work stays there); raises KvFileError."""
     try:
         arrays, metadata = mx.load(io.BytesIO(data), format="safetensors", return_metadata=True)
         records = json.loads(metadata["records"])
         start, end = int(metadata["start"]), int(metadata["end"])
         written_under = metadata["fingerprint"]
-        tokens = np.array(arrays.pop("tokens")).tolist()
-    except (ValueError, KeyError, RuntimeError, json.JSONDecodeError) as exc:
-        raise KvFileError(f"chunk {path.name} cannot be decoded: {exc}") from exc
+        tokens_array = arrays.pop("tokens")
+        if tokens_array.ndim != 1 or tokens_array.dtype != mx.int32:
+            raise ValueError(f"its token ids are {tokens_array.dtype} {tokens_array.shape}")
+        tokens = np.array(tokens_array).tolist()
+    except (ValueError, KeyError, RuntimeError, TypeError, json.JSONDecodeError) as exc:
+        raise KvFileError(f"chunk {name} cannot be decoded: {exc}") from exc
     if written_under != fingerprint:
-        raise KvFileError(f"chunk {path.name} was written for another model, adapter or KV format")
-    if len(tokens) != end - start:
-        raise KvFileError(f"chunk {path.name} holds {len(tokens)} tokens, not {end - start}")
-    return CacheChunk(start, end, arrays, records), tokens
+        raise KvFileError(f"chunk {name} was written for another model, adapter or KV format")
+    if not 0 <= start < end or len(tokens) != end - start:
+        raise KvFileError(f"chunk {name} holds {len(tokens)} tokens, not [{start}, {end})")
+    if not isinstance(records, list):
+        raise KvFileError(f"chunk {name} cannot be decoded: its δ records are not a list")
+    chunk = CacheChunk(start, end, arrays, records)
+    try:
+        check_chunk(chunk, layout)
+    except ValueError as exc:
+        raise KvFileError(f"chunk {name} does not fit this model's cache: {exc}") from None
+    return chunk, tokens
 
 
 def write_chunk_file(path: Path, data: bytes) -> str:
@@ -130,24 +166,18 @@ def write_chunk_file(path: Path, data: bytes) -> str:
 
 
 def read_manifest(path: Path) -> Manifest:
-    """A session's manifest; raises KvFileError when missing or malformed."""
+    """A session's manifest, every field checked; raises KvFileError when missing or malformed."""
     data = _read_json(path)
     try:
         if data["format"] != FORMAT:
-            raise KvFileError(f"{path.name}: format {data['format']} is not {FORMAT}")
-        chunks = [
-            ChunkEntry(
-                int(c["start"]), int(c["end"]), c.get("file"), c.get("sha256"), int(c.get("nbytes", 0)),
-                c.get("prefix"), [(int(o), str(d)) for o, d in c.get("writes", [])],
-            )
-            for c in data["chunks"]
-        ]  # fmt: skip
-        manifest = Manifest(str(data["fingerprint"]), float(data["last_used"]), int(data["next_file"]), chunks)
+            raise ValueError(f"format {data['format']!r} is not {FORMAT}")
+        chunks = [_chunk_entry(c) for c in _of_type(data["chunks"], list)]
+        manifest = Manifest(
+            _of_type(data["fingerprint"], str), _time(data["last_used"]), _size(data["next_file"]), chunks
+        )
+        _check_chunks(manifest)
     except (KeyError, TypeError, ValueError) as exc:
-        raise KvFileError(f"{path.name} is malformed: {exc}") from exc
-    for entry in chunks:
-        if entry.file is not None and (Path(entry.file).name != entry.file or not entry.file.endswith(CHUNK_SUFFIX)):
-            raise KvFileError(f"{path.name} names an unexpected file {entry.file!r}")
+        raise KvFileError(f"{path.name} is malformed: {exc}") from None
     return manifest
 
 
@@ -158,13 +188,19 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
 
 
 def read_prefix_record(path: Path) -> PrefixRecord:
-    """A shared prefix's record; raises KvFileError when missing or malformed."""
+    """A shared prefix's record, every field checked; raises KvFileError when missing or malformed."""
     data = _read_json(path)
     try:
-        data.pop("format")
-        return PrefixRecord(**data)
-    except (KeyError, TypeError) as exc:
-        raise KvFileError(f"{path.name} is malformed: {exc}") from exc
+        if data.pop("format") != FORMAT or set(data) != {f.name for f in fields(PrefixRecord)}:
+            raise ValueError("not a prefix record of this format")
+        record = PrefixRecord(**data)
+        _of_type(record.fingerprint, str)
+        if record.mode not in ("delta", "base") or not isinstance(record.length, int) or record.length <= 0:
+            raise ValueError(f"mode {record.mode!r} or length {record.length!r}")
+        _digest(record.tokens_sha256), _digest(record.sha256), _size(record.nbytes), _time(record.last_used)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KvFileError(f"{path.name} is malformed: {exc}") from None
+    return record
 
 
 def write_prefix_record(path: Path, record: PrefixRecord) -> None:
@@ -177,9 +213,76 @@ def tokens_digest(tokens: list[int]) -> str:
     return hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest()
 
 
+def is_chunk_name(name: str) -> bool:
+    """A session's chunk file name as the writer makes them: `<n>.safetensors`."""
+    return _CHUNK_NAME.fullmatch(name) is not None
+
+
+def is_prefix_id(name: str) -> bool:
+    """A shared prefix's id (its files' stem): 32 lowercase hex digits."""
+    return _PREFIX_ID.fullmatch(name) is not None
+
+
+def _chunk_entry(c: Any) -> ChunkEntry:
+    c = _of_type(c, dict)
+    writes = [(_size(o), _of_type(d, str)) for o, d in _of_type(c.get("writes", []), list)]
+    entry = ChunkEntry(_size(c["start"]), _size(c["end"]), c.get("file"), c.get("sha256"), _size(c.get("nbytes", 0)),
+                       c.get("prefix"), writes)  # fmt: skip
+    if (entry.file is None) == (entry.prefix is None):
+        raise ValueError("a chunk names a file or a shared prefix, exactly one")
+    if entry.file is not None and not is_chunk_name(_of_type(entry.file, str)):
+        raise ValueError(f"unexpected file name {entry.file!r}")
+    if entry.file is not None:
+        _digest(entry.sha256)
+    if entry.prefix is not None and not is_prefix_id(_of_type(entry.prefix, str)):
+        raise ValueError(f"unexpected shared prefix id {entry.prefix!r}")
+    if not entry.start < entry.end or any(not entry.start <= o < entry.end for o, _ in writes):
+        raise ValueError(f"tokens [{entry.start}, {entry.end}) out of order, or a memory write outside them")
+    return entry
+
+
+def _check_chunks(manifest: Manifest) -> None:
+    """Chunks cover [0, end) in order, each once; files are named below `next_file`, each once."""
+    position = 0
+    for n, entry in enumerate(manifest.chunks):
+        if entry.start != position:
+            raise ValueError(f"chunk {n} starts at token {entry.start}, not {position}")
+        if entry.prefix is not None and n > 0:
+            raise ValueError("a shared prefix after the first chunk")
+        position = entry.end
+    files = [int(c.file.split(".")[0]) for c in manifest.chunks if c.file is not None]
+    if len(set(files)) != len(files) or any(number >= manifest.next_file for number in files):
+        raise ValueError("chunk files named twice, or at or after next_file")
+
+
+def _of_type(value: Any, kind: type) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TypeError(f"{value!r:.40} is not a {kind.__name__}")
+    return value
+
+
+def _size(value: Any) -> int:
+    """A count or a size: an int, never negative."""
+    if _of_type(value, int) < 0:
+        raise ValueError(f"{value} is negative")
+    return value
+
+
+def _time(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{value!r:.40} is not a time")
+    return float(value)
+
+
+def _digest(value: Any) -> str:
+    if not isinstance(value, str) or _SHA256.fullmatch(value) is None:
+        raise ValueError(f"{value!r:.80} is not a sha256")
+    return value
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(read_regular_file(path, MAX_JSON_BYTES))
+        data = json.loads(read_regular_file(path, MAX_JSON_BYTES, follow_links=False))
     except FileNotFoundError:
         raise KvFileError(f"{path.name} is missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

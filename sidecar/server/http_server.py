@@ -26,6 +26,7 @@ from sidecar.server.app import ServerState, create_app
 from sidecar.server.connection_limits import OPEN_FILES, ConnectionLimits, fit_to_open_files, raise_open_file_limit
 from sidecar.server.connections import guarded_protocol
 from sidecar.server.log_output import configure_logging, report_dropped
+from sidecar.server.state_dir_lock import hold_state_dir
 
 log = logging.getLogger("sidecar.server")
 
@@ -119,13 +120,15 @@ def run_server(
     """Set up the log, bind, serve until SIGTERM/SIGINT or a failed model load; the exit status.
 
     Answers in flight get `shutdown_grace_s` to finish after SIGTERM. `log_outputs` are the files a
-    supervisor sends stdout and stderr to (see log_output.py). Raises PortInUseError or BindError
-    before anything is loaded.
+    supervisor sends stdout and stderr to (see log_output.py). Raises PortInUseError, BindError or
+    StateDirBusyError (another server runs on the state dir) before anything is loaded.
     """
     configure_logging(log_level, log_outputs, log_max_bytes)
     # mlx-lm, imported while the model loads, caps the limit at OPEN_FILES: size the cap for that.
     open_files = min(raise_open_file_limit(), OPEN_FILES)
     limits = fit_to_open_files(limits, open_files)
+    if settings.state_dir is not None:  # before anything loads; held until the process exits
+        hold_state_dir(Path(settings.state_dir), settings.port)
     listeners = bind_listeners(settings.host, settings.port)
     app = create_app(settings)
     config = uvicorn.Config(
