@@ -2,8 +2,9 @@
 
 A request's prompt is rendered off the generation thread, then compared with what its session
 already holds; the cache is cut back to the longest common prefix (exact at any offset, see
-sidecar/delta/cache.py), hidden-memory snippets are written into the δ-state right there, and only
-the rest of the prompt is prefilled, a chunk per step. Its answer is then decoded in the running
+sidecar/delta/cache.py), and only the rest of the prompt is prefilled, a chunk per step. Hidden-memory
+snippets are written into the δ-state just before the request's last user message (a place that
+follows from the request and the session's history, never from what the cache happened to hold). Its answer is then decoded in the running
 batch with the other sessions' answers (sidecar/engine/decoding.py); the scheduler (sidecar/engine/scheduler.py)
 decides what runs when.
 """
@@ -71,7 +72,15 @@ from sidecar.engine.prompts import (
 from sidecar.engine.sampling import row_sampler
 from sidecar.engine.scheduler import Admission, Cancelled, JobStream, Scheduler
 from sidecar.engine.stop_strings import StopScanner
-from sidecar.engine.write_plan import WritePolicy, plan_writes, replay_steps, shared_boundary
+from sidecar.engine.write_plan import (
+    WritePolicy,
+    history_limit,
+    plan_writes,
+    planned_write,
+    replay_steps,
+    shared_boundary,
+    snippet_offset,
+)
 from sidecar.kvcache.disk_cache import KvDisk, PendingChunk, Restored
 from sidecar.kvcache.prefix_cache import PrefixCache
 from sidecar.sessions.fingerprint import SessionFingerprint
@@ -352,12 +361,22 @@ class Engine:
         # Memory guard: room for the whole request (and a new shared-prefix snapshot) before any prefill.
         snapshot = boundary if boundary and not self.prefixes.contains(_mode(session), prompt[:boundary]) else 0
         self._reserve(session, len(prompt) + max_tokens, _count_messages(self.tokenizer, prompt), snapshot)
+        limit = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
+        write = None
+        if delta:
+            # Where the snippets go follows from the prompt and the history, never from what the cache held.
+            offset = snippet_offset(message_spans(self.tokenizer, prompt), len(prompt))
+            wanted = self._snippet_write(job.snippets, offset) if job.snippets else None
+            write = planned_write([w for w in session.snippet_writes if w.offset <= limit], wanted)
+            limit = history_limit(session.snippet_writes, limit, offset, write)
         try:
-            reused = yield from self._prepare(session, prompt, boundary, stream)
-            written = (yield from self._write_snippets(session, job.snippets)) if delta else 0
-            start = len(session.tokens)
-            plan = self._plan(delta, prompt, start, len(prompt) - 1)
-            yield from self._prefill(session, prompt[start:-1], plan, stream)
+            reused = yield from self._prepare(session, prompt, limit, boundary, stream)
+            written = 0
+            if write is not None and write not in session.snippet_writes:
+                yield from self._prefill_to(session, prompt, write.offset, stream)
+                yield from self._apply_snippets(session, write)
+                written = write.count
+            yield from self._prefill_to(session, prompt, len(prompt) - 1, stream)
         except Cancelled:
             self._finish(session, stream, "cancelled", 0)
             return None
@@ -385,10 +404,15 @@ class Engine:
             input=mx.array([prompt[-1]], dtype=mx.uint32),
         )
 
-    def _prepare(self, session: Session, prompt: list[int], boundary: int, stream: JobStream) -> Steps[int]:
-        """Cut the session back to what it shares with this prompt, then bring it up to the shared
-        boundary (the end of the leading system prompt) from a zero state; returns tokens reused."""
-        limit = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
+    def _prepare(
+        self, session: Session, prompt: list[int], limit: int, boundary: int, stream: JobStream
+    ) -> Steps[int]:
+        """Cut the session back to at most `limit` tokens (-1: nothing kept, not even a memory write
+        at offset 0), then bring it up to the shared boundary (the end of the leading system prompt)
+        from a zero state; returns tokens reused."""
+        if limit < 0:
+            session.tokens, session.segments, session.snippet_writes, session.cache = [], [], [], None
+            limit = 0
         if session.cache is None:
             reused = yield from self._rebuild(session, session.safe_offset(limit), stream)
         else:
@@ -397,9 +421,7 @@ class Engine:
             session.truncate(reused)
         if len(session.tokens) < boundary and not session.snippet_writes:
             reused = max(reused, self._start_from_shared_prefix(session, prompt, boundary))
-            start = len(session.tokens)
-            plan = self._plan(session.delta, prompt, start, boundary)
-            yield from self._prefill(session, prompt[start:boundary], plan, stream)
+            yield from self._prefill_to(session, prompt, boundary, stream)
             self.prefixes.insert(_mode(session), prompt[:boundary], session.cache)
             if self.kv_disk is not None:
                 self._disk_writes.append(self.kv_disk.take_prefix(_mode(session), prompt[:boundary], session.cache))
@@ -485,15 +507,11 @@ class Engine:
                 found |= self.kv_disk.remove(Session(key_hash, delta).file_stem)
         return found
 
-    def _write_snippets(self, session: Session, snippets: tuple[str, ...]) -> Steps[int]:
-        if not snippets:
-            return 0
+    def _snippet_write(self, snippets: tuple[str, ...], offset: int) -> SnippetWrite:
+        """A request's memory snippets as one write at `offset`; the digest recognises them when sent again."""
         digest = hashlib.sha256(json.dumps(list(snippets)).encode("utf-8")).hexdigest()
-        if session.latest_snippets_digest() == digest:
-            return 0  # the same snippets are already in memory (a retried request)
         tokens = tuple(render_text(self.tokenizer, "\n\n".join(snippets)))
-        yield from self._apply_snippets(session, SnippetWrite(len(session.tokens), digest, tokens, len(snippets)))
-        return len(snippets)
+        return SnippetWrite(offset, digest, tokens, len(snippets))
 
     def _apply_snippets(self, session: Session, write: SnippetWrite) -> Steps[None]:
         # One forward pass (one step): message-mean adapters write the snippets as one message.
@@ -506,6 +524,11 @@ class Engine:
         policy = dataclasses.replace(self.policy, delta=delta)
         spans = message_spans(self.tokenizer, prompt) if policy.needs_spans and start < end else []
         return plan_writes(policy, spans, start, end)
+
+    def _prefill_to(self, session: Session, prompt: list[int], end: int, stream: JobStream) -> Steps[None]:
+        """Write prompt[len(session.tokens):end] into the session, planned as the policy says."""
+        start = len(session.tokens)
+        yield from self._prefill(session, prompt[start:end], self._plan(session.delta, prompt, start, end), stream)
 
     def _prefill(self, session: Session, tokens: list[int], plan: list[Segment], stream: JobStream) -> Steps[None]:
         base = len(session.tokens)
