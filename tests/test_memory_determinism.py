@@ -115,5 +115,6 @@ def test_memory_before_the_first_message_can_be_replaced(engine_factory) -> None
     reference = engine_factory(state="reference")
     run(reference, job(only_user, snippets=("second memory",), temperature=0.0))
     assert session.snippet_writes == session_of(reference).snippet_writes
-    for x, y in zip(delta_states(engine.model, session.cache), delta_states(reference.model, session_of(reference).cache)):
+    expected = delta_states(reference.model, session_of(reference).cache)
+    for x, y in zip(delta_states(engine.model, session.cache), expected, strict=True):
         assert float(mx.max(mx.abs(x - y))) < 1e-6

@@ -3,10 +3,10 @@
 A request's prompt is rendered off the generation thread, then compared with what its session
 already holds; the cache is cut back to the longest common prefix (exact at any offset, see
 sidecar/delta/cache.py), and only the rest of the prompt is prefilled, a chunk per step. Hidden-memory
-snippets are written into the δ-state just before the request's last user message (a place that
-follows from the request and the session's history, never from what the cache happened to hold). Its answer is then decoded in the running
-batch with the other sessions' answers (sidecar/engine/decoding.py); the scheduler (sidecar/engine/scheduler.py)
-decides what runs when.
+snippets are written into the δ-state just before the request's last user message: a place that
+follows from the request and the session's history, never from what the cache happened to hold.
+Its answer is then decoded in the running batch with the other sessions' answers
+(sidecar/engine/decoding.py); the scheduler (sidecar/engine/scheduler.py) decides what runs when.
 """
 
 from __future__ import annotations
