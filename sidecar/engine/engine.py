@@ -56,6 +56,7 @@ from sidecar.engine.interface import (
 from sidecar.engine.memory_guard import (
     KvBudgetExceeded,
     KvGuard,
+    answering_bytes,
     effective_budget,
     eviction_plan,
     is_allocation_failure,
@@ -179,7 +180,7 @@ class Engine:
         self._eos = frozenset(tokenizer.eos_token_ids)
         self._token_floor = TokenFloor.of(tokenizer)
         self._renderer = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="delta-mem-render")
-        self._scheduler = Scheduler(self, settings.max_batch)
+        self._scheduler = Scheduler(self, settings.max_batch, kv_budget=self.guard.budget)
 
     # ---- the interface the serving layer uses -------------------------------------------
 
@@ -350,6 +351,17 @@ class Engine:
         """End a job cancelled before it started."""
         self.counters.add(cancelled=1)
         admission.stream.emit(Finished("cancelled", 0))
+
+    def room(self, admission: Admission) -> int:
+        """Memory guard: the most KV a job will hold (prompt, whole answer, a new shared-prefix snapshot),
+        as _prefill_job reserves it; the scheduler starts the job once it fits beside the running ones."""
+        assert admission.prompt is not None
+        job, prompt = admission.job, admission.prompt
+        mode = "delta" if job.delta_enabled and delta_info(self.model) is not None else "base"
+        boundary = shared_boundary(leading_span(self.tokenizer, prompt), len(prompt))
+        snapshot = boundary if boundary and not self.prefixes.contains(mode, prompt[:boundary]) else 0
+        tokens = len(prompt) + min(job.max_tokens, self.settings.context_window - len(prompt))
+        return self._needed(tokens, _count_messages(self.tokenizer, prompt), snapshot)
 
     def _prefill_job(self, job: ChatJob, prompt: list[int], stream: JobStream) -> Steps[Row | None]:
         window = self.settings.context_window
@@ -584,28 +596,36 @@ class Engine:
     def _reserve(self, session: Session, tokens: int, messages: int, snapshot_tokens: int = 0) -> None:
         """Make room for `session` to hold `tokens` tokens (plus a prefix snapshot) beside the sessions
         answering now; raise KvBudgetExceeded when it cannot fit even alone."""
-        needed = self.guard.session_bytes(tokens, messages)
-        if snapshot_tokens:
-            needed += self.guard.session_bytes(snapshot_tokens)
+        needed = self._needed(tokens, messages, snapshot_tokens)
         if needed > self.guard.budget:
             raise KvBudgetExceeded(needed, self.guard.budget, tokens)
         self._make_room(needed, growing=session)
 
+    def _needed(self, tokens: int, messages: int, snapshot_tokens: int) -> int:
+        """Bytes of a session of `tokens` tokens, plus a prefix snapshot of `snapshot_tokens` (0: none)."""
+        snapshot = self.guard.session_bytes(snapshot_tokens) if snapshot_tokens else 0
+        return self.guard.session_bytes(tokens, messages) + snapshot
+
     def _make_room_to_grow(self, growth: Iterable[tuple[int, int]]) -> None:
-        """Make room for sessions of `length` tokens to take `added` more, for each (length, added)."""
+        """Make room for sessions of `length` tokens to take `added` more, for each (length, added).
+        Called before every step even when nothing grows: a shared prefix read in since the last
+        step (from disk, or a new snapshot) is idle and goes again if it does not fit."""
         size = self.guard.session_bytes
-        needed = sum(size(length + added) - size(length) for length, added in growth)
-        if needed > 0:
-            self._make_room(needed)
+        self._make_room(sum(size(length + added) - size(length) for length, added in growth))
 
     def _make_room(self, needed: int, growing: Session | None = None) -> None:
         """Evict idle sessions (least recently used first), then shared prefixes, until `needed` bytes
         fit in the budget beside the caches of the sessions answering now (`growing`'s own cache is
-        part of `needed`). Answering sessions are never evicted: when they hold the rest, every idle
-        one goes and the step runs (a failed allocation then fails its requests, not the server)."""
-        busy = self._scheduler.busy_keys()
+        part of `needed`); each answering session counts for the room its job was admitted with, so
+        that idle holdings never take what it will grow into. Answering sessions are never evicted:
+        when they hold the rest, every idle one goes and the step runs (a failed allocation then
+        fails its requests, not the server)."""
+        rooms = self._scheduler.busy_rooms()
+        busy = frozenset(rooms)
+        if growing is not None:
+            rooms.pop(growing.key_hash, None)  # its room is `needed`
         sessions = [s for s in self.store.sessions() if s.cache is not None and s is not growing]
-        answering = sum(s.kv_bytes for s in sessions if s.key_hash in busy)
+        answering = answering_bytes(rooms, [(s.key_hash, s.kv_bytes) for s in sessions if s.key_hash in busy])
         idle = [(("session", s.file_stem), s.kv_bytes) for s in sessions if s.key_hash not in busy]
         idle += [(("prefix", key), nbytes) for key, nbytes in self.prefixes.entries()]
         plan = eviction_plan(answering + needed, self.guard.budget, idle)
