@@ -6,12 +6,12 @@ of one session never run at once: the later one waits for the earlier), the batc
 (its prompt and its whole answer, as the pipeline counts it) fits beside the rooms of the jobs
 running: memory is reserved at admission, so answering sessions, which are never evicted, cannot
 outgrow the budget together. A job that waits for room holds up the jobs behind it (none overtakes
-it for ever); one that cannot fit even alone starts when nothing else runs (and is refused there). Prompts are prefilled one job at a time, one step
-(a chunk) at a time; between two prefill steps every decoding row gets its next token from one
-batched forward pass, so a long prompt never freezes the other streams. A row that finishes or is
-cancelled leaves at the next step; a job cancelled while it waits never starts. Calls (session
-admin) run between two steps. What a step does is the pipeline's business (the engine's); nothing
-here knows about models or sessions.
+it for ever); one that cannot fit even alone starts when nothing else runs (and is refused there).
+Prompts are prefilled one job at a time, one step (a chunk) at a time; between two prefill steps
+every decoding row gets its next token from one batched forward pass, so a long prompt never
+freezes the other streams. A row that finishes or is cancelled leaves at the next step; a job
+cancelled while it waits never starts. Calls (session admin) run between two steps. What a step
+does is the pipeline's business (the engine's); nothing here knows about models or sessions.
 """
 
 from __future__ import annotations
