@@ -356,12 +356,16 @@ class Engine:
         """Memory guard: the most KV a job will hold (prompt, whole answer, a new shared-prefix snapshot),
         as _prefill_job reserves it; the scheduler starts the job once it fits beside the running ones."""
         assert admission.prompt is not None
-        job, prompt = admission.job, admission.prompt
-        mode = "delta" if job.delta_enabled and delta_info(self.model) is not None else "base"
+        mode = "delta" if admission.job.delta_enabled and delta_info(self.model) is not None else "base"
+        return self._needed(*self._request_size(admission.job, admission.prompt, mode))
+
+    def _request_size(self, job: ChatJob, prompt: list[int], mode: str) -> tuple[int, int, int]:
+        """The most tokens a request holds (prompt and whole answer), its messages, and the tokens of
+        the shared-prefix snapshot it will take (0 when its prefix is in memory already)."""
         boundary = shared_boundary(leading_span(self.tokenizer, prompt), len(prompt))
         snapshot = boundary if boundary and not self.prefixes.contains(mode, prompt[:boundary]) else 0
         tokens = len(prompt) + min(job.max_tokens, self.settings.context_window - len(prompt))
-        return self._needed(tokens, _count_messages(self.tokenizer, prompt), snapshot)
+        return tokens, _count_messages(self.tokenizer, prompt), snapshot
 
     def _prefill_job(self, job: ChatJob, prompt: list[int], stream: JobStream) -> Steps[Row | None]:
         window = self.settings.context_window
@@ -371,8 +375,7 @@ class Engine:
         boundary = shared_boundary(leading_span(self.tokenizer, prompt), len(prompt))
         max_tokens = min(job.max_tokens, window - len(prompt))
         # Memory guard: room for the whole request (and a new shared-prefix snapshot) before any prefill.
-        snapshot = boundary if boundary and not self.prefixes.contains(_mode(session), prompt[:boundary]) else 0
-        self._reserve(session, len(prompt) + max_tokens, _count_messages(self.tokenizer, prompt), snapshot)
+        self._reserve(session, *self._request_size(job, prompt, _mode(session)))
         limit = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
         write = None
         if delta:
