@@ -120,7 +120,7 @@ def _spans(tokenizer: Any, tokens: Sequence[int]) -> Iterator[Span]:
     known = sorted(((role, render_text(tokenizer, role)) for role in ROLES), key=lambda item: -len(item[1]))
     bounds = starts + [len(tokens)]
     for begin, end in zip(bounds, bounds[1:]):
-        head = list(tokens[begin + 1 : end])
+        head = list(tokens[begin + 1 : min(end, begin + 8)])  # a role is a few tokens long
         role = next((role for role, ids in known if ids and head[: len(ids)] == ids), None)
         if role is None:  # another role: its first word, decoded from a few tokens
             role = (tokenizer.decode(head[:7]).split() or ["unknown"])[0]
