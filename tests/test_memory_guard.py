@@ -18,7 +18,14 @@ from common.kv_budget import DELTA_RECORD_INTERVAL, MIB, KvShape, model_weight_b
 from sidecar.delta.api import delta_states
 from sidecar.engine import decoding
 from sidecar.engine.interface import Failed, Finished, PromptDone, TextDelta
-from sidecar.engine.memory_guard import WORKING_BYTES, KvGuard, effective_budget, eviction_plan, is_allocation_failure
+from sidecar.engine.memory_guard import (
+    WORKING_BYTES,
+    KvGuard,
+    answering_bytes,
+    effective_budget,
+    eviction_plan,
+    is_allocation_failure,
+)
 from sidecar.engine.prompts import message_starts, render_prompt
 from sidecar.sessions.state import common_prefix
 
@@ -47,6 +54,13 @@ def test_eviction_plan_drops_the_fewest_oldest_holdings_or_refuses() -> None:
     assert eviction_plan(75, 100, held) == ["a", "b"]
     assert eviction_plan(85, 100, held) == ["a", "b", "c"]
     assert eviction_plan(101, 100, held) is None
+
+
+def test_answering_sessions_count_for_their_admitted_room_or_what_they_hold_if_more() -> None:
+    rooms = {"a": 100, "b": 50}
+    assert answering_bytes(rooms, [("a", 30), ("b", 20), ("b", 45)]) == 100 + 65  # b: both of its modes
+    assert answering_bytes(rooms, []) == 150  # a job still rebuilding its cache holds its room
+    assert answering_bytes({}, [("c", 10)]) == 10  # the other mode of the session growing now
 
 
 def test_a_quantized_prefill_step_keeps_attention_scores_bounded() -> None:
@@ -180,6 +194,39 @@ def test_a_request_that_cannot_fit_alone_is_refused_with_413_and_nothing_evicted
     assert "--max-kv-bytes" in failure.message and "KV budget" in failure.message
     assert session_of(engine, "small").cache is not None and engine.store.evictions == 0
     assert _answer(run(engine, job([("user", "hi again")], key="small")))
+
+
+def test_concurrent_sessions_wait_for_kv_room_and_never_exceed_the_budget(engine_factory, monkeypatch) -> None:
+    turns = openclaw_turns(3)
+    probe = engine_factory()
+    longest = render_prompt(probe.tokenizer, job(turns[-1]).messages, ())
+    one = probe.guard.session_bytes(len(longest) + 8, 2 * len(message_starts(probe.tokenizer, longest)))
+    budget = int(1.2 * (one + probe.guard.session_bytes(len(longest))))  # one session and its prefix, not two
+    engine = engine_factory(max_kv_bytes=budget, state="bounded")
+    seen: list[int] = []
+    scheduler = engine._scheduler
+    for name in ("_decode", "_prefill"):  # KV held after every step, as /health would report it
+        step = getattr(scheduler, name)
+
+        def measured(step: Any = step) -> None:
+            step()
+            seen.append(_held(engine))
+
+        monkeypatch.setattr(scheduler, name, measured)
+
+    async def together(messages: list[tuple[str, str]]) -> list[list[Any]]:
+        async def collect(key: str) -> list[Any]:
+            return [event async for event in engine.submit(job(messages, key=key))]
+
+        return await asyncio.gather(*(collect(f"s{i}") for i in range(8)))
+
+    for messages in turns:  # turns alternate: one session after another, then all eight at once
+        for i in range(8):
+            assert _answer(run(engine, job(messages, key=f"s{i}")))
+        for events in asyncio.run(together(messages)):
+            assert _answer(events)  # every job ran (none refused, none stuck)
+    assert seen and max(seen) <= budget
+    assert engine.counters.refused_for_memory == 0 and engine.counters.jobs == 2 * 8 * len(turns)
 
 
 def test_mlx_memory_limit_lowers_the_budget(engine_factory, tiny_model_dir) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,6 +14,7 @@ from engine_support import SYSTEM, job, one_shot_states, run, session_of
 
 from sidecar.delta.api import delta_states
 from sidecar.engine.engine import Engine
+from sidecar.engine.prompts import message_spans, render_prompt
 
 QUESTION = [("user", "what did we decide about the garden?")]
 
@@ -80,3 +84,23 @@ def test_base_and_delta_sessions_do_not_share_prefixes(engine_factory) -> None:
     assert engine.prefixes.stats()["entries"] == 2
     plain = session_of(engine, "b", delta=False)
     assert all(seg.kind == "plain" for seg in plain.segments)
+
+
+def test_a_template_without_a_newline_after_the_role_still_shares_its_system_prompt(
+    engine_factory, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    variant = tmp_path / "variant"
+    shutil.copytree(tiny_model_dir, variant)
+    template = variant / "chat_template.jinja"
+    original = template.read_text()
+    template.write_text(re.sub(r"(<\|im_start\|>(?:system|user|assistant))\\n", r"\1 ", original))
+    assert template.read_text() != original
+    engine = engine_factory(model=variant)
+    messages = [("system", SYSTEM), *QUESTION]
+    prompt = render_prompt(engine.tokenizer, job(messages).messages, ())
+    assert "<|im_start|>system You are" in engine.tokenizer.decode(prompt)  # the role, a space, the text
+    assert [span.role for span in message_spans(engine.tokenizer, prompt)] == ["system", "user", "assistant"]
+    run(engine, job(messages, key="first"))
+    second = run(engine, job(messages, key="second"))
+    stats = engine.prefixes.stats()
+    assert stats["hits"] == 1 and second[0].cached_tokens == stats["tokens"] > 0

@@ -6,12 +6,15 @@ SIGTERM stops it (stop_server fails the test after 60 s)."""
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
-from reliability import AUTH, health, unexpected_files
+from reliability import AUTH, health, saved_session, unexpected_files
 from server_process import MODEL, Server, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
@@ -97,3 +100,49 @@ def test_after_a_disk_cache_fault_the_restarted_server_answers_as_a_replay(
     elif fault in ("truncated-chunk", "fifo-chunk"):
         assert disk["partial_hits"] == 1 and disk["hits"] == 0
         assert disk["read_failures"] == (fault == "fifo-chunk")
+
+
+# ---- hidden memory across kill -9 (issue 22 F1) -------------------------------------------------
+
+MEMORY_TURNS = 5
+MEMORY_ON = {0, 2, 4}  # the turns that carry hidden memory
+KILL_AFTER = {1, 3}  # the killed server dies (kill -9) after answering these turns
+
+
+def _chat(server: Server, work: Path, messages: list[dict[str, str]], memory: list[str]) -> tuple[str, Any]:
+    """One turn: its answer, and the session's tokens and δ-states as saved after it."""
+    body: dict[str, Any] = {"model": MODEL, "messages": messages, "max_completion_tokens": 8, "temperature": 0}
+    if memory:
+        body["attention_state"] = memory
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, headers=HEADERS, timeout=120)
+    assert response.status_code == 200, response.text
+    (path,) = (work / "state").glob("*.delta.session.npz")  # saved before the answer was sent
+    return response.json()["choices"][0]["message"]["content"], saved_session(path)
+
+
+def test_memory_turns_answer_alike_on_a_server_killed_between_turns(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path
+) -> None:
+    steady_dir, killed_dir = tmp_path / "steady", tmp_path / "killed"
+    steady_dir.mkdir(), killed_dir.mkdir()
+    with ThreadPoolExecutor(2) as starting:  # both start at once: a start is most of this test's time
+        steady, killed = starting.map(partial(start_server, tiny_model_dir, tiny_adapter_dir), (steady_dir, killed_dir))
+    messages = [{"role": "system", "content": SYSTEM}]
+    try:
+        for turn in range(MEMORY_TURNS):
+            # A chat client: it sends back the answers it got, so each prompt runs into the last answer.
+            messages = [*messages, {"role": "user", "content": f"question {turn}: and what about item {turn * 7}?"}]
+            memory = [f"note {turn}: the user keeps {turn + 2} bees in a red hive"] if turn in MEMORY_ON else []
+            answer, (tokens, states) = _chat(steady, steady_dir, messages, memory)
+            killed_answer, (killed_tokens, killed_states) = _chat(killed, killed_dir, messages, memory)
+            assert (killed_answer, killed_tokens) == (answer, tokens), f"turn {turn}"
+            for layer, expected in zip(killed_states, states, strict=True):
+                np.testing.assert_allclose(layer, expected, atol=1e-6, rtol=1e-6, err_msg=f"turn {turn}")
+            messages = [*messages, {"role": "assistant", "content": answer}]
+            if turn in KILL_AFTER:
+                killed.process.kill()
+                killed.process.wait()
+                killed = start_server(tiny_model_dir, tiny_adapter_dir, killed_dir)
+    finally:
+        stop_server(steady)
+        stop_server(killed)

@@ -33,6 +33,7 @@ class ScriptedPipeline:
     tokens: int = 3
     log: list[tuple[str, ...]] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
+    rooms: dict[str, int] = field(default_factory=dict)  # KV room per job name (with a KV budget)
 
     def prefill(self, admission: Admission) -> Generator[None, None, Any]:
         name = admission.job.messages[0].content
@@ -57,6 +58,9 @@ class ScriptedPipeline:
     def drop(self, admission: Admission) -> None:
         self.log.append(("dropped", admission.key))
         admission.stream.emit(Finished("cancelled", 0))
+
+    def room(self, admission: Admission) -> int:
+        return self.rooms[admission.job.messages[0].content]
 
 
 def _job(name: str) -> ChatJob:
@@ -104,9 +108,15 @@ class TimedPipeline(ScriptedPipeline):
         return super().decode(rows)
 
 
-def _run(pipeline: ScriptedPipeline, max_batch: int, scenario, clock: Callable[[], float] = time.perf_counter) -> Any:
+def _run(
+    pipeline: ScriptedPipeline,
+    max_batch: int,
+    scenario,
+    clock: Callable[[], float] = time.perf_counter,
+    kv_budget: int | None = None,
+) -> Any:
     async def main() -> Any:
-        scheduler = Scheduler(pipeline, max_batch, clock=clock)
+        scheduler = Scheduler(pipeline, max_batch, clock=clock, kv_budget=kv_budget)
         try:
             return await asyncio.wait_for(scenario(scheduler), DEADLINE_S)
         finally:
@@ -148,6 +158,41 @@ def test_max_batch_bounds_the_rows_and_one_means_one_at_a_time() -> None:
             for before, after in zip(starts, starts[1:]):
                 decodes = [e for e in pipeline.log[before:after] if e[0] == "decode"]
                 assert decodes == [("decode", pipeline.log[before][1])] * 3
+
+
+@dataclass
+class RoomPipeline(ScriptedPipeline):
+    """Also notes which jobs run together each time one starts."""
+
+    running: set[str] = field(default_factory=set)
+    together: list[set[str]] = field(default_factory=list)
+
+    def prefill(self, admission: Admission) -> Generator[None, None, Any]:
+        self.running.add(admission.job.messages[0].content)
+        self.together.append(set(self.running))
+        return (yield from super().prefill(admission))
+
+    def decode(self, rows: list[FakeRow]) -> list[FakeRow]:
+        ended = super().decode(rows)
+        self.running -= {row.name for row in ended}
+        return ended
+
+
+def test_a_job_starts_only_when_its_kv_room_fits_beside_the_running_ones() -> None:
+    # Budget 10: a and b (4 each) run together; c (5) waits for room and d (1), behind it, waits too;
+    # e (12) cannot fit even alone: it starts once nothing else runs (the pipeline refuses it there).
+    pipeline = RoomPipeline(prefill_steps=1, tokens=3, rooms={"a": 4, "b": 4, "c": 5, "d": 1, "e": 12})
+
+    async def scenario(scheduler: Scheduler) -> None:
+        streams = [_submit(scheduler, key) for key in ("a", "b", "c", "d", "e")]
+        await asyncio.gather(*(_drain(s) for s in streams))
+
+    _run(pipeline, 8, scenario, kv_budget=10)
+    assert [entry[1] for entry in pipeline.log if entry[0] == "start"] == ["a", "b", "c", "d", "e"]
+    assert pipeline.together[:2] == [{"a"}, {"a", "b"}] and pipeline.together[-1] == {"e"}
+    for names in pipeline.together[:-1]:
+        assert sum(pipeline.rooms[name] for name in names) <= 10, names
+    assert "a" not in pipeline.together[2] or "b" not in pipeline.together[2]  # c waited for one to end
 
 
 def test_two_jobs_of_one_session_never_run_at_once_and_keep_their_order() -> None:

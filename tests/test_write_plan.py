@@ -6,10 +6,13 @@ from sidecar.engine.prompts import Span
 from sidecar.engine.write_plan import (
     ReplayStep,
     WritePolicy,
+    history_limit,
     message_ids,
     plan_writes,
+    planned_write,
     replay_steps,
     shared_boundary,
+    snippet_offset,
     split_at,
 )
 from sidecar.sessions.state import Segment, SnippetWrite, common_prefix
@@ -81,3 +84,25 @@ def test_a_replay_skips_what_a_shared_prefix_already_holds() -> None:
         ReplayStep(snippets=_write(12)),
         ReplayStep(segment=Segment(12, 30, "write")),
     ]
+
+
+def test_snippets_go_before_the_last_user_message_whatever_the_cache_held() -> None:
+    assert snippet_offset(SPANS, 28) == 20
+    assert snippet_offset([Span(0, 10, "system"), Span(10, 13, "assistant")], 13) == 10  # no user message
+    assert snippet_offset([], 28) == 27  # not ChatML: before the last token
+
+
+def test_a_history_keeps_only_the_memory_write_the_request_makes() -> None:
+    ours = SnippetWrite(20, "ours", (1,), 1)
+    # Nothing at or after the request's offset: the history is kept, cut to the offset for the write.
+    assert history_limit([_write(10)], 24, 20, ours) == 20
+    assert history_limit([_write(10)], 15, 20, ours) == 15
+    # The same write already there (a retry): kept; another one (an abandoned turn's): cut before it.
+    assert history_limit([_write(10), ours], 27, 20, ours) == 27
+    assert history_limit([_write(10), _write(20)], 27, 20, ours) == 19
+    assert history_limit([_write(20)], 27, 20, None) == 19  # a request without memory drops it too
+    assert history_limit([_write(0)], 5, 0, None) == -1  # a write at 0 goes with everything
+    # The same snippets as the latest write before the offset: in memory already, not written again.
+    assert planned_write([SnippetWrite(10, "ours", (1,), 1)], ours) is None
+    assert planned_write([_write(10)], ours) == ours
+    assert planned_write([], None) is None

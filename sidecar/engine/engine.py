@@ -40,7 +40,7 @@ from sidecar.engine.write_plan import WritePolicy
 from sidecar.kvcache.prefix_cache import PrefixCache
 from sidecar.sessions.fingerprint import SessionFingerprint
 from sidecar.sessions.replay_check import ReplayChecks
-from sidecar.sessions.state import Session
+from sidecar.sessions.state import Session, mode_name
 from sidecar.sessions.store import SessionStore
 
 log = logging.getLogger(__name__)
@@ -89,19 +89,22 @@ class Engine:
             skip_system=settings.write_policy == "skip-system",
         )
 
-        # The scheduler comes last (its thread starts at once); the parts reach it through these two.
+        # The scheduler comes last (its thread starts at once); the parts reach it through these.
         def answering() -> frozenset[str]:
             return self._scheduler.busy_keys()
 
+        def rooms() -> dict[str, int]:
+            return self._scheduler.busy_rooms()
+
         self.tiers = CacheTiers(model, settings, self.prefixes, self.kv_disk)
-        self.memory = MemoryKeeper(self.guard, self.store, self.prefixes, settings, self.counters, answering)
+        self.memory = MemoryKeeper(self.guard, self.store, self.prefixes, settings, self.counters, rooms)
         self.admin = SessionAdmin(model, self.store, self.tiers, message_start_id(tokenizer), answering)
         self.prefiller = Prefill(
             model, tokenizer, settings, policy, store=self.store, guard=self.guard, memory=self.memory,
             tiers=self.tiers, replays=self.replays, counters=self.counters, finish=self._finish,
         )
         self.renderer = Renderer(tokenizer, settings.context_window, self.counters, self._ready)
-        self._scheduler = Scheduler(self, settings.max_batch)
+        self._scheduler = Scheduler(self, settings.max_batch, kv_budget=self.guard.budget)
 
     # ---- the interface the serving layer uses -------------------------------------------
 
@@ -190,6 +193,13 @@ class Engine:
             with failures_told(row.stream, row.session.key_hash, self.counters, "finishing an answer failed"):
                 self._finish(row.session, row.stream, reason, row.generated)
         return [row for row, _ in ended] + failed
+
+    def room(self, admission: Admission) -> int:
+        """Memory guard: the most KV a job will hold (prompt, whole answer, a new shared-prefix snapshot),
+        as its prefill reserves it; the scheduler starts the job once it fits beside the running ones."""
+        assert admission.layout is not None  # the scheduler asks for rendered jobs only
+        mode = mode_name(admission.job.delta_enabled and delta_info(self.model) is not None)
+        return self.memory.needed(*self.prefiller.request_size(admission.job, admission.layout, mode))
 
     def drop(self, admission: Admission) -> None:
         """End a job cancelled before it started."""

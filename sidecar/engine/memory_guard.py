@@ -1,6 +1,7 @@
 """The KV budget at run time: what a request will hold, whom to evict for it, when to refuse it.
 
-Pure functions over byte counts; nothing here touches MLX or the session store. The memory keeper
+Pure functions over byte counts; nothing here touches MLX or the session store. The scheduler
+admits a job only when its KV room fits beside the rooms of the jobs running; the memory keeper
 (memory_keeper.py) asks before a prefill (room for the whole request) and before every prefill and
 decode step (room for what the step adds), at the places marked "memory guard" in prefill.py and
 engine.py, and does the evicting itself.
@@ -9,7 +10,7 @@ engine.py, and does the evicting itself.
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from common.kv_budget import MIB, KvShape, session_bytes
@@ -75,6 +76,15 @@ def eviction_plan(needed: int, budget: int, held: Sequence[tuple[Hashable, int]]
         drop.append(key)
         total -= nbytes
     return drop
+
+
+def answering_bytes(rooms: Mapping[Hashable, int], held: Iterable[tuple[Hashable, int]]) -> int:
+    """What the running jobs take: per session key, the KV room its job was admitted with (`rooms`)
+    or, when more, what its caches hold now (`held`: key and bytes of each busy session's cache)."""
+    now: dict[Hashable, int] = {}
+    for key, nbytes in held:
+        now[key] = now.get(key, 0) + nbytes
+    return sum(max(rooms.get(key, 0), now.get(key, 0)) for key in rooms.keys() | now.keys())
 
 
 def effective_budget(max_kv_bytes: int, memory_limit: int, resident_bytes: int) -> int:

@@ -18,7 +18,7 @@ from common.kv_budget import kv_bits_name
 from common.settings import SidecarSettings
 from sidecar.delta.api import delta_record_nbytes
 from sidecar.engine.failures import JobCounters
-from sidecar.engine.memory_guard import KvBudgetExceeded, KvGuard, eviction_plan
+from sidecar.engine.memory_guard import KvBudgetExceeded, KvGuard, answering_bytes, eviction_plan
 from sidecar.kvcache.prefix_cache import PrefixCache
 from sidecar.sessions.state import Session
 from sidecar.sessions.store import SessionStore
@@ -36,40 +36,48 @@ class MemoryKeeper:
         prefixes: PrefixCache,
         settings: SidecarSettings,
         counters: JobCounters,
-        answering: Callable[[], frozenset[str]],
+        rooms: Callable[[], dict[str, int]],
     ) -> None:
         self.guard = guard
         self.store = store
         self.prefixes = prefixes
         self.settings = settings
         self.counters = counters
-        self._answering = answering  # the key hashes of the sessions answering now
+        self._rooms = rooms  # the sessions answering now: each one's KV room, as admitted
 
     def reserve(self, session: Session, tokens: int, messages: int, snapshot_tokens: int = 0) -> None:
         """Make room for `session` to hold `tokens` tokens (plus a prefix snapshot) beside the sessions
         answering now; raise KvBudgetExceeded when it cannot fit even alone."""
-        needed = self.guard.session_bytes(tokens, messages)
-        if snapshot_tokens:
-            needed += self.guard.session_bytes(snapshot_tokens)
+        needed = self.needed(tokens, messages, snapshot_tokens)
         if needed > self.guard.budget:
             raise KvBudgetExceeded(needed, self.guard.budget, tokens)
         self.make_room(needed, growing=session)
 
+    def needed(self, tokens: int, messages: int, snapshot_tokens: int = 0) -> int:
+        """Bytes of a session of `tokens` tokens, plus a prefix snapshot of `snapshot_tokens` (0: none)."""
+        snapshot = self.guard.session_bytes(snapshot_tokens) if snapshot_tokens else 0
+        return self.guard.session_bytes(tokens, messages) + snapshot
+
     def make_room_to_grow(self, growth: Iterable[tuple[int, int]]) -> None:
-        """Make room for sessions of `length` tokens to take `added` more, for each (length, added)."""
+        """Make room for sessions of `length` tokens to take `added` more, for each (length, added).
+        Called before every step even when nothing grows: a shared prefix read in since the last
+        step (from disk, or a new snapshot) is idle and goes again if it does not fit."""
         size = self.guard.session_bytes
-        needed = sum(size(length + added) - size(length) for length, added in growth)
-        if needed > 0:
-            self.make_room(needed)
+        self.make_room(sum(size(length + added) - size(length) for length, added in growth))
 
     def make_room(self, needed: int, growing: Session | None = None) -> None:
         """Evict idle sessions (least recently used first), then shared prefixes, until `needed` bytes
         fit in the budget beside the caches of the sessions answering now (`growing`'s own cache is
-        part of `needed`). Answering sessions are never evicted: when they hold the rest, every idle
-        one goes and the step runs (a failed allocation then fails its requests, not the server)."""
-        busy = self._answering()
+        part of `needed`); each answering session counts for the room its job was admitted with, so
+        that idle holdings never take what it will grow into. Answering sessions are never evicted:
+        when they hold the rest, every idle one goes and the step runs (a failed allocation then
+        fails its requests, not the server)."""
+        rooms = self._rooms()
+        busy = frozenset(rooms)
+        if growing is not None:
+            rooms.pop(growing.key_hash, None)  # its room is `needed`
         sessions = [s for s in self.store.sessions() if s.cache is not None and s is not growing]
-        answering = sum(s.kv_bytes for s in sessions if s.key_hash in busy)
+        answering = answering_bytes(rooms, [(s.key_hash, s.kv_bytes) for s in sessions if s.key_hash in busy])
         idle = [(("session", s.file_stem), s.kv_bytes) for s in sessions if s.key_hash not in busy]
         idle += [(("prefix", key), nbytes) for key, nbytes in self.prefixes.entries()]
         plan = eviction_plan(answering + needed, self.guard.budget, idle)
@@ -90,7 +98,7 @@ class MemoryKeeper:
     def enforce_limits(self) -> None:
         """Sessions and shared prefixes together stay within the KV byte bound (sessions go first);
         the sessions answering now keep their caches."""
-        self.store.enforce_limits(keep=self._answering(), reserved_bytes=self.prefixes.nbytes)
+        self.store.enforce_limits(keep=frozenset(self._rooms()), reserved_bytes=self.prefixes.nbytes)
         self.prefixes.trim_to_bytes(max(0, self.store.max_kv_bytes - self.store.kv_bytes))
 
     def report(self, sessions: list[Session]) -> dict[str, Any]:

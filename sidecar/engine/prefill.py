@@ -2,8 +2,10 @@
 
 The session is cut back to the longest common prefix with the prompt (back to where the δ record
 restores it: at most 63 tokens before, see sidecar/delta/cache.py), or rebuilt from its history
-when it has no cache; hidden-memory snippets are written into the δ-state right there, and only the
-rest of the prompt is prefilled, a chunk per step. The result is the row that decodes the answer.
+when it has no cache, and only the rest of the prompt is prefilled, a chunk per step. Hidden-memory
+snippets are written into the δ-state just before the request's last user message: a place that
+follows from the request and the session's history, never from what the cache happened to hold.
+The result is the row that decodes the answer.
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ from sidecar.engine.prompts import render_text
 from sidecar.engine.sampling import row_sampler
 from sidecar.engine.scheduler import Cancelled, JobChannel
 from sidecar.engine.stop_strings import StopScanner
-from sidecar.engine.write_plan import WritePolicy, plan_writes, replay_steps
+from sidecar.engine.write_plan import (
+    WritePolicy,
+    history_limit,
+    plan_writes,
+    planned_write,
+    replay_steps,
+    snippet_offset,
+)
 from sidecar.sessions.replay_check import ReplayChecks, saved_points
 from sidecar.sessions.state import Segment, Session, SnippetWrite, common_prefix
 from sidecar.sessions.store import SessionStore
@@ -84,17 +93,25 @@ class Prefill:
         delta = job.delta_enabled and delta_info(self.model) is not None
         session = self.store.get(job.key_hash, delta)
         began = time.perf_counter()
-        boundary = layout.boundary
         max_tokens = min(job.max_tokens, window - len(prompt))
         # Memory guard: room for the whole request (and a new shared-prefix snapshot) before any prefill.
-        snapshot = boundary if boundary and not self.tiers.prefixes.contains(session.mode, prompt[:boundary]) else 0
-        self.memory.reserve(session, len(prompt) + max_tokens, layout.kept_states, snapshot)
+        self.memory.reserve(session, *self.request_size(job, layout, session.mode))
+        limit = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
+        write = None
+        if delta:
+            # Where the snippets go follows from the prompt and the history, never from what the cache held.
+            offset = snippet_offset(layout.spans, len(prompt))
+            wanted = self._snippet_write(job.snippets, offset) if job.snippets else None
+            write = planned_write([w for w in session.snippet_writes if w.offset <= limit], wanted)
+            limit = history_limit(session.snippet_writes, limit, offset, write)
         try:
-            reused = yield from self._prepare(session, layout, stream)
-            written = (yield from self._write_snippets(session, job.snippets)) if delta else 0
-            start = len(session.tokens)
-            plan = self._plan(delta, layout, start, len(prompt) - 1)
-            yield from self._prefill(session, layout, plan, stream)
+            reused = yield from self._prepare(session, layout, limit, stream)
+            written = 0
+            if write is not None and write not in session.snippet_writes:
+                yield from self._prefill_to(session, layout, write.offset, stream)
+                yield from self._apply_snippets(session, write)
+                written = write.count
+            yield from self._prefill_to(session, layout, len(prompt) - 1, stream)
         except Cancelled:
             self._finish(session, stream, "cancelled", 0)
             return None
@@ -122,11 +139,22 @@ class Prefill:
             input=mx.array([prompt[-1]], dtype=mx.uint32),
         )
 
-    def _prepare(self, session: Session, layout: PromptLayout, stream: JobChannel) -> Steps[int]:
-        """Cut the session back to what it shares with this prompt, then bring it up to the shared
-        boundary (the end of the leading system prompt) from a zero state; returns tokens reused."""
+    def request_size(self, job: ChatJob, layout: PromptLayout, mode: str) -> tuple[int, int, int]:
+        """The most tokens a request holds (prompt and whole answer), its kept δ-states, and the tokens
+        of the shared-prefix snapshot it will take (0 when its prefix is in memory already)."""
         prompt, boundary = layout.tokens, layout.boundary
-        limit = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
+        snapshot = boundary if boundary and not self.tiers.prefixes.contains(mode, prompt[:boundary]) else 0
+        tokens = len(prompt) + min(job.max_tokens, self.settings.context_window - len(prompt))
+        return tokens, layout.kept_states, snapshot
+
+    def _prepare(self, session: Session, layout: PromptLayout, limit: int, stream: JobChannel) -> Steps[int]:
+        """Cut the session back to at most `limit` tokens (-1: nothing kept, not even a memory write at
+        offset 0), then bring it up to the shared boundary (the end of the leading system prompt) from
+        a zero state; returns tokens reused."""
+        prompt, boundary = layout.tokens, layout.boundary
+        if limit < 0:
+            session.tokens, session.segments, session.snippet_writes, session.cache = [], [], [], None
+            limit = 0
         if session.cache is None:
             reused = yield from self._rebuild(session, session.safe_offset(limit), layout, stream)
         else:
@@ -135,9 +163,7 @@ class Prefill:
             session.truncate(reused)
         if len(session.tokens) < boundary and not session.snippet_writes:
             reused = max(reused, (yield from self._start_from_shared_prefix(session, layout)))
-            start = len(session.tokens)
-            plan = self._plan(session.delta, layout, start, boundary)
-            yield from self._prefill(session, layout, plan, stream)
+            yield from self._prefill_to(session, layout, boundary, stream)
             self.tiers.keep_prefix(session.mode, prompt[:boundary], session.cache)
         session.reused_tokens += reused
         return reused
@@ -189,15 +215,11 @@ class Prefill:
         session.adopt(fresh)
         return shared
 
-    def _write_snippets(self, session: Session, snippets: tuple[str, ...]) -> Steps[int]:
-        if not snippets:
-            return 0
+    def _snippet_write(self, snippets: tuple[str, ...], offset: int) -> SnippetWrite:
+        """A request's memory snippets as one write at `offset`; the digest recognises them when sent again."""
         digest = hashlib.sha256(json.dumps(list(snippets)).encode("utf-8")).hexdigest()
-        if session.latest_snippets_digest() == digest:
-            return 0  # the same snippets are already in memory (a retried request)
         tokens = tuple(render_text(self.tokenizer, "\n\n".join(snippets)))
-        yield from self._apply_snippets(session, SnippetWrite(len(session.tokens), digest, tokens, len(snippets)))
-        return len(snippets)
+        return SnippetWrite(offset, digest, tokens, len(snippets))
 
     def _apply_snippets(self, session: Session, write: SnippetWrite) -> Steps[None]:
         # One forward pass (one step): message-mean adapters write the snippets as one message.
@@ -210,6 +232,11 @@ class Prefill:
         policy = dataclasses.replace(self.policy, delta=delta)
         spans = layout.spans if policy.needs_spans and start < end else ()
         return plan_writes(policy, spans, start, end)
+
+    def _prefill_to(self, session: Session, layout: PromptLayout, end: int, stream: JobChannel) -> Steps[None]:
+        """Write prompt[len(session.tokens):end] into the session, planned as the policy says."""
+        plan = self._plan(session.delta, layout, len(session.tokens), end)
+        yield from self._prefill(session, layout, plan, stream)
 
     def _prefill(self, session: Session, layout: PromptLayout, plan: list[Segment], stream: JobChannel) -> Steps[None]:
         for seg in plan:

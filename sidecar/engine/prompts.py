@@ -13,6 +13,7 @@ from sidecar.engine.interface import ChatMessage
 
 IM_START = "<|im_start|>"
 SYSTEM_ROLES = ("system", "developer")
+ROLES = (*SYSTEM_ROLES, "user", "assistant", "tool")
 UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
 
 
@@ -114,11 +115,16 @@ def _spans(tokenizer: Any, tokens: Sequence[int]) -> Iterator[Span]:
         return
     if starts[0] > 0:
         yield Span(0, starts[0], "text")
+    # A role is recognised by its own token ids right after the marker, whatever the template
+    # writes after it (a newline, a space, a colon): no whitespace is looked for.
+    known = sorted(((role, render_text(tokenizer, role)) for role in ROLES), key=lambda item: -len(item[1]))
     bounds = starts + [len(tokens)]
     for begin, end in zip(bounds, bounds[1:]):
-        # The role is the text between the marker and the first newline; it is a few tokens long.
-        head = tokenizer.decode(list(tokens[begin + 1 : min(end, begin + 8)]))
-        yield Span(begin, end, head.split("\n", 1)[0].strip() or "unknown")
+        head = list(tokens[begin + 1 : min(end, begin + 8)])  # a role is a few tokens long
+        role = next((role for role, ids in known if ids and head[: len(ids)] == ids), None)
+        if role is None:  # another role: its first word, decoded from a few tokens
+            role = (tokenizer.decode(head[:7]).split() or ["unknown"])[0]
+        yield Span(begin, end, role)
 
 
 def message_start_id(tokenizer: Any) -> int | None:

@@ -1,13 +1,17 @@
 """The generation thread: which jobs run when, and how their prompts and answers share it.
 
 Jobs wait in arrival order. A job starts when its prompt is rendered, its session is free (two jobs
-of one session never run at once: the later one waits for the earlier) and the batch has room
-(`max_batch` rows, the one prefilling included). Prompts are prefilled one job at a time, one step
-(a chunk) at a time; between two prefill steps every decoding row gets its next token from one
-batched forward pass, so a long prompt never freezes the other streams. A row that finishes or is
-cancelled leaves at the next step; a job cancelled while it waits never starts. Calls (session
-admin) run between two steps. What a step does is the pipeline's business (the engine's); nothing
-here knows about models or sessions.
+of one session never run at once: the later one waits for the earlier), the batch has room
+(`max_batch` rows, the one prefilling included) and, with a KV budget, the KV room it may take
+(its prompt and its whole answer, as the pipeline counts it) fits beside the rooms of the jobs
+running: memory is reserved at admission, so answering sessions, which are never evicted, cannot
+outgrow the budget together. A job that waits for room holds up the jobs behind it (none overtakes
+it for ever); one that cannot fit even alone starts when nothing else runs (and is refused there).
+Prompts are prefilled one job at a time, one step (a chunk) at a time; between two prefill steps
+every decoding row gets its next token from one batched forward pass, so a long prompt never
+freezes the other streams. A row that finishes or is cancelled leaves at the next step; a job
+cancelled while it waits never starts. Calls (session admin) run between two steps. What a step
+does is the pipeline's business (the engine's); nothing here knows about models or sessions.
 """
 
 from __future__ import annotations
@@ -91,6 +95,10 @@ class Pipeline(Protocol):
         """End a job that never started (cancelled while it waited)."""
         ...
 
+    def room(self, admission: Admission) -> int:
+        """The most KV bytes a rendered job will hold (asked only when the scheduler has a KV budget)."""
+        ...
+
 
 @dataclass
 class _Call:
@@ -112,8 +120,10 @@ class Scheduler:
         max_batch: int,
         name: str = "delta-mem-engine",
         clock: Callable[[], float] = time.perf_counter,
+        kv_budget: int | None = None,
     ):
         self.max_batch = max_batch
+        self.kv_budget = kv_budget
         self.steps = 0  # decode steps run
         self.row_steps = 0  # rows summed over those steps
         # How long the latest and the longest prefill step took: what a stream waits for, at most,
@@ -130,7 +140,7 @@ class Scheduler:
         self._waiting: list[Admission] = []
         self._prefilling: tuple[Admission, Generator[None, None, Any]] | None = None
         self._rows: list[tuple[str, Any]] = []  # (session key, decode row)
-        self._busy: set[str] = set()
+        self._busy: dict[str, int] = {}  # session key of each job prefilling or decoding: its KV room
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -189,6 +199,10 @@ class Scheduler:
         """The sessions with a job prefilling or decoding."""
         return frozenset(self._busy)
 
+    def busy_rooms(self) -> dict[str, int]:
+        """The sessions with a job prefilling or decoding, and the KV room each job was admitted with."""
+        return dict(self._busy)
+
     def _run(self) -> None:
         while True:
             self._start_next()
@@ -224,15 +238,20 @@ class Scheduler:
     def _start_next(self) -> None:
         """Drop waiting jobs that were refused or cancelled; start the first one that may start."""
         blocked: set[str] = set()  # sessions with an earlier job still in line or running
+        waiting_for_room = False  # an earlier job waits for KV room: no later one overtakes it
         for admission in list(self._waiting):
             if admission.stream.cancelled:
                 self._waiting.remove(admission)
                 self._pipeline.drop(admission)
             elif admission.ready and admission.layout is None:
                 self._waiting.remove(admission)  # refused while rendering; the client was told
-            elif self._can_start(admission, blocked):
+            elif not waiting_for_room and self._can_start(admission, blocked):
+                room = self._room_for(admission)
+                if room is None:
+                    waiting_for_room = True
+                    continue
                 self._waiting.remove(admission)
-                self._busy.add(admission.key)
+                self._busy[admission.key] = room
                 self._prefilling = (admission, self._pipeline.prefill(admission))
             else:
                 blocked.add(admission.key)
@@ -240,6 +259,13 @@ class Scheduler:
     def _can_start(self, admission: Admission, blocked: set[str]) -> bool:
         room = len(self._rows) < self.max_batch and self._prefilling is None
         return room and admission.ready and admission.key not in blocked and admission.key not in self._busy
+
+    def _room_for(self, admission: Admission) -> int | None:
+        """The job's KV room when it fits beside the running jobs' rooms (or nothing runs), else None."""
+        if self.kv_budget is None:
+            return 0
+        room = self._pipeline.room(admission)
+        return room if not self._busy or sum(self._busy.values()) + room <= self.kv_budget else None
 
     def _decode(self) -> None:
         began = self._clock()
@@ -275,7 +301,7 @@ class Scheduler:
 
     def _free(self, keys: Iterable[str]) -> None:
         for key in keys:
-            self._busy.discard(key)
+            self._busy.pop(key, None)
 
 
 def _run_call(call: _Call) -> None:

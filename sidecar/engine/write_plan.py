@@ -2,7 +2,8 @@
 
 Nothing here touches MLX. The engine asks these functions what to do and then does it: where the
 session's history is cut back to, how each run of new tokens is written (token writes, read-only,
-one message-mean call, or δ off), and in what order a replay puts the memory-snippet writes back.
+one message-mean call, or δ off), where a request's memory snippets are written, and in what order
+a replay puts the memory-snippet writes back.
 """
 
 from __future__ import annotations
@@ -88,6 +89,38 @@ def shared_boundary(leading: Span | None, prompt_length: int) -> int:
     if leading is not None and leading.start == 0 and leading.role in SYSTEM_ROLES:
         return min(leading.end, prompt_length - 1)
     return 0
+
+
+def snippet_offset(spans: Sequence[Span], prompt_length: int) -> int:
+    """Where a request writes its memory snippets: just before its last user message (before the
+    generation prompt when it has none, before the last token when the template is not ChatML).
+    It follows from the prompt alone, so the same request writes at the same place whatever the
+    session's cache held."""
+    users = [span.start for span in spans if span.role == "user"]
+    offset = users[-1] if users else spans[-1].start if spans else prompt_length - 1
+    return min(offset, prompt_length - 1)
+
+
+def planned_write(kept: Sequence[SnippetWrite], wanted: SnippetWrite | None) -> SnippetWrite | None:
+    """The memory write a request makes, given the writes of the history it keeps: none when the
+    latest one before its offset holds the same snippets (a retried request, memory sent again)."""
+    if wanted is None:
+        return None
+    before = [write for write in kept if write.offset < wanted.offset]
+    return None if before and before[-1].digest == wanted.digest else wanted
+
+
+def history_limit(writes: Sequence[SnippetWrite], limit: int, offset: int, planned: SnippetWrite | None) -> int:
+    """How many tokens of a session's history a request keeps (at most `limit`, what its prompt
+    shares): from `offset` (where the request writes its snippets) on, the history may hold no write
+    but the one the request makes there, so an abandoned turn's memory never stays. A cut at an
+    offset keeps the writes made there, so dropping a write means cutting before it (-1: before 0)."""
+    for write in writes:
+        if write.offset >= offset and write != planned:
+            return min(limit, write.offset - 1)
+    if planned is not None and planned not in writes:
+        return min(limit, planned.offset)
+    return limit
 
 
 def split_at(segments: Sequence[Segment], offsets: Sequence[int]) -> list[Segment]:

@@ -152,7 +152,3 @@ class Session:
             self.segments[-1] = Segment(last.start, len(self.tokens), kind)
         else:
             self.segments.append(Segment(start, len(self.tokens), kind, message_ids))
-
-    def latest_snippets_digest(self) -> str | None:
-        """Digest of the most recent hidden-memory write still in the history."""
-        return self.snippet_writes[-1].digest if self.snippet_writes else None
