@@ -5,8 +5,8 @@ It behaves like launchd's KeepAlive with ThrottleInterval (and systemd's Restart
   (SIGKILL, SIGTERM, …), even status 0 — is started again, no sooner than `throttle` seconds after
   its previous start (at once if it had been up longer than that);
 - a configuration error (`common.exit_codes.CONFIG_ERROR`) ends the keeper: a restart cannot fix it;
-- a sidecar whose port is taken (`PORT_IN_USE`) is started again like after a crash, so it comes
-  back if the port frees soon, and the keeper gives up like after any crash loop if it does not;
+- a sidecar whose port or state dir is taken (exit 75) is started again like after a crash, so it comes
+  back if they free soon, and the keeper gives up like after any crash loop if they do not;
 - after MAX_QUICK_CRASHES exits in a row, each within `throttle` seconds of its start, it gives
   up, so that a broken install does not spin for ever;
 - SIGTERM, SIGINT or SIGHUP to the keeper stop the sidecar (SIGTERM, then SIGKILL after
@@ -59,7 +59,7 @@ PR_SET_PDEATHSIG = 1
 # What the sidecar's own exit statuses mean, for the log, the state file and `status`.
 EXIT_MEANINGS = {
     CONFIG_ERROR: "its configuration is wrong; a restart cannot fix it",
-    PORT_IN_USE: "its port is in use",
+    PORT_IN_USE: "its port or its state dir is in use",
 }
 
 KeeperState = Literal["running", "restarting", "gave-up"]

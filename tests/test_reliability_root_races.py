@@ -225,7 +225,7 @@ def test_a_taken_port_is_named_and_nothing_is_left_running(root: Path) -> None:
 
 @pytest.mark.parametrize(
     ("status_code", "said"),
-    [(PORT_IN_USE, "its port is in use"), (CONFIG_ERROR, "its configuration is wrong")],
+    [(PORT_IN_USE, "its port or its state dir is in use"), (CONFIG_ERROR, "its configuration is wrong")],
 )
 def test_a_sidecar_exiting_for_its_port_or_config_is_not_retried_behind_the_users_back(
     root: Path, monkeypatch: pytest.MonkeyPatch, status_code: int, said: str
