@@ -27,7 +27,12 @@ from sidecar.sessions.keys import hash_session_key
 
 TOLERANCE = 1e-4
 CHUNK = 32
-ADAPTERS = ("tiny_adapter_dir", "tiny_ssw_adapter_dir", "tiny_msw_adapter_dir")
+MODELS = (
+    ("tiny_model_dir", "tiny_adapter_dir"),
+    ("tiny_model_dir", "tiny_ssw_adapter_dir"),
+    ("tiny_model_dir", "tiny_msw_adapter_dir"),
+    ("tiny_tied_model_dir", "tiny_tied_adapter_dir"),  # embeddings tied, as Qwen3-4B's
+)
 
 
 @dataclass
@@ -134,14 +139,16 @@ def _assert_equal_to_solo(together: dict[str, Any], alone: dict[str, list[TurnRe
     assert together["health"]["batch"]["mean_occupancy"] > 1.5
 
 
-@pytest.mark.parametrize("adapter", ADAPTERS)
+@pytest.mark.parametrize(("model", "adapter"), MODELS)
 def test_every_session_answering_in_the_batch_equals_its_solo_run(
-    engine_factory, request: pytest.FixtureRequest, adapter: str
+    engine_factory, request: pytest.FixtureRequest, model: str, adapter: str
 ) -> None:
-    adapter_dir = request.getfixturevalue(adapter)
+    dirs = {"adapter": request.getfixturevalue(adapter), "model": request.getfixturevalue(model)}
     log: list[tuple[str, Any]] = []
-    together = asyncio.run(_together(engine_factory(adapter_dir, prefill_chunk=CHUNK), _plan(""), log))
-    alone = asyncio.run(_alone(engine_factory(adapter_dir, prefill_chunk=CHUNK, max_batch=1), _plan("solo-")))
+    together = asyncio.run(_together(engine_factory(**dirs, prefill_chunk=CHUNK), _plan(""), log))
+    # The solo runs have their own state dir: they must not read the batched engine's disk cache.
+    solo = engine_factory(**dirs, prefill_chunk=CHUNK, max_batch=1, state="solo")
+    alone = asyncio.run(_alone(solo, _plan("solo-")))
     _assert_equal_to_solo(together, alone)
 
     # What the scenario claims happened did happen.
@@ -172,7 +179,7 @@ def test_batched_rows_on_8_bit_kv_caches_equal_their_solo_runs_on_8_bit_kv(
 
     batched_engine = engine()
     together = asyncio.run(_together(batched_engine, _plan(""), []))
-    alone = asyncio.run(_alone(engine(max_batch=1), _plan("solo-")))
+    alone = asyncio.run(_alone(engine(max_batch=1, state="solo"), _plan("solo-")))
     _assert_equal_to_solo(together, alone)
     # The rows decoded on mlx-lm's quantized caches (what --kv-bits 8 gives), δ layers included.
     caches = [s.cache for s in batched_engine.store.sessions() if s.cache is not None]
