@@ -55,6 +55,8 @@ def test_a_quantized_prefill_step_keeps_attention_scores_bounded() -> None:
     quantized = KvGuard(shape, heads=32, budget=1, kv_bits=8, kv_group_size=64)
     assert float_guard.prefill_step(100_000, 512) == 512
     assert quantized.prefill_step(4_096, 512) == 512
+    # The figure docs/design.md gives: OpenClaw's first request on the qwen3-delta preset (bf16, 32 heads).
+    assert quantized.prefill_step(12_288, 512) == 168
     for context in (12_288, 32_768, 262_144):  # OpenClaw's first request up to the model's longest window
         step = quantized.prefill_step(context, 512)
         assert 8 <= step < 512 and step % 8 == 0 and 2 * 32 * step * context * shape.dtype_bytes <= 256 * MIB
