@@ -93,16 +93,34 @@ def test_rollback_prefix_cache_eviction_and_restart_give_what_a_fresh_run_gives(
     run(engine, job(turns[0], key="other"))  # evicts s1 (max_sessions 1)
     assert session_of(engine).cache is None
     run(engine, job(turns[2]))  # rebuilt from disk, from the shared prefix
+    # Where the sessions came from: both evicted ones (s1, then other) from the disk cache, checked.
+    _assert_came_from(engine, disk_hits=2, replay_checks=2)
     asyncio.run(engine.close())
     restarted = engine_factory(**kw)
     last = run(restarted, job(turns[3], temperature=0.0))
+    _assert_came_from(restarted, disk_hits=1, replay_checks=1, prefix_loads=1)  # the prefix read once, from disk
 
-    fresh = engine_factory(**kw)  # a new session there: one prefill of the whole last request
+    # A new session on an engine of its own (its own state dir: nothing from the disk cache above):
+    # one prefill of the whole last request.
+    fresh = engine_factory(**kw, state="fresh")
     reference = run(fresh, job(turns[3], key="alone", snippets=("the user keeps bees",), temperature=0.0))
     assert _answer(last) == _answer(reference)
+    _assert_came_from(fresh, disk_hits=0, replay_checks=0)
     session = session_of(restarted)
     assert all(type(c).__name__ == "QuantizedDeltaKVCache" and c.bits == bits for c in session.cache)
     _assert_states_close(delta_states(restarted.model, session.cache), one_shot_states(restarted, session))
+    alone = session_of(fresh, "alone")
+    assert session.tokens == alone.tokens and session.snippet_writes == alone.snippet_writes
+    _assert_states_close(delta_states(restarted.model, session.cache), delta_states(fresh.model, alone.cache))
+
+
+def _assert_came_from(engine, disk_hits: int, replay_checks: int, prefix_loads: int = 0) -> None:
+    """/health's account of where restored sessions came from: disk hits, nothing replayed from zero."""
+    health = asyncio.run(engine.health())
+    disk, sessions = health["disk_cache"], health["sessions"]
+    assert (disk["hits"], disk["partial_hits"], disk["fallbacks"]) == (disk_hits, 0, 0), disk
+    assert disk["prefix_loads"] == prefix_loads, disk
+    assert (sessions["replay_checks"], sessions["replay_mismatches"]) == (replay_checks, 0), sessions
 
 
 def test_openclaw_rollbacks_land_on_kept_states_and_prefill_only_new_tokens(engine_factory) -> None:
