@@ -12,6 +12,7 @@ same, its δ-state (read from its session file) equal within 1e-4 and its answer
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,11 @@ import pytest
 from engine_support import SYSTEM, job
 from mlx_lm.models.cache import QuantizedKVCache
 
+from sidecar.engine import decoding
+from sidecar.engine import engine as engine_module
 from sidecar.engine.engine import Engine
 from sidecar.engine.interface import ChatJob, Finished, PromptDone, TextDelta
+from sidecar.engine.scheduler import JobStream
 from sidecar.sessions.keys import hash_session_key
 
 TOLERANCE = 1e-4
@@ -74,24 +78,48 @@ def _snapshot(engine: Engine, request: ChatJob, events: list[Any]) -> TurnResult
     return TurnResult(text, events, tokens, states)
 
 
+def _hold_long_for_late(patch: pytest.MonkeyPatch, streams: dict[str, JobStream]) -> None:
+    """Once long has 3 tokens, decode steps wait until late's prompt is rendered (late is sent once long's
+    prompt is in), so that late joins while long decodes however the threads run (hooks decoding.step
+    and engine.render_prompt)."""
+    rendered = threading.Event()
+    real_render, real_step = engine_module.render_prompt, decoding.step
+
+    def render(tokenizer: Any, messages: Any, tools: Any) -> list[int]:
+        prompt = real_render(tokenizer, messages, tools)
+        if any(m.content.startswith("late:") for m in messages):
+            rendered.set()
+        return prompt
+
+    def step(model: Any, rows: list[Any]) -> Any:
+        if any(row.stream is streams.get("long") and row.generated >= 3 for row in rows):
+            assert rendered.wait(60), "late's prompt was never rendered"
+        return real_step(model, rows)
+
+    patch.setattr(engine_module, "render_prompt", render)
+    patch.setattr(decoding, "step", step)
+
+
 async def _together(engine: Engine, plan: dict[str, list[ChatJob]], log: list[tuple[str, Any]]) -> dict[str, Any]:
-    long_is_streaming = asyncio.Event()
+    long_is_decoding = asyncio.Event()  # late comes then; the decode steps wait for it (see _hold_long_for_late)
+    streams: dict[str, JobStream] = {}
 
     async def turn(name: str, request: ChatJob, leave_after: int | None = None) -> list[Any]:
         events, stream = [], engine.submit(request)
+        streams[name] = stream
         async for event in stream:
             events.append(event)
             log.append((name, event))
             deltas = sum(isinstance(e, TextDelta) for e in events)
-            if name == "long" and deltas >= 3:
-                long_is_streaming.set()
+            if name == "long" and isinstance(event, PromptDone):
+                long_is_decoding.set()
             if leave_after is not None and deltas == leave_after:
                 stream.cancel()
         return events
 
     async def session(name: str) -> list[TurnResult]:
         if name == "late":
-            await long_is_streaming.wait()
+            await long_is_decoding.wait()
         results = []
         for request in plan[name]:
             if name == "cancelled":
@@ -103,7 +131,9 @@ async def _together(engine: Engine, plan: dict[str, list[ChatJob]], log: list[tu
         return results
 
     names = list(plan)
-    results = await asyncio.gather(*(session(name) for name in names))
+    with pytest.MonkeyPatch.context() as patch:
+        _hold_long_for_late(patch, streams)
+        results = await asyncio.gather(*(session(name) for name in names))
     health = await engine.health()
     await engine.close()
     return {"results": dict(zip(names, results)), "health": health}
@@ -121,7 +151,7 @@ async def _alone(engine: Engine, plan: dict[str, list[ChatJob]]) -> dict[str, li
 
 
 def _index(log: list[tuple[str, Any]], name: str, kind: type, nth: int = 1) -> int:
-    """Where the nth event of a kind from a session sits in the shared log."""
+    """Where the nth event of a kind from a session sits in the shared log (nth 0: the last)."""
     found = [i for i, (who, event) in enumerate(log) if who == name and isinstance(event, kind)]
     return found[nth - 1]
 
@@ -153,8 +183,8 @@ def test_every_session_answering_in_the_batch_equals_its_solo_run(
 
     # What the scenario claims happened did happen.
     long_done = _index(log, "long", Finished)
-    # A row joined while others decoded: after long had streamed, before it ended.
-    assert _index(log, "long", TextDelta, 3) < _index(log, "late", PromptDone) < long_done
+    # A row joined while others decoded: late's first token came before long's last one.
+    assert _index(log, "late", TextDelta, 1) < _index(log, "long", TextDelta, 0) < long_done
     # A row rolled back and prefilled its next turn while the others decoded.
     second = [event for who, event in log if who == "early" and isinstance(event, PromptDone)][1]
     assert 0 < second.cached_tokens < second.prompt_tokens - 1
