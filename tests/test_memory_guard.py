@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,9 +15,17 @@ import numpy as np
 import pytest
 from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, run, session_of
 
-from common.kv_budget import DELTA_RECORD_INTERVAL, MIB, KvShape, model_weight_bytes
+from common.kv_budget import (
+    DELTA_RECORD_INTERVAL,
+    MIB,
+    KvShape,
+    cache_tokens,
+    kv_bytes_per_token,
+    model_weight_bytes,
+)
 from sidecar.delta.api import delta_states
 from sidecar.engine import decoding
+from sidecar.engine import engine as engine_module
 from sidecar.engine.interface import Failed, Finished, PromptDone, TextDelta
 from sidecar.engine.memory_guard import WORKING_BYTES, KvGuard, effective_budget, eviction_plan, is_allocation_failure
 from sidecar.engine.prompts import message_starts, render_prompt
@@ -211,8 +220,8 @@ def test_mlx_memory_limit_lowers_the_budget(engine_factory, tiny_model_dir) -> N
         health = asyncio.run(engine.health())
     finally:
         mx.set_memory_limit(previous)
-    assert 1 * MIB < engine.guard.budget <= 2 * MIB < engine.settings.max_kv_bytes
-    assert health["memory"]["kv_budget_bytes"] == engine.guard.budget
+    # The limit leaves 2 MiB beside the weights and one step's working memory (less what MLX held since).
+    assert 1 * MIB < health["memory"]["kv_budget_bytes"] <= 2 * MIB < engine.settings.max_kv_bytes
     big = [("system", SYSTEM * 8), ("user", "hi")]
     assert run(engine, job(big))[-1].status == 413
     assert _answer(run(engine, job([("user", "hi")], key="small")))
@@ -263,12 +272,22 @@ def test_health_reports_kv_per_session_shared_prefix_and_delta_record(
     engine = engine_factory(model=tiny_kv_model_dir, adapter=tiny_kv_adapter_dir, kv_bits=4)
     for key in ("a", "b"):
         run(engine, job(openclaw_turns(1)[0], key=key))
-    memory = asyncio.run(engine.health())["memory"]
+    health = asyncio.run(engine.health())
+    memory = health["memory"]
     assert memory["kv_bits"] == "4" and memory["kv_group_size"] == 64
     assert {s["session"] for s in memory["sessions"]} == {session_of(engine, k).key_hash[:12] for k in "ab"}
-    assert sum(s["kv_bytes"] for s in memory["sessions"]) == engine.store.kv_bytes
-    assert memory["shared_prefix_bytes"] == engine.prefixes.nbytes > 0
-    assert memory["kv_bytes"] == engine.store.kv_bytes + engine.prefixes.nbytes
+    # Each figure against what the caches must hold: 4-bit K/V for the tokens and less than one more
+    # 256-token step (a cache that began as a copy of the shared prefix grows from the prefix's
+    # length, not from a multiple of 256), plus δ records.
+    per_token = kv_bytes_per_token(KvShape.from_dirs(tiny_kv_model_dir, tiny_kv_adapter_dir), 4, 64)
+    for s in memory["sessions"]:
+        session = session_of(engine, "a" if s["session"] == session_of(engine, "a").key_hash[:12] else "b")
+        assert s["tokens"] == len(session.tokens) == session.cache[0].offset
+        slots = (s["kv_bytes"] - s["delta_record_bytes"]) / per_token
+        assert slots == int(slots) and s["tokens"] <= slots < s["tokens"] + 256
+    prefix_tokens = health["prefix_cache"]["tokens"]
+    assert prefix_tokens > 0 and memory["shared_prefix_bytes"] >= cache_tokens(prefix_tokens) * per_token
+    assert memory["kv_bytes"] == sum(s["kv_bytes"] for s in memory["sessions"]) + memory["shared_prefix_bytes"]
     assert 0 < memory["delta_record_bytes"] < memory["kv_bytes"]
     assert all(0 < s["delta_record_bytes"] < s["kv_bytes"] for s in memory["sessions"])
 
@@ -277,13 +296,25 @@ def test_a_failed_allocation_in_a_batched_decode_step_fails_its_rows_and_leaves_
     engine_factory, monkeypatch
 ) -> None:
     engine = engine_factory()
-    real_step = decoding.decode_rows
+    real_step, real_render = decoding.decode_rows, engine_module.render_prompt
+    rendered, renders = threading.Condition(), [0]
+
+    def render(tokenizer: Any, messages: Any, tools: Any) -> list[int]:
+        prompt = real_render(tokenizer, messages, tools)
+        with rendered:
+            renders[0] += 1
+            rendered.notify_all()
+        return prompt
 
     def failing_when_batched(model: Any, tokens: mx.array, caches: list[Any], delta: list[bool]) -> mx.array:
         if len(caches) > 1:
             raise RuntimeError("[metal::malloc] Attempting to allocate 8589934592 bytes, more than the buffer limit")
+        with rendered:  # the first row waits for both prompts: the second joins it, however the threads run
+            assert rendered.wait_for(lambda: renders[0] >= 2, timeout=60)
         return real_step(model, tokens, caches, delta)
 
+    # The module-level functions the engine renders and decodes with.
+    monkeypatch.setattr(engine_module, "render_prompt", render)
     monkeypatch.setattr(decoding, "decode_rows", failing_when_batched)
 
     async def events(key: str) -> list[Any]:
