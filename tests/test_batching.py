@@ -31,6 +31,7 @@ from sidecar.sessions.keys import hash_session_key
 
 TOLERANCE = 1e-4
 CHUNK = 32
+UNCHUNKED = 4096  # the context window: a prompt in one call
 MODELS = (
     ("tiny_model_dir", "tiny_adapter_dir"),
     ("tiny_model_dir", "tiny_ssw_adapter_dir"),
@@ -176,8 +177,9 @@ def test_every_session_answering_in_the_batch_equals_its_solo_run(
     dirs = {"adapter": request.getfixturevalue(adapter), "model": request.getfixturevalue(model)}
     log: list[tuple[str, Any]] = []
     together = asyncio.run(_together(engine_factory(**dirs, prefill_chunk=CHUNK), _plan(""), log))
-    # The solo runs have their own state dir: they must not read the batched engine's disk cache.
-    solo = engine_factory(**dirs, prefill_chunk=CHUNK, max_batch=1, state="solo")
+    # The solo runs have their own state dir (they must not read the batched engine's disk cache) and
+    # prefill each prompt in one call, where the batched engine takes 32-token chunks.
+    solo = engine_factory(**dirs, prefill_chunk=UNCHUNKED, max_batch=1, state="solo")
     alone = asyncio.run(_alone(solo, _plan("solo-")))
     _assert_equal_to_solo(together, alone)
 
@@ -201,16 +203,17 @@ def test_every_session_answering_in_the_batch_equals_its_solo_run(
     assert apart > 100 * TOLERANCE
 
 
-def test_batched_rows_on_8_bit_kv_caches_equal_their_solo_runs_on_8_bit_kv(
-    engine_factory, tiny_kv_model_dir: Path, tiny_kv_adapter_dir: Path
+@pytest.mark.parametrize("bits", [8, 4])
+def test_batched_rows_on_quantized_kv_caches_equal_their_solo_runs_on_quantized_kv(
+    engine_factory, tiny_kv_model_dir: Path, tiny_kv_adapter_dir: Path, bits: int
 ) -> None:
     def engine(**overrides: Any) -> Engine:
-        return engine_factory(tiny_kv_adapter_dir, tiny_kv_model_dir, kv_bits=8, prefill_chunk=CHUNK, **overrides)
+        return engine_factory(tiny_kv_adapter_dir, tiny_kv_model_dir, kv_bits=bits, **overrides)
 
-    batched_engine = engine()
+    batched_engine = engine(prefill_chunk=CHUNK)
     together = asyncio.run(_together(batched_engine, _plan(""), []))
-    alone = asyncio.run(_alone(engine(max_batch=1, state="solo"), _plan("solo-")))
+    alone = asyncio.run(_alone(engine(prefill_chunk=UNCHUNKED, max_batch=1, state="solo"), _plan("solo-")))
     _assert_equal_to_solo(together, alone)
-    # The rows decoded on mlx-lm's quantized caches (what --kv-bits 8 gives), δ layers included.
+    # The rows decoded on mlx-lm's quantized caches (what --kv-bits gives), δ layers included.
     caches = [s.cache for s in batched_engine.store.sessions() if s.cache is not None]
-    assert caches and all(isinstance(c, QuantizedKVCache) and c.bits == 8 for cache in caches for c in cache)
+    assert caches and all(isinstance(c, QuantizedKVCache) and c.bits == bits for cache in caches for c in cache)
