@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from engine_support import job, run
 from test_kv_disk import TURNS, answer, replayed, start, stop
@@ -151,3 +152,59 @@ def test_shutdown_waits_for_the_queued_chunks(
     closer.join(DEADLINE_S)
     assert not closer.is_alive()
     assert manifest(state, "s1")["chunks"][-1]["end"] == tokens  # written before close returned
+
+
+def test_a_session_restored_from_disk_joins_a_running_batch_and_answers_as_alone(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    first = start(tiny_model_dir, tiny_adapter_dir, state)
+    run(first, job(TURNS[0], snippets=BEES))
+    stop(first)
+    engine = start(tiny_model_dir, tiny_adapter_dir, state)
+
+    async def beside_a_decoding_row() -> list[Any]:
+        decoding_now, restored_done = asyncio.Event(), asyncio.Event()
+
+        async def long_row() -> list[Any]:
+            stream = engine.submit(job([("user", "row a")], key="long", max_tokens=3000))
+            events = []
+            async for event in stream:
+                events.append(event)
+                decoding_now.set()
+                if restored_done.is_set():
+                    stream.cancel()  # it decoded through the whole restored turn
+            return events
+
+        task = asyncio.create_task(long_row())
+        await decoding_now.wait()
+        events = [event async for event in engine.submit(job(TURNS[1]))]
+        restored_done.set()
+        long_events = await task
+        assert long_events[-1] == Finished("cancelled", long_events[-1].completion_tokens)
+        return events
+
+    try:
+        events = asyncio.run(asyncio.wait_for(beside_a_decoding_row(), DEADLINE_S))
+        report = health(engine)
+    finally:
+        stop(engine)
+    assert report["disk_cache"]["hits"] == 1 and report["batch"]["mean_occupancy"] > 1
+    reference = start(tiny_model_dir, tiny_adapter_dir, tmp_path / "reference", max_disk_bytes=0)
+    try:
+        run(reference, job(TURNS[0], snippets=BEES))
+        expected = run(reference, job(TURNS[1]))
+    finally:
+        stop(reference)
+    assert answer(events) == answer(expected)
+    (tokens, states), (alone_tokens, alone_states) = saved(state), saved(tmp_path / "reference")
+    assert np.array_equal(tokens, alone_tokens) and len(states) == 2
+    for mine, theirs in zip(states, alone_states, strict=True):
+        assert float(np.max(np.abs(mine - theirs))) <= 1e-4
+
+
+def saved(state: Path, key: str = "s1") -> tuple[np.ndarray, list[np.ndarray]]:
+    """A session's tokens and δ-states as its session file holds them."""
+    with np.load(state / f"{hash_session_key(key)}.delta.session.npz", allow_pickle=False) as data:
+        layers = sorted((n for n in data.files if n.startswith("state_")), key=lambda n: int(n[6:]))
+        return data["tokens"], [data[n] for n in layers]
