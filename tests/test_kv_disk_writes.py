@@ -190,6 +190,8 @@ def test_a_session_restored_from_disk_joins_a_running_batch_and_answers_as_alone
     finally:
         stop(engine)
     assert report["disk_cache"]["hits"] == 1 and report["batch"]["mean_occupancy"] > 1
+    # The restored δ-states matched the ones saved with the session: the disk gave them, exactly.
+    assert (report["sessions"]["replay_checks"], report["sessions"]["replay_mismatches"]) == (1, 0)
     reference = start(tiny_model_dir, tiny_adapter_dir, tmp_path / "reference", max_disk_bytes=0)
     try:
         run(reference, job(TURNS[0], snippets=BEES))
