@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import queue
 import stat
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -210,3 +213,37 @@ def saved(state: Path, key: str = "s1") -> tuple[np.ndarray, list[np.ndarray]]:
     with np.load(state / f"{hash_session_key(key)}.delta.session.npz", allow_pickle=False) as data:
         layers = sorted((n for n in data.files if n.startswith("state_")), key=lambda n: int(n[6:]))
         return data["tokens"], [data[n] for n in layers]
+
+
+class _HeldQueue(queue.Queue):
+    """A write queue whose writer takes nothing until `opened` is set."""
+
+    opened = threading.Event()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        assert self.opened.wait(DEADLINE_S)
+        return super().get(block, timeout)
+
+
+def test_writes_queued_for_a_deleted_session_are_dropped(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer's queue comes from `disk_cache.queue` (the module-level name): held, the chunks of
+    # a turn wait in it while the session is deleted.
+    held = type("HeldQueue", (_HeldQueue,), {"opened": threading.Event()})
+    monkeypatch.setattr(disk_cache, "queue", SimpleNamespace(Queue=held, Full=queue.Full))
+    state = tmp_path / "state"
+    engine = start(tiny_model_dir, tiny_adapter_dir, state)
+    try:
+        run(engine, job(TURNS[0]))
+        deadline = time.monotonic() + DEADLINE_S  # queued once the answer has ended: just after its last event
+        while health(engine)["disk_cache"]["queued"] < 2:  # the shared prefix and the session's chunk
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert asyncio.run(engine.reset_session("s1"))
+    finally:
+        held.opened.set()
+    stop(engine)  # the writer has gone through the queue
+    disk = health(engine)["disk_cache"]
+    assert disk["writes"] == 1 and disk["write_failures"] == 0  # the shared prefix only
+    assert list((state / "kv" / "sessions").iterdir()) == []
