@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from engine_support import SYSTEM, job
+from engine_support import SYSTEM, job, patch_function
 from mlx_lm.models.cache import QuantizedKVCache
 
 from sidecar.engine import decoding
@@ -97,8 +97,8 @@ def _hold_long_for_late(patch: pytest.MonkeyPatch, streams: dict[str, JobStream]
             assert rendered.wait(60), "late's prompt was never rendered"
         return real_step(model, rows)
 
-    patch.setattr(engine_module, "render_prompt", render)
-    patch.setattr(decoding, "step", step)
+    patch_function(patch, engine_module, "render_prompt", render)
+    patch_function(patch, decoding, "step", step)
 
 
 async def _together(engine: Engine, plan: dict[str, list[ChatJob]], log: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import pytest
-from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, run, session_of
+from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, patch_function, run, session_of
 from mlx_lm.models.cache import make_prompt_cache
 
 from sidecar.delta.api import delta_states, set_delta_controls
@@ -323,8 +323,8 @@ def test_seeded_sampling_is_the_rows_own(engine_factory, monkeypatch: pytest.Mon
         return real_step(model, rows)
 
     # The module-level functions the engine steps and renders with.
-    monkeypatch.setattr(decoding, "step", counted)
-    monkeypatch.setattr(engine_module, "render_prompt", render)
+    patch_function(monkeypatch, decoding, "step", counted)
+    patch_function(monkeypatch, engine_module, "render_prompt", render)
     alone_steps = [-1]
 
     async def answers(jobs: list[Any]) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 import mlx.core as mx
 import mlx_lm
 import pytest
-from engine_support import SYSTEM, job, settings_for
+from engine_support import SYSTEM, job, patch_function, settings_for
 
 from common.kv_budget import KvShape, session_bytes
 from sidecar.delta.api import attach_delta_mem
@@ -109,7 +109,7 @@ def test_a_quantized_prefill_is_cut_into_steps_whose_scores_stay_under_the_bound
     # The bound is 256 MiB: a context of 6,000+ tokens on this model. Lowered here so that a
     # 400-token prompt is "long": the engine must cut its default 512-token chunk to fit.
     bound = 1024 * 1024
-    monkeypatch.setattr(memory_guard, "SCORES_BYTES", bound)
+    patch_function(monkeypatch, memory_guard, "SCORES_BYTES", bound)
     engine = logged_engine(tiny_kv_model_dir, tiny_kv_adapter_dir, kv_bits=8)
     model: ForwardLog = engine.model
     heads, dtype_bytes = model.args.num_attention_heads, 4  # float32 activations
@@ -151,7 +151,7 @@ def test_the_memory_guard_makes_room_before_every_batched_decode_step(
             held.append(health["memory"]["kv_bytes"])
         return ended
 
-    monkeypatch.setattr(decoding, "step", measured)
+    patch_function(monkeypatch, decoding, "step", measured)
     run_events = asyncio.run(_collect(engine, job([("user", "idle c")], key="c", max_tokens=4)))
     assert isinstance(run_events[-1], Finished)
     log: list[tuple[str, Any]] = []

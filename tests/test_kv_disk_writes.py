@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from engine_support import job, run
+from engine_support import job, patch_function, run
 from test_kv_disk import TURNS, answer, replayed, start, stop
 
 from sidecar.engine.engine import Engine
@@ -111,7 +111,7 @@ def test_a_stuck_writer_holds_up_no_answer_and_a_full_queue_is_written_with_the_
     state = tmp_path / "state"
     stuck = StuckDisk()
     monkeypatch.setattr(disk_cache, "QUEUE_LENGTH", 1)
-    monkeypatch.setattr(disk_cache, "write_chunk_file", stuck)
+    patch_function(monkeypatch, disk_cache, "write_chunk_file", stuck)
     engine = start(tiny_model_dir, tiny_adapter_dir, state)
     try:
         run_within_deadline(engine, job(TURNS[0], key="a"))  # its shared prefix: the writer sticks on it
@@ -140,7 +140,7 @@ def test_shutdown_waits_for_the_queued_chunks(
 ) -> None:
     state = tmp_path / "state"
     stuck = StuckDisk()
-    monkeypatch.setattr(disk_cache, "write_chunk_file", stuck)
+    patch_function(monkeypatch, disk_cache, "write_chunk_file", stuck)
     engine = start(tiny_model_dir, tiny_adapter_dir, state)
     closer = threading.Thread(target=stop, args=(engine,))
     try:

@@ -13,7 +13,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import pytest
-from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, run, session_of
+from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, patch_function, run, session_of
 
 from common.kv_budget import (
     DELTA_RECORD_INTERVAL,
@@ -314,8 +314,8 @@ def test_a_failed_allocation_in_a_batched_decode_step_fails_its_rows_and_leaves_
         return real_step(model, tokens, caches, delta)
 
     # The module-level functions the engine renders and decodes with.
-    monkeypatch.setattr(engine_module, "render_prompt", render)
-    monkeypatch.setattr(decoding, "decode_rows", failing_when_batched)
+    patch_function(monkeypatch, engine_module, "render_prompt", render)
+    patch_function(monkeypatch, decoding, "decode_rows", failing_when_batched)
 
     async def events(key: str) -> list[Any]:
         return [event async for event in engine.submit(job([("user", f"row {key}")], key=key, max_tokens=32))]
