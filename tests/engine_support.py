@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,12 @@ def one_shot_states(engine: Engine, session) -> list[mx.array]:
         write_context(engine.model, cache, list(context.tokens))
     engine.model(mx.array([session.tokens[done:]]), cache=cache)
     return delta_states(engine.model, cache)
+
+
+def patch_function(patch: pytest.MonkeyPatch, module: Any, name: str, replacement: Any) -> None:
+    """Replace a module-level function (or constant) of the sidecar in its module and in every sidecar
+    module that imported it by name, so that a hook still fires when engine code moves between modules."""
+    original = getattr(module, name)
+    for loaded in list(sys.modules.values()):
+        if getattr(loaded, "__name__", "").startswith("sidecar.") and getattr(loaded, name, None) is original:
+            patch.setattr(loaded, name, replacement)

@@ -52,6 +52,18 @@ def tiny_qwen2_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_
 
 
 @pytest.fixture(scope="session")
+def tiny_tied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny float32 Qwen3 model whose output projection is its embedding (no lm_head), as Qwen3-4B's."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-tied"), tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tied_model_dir: Path) -> Path:
+    """A TSW adapter for `tiny_tied_model_dir`."""
+    return write_tiny_adapter(tmp_path_factory.mktemp("tiny-tied-tsw"), tiny_tied_model_dir, seed=6)
+
+
+@pytest.fixture(scope="session")
 def tiny_kv_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny float32 Qwen3 model whose head_dim (64) mlx-lm's KV quantization can group."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-hd64"), head_dim=64)

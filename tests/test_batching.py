@@ -12,21 +12,30 @@ same, its δ-state (read from its session file) equal within 1e-4 and its answer
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from engine_support import SYSTEM, job
+from engine_support import SYSTEM, job, patch_function
 from mlx_lm.models.cache import QuantizedKVCache
 
+from sidecar.engine import decoding, prompts
 from sidecar.engine.engine import Engine
 from sidecar.engine.interface import ChatJob, Finished, PromptDone, TextDelta
+from sidecar.engine.scheduler import JobChannel
 
 TOLERANCE = 1e-4
 CHUNK = 32
-ADAPTERS = ("tiny_adapter_dir", "tiny_ssw_adapter_dir", "tiny_msw_adapter_dir")
+UNCHUNKED = 4096  # the context window: a prompt in one call
+MODELS = (
+    ("tiny_model_dir", "tiny_adapter_dir"),
+    ("tiny_model_dir", "tiny_ssw_adapter_dir"),
+    ("tiny_model_dir", "tiny_msw_adapter_dir"),
+    ("tiny_tied_model_dir", "tiny_tied_adapter_dir"),  # embeddings tied, as Qwen3-4B's
+)
 
 
 @dataclass
@@ -68,24 +77,48 @@ def _snapshot(engine: Engine, request: ChatJob, events: list[Any]) -> TurnResult
     return TurnResult(text, events, tokens, states)
 
 
+def _hold_long_for_late(patch: pytest.MonkeyPatch, streams: dict[str, JobChannel]) -> None:
+    """Once long has 3 tokens, decode steps wait until late's prompt is rendered (late is sent once long's
+    prompt is in), so that late joins while long decodes however the threads run (hooks decoding.step
+    and engine.render_prompt)."""
+    rendered = threading.Event()
+    real_render, real_step = prompts.render_prompt, decoding.step
+
+    def render(tokenizer: Any, messages: Any, tools: Any) -> list[int]:
+        prompt = real_render(tokenizer, messages, tools)
+        if any(m.content.startswith("late:") for m in messages):
+            rendered.set()
+        return prompt
+
+    def step(model: Any, rows: list[Any]) -> Any:
+        if any(row.stream is streams.get("long") and row.generated >= 3 for row in rows):
+            assert rendered.wait(60), "late's prompt was never rendered"
+        return real_step(model, rows)
+
+    patch_function(patch, prompts, "render_prompt", render)
+    patch_function(patch, decoding, "step", step)
+
+
 async def _together(engine: Engine, plan: dict[str, list[ChatJob]], log: list[tuple[str, Any]]) -> dict[str, Any]:
-    long_is_streaming = asyncio.Event()
+    long_is_decoding = asyncio.Event()  # late comes then; the decode steps wait for it (see _hold_long_for_late)
+    streams: dict[str, JobChannel] = {}
 
     async def turn(name: str, request: ChatJob, leave_after: int | None = None) -> list[Any]:
         events, stream = [], engine.submit(request)
+        streams[name] = stream
         async for event in stream:
             events.append(event)
             log.append((name, event))
             deltas = sum(isinstance(e, TextDelta) for e in events)
-            if name == "long" and deltas >= 3:
-                long_is_streaming.set()
+            if name == "long" and isinstance(event, PromptDone):
+                long_is_decoding.set()
             if leave_after is not None and deltas == leave_after:
                 stream.cancel()
         return events
 
     async def session(name: str) -> list[TurnResult]:
         if name == "late":
-            await long_is_streaming.wait()
+            await long_is_decoding.wait()
         results = []
         for request in plan[name]:
             if name == "cancelled":
@@ -97,7 +130,9 @@ async def _together(engine: Engine, plan: dict[str, list[ChatJob]], log: list[tu
         return results
 
     names = list(plan)
-    results = await asyncio.gather(*(session(name) for name in names))
+    with pytest.MonkeyPatch.context() as patch:
+        _hold_long_for_late(patch, streams)
+        results = await asyncio.gather(*(session(name) for name in names))
     health = await engine.health()
     await engine.close()
     return {"results": dict(zip(names, results)), "health": health}
@@ -115,7 +150,7 @@ async def _alone(engine: Engine, plan: dict[str, list[ChatJob]]) -> dict[str, li
 
 
 def _index(log: list[tuple[str, Any]], name: str, kind: type, nth: int = 1) -> int:
-    """Where the nth event of a kind from a session sits in the shared log."""
+    """Where the nth event of a kind from a session sits in the shared log (nth 0: the last)."""
     found = [i for i, (who, event) in enumerate(log) if who == name and isinstance(event, kind)]
     return found[nth - 1]
 
@@ -133,20 +168,23 @@ def _assert_equal_to_solo(together: dict[str, Any], alone: dict[str, list[TurnRe
     assert together["health"]["batch"]["mean_occupancy"] > 1.5
 
 
-@pytest.mark.parametrize("adapter", ADAPTERS)
+@pytest.mark.parametrize(("model", "adapter"), MODELS)
 def test_every_session_answering_in_the_batch_equals_its_solo_run(
-    engine_factory, request: pytest.FixtureRequest, adapter: str
+    engine_factory, request: pytest.FixtureRequest, model: str, adapter: str
 ) -> None:
-    adapter_dir = request.getfixturevalue(adapter)
+    dirs = {"adapter": request.getfixturevalue(adapter), "model": request.getfixturevalue(model)}
     log: list[tuple[str, Any]] = []
-    together = asyncio.run(_together(engine_factory(adapter_dir, prefill_chunk=CHUNK), _plan(""), log))
-    alone = asyncio.run(_alone(engine_factory(adapter_dir, prefill_chunk=CHUNK, max_batch=1), _plan("solo-")))
+    together = asyncio.run(_together(engine_factory(**dirs, prefill_chunk=CHUNK), _plan(""), log))
+    # The solo runs have their own state dir (they must not read the batched engine's disk cache) and
+    # prefill each prompt in one call, where the batched engine takes 32-token chunks.
+    solo = engine_factory(**dirs, prefill_chunk=UNCHUNKED, max_batch=1, state="solo")
+    alone = asyncio.run(_alone(solo, _plan("solo-")))
     _assert_equal_to_solo(together, alone)
 
     # What the scenario claims happened did happen.
     long_done = _index(log, "long", Finished)
-    # A row joined while others decoded: after long had streamed, before it ended.
-    assert _index(log, "long", TextDelta, 3) < _index(log, "late", PromptDone) < long_done
+    # A row joined while others decoded: late's first token came before long's last one.
+    assert _index(log, "late", TextDelta, 1) < _index(log, "long", TextDelta, 0) < long_done
     # A row rolled back and prefilled its next turn while the others decoded.
     second = [event for who, event in log if who == "early" and isinstance(event, PromptDone)][1]
     assert 0 < second.cached_tokens < second.prompt_tokens - 1
@@ -163,16 +201,17 @@ def test_every_session_answering_in_the_batch_equals_its_solo_run(
     assert apart > 100 * TOLERANCE
 
 
-def test_batched_rows_on_8_bit_kv_caches_equal_their_solo_runs_on_8_bit_kv(
-    engine_factory, tiny_kv_model_dir: Path, tiny_kv_adapter_dir: Path
+@pytest.mark.parametrize("bits", [8, 4])
+def test_batched_rows_on_quantized_kv_caches_equal_their_solo_runs_on_quantized_kv(
+    engine_factory, tiny_kv_model_dir: Path, tiny_kv_adapter_dir: Path, bits: int
 ) -> None:
     def engine(**overrides: Any) -> Engine:
-        return engine_factory(tiny_kv_adapter_dir, tiny_kv_model_dir, kv_bits=8, prefill_chunk=CHUNK, **overrides)
+        return engine_factory(tiny_kv_adapter_dir, tiny_kv_model_dir, kv_bits=bits, **overrides)
 
-    batched_engine = engine()
+    batched_engine = engine(prefill_chunk=CHUNK)
     together = asyncio.run(_together(batched_engine, _plan(""), []))
-    alone = asyncio.run(_alone(engine(max_batch=1), _plan("solo-")))
+    alone = asyncio.run(_alone(engine(prefill_chunk=UNCHUNKED, max_batch=1, state="solo"), _plan("solo-")))
     _assert_equal_to_solo(together, alone)
-    # The rows decoded on mlx-lm's quantized caches (what --kv-bits 8 gives), δ layers included.
+    # The rows decoded on mlx-lm's quantized caches (what --kv-bits gives), δ layers included.
     caches = [s.cache for s in batched_engine.store.sessions() if s.cache is not None]
-    assert caches and all(isinstance(c, QuantizedKVCache) and c.bits == 8 for cache in caches for c in cache)
+    assert caches and all(isinstance(c, QuantizedKVCache) and c.bits == bits for cache in caches for c in cache)

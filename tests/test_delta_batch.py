@@ -41,6 +41,7 @@ def _rows(model, delta: list[bool], with_adapter: bool) -> list[list]:
         ("tiny_model_dir", "tiny_ssw_adapter_dir"),
         ("tiny_model_dir", "tiny_msw_adapter_dir"),
         ("tiny_qwen2_model_dir", "tiny_qwen2_adapter_dir"),
+        ("tiny_tied_model_dir", "tiny_tied_adapter_dir"),  # Qwen3-4B's output projection: the embedding
         ("tiny_model_dir", None),
     ],
 )
@@ -48,6 +49,7 @@ def test_rows_stepped_together_equal_each_row_stepped_alone(
     request: pytest.FixtureRequest, model_dir: str, adapter_dir: str | None
 ) -> None:
     model, _ = load_model(Path(request.getfixturevalue(model_dir)))
+    assert hasattr(model, "lm_head") is not model.args.tie_word_embeddings
     if adapter_dir is not None:
         attach_delta_mem(model, request.getfixturevalue(adapter_dir))
     delta = [True, False, True, True] if adapter_dir else [False] * len(LENGTHS)

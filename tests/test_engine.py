@@ -10,11 +10,11 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import pytest
-from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, run, session_of
+from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, patch_function, run, session_of
 from mlx_lm.models.cache import make_prompt_cache
 
 from sidecar.delta.api import delta_states, set_delta_controls
-from sidecar.engine import prompts, rendering
+from sidecar.engine import decoding, prompts, rendering
 from sidecar.engine.interface import EngineError, Failed, Finished, PromptDone, TextDelta
 from sidecar.engine.prompts import render_prompt
 from sidecar.sessions.keys import hash_session_key
@@ -63,7 +63,8 @@ def test_a_retried_request_does_not_write_its_snippets_twice(engine_factory) -> 
     assert len(session_of(engine).snippet_writes) == 1
     # Same prompt, same memory, greedy decoding: the same answer and the same final state.
     assert [e for e in first if isinstance(e, TextDelta)] == [e for e in retry if isinstance(e, TextDelta)]
-    _assert_states_close([mx.array(s) for s in states_after_first], delta_states(engine.model, session_of(engine).cache))
+    now = delta_states(engine.model, session_of(engine).cache)
+    _assert_states_close([mx.array(s) for s in states_after_first], now)
 
 
 def test_sessions_are_isolated_and_base_mode_is_its_own_session(engine_factory) -> None:
@@ -91,13 +92,17 @@ def test_an_evicted_session_is_rebuilt_exactly_from_disk(engine_factory) -> None
     assert engine.store.evictions == 1 and session_of(engine, "a").cache is None
 
     events = run(engine, job(turns[2], key="a"))
-    # Its KV was rebuilt: the shared system prompt came from the prefix cache, the rest was replayed.
-    assert 0 < events[0].cached_tokens < events[0].prompt_tokens - 1
+    # Its KV came back from the disk cache up to where this turn diverges (the shared system prompt
+    # from the prefix cache in memory, the rest from its own chunk), not from a replay.
+    disk = asyncio.run(engine.health())["disk_cache"]
+    assert (disk["hits"], disk["partial_hits"], disk["fallbacks"], disk["prefix_loads"]) == (1, 0, 0, 0)
+    assert 0 < disk["restored_tokens"] == events[0].cached_tokens < events[0].prompt_tokens - 1
     reference = engine_factory(state="reference")  # the same requests on a fresh engine, without eviction
     for turn, snippet in ((turns[0], "a fact about a"), (turns[1], "another fact about a")):
         run(reference, job(turn, key="a", snippets=(snippet,)))
     run(reference, job(turns[2], key="a"))
-    _assert_states_close(delta_states(engine.model, session_of(engine, "a").cache), delta_states(reference.model, session_of(reference, "a").cache))
+    rebuilt, fresh = session_of(engine, "a"), session_of(reference, "a")
+    _assert_states_close(delta_states(engine.model, rebuilt.cache), delta_states(reference.model, fresh.cache))
     # The replay stopped where the internal-context message began, short of the saved end: it was
     # checked at the last saved message start it passed, and matched.
     assert engine.replays == ReplayChecks(checks=1, mismatches=0)
@@ -333,9 +338,31 @@ def test_two_requests_of_one_session_run_one_after_the_other(engine_factory) -> 
     assert later[0].cached_tokens > len(engine.tokenizer.encode(SYSTEM))
 
 
-def test_seeded_sampling_is_the_rows_own(engine_factory) -> None:
+def test_seeded_sampling_is_the_rows_own(engine_factory, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = engine_factory()
     sampled = dict(temperature=0.9, top_p=0.95, max_tokens=16)
+    batch_sizes: list[int] = []
+    rendered, renders = threading.Condition(), [0]
+    real_step, real_render = decoding.step, prompts.render_prompt
+
+    def render(tokenizer: Any, messages: Any, tools: Any) -> list[int]:
+        prompt = real_render(tokenizer, messages, tools)
+        with rendered:
+            renders[0] += 1
+            rendered.notify_all()
+        return prompt
+
+    def counted(model: Any, rows: list[Any]) -> Any:
+        if len(batch_sizes) == alone_steps[0]:  # the crowd's first step waits for the crowd's 3 prompts:
+            with rendered:  # then they all join while the first row decodes, however the threads run
+                assert rendered.wait_for(lambda: renders[0] >= 1 + 3, timeout=60)
+        batch_sizes.append(len(rows))
+        return real_step(model, rows)
+
+    # The module-level functions the engine steps and renders with.
+    patch_function(monkeypatch, decoding, "step", counted)
+    patch_function(monkeypatch, prompts, "render_prompt", render)
+    alone_steps = [-1]
 
     async def answers(jobs: list[Any]) -> list[str]:
         results = await asyncio.gather(*(_collect(engine.submit(j)) for j in jobs))
@@ -347,8 +374,10 @@ def test_seeded_sampling_is_the_rows_own(engine_factory) -> None:
         job([("user", "something else")], key="c", seed=8, **sampled),
         job([("user", "greedy here")], key="d", max_tokens=16),
     ]
+    alone_steps[0] = len(batch_sizes)
     together = asyncio.run(answers(crowd))
-    # Same seed, same prompt: the same text, whatever else shares the batch.
+    # Same seed, same prompt: the same text, whatever else shares the batch (and rows did share it).
+    assert max(batch_sizes[: alone_steps[0]]) == 1 and max(batch_sizes[alone_steps[0] :]) == 3
     assert together[0] == alone
     other_seed = asyncio.run(answers([job([("user", "pick words")], key="e", seed=8, **sampled)]))[0]
     assert other_seed != alone

@@ -91,7 +91,21 @@ def test_the_window_doubles_while_a_full_window_fits_between_floor_and_ceiling()
     assert session_bytes(QWEN3_4B, 65536, 8) <= six < session_bytes(QWEN3_4B, 131072, 8)
 
 
-@pytest.mark.parametrize(("ram_gb", "bits", "window"), [(16, 8, 65536), (24, 8, 131072), (32, None, 65536)])
+@pytest.mark.parametrize(
+    ("ram_gb", "budget_gib", "sessions"),
+    [(16, 6.0, (1, 4, 8)), (24, 11.25, (4, 8, 16)), (32, 16.5, (6, 13, 25)), (64, 38.0, (16, 30, 59))],
+)
+def test_the_ram_table_rows(ram_gb: int, budget_gib: float, sessions: tuple[int, int, int]) -> None:
+    """docs/design.md's RAM table for qwen3-delta: the budget and the OpenClaw-sized sessions per precision."""
+    budget = kv_budget(ram_gb * GIB, WEIGHTS)
+    assert budget.kv_bytes == budget_gib * GIB
+    report = sessions_report(budget.kv_bytes, QWEN3_4B)
+    assert tuple(report[name]["sessions"] for name in ("none", "8", "4")) == sessions
+
+
+@pytest.mark.parametrize(
+    ("ram_gb", "bits", "window"), [(16, 8, 65536), (24, 8, 131072), (32, None, 65536), (64, None, 262144)]
+)
 def test_the_qwen3_preset_chooses_precision_and_window_by_ram(ram_gb: int, bits: int | None, window: int) -> None:
     preset = load_preset("qwen3-delta")
     ram = ram_gb * GIB - 200 * 1024**2  # Macs report a little under their nominal RAM

@@ -14,6 +14,7 @@ from common.kv_budget import KvShape, cache_tokens, delta_record_bytes, kv_bytes
 from sidecar.delta import attach_delta_mem, delta_states
 from sidecar.delta.api import load_prompt_cache, make_cache, restorable_offset, set_delta_controls
 from sidecar.delta.cache import QuantizedDeltaKVCache
+from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 
 BITS = [None, 8, 4]
 
@@ -43,6 +44,26 @@ def test_bytes_are_what_the_budget_arithmetic_says(model, tiny_kv_model_dir, tin
     shape = KvShape.from_dirs(tiny_kv_model_dir, tiny_kv_adapter_dir)
     kv = sum(c.nbytes - c.delta_nbytes for c in cache)
     assert kv == cache_tokens(300) * kv_bytes_per_token(shape, bits)
+    assert sum(c.delta_nbytes for c in cache) == delta_record_bytes(shape, 300)
+    assert all(c.record.latest.dtype == mx.float32 for c in cache)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_bf16_bytes_are_what_the_budget_arithmetic_says(tmp_path: Path, bits) -> None:
+    """The preset's dtype: K/V, scales and biases in bfloat16 (2 bytes), the δ record in float32."""
+    model_dir = write_tiny_model(tmp_path / "model", head_dim=64, dtype="bfloat16")
+    adapter_dir = write_tiny_adapter(tmp_path / "adapter", model_dir, seed=5)
+    model = attach_delta_mem(load_model(model_dir)[0], adapter_dir)
+    cache = make_cache(model, bits)
+    _run(model, cache, _tokens(300))
+    shape = KvShape.from_dirs(model_dir, adapter_dir)
+    scales_or_keys = cache[0].keys[-1] if bits else cache[0].keys
+    assert shape.dtype_bytes == 2 and scales_or_keys.dtype == mx.bfloat16
+    kv = sum(c.nbytes - c.delta_nbytes for c in cache)
+    assert kv == cache_tokens(300) * kv_bytes_per_token(shape, bits)
+    # (bits/8 + 2·2/64) / 2 of the float bytes: 8-bit 0.53, 4-bit 0.28 of bf16.
+    float_kv = cache_tokens(300) * 2 * shape.layers * shape.kv_heads * shape.head_dim * 2
+    assert kv / float_kv == (1.0 if bits is None else (bits / 8 + 4 / 64) / 2)
     assert sum(c.delta_nbytes for c in cache) == delta_record_bytes(shape, 300)
     assert all(c.record.latest.dtype == mx.float32 for c in cache)
 

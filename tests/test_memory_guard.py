@@ -6,17 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, run, session_of
+from engine_support import SYSTEM, job, one_shot_states, openclaw_turns, patch_function, run, session_of
 
-from common.kv_budget import DELTA_RECORD_INTERVAL, MIB, KvShape, model_weight_bytes
+from common.kv_budget import (
+    DELTA_RECORD_INTERVAL,
+    MIB,
+    KvShape,
+    cache_tokens,
+    kv_bytes_per_token,
+    model_weight_bytes,
+)
 from sidecar.delta.api import delta_states
-from sidecar.engine import decoding
+from sidecar.engine import decoding, prompts
 from sidecar.engine.interface import Failed, Finished, PromptDone, TextDelta
 from sidecar.engine.memory_guard import (
     WORKING_BYTES,
@@ -69,6 +77,8 @@ def test_a_quantized_prefill_step_keeps_attention_scores_bounded() -> None:
     quantized = KvGuard(shape, heads=32, budget=1, kv_bits=8, kv_group_size=64)
     assert float_guard.prefill_step(100_000, 512) == 512
     assert quantized.prefill_step(4_096, 512) == 512
+    # The figure docs/design.md gives: OpenClaw's first request on the qwen3-delta preset (bf16, 32 heads).
+    assert quantized.prefill_step(12_288, 512) == 168
     for context in (12_288, 32_768, 262_144):  # OpenClaw's first request up to the model's longest window
         step = quantized.prefill_step(context, 512)
         assert 8 <= step < 512 and step % 8 == 0 and 2 * 32 * step * context * shape.dtype_bytes <= 256 * MIB
@@ -105,16 +115,37 @@ def test_rollback_prefix_cache_eviction_and_restart_give_what_a_fresh_run_gives(
     run(engine, job(turns[0], key="other"))  # evicts s1 (max_sessions 1)
     assert session_of(engine).cache is None
     run(engine, job(turns[2]))  # rebuilt from disk, from the shared prefix
+    # Where the sessions came from: both evicted ones (s1, then other) from the disk cache, checked.
+    _assert_came_from(engine, disk_hits=2, replay_checks=2)
     asyncio.run(engine.close())
     restarted = engine_factory(**kw)
     last = run(restarted, job(turns[3], temperature=0.0))
+    _assert_came_from(restarted, disk_hits=1, replay_checks=1, prefix_loads=1)  # the prefix read once, from disk
 
-    fresh = engine_factory(**kw)  # a new session there: one prefill of the whole last request
-    reference = run(fresh, job(turns[3], key="alone", snippets=("the user keeps bees",), temperature=0.0))
+    # The same conversation on an engine of its own (its own state dir: nothing from the disk cache
+    # above), never evicted nor restarted.
+    fresh = engine_factory(**{**kw, "max_sessions": 16}, state="fresh")
+    for turn in turns[:2]:
+        run(fresh, job(turn, key="alone", snippets=("the user keeps bees",)))
+    run(fresh, job(turns[2], key="alone"))
+    reference = run(fresh, job(turns[3], key="alone", temperature=0.0))
     assert _answer(last) == _answer(reference)
+    _assert_came_from(fresh, disk_hits=0, replay_checks=0)
     session = session_of(restarted)
     assert all(type(c).__name__ == "QuantizedDeltaKVCache" and c.bits == bits for c in session.cache)
     _assert_states_close(delta_states(restarted.model, session.cache), one_shot_states(restarted, session))
+    alone = session_of(fresh, "alone")
+    assert session.tokens == alone.tokens and session.snippet_writes == alone.snippet_writes
+    _assert_states_close(delta_states(restarted.model, session.cache), delta_states(fresh.model, alone.cache))
+
+
+def _assert_came_from(engine, disk_hits: int, replay_checks: int, prefix_loads: int = 0) -> None:
+    """/health's account of where restored sessions came from: disk hits, nothing replayed from zero."""
+    health = asyncio.run(engine.health())
+    disk, sessions = health["disk_cache"], health["sessions"]
+    assert (disk["hits"], disk["partial_hits"], disk["fallbacks"]) == (disk_hits, 0, 0), disk
+    assert disk["prefix_loads"] == prefix_loads, disk
+    assert (sessions["replay_checks"], sessions["replay_mismatches"]) == (replay_checks, 0), sessions
 
 
 def test_openclaw_rollbacks_land_on_kept_states_and_prefill_only_new_tokens(engine_factory) -> None:
@@ -238,8 +269,8 @@ def test_mlx_memory_limit_lowers_the_budget(engine_factory, tiny_model_dir) -> N
         health = asyncio.run(engine.health())
     finally:
         mx.set_memory_limit(previous)
-    assert 1 * MIB < engine.guard.budget <= 2 * MIB < engine.settings.max_kv_bytes
-    assert health["memory"]["kv_budget_bytes"] == engine.guard.budget
+    # The limit leaves 2 MiB beside the weights and one step's working memory (less what MLX held since).
+    assert 1 * MIB < health["memory"]["kv_budget_bytes"] <= 2 * MIB < engine.settings.max_kv_bytes
     big = [("system", SYSTEM * 8), ("user", "hi")]
     assert run(engine, job(big))[-1].status == 413
     assert _answer(run(engine, job([("user", "hi")], key="small")))
@@ -290,12 +321,22 @@ def test_health_reports_kv_per_session_shared_prefix_and_delta_record(
     engine = engine_factory(model=tiny_kv_model_dir, adapter=tiny_kv_adapter_dir, kv_bits=4)
     for key in ("a", "b"):
         run(engine, job(openclaw_turns(1)[0], key=key))
-    memory = asyncio.run(engine.health())["memory"]
+    health = asyncio.run(engine.health())
+    memory = health["memory"]
     assert memory["kv_bits"] == "4" and memory["kv_group_size"] == 64
     assert {s["session"] for s in memory["sessions"]} == {session_of(engine, k).key_hash[:12] for k in "ab"}
-    assert sum(s["kv_bytes"] for s in memory["sessions"]) == engine.store.kv_bytes
-    assert memory["shared_prefix_bytes"] == engine.prefixes.nbytes > 0
-    assert memory["kv_bytes"] == engine.store.kv_bytes + engine.prefixes.nbytes
+    # Each figure against what the caches must hold: 4-bit K/V for the tokens and less than one more
+    # 256-token step (a cache that began as a copy of the shared prefix grows from the prefix's
+    # length, not from a multiple of 256), plus δ records.
+    per_token = kv_bytes_per_token(KvShape.from_dirs(tiny_kv_model_dir, tiny_kv_adapter_dir), 4, 64)
+    for s in memory["sessions"]:
+        session = session_of(engine, "a" if s["session"] == session_of(engine, "a").key_hash[:12] else "b")
+        assert s["tokens"] == len(session.tokens) == session.cache[0].offset
+        slots = (s["kv_bytes"] - s["delta_record_bytes"]) / per_token
+        assert slots == int(slots) and s["tokens"] <= slots < s["tokens"] + 256
+    prefix_tokens = health["prefix_cache"]["tokens"]
+    assert prefix_tokens > 0 and memory["shared_prefix_bytes"] >= cache_tokens(prefix_tokens) * per_token
+    assert memory["kv_bytes"] == sum(s["kv_bytes"] for s in memory["sessions"]) + memory["shared_prefix_bytes"]
     assert 0 < memory["delta_record_bytes"] < memory["kv_bytes"]
     assert all(0 < s["delta_record_bytes"] < s["kv_bytes"] for s in memory["sessions"])
 
@@ -304,14 +345,26 @@ def test_a_failed_allocation_in_a_batched_decode_step_fails_its_rows_and_leaves_
     engine_factory, monkeypatch
 ) -> None:
     engine = engine_factory()
-    real_step = decoding.decode_rows
+    real_step, real_render = decoding.decode_rows, prompts.render_prompt
+    rendered, renders = threading.Condition(), [0]
+
+    def render(tokenizer: Any, messages: Any, tools: Any) -> list[int]:
+        prompt = real_render(tokenizer, messages, tools)
+        with rendered:
+            renders[0] += 1
+            rendered.notify_all()
+        return prompt
 
     def failing_when_batched(model: Any, tokens: mx.array, caches: list[Any], delta: list[bool]) -> mx.array:
         if len(caches) > 1:
             raise RuntimeError("[metal::malloc] Attempting to allocate 8589934592 bytes, more than the buffer limit")
+        with rendered:  # the first row waits for both prompts: the second joins it, however the threads run
+            assert rendered.wait_for(lambda: renders[0] >= 2, timeout=60)
         return real_step(model, tokens, caches, delta)
 
-    monkeypatch.setattr(decoding, "decode_rows", failing_when_batched)
+    # The module-level functions the engine renders and decodes with.
+    patch_function(monkeypatch, prompts, "render_prompt", render)
+    patch_function(monkeypatch, decoding, "decode_rows", failing_when_batched)
 
     async def events(key: str) -> list[Any]:
         return [event async for event in engine.submit(job([("user", f"row {key}")], key=key, max_tokens=32))]

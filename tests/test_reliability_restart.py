@@ -5,6 +5,8 @@ SIGTERM stops it (stop_server fails the test after 60 s)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -63,11 +65,18 @@ def test_after_a_disk_cache_fault_the_restarted_server_answers_as_a_replay(
     server = start_server(tiny_model_dir, tiny_adapter_dir, tmp_path, *extra)
     first, second, third = requests()
     ask(server, first)
-    ask(server, second)
     kv = tmp_path / "state" / "kv"
+    if fault == "kill-9":
+        saved = httpx.post(f"{server.base_url}/v1/session/save", headers=HEADERS, timeout=60)
+        assert saved.status_code == 200, saved.text  # the first turn's chunks are on disk
+        first_end = _manifest_end(kv)
+    ask(server, second)
     if fault == "kill-9":
         server.process.kill()  # at once after the answer: the writer may be in the middle of a chunk
         server.process.wait()
+        # The first turn's manifest or the second's survived, whole, and names whole chunks.
+        survived = _manifest_end(kv)
+        assert survived >= first_end
         # What a kill leaves at each step of a write: a temporary file, and a chunk no manifest names.
         folder = next((kv / "sessions").iterdir(), kv / "sessions" / ("0" * 64 + ".delta"))
         folder.mkdir(parents=True, exist_ok=True)
@@ -100,6 +109,21 @@ def test_after_a_disk_cache_fault_the_restarted_server_answers_as_a_replay(
     elif fault in ("truncated-chunk", "fifo-chunk"):
         assert disk["partial_hits"] == 1 and disk["hits"] == 0
         assert disk["read_failures"] == (fault == "fifo-chunk")
+    else:
+        # The disk was used: all of the second turn if its manifest survived, else the first turn's
+        # shared prefix (its own tokens differ from the second turn's history), the rest replayed.
+        assert disk["fallbacks"] == 0 and disk["restored_tokens"] > 0
+        assert (disk["hits"], disk["partial_hits"]) == ((1, 0) if survived > first_end else (0, 1))
+
+
+def _manifest_end(kv: Path) -> int:
+    """The tokens the one session's manifest covers, each chunk it names checked against its sha256."""
+    (folder,) = (kv / "sessions").iterdir()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for chunk in manifest["chunks"]:
+        if chunk["file"] is not None:
+            assert hashlib.sha256((folder / chunk["file"]).read_bytes()).hexdigest() == chunk["sha256"]
+    return manifest["chunks"][-1]["end"]
 
 
 # ---- hidden memory across kill -9 (issue 22 F1) -------------------------------------------------

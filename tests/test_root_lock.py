@@ -100,6 +100,16 @@ signal.pause()
 """
 
 
+def _children_of(folder: Path) -> list[int]:
+    """Live processes running CHILD for `folder` (keepers name it in their argv too, after `--`)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if cmdline[1:2] == ["-c"] and str(folder) in cmdline:
+            found.append(process.pid)
+    return found
+
+
 def _starts(folder: Path) -> list[str]:
     path = folder / "starts"
     return path.read_text().split() if path.exists() else []
@@ -119,16 +129,19 @@ def test_concurrent_keepers_of_one_pidfile_leave_exactly_one(tmp_path: Path) -> 
         winners = [k for k in keepers if k.poll() is None]
         losers = [k for k in keepers if k.poll() is not None]
         assert len(winners) == 1 and len(losers) == 3
-        said = [k.stderr.read() if k.stderr else "" for k in losers]
-        assert [k.returncode for k in losers] == [0, 0, 0] and all("another keeper already keeps" in s for s in said)
+        # The winner writes its record and starts its child in its own time: wait for both.
+        deadline = time.monotonic() + DEADLINE_S
+        while not (pidfile.exists() and _starts(folder)):
+            assert time.monotonic() < deadline, "the remaining keeper never wrote its record and started"
+            time.sleep(0.05)
         record = json.loads(pidfile.read_text())
         assert record["pid"] == winners[0].pid
         assert record["create_time"] == pytest.approx(psutil.Process(winners[0].pid).create_time(), abs=0.01)
-        deadline = time.monotonic() + DEADLINE_S
-        while not _starts(folder):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        assert len(_starts(folder)) == 1
+        # Children never exit here (they wait for a signal) and a keeper starts one before it could
+        # exit: the live children are every child ever started, whether or not it has written its pid.
+        assert len(_children_of(folder)) == 1 and _children_of(folder) == [int(pid) for pid in _starts(folder)]
+        said = [k.communicate(timeout=DEADLINE_S)[1] for k in losers]  # bounded: a child may hold the pipe
+        assert [k.returncode for k in losers] == [0, 0, 0] and all("another keeper already keeps" in s for s in said)
     finally:
         for keeper in keepers:
             keeper.terminate()

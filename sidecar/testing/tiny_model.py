@@ -189,8 +189,11 @@ def write_tiny_model(
     dtype: str = "float32",
     tokenizer_json: Path | None = None,
     vocab_size: int | None = None,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Write a random Qwen3 (or Qwen2) model dir that `mlx_lm.load` accepts; returns `dest`.
+
+    `tie_word_embeddings` writes no lm_head: the output projection is the embedding (as Qwen3-4B's).
 
     `tokenizer_json` replaces the tiny trained tokenizer with another (e.g. Qwen's real vocabulary,
     written by sidecar.testing.qwen_vocab, with `vocab_size` 151936), so that prompts tokenize
@@ -221,7 +224,7 @@ def write_tiny_model(
         "rope_theta": 1000000.0,
         "rope_scaling": None,
         "attention_bias": model_type == "qwen2",
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tie_word_embeddings,
         "vocab_size": vocab_size,
         "bos_token_id": tokenizer.token_to_id(PAD_TOKEN),
         "eos_token_id": tokenizer.token_to_id(EOS_TOKEN),
@@ -230,6 +233,8 @@ def write_tiny_model(
     if model_type == "qwen3":
         config["head_dim"] = head_dim
     weights = _random_weights(config, head_dim, np.random.default_rng(seed))
+    if tie_word_embeddings:
+        del weights["lm_head.weight"]  # drawn all the same: the other weights stay those of the untied model
     arrays = {key: mx.array(value).astype(getattr(mx, dtype)) for key, value in weights.items()}
     # MLX writes bfloat16 safetensors (numpy-based writers cannot); staging keeps the final write atomic.
     with tempfile.TemporaryDirectory() as staging:

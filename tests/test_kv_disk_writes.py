@@ -1,0 +1,249 @@
+"""The disk cache's writer and its checks, through the engine: a restore rejects a chunk whose memory
+writes differ from the session's history, files are the owner's only, a full write queue defers a
+turn to the next one without holding up any answer, and shutdown waits for the queued chunks.
+
+A stuck disk is `disk_files.write_chunk_file` (the module-level function the writer calls for every
+chunk file) replaced by one that waits for the test's word.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import stat
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+from engine_support import job, patch_function, run
+from test_kv_disk import TURNS, answer, replayed, start, stop
+
+from sidecar.engine.engine import Engine
+from sidecar.engine.interface import ChatJob, Finished
+from sidecar.kvcache import disk_files, disk_writer
+from sidecar.sessions.keys import hash_session_key
+
+BEES = ("the user keeps bees",)
+DEADLINE_S = 60.0
+
+
+class StuckDisk:
+    """write_chunk_file that blocks until released; `entered` is set once the writer is inside."""
+
+    def __init__(self) -> None:
+        self.real = disk_files.write_chunk_file
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, path: Path, data: bytes) -> str:
+        self.entered.set()
+        assert self.release.wait(DEADLINE_S)
+        return self.real(path, data)
+
+
+def manifest(state: Path, key: str) -> dict[str, Any]:
+    return json.loads((state / "kv" / "sessions" / f"{hash_session_key(key)}.delta" / "manifest.json").read_text())
+
+
+def health(engine: Engine) -> dict[str, Any]:
+    return asyncio.run(engine.health())
+
+
+def run_within_deadline(engine: Engine, request: ChatJob) -> list[Any]:
+    """A job's events; fails (instead of hanging) if the generation thread does not answer in time."""
+
+    async def collect() -> list[Any]:
+        return [event async for event in engine.submit(request)]
+
+    return asyncio.run(asyncio.wait_for(collect(), DEADLINE_S))
+
+
+def test_a_chunk_whose_memory_writes_differ_from_the_history_is_not_restored(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state"
+    first = start(tiny_model_dir, tiny_adapter_dir, state)
+    run(first, job(TURNS[0], snippets=BEES))
+    stop(first)
+    path = state / "kv" / "sessions" / f"{hash_session_key('s1')}.delta" / "manifest.json"
+    data = json.loads(path.read_text())
+    written = [entry for entry in data["chunks"] if entry["writes"]]
+    assert len(written) == 1 and len(written[0]["writes"]) == 1
+    written[0]["writes"][0][1] = "0" * 64  # same tokens, same file: another memory write's digest
+    path.write_text(json.dumps(data))
+
+    engine = start(tiny_model_dir, tiny_adapter_dir, state)
+    try:
+        with caplog.at_level(logging.INFO, logger="sidecar.kvcache.disk_cache"):
+            text = answer(run(engine, job(TURNS[1])))
+        disk = health(engine)["disk_cache"]
+    finally:
+        stop(engine)
+    assert disk["hits"] == 0 and disk["partial_hits"] + disk["fallbacks"] == 1
+    assert any("other memory writes than the history" in r.getMessage() for r in caplog.records)
+    reference = start(tiny_model_dir, tiny_adapter_dir, tmp_path / "reference", max_disk_bytes=0)
+    try:
+        run(reference, job(TURNS[0], snippets=BEES))
+        assert text == answer(run(reference, job(TURNS[1])))
+    finally:
+        stop(reference)
+
+
+def test_the_disk_cache_files_are_the_owners_only(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path) -> None:
+    engine = start(tiny_model_dir, tiny_adapter_dir, tmp_path / "state")
+    run(engine, job(TURNS[0], snippets=BEES))
+    stop(engine)
+    files = [p for p in (tmp_path / "state" / "kv").rglob("*") if p.is_file()]
+    kinds = {p.suffix for p in files}
+    assert {".safetensors", ".json"} <= kinds and any(p.name == "manifest.json" for p in files)
+    assert [p.name for p in files if stat.S_IMODE(p.stat().st_mode) & 0o077] == []
+
+
+def test_a_stuck_writer_holds_up_no_answer_and_a_full_queue_is_written_with_the_next_turn(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    stuck = StuckDisk()
+    monkeypatch.setattr(disk_writer, "QUEUE_LENGTH", 1)
+    patch_function(monkeypatch, disk_files, "write_chunk_file", stuck)
+    engine = start(tiny_model_dir, tiny_adapter_dir, state)
+    try:
+        run_within_deadline(engine, job(TURNS[0], key="a"))  # its shared prefix: the writer sticks on it
+        assert stuck.entered.wait(DEADLINE_S)
+        run_within_deadline(engine, job(TURNS[0], key="b"))  # a's chunk waits in the queue: b's is skipped
+        for messages in TURNS[:2]:  # answers go on while the disk is stuck
+            assert isinstance(run_within_deadline(engine, job(messages, key="c"))[-1], Finished)
+        disk = health(engine)["disk_cache"]
+        assert disk["skipped_writes"] >= 2 and disk["writes"] == 0
+    finally:
+        stuck.release.set()
+    run(engine, job(TURNS[1], key="b"))  # b's next turn writes what the skipped one did not
+    stop(engine)
+    restarted = start(tiny_model_dir, tiny_adapter_dir, state)
+    try:
+        text = answer(run(restarted, job(TURNS[2], key="b")))
+        disk = health(restarted)["disk_cache"]
+        assert disk["hits"] == 1 and disk["partial_hits"] == 0 and disk["fallbacks"] == 0
+    finally:
+        stop(restarted)
+    assert text == replayed(tiny_model_dir, tiny_adapter_dir, tmp_path / "reference")[0]
+
+
+def test_shutdown_waits_for_the_queued_chunks(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    stuck = StuckDisk()
+    patch_function(monkeypatch, disk_files, "write_chunk_file", stuck)
+    engine = start(tiny_model_dir, tiny_adapter_dir, state)
+    closer = threading.Thread(target=stop, args=(engine,))
+    try:
+        run_within_deadline(engine, job(TURNS[0]))  # the prefix's chunk sticks; the session's waits behind it
+        assert stuck.entered.wait(DEADLINE_S)
+        tokens = asyncio.run(engine.session_stats(hash_session_key("s1")))["delta"]["tokens"]
+        closer.start()
+        closer.join(timeout=2.0)
+        assert closer.is_alive()  # still waiting for the writer
+    finally:
+        stuck.release.set()
+    closer.join(DEADLINE_S)
+    assert not closer.is_alive()
+    assert manifest(state, "s1")["chunks"][-1]["end"] == tokens  # written before close returned
+
+
+def test_a_session_restored_from_disk_joins_a_running_batch_and_answers_as_alone(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    first = start(tiny_model_dir, tiny_adapter_dir, state)
+    run(first, job(TURNS[0], snippets=BEES))
+    stop(first)
+    engine = start(tiny_model_dir, tiny_adapter_dir, state)
+
+    async def beside_a_decoding_row() -> list[Any]:
+        decoding_now, restored_done = asyncio.Event(), asyncio.Event()
+
+        async def long_row() -> list[Any]:
+            stream = engine.submit(job([("user", "row a")], key="long", max_tokens=3000))
+            events = []
+            async for event in stream:
+                events.append(event)
+                decoding_now.set()
+                if restored_done.is_set():
+                    stream.cancel()  # it decoded through the whole restored turn
+            return events
+
+        task = asyncio.create_task(long_row())
+        await decoding_now.wait()
+        events = [event async for event in engine.submit(job(TURNS[1]))]
+        restored_done.set()
+        long_events = await task
+        assert long_events[-1] == Finished("cancelled", long_events[-1].completion_tokens)
+        return events
+
+    try:
+        events = asyncio.run(asyncio.wait_for(beside_a_decoding_row(), DEADLINE_S))
+        report = health(engine)
+    finally:
+        stop(engine)
+    assert report["disk_cache"]["hits"] == 1 and report["batch"]["mean_occupancy"] > 1
+    # The restored δ-states matched the ones saved with the session: the disk gave them, exactly.
+    assert (report["sessions"]["replay_checks"], report["sessions"]["replay_mismatches"]) == (1, 0)
+    reference = start(tiny_model_dir, tiny_adapter_dir, tmp_path / "reference", max_disk_bytes=0)
+    try:
+        run(reference, job(TURNS[0], snippets=BEES))
+        expected = run(reference, job(TURNS[1]))
+    finally:
+        stop(reference)
+    assert answer(events) == answer(expected)
+    (tokens, states), (alone_tokens, alone_states) = saved(state), saved(tmp_path / "reference")
+    assert np.array_equal(tokens, alone_tokens) and len(states) == 2
+    for mine, theirs in zip(states, alone_states, strict=True):
+        assert float(np.max(np.abs(mine - theirs))) <= 1e-4
+
+
+def saved(state: Path, key: str = "s1") -> tuple[np.ndarray, list[np.ndarray]]:
+    """A session's tokens and δ-states as its session file holds them."""
+    with np.load(state / f"{hash_session_key(key)}.delta.session.npz", allow_pickle=False) as data:
+        layers = sorted((n for n in data.files if n.startswith("state_")), key=lambda n: int(n[6:]))
+        return data["tokens"], [data[n] for n in layers]
+
+
+class _HeldQueue(queue.Queue):
+    """A write queue whose writer takes nothing until `opened` is set."""
+
+    opened = threading.Event()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        assert self.opened.wait(DEADLINE_S)
+        return super().get(block, timeout)
+
+
+def test_writes_queued_for_a_deleted_session_are_dropped(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer's queue comes from `disk_writer.queue` (the module-level name): held, the chunks of
+    # a turn wait in it while the session is deleted.
+    held = type("HeldQueue", (_HeldQueue,), {"opened": threading.Event()})
+    monkeypatch.setattr(disk_writer, "queue", SimpleNamespace(Queue=held, Full=queue.Full))
+    state = tmp_path / "state"
+    engine = start(tiny_model_dir, tiny_adapter_dir, state)
+    try:
+        run(engine, job(TURNS[0]))
+        deadline = time.monotonic() + DEADLINE_S  # queued once the answer has ended: just after its last event
+        while health(engine)["disk_cache"]["queued"] < 2:  # the shared prefix and the session's chunk
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert asyncio.run(engine.reset_session(hash_session_key("s1")))
+    finally:
+        held.opened.set()
+    stop(engine)  # the writer has gone through the queue
+    disk = health(engine)["disk_cache"]
+    assert disk["writes"] == 1 and disk["write_failures"] == 0  # the shared prefix only
+    assert list((state / "kv" / "sessions").iterdir()) == []
