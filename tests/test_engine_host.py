@@ -15,8 +15,9 @@ from fake_engine import FakeEngine
 from starlette.types import Message
 
 from common.durations import DurationError, format_duration, parse_duration
+from common.health import READY_PATH
 from common.settings import SettingsError, SidecarSettings
-from sidecar.server.app import READY_PATH, ServerState, create_app
+from sidecar.server.app import ServerState, create_app
 from sidecar.server.engine_host import EngineHost
 
 MODEL = "fake-model"
@@ -69,7 +70,7 @@ async def running(
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://sidecar") as client:
-            await until(lambda: state.host.loads == 1)
+            await until(lambda: state.host.loads == 1, "the first load")
             yield app, client, loader, state.host
 
 
@@ -271,5 +272,15 @@ def test_keep_alive_never_keeps_the_model() -> None:
             assert (await chat(client)).status_code == 200
             await asyncio.sleep(0)  # let a (wrongly) armed timer run
             assert host._idle_timer is None and host.state == "loaded"
+
+    asyncio.run(scenario())
+
+
+def test_ready_needs_no_api_key_but_everything_else_does() -> None:
+    async def scenario() -> None:
+        async with running(keep_alive_s=0, api_key="secret") as (_, client, _loader, _host):
+            assert (await client.get(READY_PATH)).status_code == 200  # OpenClaw's probe sends no key
+            assert (await client.get("/health")).status_code == 401
+            assert (await chat(client)).status_code == 401
 
     asyncio.run(scenario())

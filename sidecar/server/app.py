@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.health import READY_PATH
 from common.settings import SidecarSettings
 from sidecar.engine.interface import EngineError, EngineLike
 from sidecar.server.connection_limits import raise_open_file_limit
@@ -38,8 +39,6 @@ from sidecar.sessions.keys import hash_session_key, session_key_from_headers
 
 log = logging.getLogger(__name__)
 
-# OpenClaw's localService healthUrl (see installer and plugin_tools/provider_config.py).
-READY_PATH = "/ready"
 
 # OpenClaw's largest requests (a ~42k-character system prompt, 12 tool schemas, long tool
 # results) stay far below this; anything bigger is a mistake or an attack.
@@ -250,7 +249,7 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str, str | N
 
 
 class RequestGuard:
-    """ASGI middleware: bearer-token auth when a key is set, and a request body size limit."""
+    """ASGI middleware: bearer-token auth when a key is set (not for /ready), and a request body size limit."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
         self.app = app
@@ -262,7 +261,9 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = {name.lower(): value for name, value in scope.get("headers", [])}
-        if self.api_key is not None and not _bearer_matches(headers.get(b"authorization", b""), self.api_key):
+        # The readiness probe says only whether the model has loaded; OpenClaw sends it without a key.
+        needs_key = self.api_key is not None and scope.get("path") != READY_PATH
+        if needs_key and not _bearer_matches(headers.get(b"authorization", b""), self.api_key):
             response = error_response(
                 401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error",
                 code="invalid_api_key",
