@@ -12,6 +12,7 @@ import io
 import json
 import math
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +309,15 @@ def random_adapter_tensors(config: DeltaMemConfig, dims: ModelDims, seed: int = 
 
 @functools.cache
 def _trained_tokenizer_json() -> str:
+    return train_tokenizer(_CORPUS.splitlines(keepends=True), _TRAINED_VOCAB_SIZE).to_str()
+
+
+def train_tokenizer(lines: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE tokenizer like the tiny one (same special and added tokens), trained on `lines`.
+
+    A larger vocabulary trained on text like the prompts a test sends makes those prompts far
+    fewer tokens (OpenClaw's system prompt: ~32k tokens with the tiny tokenizer).
+    """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -317,14 +327,14 @@ def _trained_tokenizer_json() -> str:
     )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_TRAINED_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer)
+    tokenizer.train_from_iterator(lines, trainer)
     tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in ADDED_TOKENS])
-    return tokenizer.to_str()
+    return tokenizer
 
 
 def tiny_tokenizer() -> Tokenizer:
