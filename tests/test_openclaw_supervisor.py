@@ -189,6 +189,8 @@ def test_a_sidecar_started_as_openclaw_does_unloads_when_idle_and_comes_back_war
         _until(lambda: _health(port).get("model_state") == "unloaded", "the idle unload")
         unloaded_rss = psutil.Process(process.pid).memory_info().rss
         assert unloaded_rss < loaded_rss, (unloaded_rss, loaded_rss)
+        shown = _ok(["status", "--root", str(root)])
+        assert "unloaded: the next request loads it" in shown and "openclaw: running" in shown
 
         history += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
                     {"role": "user", "content": "And now?"}]

@@ -199,7 +199,9 @@ def status(root: RootOption = None, json_output: JsonOption = False) -> None:
     typer.echo(f"install     {'complete' if install['installed'] else (install['problems'] or ['incomplete'])[0]}")
     typer.echo(f"supervisor  {supervisor['kind']}: {supervisor['state']} ({supervisor['detail']})")
     typer.echo(f"health      {health['url']}: {'ready' if health['problem'] is None else health['problem']}")
-    typer.echo(f"model       {install['model_id'] or '-'}")
+    state = (health["body"] or {}).get("model_state")
+    loaded = f" ({state}: the next request loads it)" if state in ("unloaded", "unloading") else ""
+    typer.echo(f"model       {install['model_id'] or '-'}{loaded}")
     typer.echo(f"adapter     {install['adapter_path'] or 'none'}")
     if report["memory"] is not None:
         typer.echo(f"memory      {describe_memory(report['memory'])}")
