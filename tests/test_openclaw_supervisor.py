@@ -204,3 +204,23 @@ def test_a_sidecar_started_as_openclaw_does_unloads_when_idle_and_comes_back_war
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
+
+
+@pytest.mark.e2e
+def test_a_supervised_sidecar_that_unloaded_stays_healthy_and_is_not_restarted(
+    root: Path, weighty: dict[str, Path]
+) -> None:
+    # The keeper's path (launchd and systemd read the same /health): an unloaded model is healthy.
+    _ok([
+        "install-sidecar", "--root", str(root), "--preset", "custom", "--model-path", str(weighty["model"]),
+        "--adapter-path", str(weighty["adapter"]), "--model-id", MODEL_ID, "--min-memory-gb", "1",
+        "--port", str(free_port()), "--supervisor", "process", "--keep-alive", "1s", "--yes",
+    ])  # fmt: skip
+    port = load_settings(root).port
+    pid = supervisor_for_root(root).status().pid
+    _turn(port, [{"role": "user", "content": "Hi!"}])
+    _until(lambda: _health(port).get("model_state") == "unloaded", "the idle unload")
+    again = _ok(["start-sidecar", "--root", str(root)])
+    assert "Already running" in again and "Healthy at" in again
+    status = supervisor_for_root(root).status()
+    assert status.state == "running" and status.pid == pid  # nothing restarted it

@@ -252,8 +252,9 @@ class _LeasedEngine:
 
     def submit(self, job: ChatJob) -> JobStream:
         """Submit to the engine; the model stays loaded until the job's stream ends or is cancelled."""
+        stream = self.inner.submit(job)
         self._host._in_flight += 1
-        return _LeasedStream(self.inner.submit(job), self._host)
+        return _LeasedStream(stream, self._host)
 
     async def health(self) -> dict[str, Any]:
         return await self.inner.health()
