@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         "return_second_session_ttft_s": unload["timed"][1]["ttft_s"],
         "replay_ttft_s": round(statistics.mean(t["ttft_s"] for t in replay["timed"]), 4),
         "return_cached_fraction": [round(t["cached_tokens"] / t["prompt_tokens"], 4) for t in unload["timed"]],
+        # Turn 2 differs from the cache after the previous answer: a warm turn cannot reuse that tail either.
+        "return_cached_vs_warm": [
+            round(u["cached_tokens"] / w["cached_tokens"], 4) for u, w in zip(unload["timed"], warm["timed"])
+        ],
         "runs": {"warm": warm, "unload": unload, "replay": replay},
         "quick": args.quick,
         "elapsed_s": round(time.perf_counter() - started, 1),
