@@ -10,6 +10,10 @@ from typing import Any
 
 from common.settings import SidecarSettings
 
+# The readiness route OpenClaw's localService probes: 200 once the model has loaded (even if it was
+# unloaded since: the next request loads it), 503 before. It needs no API key (OpenClaw's probe sends none).
+READY_PATH = "/ready"
+
 # The sidecar is local: a configured HTTP(S)_PROXY must not see (or break) requests to it.
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

@@ -80,6 +80,11 @@ class RootLayout:
         """The process supervisor's record of the running sidecar."""
         return self.root / "run" / "sidecar.pid.json"
 
+    @property
+    def load_time(self) -> Path:
+        """How long the sidecar took to start and load its model, as it last measured it."""
+        return self.root / "model-load-time.json"
+
     def model_dir(self, repo: str) -> Path:
         """Where a Hub model repo is downloaded."""
         return self.models / repo.replace("/", "--")

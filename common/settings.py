@@ -74,6 +74,9 @@ class SidecarSettings:
     prefix_cache: bool = True
     max_batch: int = 8
     prefill_chunk: int = 512
+    # Seconds with no request in flight after which the model and its KV are unloaded (sessions stay
+    # on disk; the next request loads it again). 0: never.
+    keep_alive_s: float = 0.0
     qmd: QmdSettings = field(default_factory=QmdSettings)
 
     def validate(self) -> None:
@@ -98,6 +101,13 @@ class SidecarSettings:
             raise SettingsError(
                 f"prefill_chunk must be in {MIN_PREFILL_CHUNK}..{self.context_window} (the context window); "
                 f"got {self.prefill_chunk}"
+            )
+        if self.keep_alive_s < 0:
+            raise SettingsError("keep_alive_s must be 0 (never unload) or positive")
+        if self.keep_alive_s and self.state_dir is None:
+            raise SettingsError(
+                "unloading when idle needs a state dir (sessions wait there while the model is unloaded): "
+                "pass --state-dir, or --keep-alive never"
             )
         if self.kv_bits is not None and self.kv_bits not in KV_BITS:
             raise SettingsError(f"kv_bits must be null (float), 8 or 4 (got {self.kv_bits!r})")

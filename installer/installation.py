@@ -85,6 +85,12 @@ class InstallRequest:
     health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S
     kv_bits: str | None = None  # "none", "8" or "4"; None: kept from a previous install, else the preset's for this RAM
     max_disk_bytes: int | None = None  # None: from the free disk (common.kv_budget.disk_budget)
+    keep_alive_s: float | None = None  # None: kept from a previous install, else the preset's
+
+    @property
+    def starts(self) -> bool:
+        """Whether the install starts the sidecar: never when OpenClaw is the one to start it."""
+        return self.start and self.supervisor != "openclaw"
 
 
 @dataclass(frozen=True)
@@ -163,8 +169,8 @@ def install(request: InstallRequest, *, echo: Echo, confirm: Confirm) -> Install
         save_settings(layout.root, settings)
         echo(f"Settings written: {layout.settings}")
 
-        health = _start(request, settings, echo) if request.start else None
-        if not request.start and supervisor.status().state == "running":
+        health = _start(request, settings, echo) if request.starts else None
+        if not request.starts and supervisor.status().state == "running":
             echo("Note: the sidecar that is running keeps the old install until 'delta-mem-mlx restart-sidecar'.")
 
         receipt = new_receipt(
@@ -265,10 +271,12 @@ def _describe_install(
         lines.append(f"  adapter: local folder {preset.adapter.path} (copied into the root)")
     if preset.adapter is None:
         lines.append("  adapter: none (the sidecar serves the plain model)")
-    if request.start:
+    if request.starts:
         lines.append(
             f"  then: {supervisor_kind} supervision, start, and wait for {request.host}:{request.port}/health"
         )
+    elif request.supervisor == "openclaw":
+        lines.append("  then: nothing is started; OpenClaw starts the sidecar when an agent needs the model")
     return lines
 
 
@@ -302,8 +310,10 @@ def _settings_for(
     }
     if request.api_key is not None:
         chosen["api_key"] = request.api_key
+    if request.keep_alive_s is not None:
+        chosen["keep_alive_s"] = request.keep_alive_s
     if previous is None:
-        return SidecarSettings(**chosen)
+        return SidecarSettings(**{"keep_alive_s": preset.keep_alive_s, **chosen})
     return dataclasses.replace(previous, **chosen)
 
 

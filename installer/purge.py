@@ -64,7 +64,7 @@ def _made_by_an_install(layout: RootLayout) -> bool:
 
 def _install_entry(layout: RootLayout, name: str) -> bool:
     """True for what an install (and the sidecar it runs) creates at the top of a root."""
-    files = (layout.settings.name, layout.receipt.name)
+    files = (layout.settings.name, layout.receipt.name, layout.load_time.name)
     folders = (layout.models, layout.adapters, layout.state, layout.logs, layout.pidfile.parent)
     # An interrupted atomic write leaves `.<file>.<random>.tmp` behind.
     leftover = name.startswith(tuple(f".{file}." for file in files)) and name.endswith(".tmp")

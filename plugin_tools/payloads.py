@@ -183,7 +183,25 @@ class ProviderModel(TypedDict):
     compat: ModelCompat
 
 
-class ProviderBlock(TypedDict):
+class LocalService(TypedDict):
+    """`models.providers.delta-mem-mlx.localService`: how OpenClaw starts the sidecar on demand."""
+
+    command: str
+    args: list[str]
+    cwd: str
+    env: dict[str, str]
+    healthUrl: str
+    readyTimeoutMs: int
+    idleStopMs: int
+
+
+class _StartedByOpenClaw(TypedDict, total=False):
+    """What a provider block holds only for a root installed with `--supervisor openclaw`."""
+
+    localService: LocalService
+
+
+class ProviderBlock(_StartedByOpenClaw):
     """The value of `models.providers.delta-mem-mlx` in openclaw.json."""
 
     baseUrl: str

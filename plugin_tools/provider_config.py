@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.durations import format_duration
 from common.errors import UserError
+from common.health import READY_PATH, base_url
+from common.layout import RootLayout
+from common.load_time import ready_timeout_s
+from common.receipt import read_receipt
+from common.settings import SidecarSettings
 from plugin_tools.config_check import value_problem
 from plugin_tools.payloads import (
     PROVIDER_CONFIG_TOOL,
     PROVIDER_ID,
     ConfigPatch,
+    LocalService,
     PluginConfig,
     ProviderBlock,
     ProviderConfigParams,
@@ -20,6 +28,7 @@ from plugin_tools.payloads import (
 from plugin_tools.target import install_root, installed_settings, resolve_api_base
 from presets.catalog import MIN_CONTEXT_WINDOW, load_preset
 from presets.memory_plan import preset_plan
+from supervisors import sidecar_command, sidecar_environment
 
 # Before anything is installed, the block describes what the default preset will serve.
 DEFAULT_PRESET = "qwen3-delta"
@@ -34,6 +43,10 @@ APPLY_COMMAND = "delta-mem-mlx provider-config --apply"
 _SLOWEST_PREFILL_TOKENS_PER_S = 100
 _SLOWEST_DECODE_TOKENS_PER_S = 10
 _MIN_TIMEOUT_S = 300
+# OpenClaw stops a sidecar it started after this long without a request. The sidecar has unloaded
+# its model long before (its keep-alive, 5 minutes by default), so what is left is the process
+# itself (≤ 400 MB); stopping it too saves that, and a start then costs the imports as well.
+DEFAULT_IDLE_STOP_S = 30 * 60
 # Far beyond any model's window; bounds the arithmetic on values a model or a config sends.
 MAX_TOKEN_COUNT = 100_000_000
 
@@ -55,10 +68,17 @@ class ProviderInputs:
     max_tokens: int
     defaults_from: str
     notes: tuple[str, ...]
+    local_service: LocalService | None = None
 
 
-def resolve_inputs(root: Path, config: PluginConfig, params: ProviderConfigParams) -> ProviderInputs:
-    """Pick each value from the tool parameters, the plugin config, the installed root, then defaults."""
+def resolve_inputs(
+    root: Path, config: PluginConfig, params: ProviderConfigParams, idle_stop_s: float | None = None
+) -> ProviderInputs:
+    """Pick each value from the tool parameters, the plugin config, the installed root, then defaults.
+
+    A root installed with `--supervisor openclaw` also gets the `localService` OpenClaw starts it
+    with, stopped after `idle_stop_s` idle seconds (default DEFAULT_IDLE_STOP_S; 0: never).
+    """
     settings = installed_settings(root)
     notes: list[str] = []
     if settings is None:
@@ -97,15 +117,47 @@ def resolve_inputs(root: Path, config: PluginConfig, params: ProviderConfigParam
                 f"context window {context_window} is larger than the sidecar's {settings.context_window}: "
                 "longer prompts will be refused"
             )
+    receipt = read_receipt(root)
+    started_by_openclaw = settings is not None and receipt is not None and receipt.supervisor == "openclaw"
+    if idle_stop_s is not None and not started_by_openclaw:
+        raise ProviderConfigError(
+            f"--idle-stop is for a sidecar OpenClaw starts, and the one at {root} is not installed that way",
+            hint=f"reinstall with 'delta-mem-mlx install-sidecar --supervisor openclaw --root {root}'",
+        )
+    api_base = resolve_api_base(config, settings, params.get("baseUrl"))
+    service = None
+    if started_by_openclaw:
+        assert settings is not None
+        if api_base != resolve_api_base({}, settings):
+            raise ProviderConfigError(
+                f"OpenClaw starts the sidecar at {root}, which listens on {resolve_api_base({}, settings)}: "
+                f"the base URL {api_base} would send its requests elsewhere"
+            )
+        service = local_service(root, settings, DEFAULT_IDLE_STOP_S if idle_stop_s is None else idle_stop_s)
     return ProviderInputs(
-        api_base=resolve_api_base(config, settings, params.get("baseUrl")),
+        api_base=api_base,
         model_id=model_id,
         api_key=settings.api_key if settings is not None else None,
         context_window=context_window,
         max_tokens=max_tokens,
         defaults_from=defaults_from,
         notes=tuple(notes),
+        local_service=service,
     )
+
+
+def local_service(root: Path, settings: SidecarSettings, idle_stop_s: float) -> LocalService:
+    """How OpenClaw starts this root's sidecar: absolute paths only (OpenClaw looks nothing up on PATH)."""
+    command, *args = sidecar_command(root)
+    return {
+        "command": os.path.abspath(command),  # the venv's python as invoked: resolving its link would leave the venv
+        "args": [*args, "--log-to-root"],  # OpenClaw drops the child's output once it is ready
+        "cwd": str(RootLayout.of(root).root),
+        "env": {name: value for name, value in sidecar_environment().items() if name != "PATH"},
+        "healthUrl": base_url(settings) + READY_PATH,
+        "readyTimeoutMs": ready_timeout_s(root) * 1000,
+        "idleStopMs": round(idle_stop_s * 1000),
+    }
 
 
 def timeout_seconds(context_window: int, max_tokens: int) -> int:
@@ -120,7 +172,7 @@ def provider_block(inputs: ProviderInputs, reveal_api_key: bool) -> ProviderBloc
         api_key = LOCAL_API_KEY
     else:
         api_key = inputs.api_key if reveal_api_key else HIDDEN_API_KEY
-    return {
+    block: ProviderBlock = {
         "baseUrl": inputs.api_base,
         "apiKey": api_key,
         "api": "openai-completions",
@@ -146,6 +198,9 @@ def provider_block(inputs: ProviderInputs, reveal_api_key: bool) -> ProviderBloc
             }
         ],
     }
+    if inputs.local_service is not None:
+        block["localService"] = inputs.local_service
+    return block
 
 
 def model_ref(model_id: str) -> str:
@@ -163,13 +218,22 @@ def config_patch(block: ProviderBlock) -> ConfigPatch:
 
 
 def build_provider_config(
-    config: PluginConfig, params: ProviderConfigParams, reveal_api_key: bool = False
+    config: PluginConfig, params: ProviderConfigParams, reveal_api_key: bool = False, idle_stop_s: float | None = None
 ) -> ProviderConfigPayload:
     """The `delta_mem_mlx_provider_config` payload for the configured install root."""
     root = install_root(config)
-    inputs = resolve_inputs(root, config, params)
+    inputs = resolve_inputs(root, config, params, idle_stop_s)
     block = provider_block(inputs, reveal_api_key)
     notes = list(inputs.notes)
+    service = inputs.local_service
+    if service is not None:
+        stop = format_duration(service["idleStopMs"] / 1000)
+        notes.append(
+            f"OpenClaw starts the sidecar when an agent needs the model (waiting up to "
+            f"{service['readyTimeoutMs'] // 1000} s) and stops it after {stop} idle"
+            if service["idleStopMs"]
+            else "OpenClaw starts the sidecar when an agent needs the model and keeps it until OpenClaw exits"
+        )
     if inputs.api_key is not None and not reveal_api_key:
         notes.append(f"the sidecar requires an API key; '{APPLY_COMMAND}' writes it into openclaw.json")
     ref = model_ref(inputs.model_id)

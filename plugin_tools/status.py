@@ -160,17 +160,18 @@ def build_status(config: PluginConfig) -> StatusPayload:
     target = settings if settings is not None else settings_for_url(configured_base)
     health = health_report(target, installed_base if settings is not None else configured_base)
     ready = install["installed"] and health["problem"] is None
+    supervisor = _reconciled(supervisor_report(root), settings, health)
     return {
         "tool": STATUS_TOOL,
         "summary": _summary(install, health, ready),
         "ready": ready,
         "platform": platform_report(),
         "install": install,
-        "supervisor": _reconciled(supervisor_report(root), settings, health),
+        "supervisor": supervisor,
         "health": health,
         "memory": memory_report(settings) if settings is not None else None,
         "plugin_config": config,
-        "next_steps": _next_steps(root, install, health, ready),
+        "next_steps": _next_steps(root, install, health, ready, supervisor["kind"]),
         "notes": notes,
     }
 
@@ -210,11 +211,18 @@ def _summary(install: InstallReport, health: HealthReport, ready: bool) -> str:
     return f"installed, but the sidecar is not healthy: {health['problem']}"
 
 
-def _next_steps(root: Path, install: InstallReport, health: HealthReport, ready: bool) -> list[str]:
+def _next_steps(
+    root: Path, install: InstallReport, health: HealthReport, ready: bool, supervisor_kind: str | None
+) -> list[str]:
     if ready:
         return ["delta-mem-mlx provider-config --apply  (once, unless OpenClaw already has the provider)"]
     if not install["receipt_present"] or install["problems"]:
         return [f"delta-mem-mlx install-sidecar --root {root}  (a rerun repairs an incomplete install)"]
+    if supervisor_kind == "openclaw" and health["http_code"] is None:
+        return [
+            f"nothing to start: OpenClaw starts the sidecar when an agent needs the model (after "
+            f"'delta-mem-mlx provider-config --apply --root {root}', once)"
+        ]
     if health["http_code"] == 503:
         return ["wait for the model to load, then ask for the status again"]
     return [

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from common.durations import DurationError, parse_duration
 from common.errors import UserError
 from common.kv_budget import GIB, KV_BITS, KvShape
 
@@ -32,6 +33,7 @@ _PRESET_KEYS = {
     "kv_bits_by_ram",
     "kv_shape",
     "adapter",
+    "keep_alive",
 }
 _SHAPE_KEYS = {"layers", "kv_heads", "head_dim", "dtype_bytes", "delta_layers", "delta_state_floats", "weights_bytes"}
 _MODEL_KEYS = {"repo", "path", "revision", "files"}
@@ -84,6 +86,7 @@ class Preset:
     kv_bits_by_ram: tuple[tuple[float, int | None], ...] = ()  # (from this many GB of RAM, KV bits)
     kv_shape: KvShape | None = None  # to plan memory before the model is downloaded
     weights_bytes: int | None = None
+    keep_alive_s: float = 0.0  # the sidecar unloads the model after this long idle; 0: never
 
     def kv_bits_for(self, ram_bytes: int) -> int | None:
         """The preset's KV precision for a machine with this much RAM (None: float K/V)."""
@@ -107,6 +110,7 @@ class Preset:
             "adapter_alternatives": list(self.adapter_alternatives),
             "max_context_window": self.max_context_window,
             "kv_bits_by_ram": [[gb, bits] for gb, bits in self.kv_bits_by_ram],
+            "keep_alive_s": self.keep_alive_s,
         }
 
     def check_complete(self) -> None:
@@ -182,6 +186,7 @@ def parse_preset(data: Any, origin: str) -> Preset:
         adapter_alternatives=alternatives,
         max_context_window=_max_window(top.get("max_context_window"), f"{where}: max_context_window"),
         kv_bits_by_ram=_kv_bits_by_ram(top.get("kv_bits_by_ram", {}), f"{where}: kv_bits_by_ram"),
+        keep_alive_s=_keep_alive(top.get("keep_alive", 0), f"{where}: keep_alive"),
         **_kv_shape(top.get("kv_shape"), f"{where}: kv_shape"),
     )
     if preset.max_output_tokens >= preset.context_window:
@@ -285,6 +290,15 @@ def _context_window(value: Any, where: str) -> int:
     if window < MIN_CONTEXT_WINDOW:
         raise PresetError(f"{where} is {window}: OpenClaw refuses models under {MIN_CONTEXT_WINDOW} tokens")
     return window
+
+
+def _keep_alive(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise PresetError(f"{where} must be a duration such as 5m, 300 or never")
+    try:
+        return parse_duration(str(value))
+    except DurationError as exc:
+        raise PresetError(f"{where}: {exc}") from None
 
 
 def _max_window(value: Any, where: str) -> int | None:

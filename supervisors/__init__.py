@@ -1,4 +1,5 @@
-"""Keeping the sidecar running: one interface, three kinds (launchd, systemd --user, a plain process).
+"""Keeping the sidecar running: one interface, four kinds (launchd, systemd --user, a plain process,
+or OpenClaw itself, which starts it on demand and stops it when idle).
 
 The kind is chosen at install time and recorded in the receipt; `supervisor_for_root` reads it back.
 """
@@ -20,7 +21,7 @@ from common.errors import UserError
 from common.layout import RootLayout
 from common.receipt import read_receipt
 
-SupervisorKind = Literal["launchd", "systemd", "process"]
+SupervisorKind = Literal["launchd", "systemd", "process", "openclaw"]
 SupervisorState = Literal["running", "stopped", "not-installed"]
 
 # Logs are rotated (one backup kept) whenever the sidecar is (re)started through the CLI.
@@ -221,6 +222,10 @@ def make_supervisor(kind: str, root: Path) -> Supervisor:
         from supervisors.process import ProcessSupervisor
 
         return ProcessSupervisor(root)
+    if kind == "openclaw":
+        from supervisors.openclaw import OpenClawSupervisor
+
+        return OpenClawSupervisor(root)
     raise SupervisorError(f"unknown supervisor {kind!r}: choose one of {', '.join(get_args(SupervisorKind))}")
 
 

@@ -13,7 +13,7 @@ from engine_support import job, run, settings_for
 
 from sidecar.engine.engine import Engine, load_engine
 from sidecar.sessions.files import load_session_file, save_session_file
-from sidecar.sessions.fingerprint import content_fingerprint, legacy_fingerprint
+from sidecar.sessions.fingerprint import SessionFingerprint, content_fingerprint, legacy_fingerprint
 from sidecar.sessions.keys import hash_session_key
 from sidecar.testing.tiny_model import write_tiny_adapter
 
@@ -99,3 +99,19 @@ def test_files_from_before_content_fingerprints_keep_their_history_not_their_sta
     assert "predates content fingerprints" in caplog.text
     with pytest.raises(ValueError, match="another model or adapter"):
         load_session_file(path, "sha256:new", legacy="0" * 32)
+
+
+def test_a_model_loaded_again_reuses_its_hash_until_a_file_changes(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path
+) -> None:
+    model, adapter = tmp_path / "model", tmp_path / "adapter"
+    shutil.copytree(tiny_model_dir, model)
+    shutil.copytree(tiny_adapter_dir, adapter)
+    first = SessionFingerprint("m", str(model), str(adapter))
+    again = SessionFingerprint("m", str(model), str(adapter))  # an idle unload, then a load: no second hash
+    assert again._content is first._content and again.current == first.current
+    weights = adapter / "delta_mem_adapter_mlx.npz"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size; its change time moves
+    changed = SessionFingerprint("m", str(model), str(adapter))
+    assert changed._content is not first._content and changed.current != first.current

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from common.durations import DurationError, parse_duration
 from common.errors import UserError
 from common.health import Health, base_url, probe_health
 from common.kv_budget import KV_GROUP_SIZES, parse_kv_bits
@@ -38,6 +39,7 @@ from installer.commands.options import (
 from installer.errors import cli_errors
 from installer.purge import purge_refusal, purge_root
 from supervisors import LastExit, Supervisor, sidecar_command, supervisor_for_root, tail_lines
+from supervisors.openclaw import refuse_cli_start
 from supervisors.readiness import DEFAULT_HEALTH_TIMEOUT_S, SidecarStartError, wait_until_healthy
 from supervisors.root_lock import hold_root
 
@@ -83,6 +85,13 @@ def start_sidecar(
         int | None,
         typer.Option(help="Disk bytes for sessions' KV kept across restarts (0: none).", show_default=False),
     ] = None,
+    keep_alive: Annotated[
+        str | None,
+        typer.Option(
+            help="Unload the model after this long with no request (5m, 30s, 1h, 300; never: keep it loaded).",
+            show_default=False,
+        ),
+    ] = None,
     foreground: Annotated[
         bool, typer.Option("--foreground", help="Run in this terminal instead of under the supervisor.")
     ] = False,
@@ -94,7 +103,8 @@ def start_sidecar(
     and names the program in the way when the sidecar's port is taken. The QMD, batching, KV and disk
     options are saved in the root's settings; a running sidecar is restarted to apply them. A new KV
     precision also sets the context window the KV budget holds at that precision. A start that fails
-    stops the supervision again, so nothing keeps retrying in the background.
+    stops the supervision again, so nothing keeps retrying in the background. A root installed with
+    --supervisor openclaw is refused (OpenClaw starts it); its settings are still saved.
     """
     root_path = resolve_root(root)
     with hold_root(root_path, "delta-mem-mlx start-sidecar"):
@@ -114,6 +124,11 @@ def start_sidecar(
             if max_disk_bytes < 0:
                 raise CommandRefused("--max-disk-bytes must be 0 (no disk cache) or positive")
             updated = dataclasses.replace(updated, max_disk_bytes=max_disk_bytes)
+        if keep_alive is not None:
+            try:
+                updated = dataclasses.replace(updated, keep_alive_s=parse_duration(keep_alive))
+            except DurationError as exc:
+                raise CommandRefused(f"--keep-alive: {exc}") from None
         changed = updated != settings
         if changed:
             save_settings(root_path, updated)
@@ -125,6 +140,8 @@ def start_sidecar(
             )
         if not foreground:
             supervisor = supervisor_for_root(root_path)
+            if supervisor.kind == "openclaw":
+                raise refuse_cli_start(root_flag(root_path))
             health = _start_and_wait(updated, supervisor, health_timeout, restart=changed)
             _echo_ready(updated, health, supervisor)
             return
@@ -157,6 +174,8 @@ def restart_sidecar(
         require_installed(root_path)
         settings = load_settings(root_path)
         supervisor = supervisor_for_root(root_path)
+        if supervisor.kind == "openclaw":
+            raise refuse_cli_start(root_flag(root_path))
         health = _start_and_wait(settings, supervisor, health_timeout, restart=True)
     _echo_ready(settings, health, supervisor)
 
@@ -182,7 +201,9 @@ def status(root: RootOption = None, json_output: JsonOption = False) -> None:
     if supervisor["last_exit"] is not None:
         typer.echo(f"last exit   {LastExit(**supervisor['last_exit']).text()}")
     typer.echo(f"health      {health['url']}: {'ready' if health['problem'] is None else health['problem']}")
-    typer.echo(f"model       {install['model_id'] or '-'}")
+    state = (health["body"] or {}).get("model_state")
+    loaded = f" ({state}: the next request loads it)" if state in ("unloaded", "unloading") else ""
+    typer.echo(f"model       {install['model_id'] or '-'}{loaded}")
     typer.echo(f"adapter     {install['adapter_path'] or 'none'}")
     if report["memory"] is not None:
         typer.echo(f"memory      {describe_memory(report['memory'])}")
@@ -374,6 +395,7 @@ def register(app: typer.Typer) -> None:
             "delta-mem-mlx start-sidecar --root ~/delta-mem-smoke",
             "delta-mem-mlx start-sidecar --attention-state-source qmd --qmd-mode search --qmd-limit 4",
             "delta-mem-mlx start-sidecar --foreground",
+            "delta-mem-mlx start-sidecar --keep-alive 10m",
         ),
     )(start_sidecar)
     app.command("stop-sidecar", epilog=examples("delta-mem-mlx stop-sidecar"))(stop_sidecar)

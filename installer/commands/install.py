@@ -8,8 +8,10 @@ from typing import Annotated
 
 import typer
 
+from common.durations import DurationError, parse_duration
 from common.settings import DEFAULT_HOST, DEFAULT_PORT
 from installer.commands.options import (
+    CommandRefused,
     RootOption,
     YesOption,
     examples,
@@ -47,7 +49,8 @@ SupervisorOption = Annotated[
     SupervisorKind | None,
     typer.Option(
         help="How to keep the sidecar running. Default: launchd on macOS, systemd --user where "
-        "it runs, else a background process."
+        "it runs, else a background process. 'openclaw': nothing is installed or started; OpenClaw "
+        "starts the sidecar on demand (after 'provider-config --apply') and stops it when idle."
     ),
 ]
 HealthTimeoutOption = Annotated[
@@ -71,9 +74,19 @@ MaxDiskOption = Annotated[
     ),
 ]
 
+KeepAliveOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Unload the model after this long with no request (5m, 30s, 1h, 300; never: keep it loaded). "
+        "Sessions wait on disk. Default: the preset's (kept from a previous install).",
+        show_default=False,
+    ),
+]
+
 _EXAMPLES = examples(
     "delta-mem-mlx install-sidecar",
     "delta-mem-mlx install-sidecar --preset smoke --yes",
+    "delta-mem-mlx install-sidecar --supervisor openclaw --keep-alive 10m",
     "delta-mem-mlx install-sidecar --adapter-repo ofthetrees/delta-mem-qwen3-4b-instruct-mlx-adapter",
     "delta-mem-mlx install-sidecar --preset custom --model-path ~/models/my-mlx --model-id my-model "
     "--adapter-path ~/adapters/mine --root ~/delta-mem-custom",
@@ -99,6 +112,7 @@ def _run(
     health_timeout: float,
     kv_bits: str | None,
     max_disk_bytes: int | None,
+    keep_alive: str | None,
 ) -> None:
     # Imported here: downloads and adapter checks pull in the Hub client and numpy, which --help does not need.
     from installer.installation import InstallRequest, install
@@ -128,10 +142,16 @@ def _run(
         health_timeout_s=health_timeout,
         kv_bits=kv_bits,
         max_disk_bytes=max_disk_bytes,
+        keep_alive_s=_keep_alive_seconds(keep_alive),
     )
     install(request, echo=typer.echo, confirm=lambda question: typer.confirm(question, default=False))
     flag = root_flag(root_path)
-    if start:
+    if request.supervisor == "openclaw":
+        typer.echo(
+            f"Installed for OpenClaw, not started. Next: 'delta-mem-mlx provider-config --apply{flag}': OpenClaw "
+            "then starts the sidecar when an agent needs the model, and stops it when idle."
+        )
+    elif start:
         typer.echo(f"Next: connect OpenClaw with 'delta-mem-mlx provider-config --apply{flag}'.")
     else:
         typer.echo(f"Installed, not started. Next: 'delta-mem-mlx start-sidecar{flag}'.")
@@ -158,6 +178,7 @@ def install_sidecar(
     health_timeout: HealthTimeoutOption = DEFAULT_HEALTH_TIMEOUT_S,
     kv_bits: KvBitsOption = None,
     max_disk_bytes: MaxDiskOption = None,
+    keep_alive: KeepAliveOption = None,
 ) -> None:
     """Install the sidecar: checks, a download plan, your consent, downloads, adapter, settings, start.
 
@@ -184,6 +205,7 @@ def install_sidecar(
         health_timeout=health_timeout,
         kv_bits=kv_bits,
         max_disk_bytes=max_disk_bytes,
+        keep_alive=keep_alive,
     )
 
 
@@ -204,6 +226,7 @@ def install_sidecar_only(
     supervisor: SupervisorOption = None,
     kv_bits: KvBitsOption = None,
     max_disk_bytes: MaxDiskOption = None,
+    keep_alive: KeepAliveOption = None,
 ) -> None:
     """Install the sidecar's files and settings without starting it (install-sidecar --no-start).
 
@@ -227,7 +250,17 @@ def install_sidecar_only(
         health_timeout=DEFAULT_HEALTH_TIMEOUT_S,
         kv_bits=kv_bits,
         max_disk_bytes=max_disk_bytes,
+        keep_alive=keep_alive,
     )
+
+
+def _keep_alive_seconds(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except DurationError as exc:
+        raise CommandRefused(f"--keep-alive: {exc}") from None
 
 
 def register(app: typer.Typer) -> None:

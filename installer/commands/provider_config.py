@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from installer.commands.options import JsonOption, RootOption, examples, print_json, resolve_root
+from common.durations import DurationError, parse_duration
+from installer.commands.options import CommandRefused, JsonOption, RootOption, examples, print_json, resolve_root
 from installer.errors import cli_errors
 from plugin_tools.payloads import PluginConfig, ProviderConfigPayload
 
@@ -42,6 +43,15 @@ ConfigOption = Annotated[
         show_default=False,
     ),
 ]
+IdleStopOption = Annotated[
+    str | None,
+    typer.Option(
+        "--idle-stop",
+        help="For a root installed with --supervisor openclaw: OpenClaw stops the sidecar after this long "
+        "without a request (5m, 30m, 1h; never: when OpenClaw exits). Default 30m.",
+        show_default=False,
+    ),
+]
 SetDefaultOption = Annotated[
     bool,
     typer.Option(help="With --apply, also make the model OpenClaw's default (agents.defaults.model)."),
@@ -58,12 +68,15 @@ def provider_config(
     apply: ApplyOption = False,
     config: ConfigOption = None,
     set_default: SetDefaultOption = True,
+    idle_stop: IdleStopOption = None,
     root: RootOption = None,
 ) -> None:
     """Print the models.providers.delta-mem-mlx block for OpenClaw, or --apply it to openclaw.json.
 
     Values come from the installed sidecar unless given. --apply keeps every other key, saves a
-    timestamped backup first, and makes the model OpenClaw's default unless --no-set-default.
+    timestamped backup first, and makes the model OpenClaw's default unless --no-set-default. For a
+    root installed with --supervisor openclaw the block also holds the `localService` with which
+    OpenClaw starts the sidecar on demand and stops it after --idle-stop.
     """
     from installer.openclaw_config import apply_patch, openclaw_config_path
     from plugin_tools.provider_config import build_provider_config, check_params
@@ -76,19 +89,29 @@ def provider_config(
         "maxTokens": max_tokens,
     }
     params = check_params({name: value for name, value in given.items() if value is not None})
+    idle_stop_s = _idle_stop_seconds(idle_stop)
     if not apply:
-        payload = build_provider_config(plugin_config, params)
+        payload = build_provider_config(plugin_config, params, idle_stop_s=idle_stop_s)
         if json_output:
             print_json(payload)
         else:
             _print_block(payload)
         return
-    payload = build_provider_config(plugin_config, params, reveal_api_key=True)
+    payload = build_provider_config(plugin_config, params, reveal_api_key=True, idle_stop_s=idle_stop_s)
     result = apply_patch(config or openclaw_config_path(), payload["config_patch"], set_default=set_default)
     if json_output:
         print_json(_apply_report(payload, result, set_default))
     else:
         _print_applied(payload, result, set_default)
+
+
+def _idle_stop_seconds(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except DurationError as exc:
+        raise CommandRefused(f"--idle-stop: {exc}") from None
 
 
 def _apply_report(
@@ -143,5 +166,6 @@ def register(app: typer.Typer) -> None:
             "delta-mem-mlx provider-config --apply",
             "delta-mem-mlx provider-config --apply --config ~/.openclaw/openclaw.json --no-set-default",
             "delta-mem-mlx provider-config --json --base-url http://127.0.0.1:8766/v1 --model-id my-model",
+            "delta-mem-mlx provider-config --apply --idle-stop 1h",
         ),
     )(provider_config)

@@ -12,15 +12,18 @@ import dataclasses
 import functools
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated, Any, Callable, NoReturn, ParamSpec
 
 import typer
 
+from common.durations import DurationError, parse_duration
 from common.errors import UserError
 from common.exit_codes import CONFIG_ERROR, PORT_IN_USE, STATE_DIR_IN_USE
 from common.kv_budget import parse_kv_bits
 from common.layout import RootLayout
+from common.load_time import record_load_time
 from common.settings import SettingsError, SidecarSettings, load_settings
 from installer.commands.options import RootOption, examples, resolve_root
 from installer.errors import describe
@@ -119,6 +122,22 @@ def serve(
     shutdown_grace: Annotated[
         float, typer.Option("--shutdown-grace", help="Seconds answers in flight get to finish after SIGTERM.")
     ] = SHUTDOWN_GRACE_S,
+    keep_alive: Annotated[
+        str | None,
+        typer.Option(
+            "--keep-alive",
+            help="Unload the model after this long with no request (5m, 30s, 1h, 300; 0 or never: keep it). "
+            "Sessions wait on disk; the next request loads it again.",
+            show_default=False,
+        ),
+    ] = None,
+    log_to_root: Annotated[
+        bool,
+        typer.Option(
+            "--log-to-root",
+            help="With --root, append stdout and stderr to the root's logs (for a sidecar OpenClaw starts).",
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the sidecar in the foreground until SIGTERM or Ctrl-C."""
@@ -151,6 +170,8 @@ def serve(
             flags["kv_bits"] = parse_kv_bits(kv_bits)
         except ValueError as exc:
             raise SettingsError(f"--kv-bits: {exc}") from None
+    if keep_alive is not None:
+        flags["keep_alive_s"] = _duration("--keep-alive", keep_alive)
     qmd_flags = _given(bin=qmd_bin, mode=qmd_mode, limit=qmd_limit, timeout=qmd_timeout, collection=qmd_collection)
     if root is None and "model_path" not in flags:
         root = resolve_root(None)
@@ -162,8 +183,13 @@ def serve(
         raise SettingsError("--shutdown-grace cannot be negative")
     limits = ConnectionLimits(max_connections, header_timeout, body_timeout)
     layout = RootLayout.of(root) if root is not None else None
+    if log_to_root:
+        if layout is None:
+            raise SettingsError("--log-to-root needs --root")
+        redirect_output(layout)
     outputs = (layout.stdout_log, layout.stderr_log) if layout is not None else None
-    raise typer.Exit(_run(settings, log_level, limits, shutdown_grace, outputs))
+    on_loaded = load_time_recorder(layout.root) if layout is not None else None
+    raise typer.Exit(_run(settings, log_level, limits, shutdown_grace, outputs, on_loaded))
 
 
 def build_settings(root: Path | None, flags: dict[str, Any], qmd_flags: dict[str, Any]) -> SidecarSettings:
@@ -213,6 +239,37 @@ def check_state_dir(path: Path) -> None:
         ) from None
 
 
+def redirect_output(layout: RootLayout) -> None:
+    """Append this process's stdout and stderr to the root's logs, where `logs` and `status` read them."""
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    for fd, path in ((1, layout.stdout_log), (2, layout.stderr_log)):
+        target = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            os.dup2(target, fd)
+        finally:
+            os.close(target)
+
+
+def load_time_recorder(root: Path) -> Callable[[float, bool], None]:
+    """Records, at the first model load, the seconds since this process started (for readyTimeoutMs)."""
+    import psutil  # only when serving
+
+    started = psutil.Process().create_time()
+
+    def record(load_s: float, first: bool) -> None:
+        if first:
+            record_load_time(root, time.time() - started, load_s)
+
+    return record
+
+
+def _duration(flag: str, text: str) -> float:
+    try:
+        return parse_duration(text)
+    except DurationError as exc:
+        raise SettingsError(f"{flag}: {exc}") from None
+
+
 def _given(**values: Any) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
@@ -227,6 +284,7 @@ def _run(
     limits: ConnectionLimits,
     shutdown_grace_s: float,
     outputs: tuple[Path, Path] | None,
+    on_loaded: Callable[[float, bool], None] | None,
 ) -> int:
     # Imported here so that `delta-mem-mlx --help` does not load FastAPI.
     from sidecar.server.http_server import PortInUseError, run_server
@@ -240,6 +298,7 @@ def _run(
             shutdown_grace_s=shutdown_grace_s,
             log_outputs=outputs,
             log_max_bytes=LOG_MAX_BYTES,
+            on_loaded=on_loaded,
         )
     except PortInUseError as exc:
         _fail(exc, PORT_IN_USE)
@@ -273,5 +332,6 @@ def register(app: typer.Typer) -> None:
             "delta-mem-mlx serve --root ~/delta-mem",
             "delta-mem-mlx serve --model ./Qwen3-4B-4bit --adapter ./adapter --model-id delta-mem-qwen3-4b-mlx",
             "delta-mem-mlx serve --model ./model --no-adapter --model-id plain --host 0.0.0.0 --api-key SECRET",
+            "delta-mem-mlx serve --root ~/delta-mem --keep-alive 5m",
         ),
     )(_exit_statuses(serve))

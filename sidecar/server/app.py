@@ -1,7 +1,8 @@
 """The sidecar's FastAPI application: routes, auth, limits and the one error mapping.
 
 Routes:
-  GET  /health                 status (503 while the model loads), model, adapter, backend, sessions
+  GET  /health                 status (503 while the model first loads), model, its state, adapter, sessions
+  GET  /ready                  200 once the model loaded (loaded now, or unloaded and loadable), else 503
   GET  /v1/models              the one model served
   POST /v1/chat/completions    OpenAI chat completions (JSON or SSE)
   GET  /v1/session             statistics of the session the request's headers name
@@ -16,7 +17,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -27,16 +28,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.health import READY_PATH
 from common.settings import SidecarSettings
 from sidecar.engine.interface import EngineError, EngineLike
 from sidecar.server.connection_limits import raise_open_file_limit
+from sidecar.server.engine_host import EngineHost, EngineLoader, LoadListener
 from sidecar.server.protocol import ApiError, ChatCompletionRequest, ErrorType, ModelCard, ModelList
 from sidecar.server.serving import ChatCompletionService
 from sidecar.sessions.keys import hash_session_key, session_key_from_headers
 
 log = logging.getLogger(__name__)
 
-EngineLoader = Callable[[SidecarSettings], EngineLike]
 
 # OpenClaw's largest requests (a ~42k-character system prompt, 12 tool schemas, long tool
 # results) stay far below this; anything bigger is a mistake or an attack.
@@ -45,55 +47,55 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 
 @dataclass
 class ServerState:
-    """What the routes share: built once at startup, the engine filled in when it has loaded."""
+    """What the routes share: the settings and the host that owns the engine (or none)."""
 
     settings: SidecarSettings
     started: float
-    chat: ChatCompletionService | None = None
-    load_failure: BaseException | None = None
+    host: EngineHost
+
+    @property
+    def chat(self) -> ChatCompletionService | None:
+        """The chat service while the model is loaded."""
+        return self.host.chat
+
+    @property
+    def load_failure(self) -> BaseException | None:
+        """The exception of a failed load, if the last load failed."""
+        return self.host.load_failure
 
     @property
     def load_error(self) -> str | None:
         """Why the model failed to load, for /health and 503 answers."""
-        failure = self.load_failure
-        return None if failure is None else f"{type(failure).__name__}: {failure}"
-
-    def ready_chat(self) -> ChatCompletionService:
-        """The chat service, or a 503 that says why there is none yet."""
-        if self.chat is None:
-            if self.load_error is not None:
-                raise ApiError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
-            raise ApiError(503, "the model is still loading; retry in a few seconds", code="model_loading")
-        return self.chat
-
-    def ready_engine(self) -> EngineLike:
-        """The engine, or a 503 that says why there is none yet."""
-        return self.ready_chat().engine
+        return self.host.load_error
 
     def end_answers(self) -> None:
         """End every answer still running, and any started from now on (the server is stopping)."""
-        if self.chat is not None:
-            self.chat.end_answers()
+        self.host.end_answers()
 
 
 def create_app(
-    settings: SidecarSettings, load_engine: EngineLoader | None = None, max_body_bytes: int = MAX_BODY_BYTES
+    settings: SidecarSettings,
+    load_engine: EngineLoader | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    on_loaded: LoadListener | None = None,
 ) -> FastAPI:
-    """Build the sidecar app; the engine loads in the background once the server starts."""
-    loader = load_engine or _load_real_engine
-    state = ServerState(settings=settings, started=time.time())
+    """Build the sidecar app; the engine loads in the background once the server starts.
+
+    `on_loaded(seconds, first)` is called after every model load (see engine_host.py).
+    """
+    host = EngineHost(settings, load_engine or _load_real_engine, on_loaded=on_loaded)
+    state = ServerState(settings=settings, started=time.time(), host=host)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(_load(state, loader))
+        loading = asyncio.create_task(host.start())
         try:
             yield
         finally:
             # A load cannot be interrupted: wait for it, so that its engine is closed too. An MLX
             # engine left running into interpreter teardown aborts the process.
             await loading
-            if state.chat is not None:
-                await state.chat.engine.close()
+            await host.close()
 
     app = FastAPI(
         title="delta-mem-mlx sidecar",
@@ -107,15 +109,28 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        base: dict[str, Any] = {"model": settings.model_id, "uptime_s": round(time.time() - state.started, 1)}
-        if state.chat is None:
+        base: dict[str, Any] = {
+            "model": settings.model_id, **host.describe(), "uptime_s": round(time.time() - state.started, 1)
+        }
+        if not host.serving:
             status = "error" if state.load_error else "loading"
             extra = {"error": state.load_error} if state.load_error else {}
             return JSONResponse({"status": status, **base, **extra}, status_code=503)
-        engine = await state.chat.engine.health()
+        chat = host.chat
+        if chat is None:
+            # Unloaded when idle (or loading again): healthy, the next request loads the model.
+            return JSONResponse({"status": "ok", **base})
+        engine = await chat.engine.health()
         # Still serving, but something the user relies on (saving sessions) is failing.
         status = "degraded" if engine.get("problems") else "ok"
         return JSONResponse({"status": status, **engine, **base})
+
+    @app.get(READY_PATH)
+    async def ready() -> JSONResponse:
+        # OpenClaw's localService probe: ready once the model has loaded (it may be unloaded since:
+        # the next request loads it); 503 while the first load runs or after a failed one.
+        body = {"ready": host.serving, "model_state": host.state}
+        return JSONResponse(body, status_code=200 if host.serving else 503)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -123,12 +138,17 @@ def create_app(
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        return await state.ready_chat().create(body, request)
+        chat = await host.acquire()
+        try:
+            return await chat.create(body, request)
+        finally:
+            host.release()  # a streamed answer's job holds the model on its own until the stream ends
 
     @app.get("/v1/session")
     async def session_stats(request: Request) -> JSONResponse:
         key_hash = _key_hash(request)
-        stats = await state.ready_engine().session_stats(key_hash)
+        async with host.engine() as engine:
+            stats = await engine.session_stats(key_hash)
         if stats is None:
             raise ApiError(404, "this session has no state on the server", code="session_not_found")
         return _session_response(key_hash, stats)
@@ -136,17 +156,20 @@ def create_app(
     @app.delete("/v1/session")
     async def session_reset(request: Request) -> JSONResponse:
         key_hash = _key_hash(request)
-        return _session_response(key_hash, {"reset": await state.ready_engine().reset_session(key_hash)})
+        async with host.engine() as engine:
+            return _session_response(key_hash, {"reset": await engine.reset_session(key_hash)})
 
     @app.post("/v1/session/save")
     async def session_save(request: Request) -> JSONResponse:
         key_hash = _key_hash(request)
-        return _session_response(key_hash, await state.ready_engine().save_session(key_hash))
+        async with host.engine() as engine:
+            return _session_response(key_hash, await engine.save_session(key_hash))
 
     @app.post("/v1/session/load")
     async def session_load(request: Request) -> JSONResponse:
         key_hash = _key_hash(request)
-        return _session_response(key_hash, await state.ready_engine().load_session(key_hash))
+        async with host.engine() as engine:
+            return _session_response(key_hash, await engine.load_session(key_hash))
 
     return app
 
@@ -160,18 +183,6 @@ def _load_real_engine(settings: SidecarSettings) -> EngineLike:
     # Importing mlx-lm set the soft open-file limit to 2048 (the hard one to 4096): take it back up.
     raise_open_file_limit()
     return engine
-
-
-async def _load(state: ServerState, loader: EngineLoader) -> None:
-    began = time.monotonic()
-    try:
-        engine = await asyncio.to_thread(loader, state.settings)
-    except Exception as exc:
-        log.exception("loading the model failed")
-        state.load_failure = exc
-        return
-    state.chat = ChatCompletionService(engine, state.settings)
-    log.info("model %s ready in %.1f s", state.settings.model_id, time.monotonic() - began)
 
 
 def _key_hash(request: Request) -> str:
@@ -242,7 +253,7 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None, 
 
 
 class RequestGuard:
-    """ASGI middleware: bearer-token auth when a key is set, and a request body size limit."""
+    """ASGI middleware: bearer-token auth when a key is set (not for /ready), and a request body size limit."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
         self.app = app
@@ -254,7 +265,9 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = {name.lower(): value for name, value in scope.get("headers", [])}
-        if self.api_key is not None and not _bearer_matches(headers.get(b"authorization", b""), self.api_key):
+        # The readiness probe says only whether the model has loaded; OpenClaw sends it without a key.
+        needs_key = self.api_key is not None and scope.get("path") != READY_PATH
+        if needs_key and not _bearer_matches(headers.get(b"authorization", b""), self.api_key):
             response = error_response(
                 401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error",
                 code="invalid_api_key",

@@ -25,6 +25,7 @@ from common.settings import SidecarSettings
 from sidecar.server.app import ServerState, create_app
 from sidecar.server.connection_limits import OPEN_FILES, ConnectionLimits, fit_to_open_files, raise_open_file_limit
 from sidecar.server.connections import guarded_protocol
+from sidecar.server.engine_host import LoadListener
 from sidecar.server.log_output import configure_logging, report_dropped
 from sidecar.server.state_dir_lock import hold_state_dir
 
@@ -116,12 +117,14 @@ def run_server(
     shutdown_grace_s: float,
     log_outputs: tuple[Path, Path] | None,
     log_max_bytes: int,
+    on_loaded: LoadListener | None = None,
 ) -> int:
     """Set up the log, bind, serve until SIGTERM/SIGINT or a failed model load; the exit status.
 
     Answers in flight get `shutdown_grace_s` to finish after SIGTERM. `log_outputs` are the files a
-    supervisor sends stdout and stderr to (see log_output.py). Raises PortInUseError, BindError or
-    StateDirBusyError (another server runs on the state dir) before anything is loaded.
+    supervisor sends stdout and stderr to (see log_output.py). `on_loaded` hears of every model load
+    (see engine_host.py). Raises PortInUseError, BindError or StateDirBusyError (another server runs
+    on the state dir) before anything is loaded.
     """
     configure_logging(log_level, log_outputs, log_max_bytes)
     # mlx-lm, imported while the model loads, caps the limit at OPEN_FILES: size the cap for that.
@@ -130,7 +133,7 @@ def run_server(
     if settings.state_dir is not None:  # before anything loads; held until the process exits
         hold_state_dir(Path(settings.state_dir), settings.port)
     listeners = bind_listeners(settings.host, settings.port)
-    app = create_app(settings)
+    app = create_app(settings, on_loaded=on_loaded)
     config = uvicorn.Config(
         app,
         log_config=None,  # records go to the root logger: one stream, rate-limited (sidecar/server/log_output.py)

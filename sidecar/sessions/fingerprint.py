@@ -5,7 +5,9 @@ written for other weights, another tokenizer or another adapter, and is ignored.
 the files' bytes, so an adapter swapped for another with the same shapes, sizes and times is seen.
 
 Hashing runs on a background thread while the server starts answering (sha256 reads a 2.3 GB
-model in about 1.4 s here); the first session file read or written waits for it.
+model in about 1.4 s here); the first session file read or written waits for it. A model loaded
+again in the same process (after an idle unload) reuses the hash while every file still has the
+same inode, size and change times, so the return turn's disk restore does not wait for it again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import fnmatch
 import hashlib
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -34,14 +37,52 @@ class SessionFingerprint:
 
     def __init__(self, model_id: str, model_path: str, adapter_path: str | None) -> None:
         self.legacy = legacy_fingerprint(model_id, model_path, adapter_path)
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint")
-        self._content: Future[str] = pool.submit(content_fingerprint, model_path, adapter_path)
-        pool.shutdown(wait=False)  # the thread ends with its one task
+        self._content = _content_future(model_path, adapter_path)
 
     @property
     def current(self) -> str:
         """The content fingerprint (waits for the hash on first use)."""
         return self._content.result()
+
+
+# Content hashes this process computed, by the identity of the files they cover (see _file_identity).
+_hashed: dict[tuple[object, ...], Future[str]] = {}
+_hashed_lock = threading.Lock()
+
+
+def _content_future(model_path: str, adapter_path: str | None) -> Future[str]:
+    """The content hash of these files: the one already computed while they are unchanged, else a new one."""
+    identity = _file_identity(model_path, adapter_path)
+    with _hashed_lock:
+        known = _hashed.get(identity) if identity is not None else None
+        if known is not None and not (known.done() and known.exception() is not None):
+            return known
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint")
+        future = pool.submit(content_fingerprint, model_path, adapter_path)
+        pool.shutdown(wait=False)  # the thread ends with its one task
+        if identity is not None:
+            _hashed[identity] = future
+        return future
+
+
+def _file_identity(model_path: str, adapter_path: str | None) -> tuple[object, ...] | None:
+    """Paths, inodes, sizes and modification and change times: what a replaced or rewritten file changes.
+
+    None when the folders cannot be listed (the hash then fails on its own, and is not kept).
+    """
+    identity: list[object] = [model_path, adapter_path]
+    try:
+        files = served_files(model_path, adapter_path)
+    except OSError:
+        return None
+    for role, path in files:
+        try:
+            stat = path.stat()
+        except OSError:
+            identity.append((role, path.name, None))
+            continue
+        identity.append((role, path.name, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+    return tuple(identity)
 
 
 def served_files(model_path: str, adapter_path: str | None) -> list[tuple[str, Path]]:

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -305,20 +306,29 @@ def random_adapter_tensors(config: DeltaMemConfig, dims: ModelDims, seed: int = 
 
 @functools.cache
 def _trained_tokenizer_json() -> str:
+    return train_tokenizer(_CORPUS.splitlines(keepends=True), _TRAINED_VOCAB_SIZE).to_str()
+
+
+def train_tokenizer(lines: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE tokenizer like the tiny one (same special and added tokens), trained on `lines`.
+
+    A larger vocabulary trained on text like the prompts a test sends makes those prompts far
+    fewer tokens (OpenClaw's system prompt: ~32k tokens with the tiny tokenizer).
+    """
     tokenizer = Tokenizer(models.BPE())
     # Qwen's split, so token boundaries behave like the real model's. No normaliser (the real one has
     # NFC): the byte-level round trip must be lossless for any Unicode input.
     tokenizer.pre_tokenizer = qwen_pre_tokenizer()
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_TRAINED_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer)
+    tokenizer.train_from_iterator(lines, trainer)
     tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in ADDED_TOKENS])
-    return tokenizer.to_str()
+    return tokenizer
 
 
 def tiny_tokenizer() -> Tokenizer:
