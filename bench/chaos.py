@@ -16,9 +16,12 @@ injects, at seeded random intervals:
 A client whose request fails waits until /health answers again (a deadline) and sends the same turn
 again. At the end the sidecar is stopped with `stop-sidecar`, its state dir is checked for leftovers
 (temporary files, chunks no manifest names, halves of a prefix record), and every conversation is
-replayed turn by turn on a fresh fault-free sidecar of the same model: each answer and each δ-state
-(the per-layer sha256 from `GET /v1/session`) must be equal. The sidecar's RSS is sampled all along.
-Prints one JSON object; exits 1 when a target is missed.
+replayed turn by turn on a fresh fault-free sidecar of the same model: each answer must be equal, and
+each δ-state equal within STATE_TOLERANCE (per layer, the norm and the largest magnitude from `GET
+/v1/session`; the sha256 says whether it is bit for bit). A state rebuilt by a replay's chunked scan
+is not bit for bit the one that token-by-token decoding wrote (≈ 1e-8 apart, measured); hidden
+memory written at another place than a fault-free run writes it is ≈ 5e-6 apart (issue 22, F1). The
+sidecar's RSS is sampled all along. Prints one JSON object; exits 1 when a target is missed.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ CLI_TIMEOUT_S = 600.0
 MB = 1024 * 1024
 # How much higher the later sidecar processes may peak than the first ones and still count as flat.
 RSS_SLACK = 0.10
+# Two δ-states "agree" when each layer's norm and largest magnitude are this close (relative).
+STATE_TOLERANCE = 1e-6
 _WORDS = (
     "agent tool memory session file workspace policy channel message reply search config user context note "
     "plan task result error retry limit budget token model provider gateway plugin skill"
@@ -94,7 +99,7 @@ class Turn:
     messages: tuple[Message, ...]
     attention_state: list[Any] | None
     answer: str
-    state_sha256: list[str]
+    state: list[dict[str, Any]]  # per layer: sha256, norm, max_abs
     attempts: int
     failures: tuple[str, ...]  # why the attempts before the last one failed
     restart_before: str | None  # the fault that last restarted the sidecar since this session's previous turn
@@ -242,7 +247,9 @@ class Clients:
             # OpenClaw's next request drops the internal-context message and adds the answer.
             history += [ask, Message("assistant", answer)]
 
-    def _turn(self, key: str, messages: tuple[Message, ...], memory: list[Any] | None) -> tuple[str, list[str]]:
+    def _turn(
+        self, key: str, messages: tuple[Message, ...], memory: list[Any] | None
+    ) -> tuple[str, list[dict[str, Any]]]:
         reply = self.client.chat(
             messages, key, delta=True, max_tokens=self.plan.max_tokens, seed=0, attention_state=memory
         )
@@ -305,9 +312,20 @@ def hidden_memory(key: str, index: int) -> list[Any]:
     return [{"text": f"{key} learned fact {index}.", "source": "chaos"}, f"Turn {index} note."]
 
 
-def state_digest(client: SidecarClient, key: str) -> list[str]:
-    """The per-layer sha256 of a session's δ-state, from `GET /v1/session`."""
-    return [layer["sha256"] for layer in client.session_stats(key)["delta"]["delta_state"]]
+def state_digest(client: SidecarClient, key: str) -> list[dict[str, Any]]:
+    """Per layer, the sha256, norm and largest magnitude of a session's δ-state, from `GET /v1/session`."""
+    layers = client.session_stats(key)["delta"]["delta_state"]
+    return [{name: layer[name] for name in ("sha256", "norm", "max_abs")} for layer in layers]
+
+
+def states_match(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    """Two sessions' δ-states agree: layer by layer bit for bit, or their norms and largest magnitudes
+    within STATE_TOLERANCE (relative)."""
+    return len(a) == len(b) and all(
+        x["sha256"] == y["sha256"]
+        or all(abs(x[n] - y[n]) <= STATE_TOLERANCE * max(abs(x[n]), abs(y[n]), 1e-12) for n in ("norm", "max_abs"))
+        for x, y in zip(a, b)
+    )
 
 
 # --------------------------------------------------------------------------- the faults
@@ -510,14 +528,14 @@ def replay(client: SidecarClient, turns: list[Turn], max_tokens: int) -> list[di
             attention_state=turn.attention_state,
         )  # fmt: skip
         states = state_digest(client, f"replay-{turn.key}")
-        if reply.text != turn.answer or states != turn.state_sha256:
+        if reply.text != turn.answer or not states_match(states, turn.state):
             differing.append(
                 {
                     "session": turn.key,
                     "turn": turn.index,
                     "answer_equal": reply.text == turn.answer,
-                    "state_equal": states == turn.state_sha256,
-                    "layers_differing": sum(a != b for a, b in zip(states, turn.state_sha256)),
+                    "state_equal": states_match(states, turn.state),
+                    "layers_not_bit_equal": sum(a["sha256"] != b["sha256"] for a, b in zip(states, turn.state)),
                     "memory_on_turn": turn.attention_state is not None,
                     "restart_before": turn.restart_before,
                     "attempts": turn.attempts,
