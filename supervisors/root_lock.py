@@ -1,23 +1,20 @@
 """One command at a time changes an install root: an exclusive lock in the root's run/ folder.
 
-The lock is an `flock` on `<root>/run/root.lock`. The kernel drops it when its holder exits, however
-it exits, so no lock is ever left behind; the file itself stays (removing a lock file that another
-process may have open would let two holders lock two different files). The holder writes who it is
-into the file, so a command that is refused can say who holds the root.
+The lock is an `flock` on `<root>/run/root.lock` (common/lock_files.py): released when its holder
+exits, however it exits, and naming its holder, so a command that is refused can say who holds the
+root.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 
 from common.errors import UserError
 from common.layout import RootLayout
+from common.lock_files import LockHeld, take_lock, write_holder
 
 LOCK_NAME = "root.lock"
 # A lock file whose inode changed under us (a purge renamed the root away) is opened again this often.
@@ -64,23 +61,15 @@ def _acquire(root: Path, command: str, create: bool) -> int | None:
         if not create and not has_install(root):
             return None  # nothing installed, or no longer (a purge moved the root away)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(fd)
-            os.close(fd)
+            fd = take_lock(path, 0o644)
+        except LockHeld as held:
             raise RootBusyError(
-                f"{RootLayout.of(root).root} is being changed by {holder}; nothing was done",
+                f"{RootLayout.of(root).root} is being changed by {_describe(held.holder)}; nothing was done",
                 hint="wait until that command has finished (or stop it) and run this one again",
             ) from None
-        except BaseException:
-            os.close(fd)
-            raise
         if _same_file(fd, path):
-            record = {"pid": os.getpid(), "command": command, "since": datetime.now().isoformat(timespec="seconds")}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
+            write_holder(fd, command=command)
             return fd
         os.close(fd)  # the file was renamed or removed while we opened it: look at the root again
     raise RootBusyError(f"{path} keeps changing while it is being locked; nothing was done")
@@ -95,16 +84,12 @@ def _same_file(fd: int, path: Path) -> bool:
     return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
 
 
-def _holder(fd: int) -> str:
+def _describe(holder: dict | None) -> str:
     """'pid 123 (delta-mem-mlx start-sidecar, since 2026-12-01T14:00:00)', as the holder wrote it.
 
     The record is empty between a holder's lock and its write, and between its truncation and its
     release: then the holder cannot be named.
     """
-    try:
-        record = json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except (OSError, ValueError):
-        record = {}
-    if not isinstance(record, dict) or not isinstance(record.get("pid"), int):
+    if holder is None:
         return "another delta-mem-mlx command that is just starting or finishing"
-    return f"pid {record['pid']} ({record.get('command', 'a delta-mem-mlx command')}, since {record.get('since', '?')})"
+    return f"pid {holder['pid']} ({holder.get('command', 'a delta-mem-mlx command')}, since {holder.get('since', '?')})"
