@@ -227,7 +227,7 @@ def _kv_guard(model: Any, settings: SidecarSettings) -> KvGuard:
     budget = effective_budget(settings.max_kv_bytes, mx.get_memory_limit(), mx.get_active_memory())
     if budget < settings.max_kv_bytes:
         log.warning("KV budget %d bytes: MLX's memory limit leaves less than --max-kv-bytes", budget)
-    return KvGuard(shape, model.args.num_attention_heads, budget, settings.kv_bits, settings.kv_group_size)
+    return KvGuard(shape, budget, settings.kv_bits, settings.kv_group_size)
 
 
 def _backend() -> dict[str, Any]:
