@@ -23,7 +23,8 @@ from sidecar.testing.tiny_model import write_tiny_adapter
 
 CHUNKS = ((0, 7), (7, 70), (70, 71), (71, 150))  # one token, long and short chunks
 ANSWER_TOKENS = 12
-# float32 logits of the two paths: the same products, summed in another order.
+# float32 logits of the two paths (MLX 0.32 on CPU gives identical ones: the same products in the
+# same order; other backends may sum in another order).
 LOGITS_ATOL = 1e-4
 
 
@@ -41,8 +42,12 @@ def _tokens(n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(0, 700, size=n).tolist()
 
 
+_OLD_PATH_CHUNKS: list[int] = []
+
+
 def _mlx_lm_attention(queries, keys, values, cache, scale, mask):  # noqa: ANN001, ANN202
     """Today's path: mlx-lm's dispatch, quantized attention for every chunk."""
+    _OLD_PATH_CHUNKS.append(queries.shape[2])
     return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask)
 
 
@@ -73,9 +78,11 @@ def _identical(a: mx.array, b: mx.array) -> None:
 def _both_paths(monkeypatch: pytest.MonkeyPatch, run: Callable[[], Any]) -> tuple[Any, Any]:
     """`run()` with float prefill attention (the code as it is), then with mlx-lm's quantized attention."""
     new = run()
+    _OLD_PATH_CHUNKS.clear()
     with monkeypatch.context() as patch:
         patch.setattr(delta_attention, "attention", _mlx_lm_attention)
         old = run()
+    assert max(_OLD_PATH_CHUNKS) == max(b - a for a, b in CHUNKS)  # the reference really ran the old path
     return new, old
 
 
