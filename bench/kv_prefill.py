@@ -26,6 +26,7 @@ from mlx_lm.models.qwen3 import Attention, ModelArgs
 from bench.runtime import reexec_with_openblas
 from sidecar.delta.attention import PlainAttention
 
+PATHS = ("float", "old", "new")
 QWEN3_4B = dict(
     model_type="qwen3", hidden_size=2560, num_hidden_layers=1, intermediate_size=9728, num_attention_heads=32,
     rms_norm_eps=1e-6, vocab_size=151936, num_key_value_heads=8, max_position_embeddings=40960, head_dim=128,
@@ -35,18 +36,22 @@ QWEN3_4B = dict(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print its JSON report."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if "float" not in args.paths:
+        parser.error("--paths needs float: every ratio is against it")
     if argv is None:
         reexec_with_openblas("bench.kv_prefill")
     mx.random.seed(0)
     layer = Attention(ModelArgs.from_dict(QWEN3_4B))
     layer.set_dtype(mx.bfloat16)
     mx.eval(layer.parameters())
-    paths = {"float": (layer, None), "old": (layer, args.bits), "new": (PlainAttention(layer), args.bits)}
+    every = {"float": (layer, None), "old": (layer, args.bits), "new": (PlainAttention(layer), args.bits)}
+    paths = {name: every[name] for name in PATHS if name in args.paths}
     load_before = os.getloadavg()
     report: dict[str, Any] = {
-        "shape": "Qwen3-4B attention layer, bfloat16", "bits": args.bits, "chunk": args.chunk,
-        "repeats": args.repeats, "backend": str(mx.default_device()), "blas": os.environ.get("LD_PRELOAD", ""),
+        "shape": "Qwen3-4B attention layer, bfloat16", "bits": args.bits, "chunk": args.chunk, "repeats": args.repeats,
+        "paths": list(paths), "backend": str(mx.default_device()), "blas": os.environ.get("LD_PRELOAD", ""),
     }  # fmt: skip
     for context in args.contexts:
         for phase, tokens in (("prefill", args.chunk), ("decode", 1)):
@@ -54,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             x = mx.random.normal((1, tokens, QWEN3_4B["hidden_size"])).astype(mx.bfloat16)
             times: dict[str, list[float]] = {name: [] for name in paths}
             for round_ in range(args.repeats):
-                names = list(paths)[round_ % 3 :] + list(paths)[: round_ % 3]  # each goes first in turn
+                turn = round_ % len(paths)
+                names = list(paths)[turn:] + list(paths)[:turn]  # each goes first in turn
                 for name in names:
                     times[name].append(_step(paths[name][0], x, caches[name]))
                 _log(f"{context} {phase} round {round_ + 1}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in paths))
@@ -62,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                 **{f"{name}_s": round(statistics.median(t), 4) for name, t in times.items()},
                 **{
                     f"{name}_vs_float": round(statistics.median(f / q for f, q in zip(times["float"], times[name])), 3)
-                    for name in ("old", "new")
+                    for name in paths
+                    if name != "float"
                 },
             }
     report["load_before"] = [round(v, 2) for v in load_before]
@@ -101,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk", type=int, default=512, help="tokens per prefill chunk")
     parser.add_argument("--bits", type=int, choices=(8, 4), default=8)
     parser.add_argument("--repeats", type=int, default=5, help="rounds of float, old and new")
+    parser.add_argument(
+        "--paths", nargs="+", choices=PATHS, default=list(PATHS), help="which to run (float is needed for ratios)"
+    )
     return parser
 
 
