@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import batch_layout, concurrency, memory, plugin_load, restart, runtime, sessions
+from bench import batch_layout, concurrency, kv_prefill, memory, plugin_load, restart, runtime, sessions
 
 
 def test_runtime_bench_reports_every_figure() -> None:
@@ -32,6 +32,14 @@ def test_sessions_bench_replays_openclaw_turns(
         assert turn["cached_tokens"] > 0 and turn["prefilled_tokens"] <= turn["new_tokens"] + 512
     assert all(t["cached_tokens"] == 0 for t in report["no_cache_turns"])
     assert report["prefix_cache"]["hits"] >= 2 and report["non_shared_tokens"] > 0
+
+
+def test_kv_prefill_bench_times_the_three_paths_per_phase(capsys: pytest.CaptureFixture[str]) -> None:
+    assert kv_prefill.main(["--json", "--contexts", "128", "--chunk", "16", "--repeats", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for phase in ("prefill_128", "decode_128"):
+        assert all(report[phase][key] > 0 for key in ("float_s", "old_s", "new_s", "old_vs_float", "new_vs_float"))
+    assert report["bits"] == 8 and len(report["load_before"]) == 3
 
 
 def test_batch_layout_bench_measures_both_layouts() -> None:

@@ -17,7 +17,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from common.kv_budget import KV_BITS, KV_GROUP_SIZES
 from sidecar.delta.adapter_files import ModelDims, load_adapter, model_dims, validate_adapter
-from sidecar.delta.attention import DeltaAttention
+from sidecar.delta.attention import DeltaAttention, PlainAttention
 from sidecar.delta.cache import DeltaControls, DeltaKVCache, DeltaLayerCache, QuantizedDeltaKVCache
 from sidecar.delta.config import AdapterConfigError, DeltaMemConfig, tensor_key
 
@@ -71,6 +71,17 @@ def attach_tensors(
         block.self_attn = DeltaAttention(block.self_attn, config, layer_tensors)
     model.delta_mem = DeltaMemInfo(config, tuple(layers), source)
     model.make_cache = lambda: make_cache(model)
+    return model
+
+
+def attend_quantized_in_float(model: nn.Module) -> nn.Module:
+    """Run every plain attention layer through `PlainAttention`, so that prefill chunks over quantized
+    caches attend in float there too (δ layers already do); call it after attaching any adapter."""
+    if getattr(getattr(model, "args", None), "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return model  # other model types keep mlx-lm's own attention, quantized prefill included
+    for block in model.layers:
+        if not isinstance(block.self_attn, (DeltaAttention, PlainAttention)):
+            block.self_attn = PlainAttention(block.self_attn)
     return model
 
 

@@ -70,7 +70,7 @@ class DeltaAttention(nn.Module):
         delta_cache = cache if isinstance(cache, DeltaLayerCache) else None
         controls = delta_cache.controls if delta_cache is not None else _STATELESS
         if not controls.enabled:
-            return self.base(x, mask, cache)
+            return _attend(self.base, x, mask, cache, {})
 
         B, T, _ = x.shape
         start = cache.offset if cache is not None else 0
@@ -260,8 +260,34 @@ def _attend(base: nn.Module, x: mx.array, mask: Any, cache: Any, deltas: dict[st
     queries, keys, values = _project_qkv(base, x, cache.offset if cache is not None else 0, deltas)
     if cache is not None:
         keys, values = cache.update_and_fetch(keys, values)
-    output = scaled_dot_product_attention(queries, keys, values, cache=cache, scale=base.scale, mask=mask)
+    output = attention(queries, keys, values, cache, base.scale, mask)
     return _project_out(base, output, deltas)
+
+
+def attention(queries: mx.array, keys: Any, values: Any, cache: Any, scale: float, mask: Any) -> mx.array:
+    """mlx-lm's attention, except that several queries over a quantized cache attend in float.
+
+    A prefill chunk dequantizes the layer's packed K/V (a transient the size of one layer's float
+    K/V) and runs the fused float kernel: mlx-lm's quantized attention costs several times more for
+    the same product there. One query (decode) keeps reading the packed bytes, the point of the
+    format on Metal, where decoding is bound by memory bandwidth.
+    """
+    if hasattr(cache, "bits") and queries.shape[2] > 1:
+        keys, values = (mx.dequantize(*kv, group_size=cache.group_size, bits=cache.bits) for kv in (keys, values))
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask)
+
+
+class PlainAttention(nn.Module):
+    """A layer's own attention module run by `_attend` with no Δ terms: the same forward, bit for bit,
+    with `attention`'s float prefill over quantized caches (installed by `api.attend_quantized_in_float`)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        return _attend(self.base, x, mask, cache, {})
 
 
 def attend_rows(
@@ -276,11 +302,7 @@ def attend_rows(
     outputs = []
     for i, cache in enumerate(caches):
         row_keys, row_values = cache.update_and_fetch(keys[i : i + 1], values[i : i + 1])
-        outputs.append(
-            scaled_dot_product_attention(
-                queries[i : i + 1], row_keys, row_values, cache=cache, scale=base.scale, mask=None
-            )
-        )
+        outputs.append(attention(queries[i : i + 1], row_keys, row_values, cache, base.scale, None))
     return _project_out(base, mx.concatenate(outputs), deltas)
 
 

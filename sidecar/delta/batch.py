@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from sidecar.delta.attention import DeltaAttention, attend_rows
+from sidecar.delta.attention import DeltaAttention, PlainAttention, attend_rows
 
 # Models whose decoder blocks this module runs itself (their layers are the standard
 # norm → attention → residual → norm → MLP → residual block).
@@ -44,6 +44,7 @@ def decode_rows(model: nn.Module, tokens: mx.array, caches: list[list[Any]], del
 
 def _attention(attention: nn.Module, x: mx.array, caches: list[Any], offsets: mx.array, delta: list[bool]) -> mx.array:
     if not isinstance(attention, DeltaAttention):
-        return attend_rows(attention, x, caches, offsets, {})
+        base = attention.base if isinstance(attention, PlainAttention) else attention
+        return attend_rows(base, x, caches, offsets, {})
     deltas = attention.decode_rows(x, caches, delta) if any(delta) else {}
     return attend_rows(attention.base, x, caches, offsets, deltas)

@@ -22,7 +22,7 @@ import mlx_lm
 
 from common.kv_budget import KvShape
 from common.settings import SidecarSettings
-from sidecar.delta.api import attach_delta_mem, check_kv_quantization, delta_info
+from sidecar.delta.api import attach_delta_mem, attend_quantized_in_float, check_kv_quantization, delta_info
 from sidecar.engine import decoding
 from sidecar.engine.cache_tiers import CacheTiers, open_kv_disk
 from sidecar.engine.decoding import Row
@@ -57,6 +57,7 @@ def load_engine(settings: SidecarSettings) -> "Engine":
         attach_delta_mem(model, settings.adapter_path)
     if settings.kv_bits is not None:
         check_kv_quantization(model, settings.kv_bits, settings.kv_group_size)
+        attend_quantized_in_float(model)
     return Engine(model, tokenizer, settings)
 
 
@@ -226,7 +227,7 @@ def _kv_guard(model: Any, settings: SidecarSettings) -> KvGuard:
     budget = effective_budget(settings.max_kv_bytes, mx.get_memory_limit(), mx.get_active_memory())
     if budget < settings.max_kv_bytes:
         log.warning("KV budget %d bytes: MLX's memory limit leaves less than --max-kv-bytes", budget)
-    return KvGuard(shape, model.args.num_attention_heads, budget, settings.kv_bits, settings.kv_group_size)
+    return KvGuard(shape, budget, settings.kv_bits, settings.kv_group_size)
 
 
 def _backend() -> dict[str, Any]:

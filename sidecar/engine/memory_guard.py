@@ -15,10 +15,6 @@ from dataclasses import dataclass
 
 from common.kv_budget import MIB, KvShape, session_bytes
 
-# mlx-lm's quantized attention materialises its scores (and their softmax): a prefill step over a
-# quantized cache is cut so that both stay under this many bytes, whatever the context length.
-SCORES_BYTES = 256 * MIB
-MIN_PREFILL_STEP = 8
 # MLX memory a forward pass needs beyond the weights and the caches (activations of one step).
 WORKING_BYTES = 512 * MIB
 
@@ -44,7 +40,6 @@ class KvGuard:
     """The budget and the arithmetic to keep within it, for one loaded model."""
 
     shape: KvShape
-    heads: int  # query heads: the scores of a quantized prefill step scale with them
     budget: int
     kv_bits: int | None
     kv_group_size: int
@@ -52,15 +47,6 @@ class KvGuard:
     def session_bytes(self, tokens: int, messages: int = 0) -> int:
         """What a session (or a prefix snapshot) of `tokens` tokens will hold."""
         return session_bytes(self.shape, tokens, self.kv_bits, self.kv_group_size, messages)
-
-    def prefill_step(self, kv_tokens: int, default: int) -> int:
-        """Tokens per prefill call when the cache will hold `kv_tokens`: `default` for float caches;
-        for quantized ones, small enough that the attention scores stay under SCORES_BYTES."""
-        if self.kv_bits is None:
-            return default
-        per_token = 2 * self.heads * max(kv_tokens, 1) * self.shape.dtype_bytes
-        step = SCORES_BYTES // per_token // MIN_PREFILL_STEP * MIN_PREFILL_STEP
-        return max(MIN_PREFILL_STEP, min(default, step))
 
 
 def eviction_plan(needed: int, budget: int, held: Sequence[tuple[Hashable, int]]) -> list[Hashable] | None:

@@ -251,7 +251,8 @@ class Prefill:
         if seg.kind == "messages":
             steps = [(0, len(tokens))]  # one call: message-mean writes depend on call boundaries
         else:
-            chunk = self.guard.prefill_step(seg.end, self.settings.prefill_chunk)
+            # Quantized caches too: their prefill attends in float (sidecar.delta.attention.attention).
+            chunk = self.settings.prefill_chunk
             steps = [(i, min(i + chunk, len(tokens))) for i in range(0, len(tokens), chunk)]
         # The δ record keeps the state before and after every message's `<|im_start|>`: a new request
         # diverges from the session right after one (the next role differs), so rollbacks land there.
