@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,3 +77,12 @@ def stop_server(server: Server) -> int:
         server.process.kill()
         server.process.wait()
         pytest.fail("serve did not exit within 60 s of SIGTERM")
+
+
+def wait_until(condition: Callable[[], bool], what: str, deadline_s: float) -> None:
+    """Poll `condition` until it holds; fail naming `what` once `deadline_s` has passed."""
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {deadline_s} s"
+        time.sleep(0.1)
+

@@ -15,13 +15,13 @@ import re
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from server_process import wait_until
 from test_openclaw_e2e import OpenClaw, apply_provider_config, home, openclaw, openclaw_env  # noqa: F401
 from typer.testing import CliRunner
 
@@ -86,7 +86,7 @@ def gateway(openclaw: OpenClaw, home: Path, root: Path) -> Iterator[Path]:  # no
             env=openclaw_env(home, openclaw.node), cwd=home, start_new_session=True,
         )  # fmt: skip
     try:
-        _until(lambda: _listening(port) or process.poll() is not None, "the gateway's start", 300)
+        wait_until(lambda: _listening(port) or process.poll() is not None, "the gateway's start", 300)
         assert process.poll() is None, log.read_text(errors="replace")[-3000:]
         yield log
     finally:
@@ -101,13 +101,6 @@ def gateway(openclaw: OpenClaw, home: Path, root: Path) -> Iterator[Path]:  # no
 def _listening(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _until(condition: Any, what: str, deadline_s: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not happen within {deadline_s} s"
-        time.sleep(0.2)
 
 
 def _turn(openclaw: OpenClaw, home: Path, message: str) -> dict[str, Any]:  # noqa: F811
@@ -135,7 +128,8 @@ def test_openclaw_starts_the_sidecar_stops_it_when_idle_and_the_next_turn_reads_
     assert started is not None, "OpenClaw's localService did not start the sidecar"
     assert "started by OpenClaw" in supervisor_for_root(root).status().detail
     # OpenClaw stops it once no request has come for idleStopMs.
-    _until(lambda: not psutil.pid_exists(started) and _sidecar_pid(root) is None, "OpenClaw's idle stop")
+    stopped = lambda: not psutil.pid_exists(started) and _sidecar_pid(root) is None  # noqa: E731
+    wait_until(stopped, "OpenClaw's idle stop", DEADLINE_S)
     gateway_log = gateway.read_text(errors="replace")
     assert "stopping local model service: reason=idle" in gateway_log
 

@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+from server_process import wait_until
 from typer.testing import CliRunner
 
 from common.layout import RootLayout
@@ -143,13 +143,6 @@ def _start_as_openclaw_does(root: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def _until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not happen within {DEADLINE_S} s"
-        time.sleep(0.1)
-
-
 def _health(port: int) -> dict:
     try:
         response = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
@@ -176,7 +169,7 @@ def test_a_sidecar_started_as_openclaw_does_unloads_when_idle_and_comes_back_war
     port = load_settings(root).port
     process = _start_as_openclaw_does(root)
     try:
-        _until(lambda: _health(port).get("model_state") == "loaded", "the sidecar's first load")
+        wait_until(lambda: _health(port).get("model_state") == "loaded", "the sidecar's first load", DEADLINE_S)
         report = json.loads(_ok(["status", "--root", str(root), "--json"]))
         assert report["supervisor"]["kind"] == "openclaw" and report["supervisor"]["state"] == "running"
         assert report["supervisor"]["pid"] == process.pid and "started by OpenClaw" in report["supervisor"]["detail"]
@@ -186,7 +179,7 @@ def test_a_sidecar_started_as_openclaw_does_unloads_when_idle_and_comes_back_war
         history = [{"role": "system", "content": "You keep notes. " * 40}, {"role": "user", "content": "Hi!"}]
         first = _turn(port, history)
         loaded_rss = psutil.Process(process.pid).memory_info().rss
-        _until(lambda: _health(port).get("model_state") == "unloaded", "the idle unload")
+        wait_until(lambda: _health(port).get("model_state") == "unloaded", "the idle unload", DEADLINE_S)
         unloaded_rss = psutil.Process(process.pid).memory_info().rss
         assert unloaded_rss < loaded_rss, (unloaded_rss, loaded_rss)
         shown = _ok(["status", "--root", str(root)])
@@ -219,7 +212,7 @@ def test_a_supervised_sidecar_that_unloaded_stays_healthy_and_is_not_restarted(
     port = load_settings(root).port
     pid = supervisor_for_root(root).status().pid
     _turn(port, [{"role": "user", "content": "Hi!"}])
-    _until(lambda: _health(port).get("model_state") == "unloaded", "the idle unload")
+    wait_until(lambda: _health(port).get("model_state") == "unloaded", "the idle unload", DEADLINE_S)
     again = _ok(["start-sidecar", "--root", str(root)])
     assert "Already running" in again and "Healthy at" in again
     status = supervisor_for_root(root).status()
