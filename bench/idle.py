@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from bench.memory import QUICK_SYSTEM_CHARS, add_model_options, chosen_model, session_requests
+from bench.memory import QUICK_SYSTEM_CHARS, chosen_model, openclaw_turn_parser, session_requests
 from bench.models import describe_model
 from bench.runtime import reexec_with_openblas
 from bench.sessions import Sidecar, serve_sidecar
@@ -168,16 +168,7 @@ def _health(sidecar: Sidecar) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.idle", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", action="store_true", help="print the report on one line")
-    parser.add_argument(
-        "--quick", action="store_true", help=f"OpenClaw's system prompt cut to {QUICK_SYSTEM_CHARS} characters"
-    )
-    parser.add_argument("--max-tokens", type=int, default=16, help="answer length per request")
-    parser.add_argument("--system-chars", type=int, default=None, help="cut OpenClaw's system prompt to this length")
-    parser.add_argument("--tools", type=int, default=None, help="send only OpenClaw's first N tools (default all 12)")
-    add_model_options(parser)
-    return parser
+    return openclaw_turn_parser("python -m bench.idle", __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

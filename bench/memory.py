@@ -370,6 +370,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def openclaw_turn_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that replays OpenClaw's captured requests as timed turns."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--json", action="store_true", help="print the report on one line")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"OpenClaw's system prompt cut to {QUICK_SYSTEM_CHARS} characters"
+    )
+    parser.add_argument("--max-tokens", type=int, default=16, help="answer length per request")
+    parser.add_argument("--system-chars", type=int, default=None, help="cut OpenClaw's system prompt to this length")
+    parser.add_argument("--tools", type=int, default=None, help="send only OpenClaw's first N tools (default all 12)")
+    add_model_options(parser)
+    return parser
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """The options that choose OpenClaw's captured requests and the model they are sent to."""
     parser.add_argument("--turns-file", default=str(OPENCLAW_TURNS), help="OpenClaw's captured requests")
