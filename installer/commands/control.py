@@ -12,7 +12,6 @@ from typing import Annotated, Any
 
 import typer
 
-from common.durations import DurationError, parse_duration
 from common.errors import UserError
 from common.health import Health, base_url, probe_health
 from common.kv_budget import KV_GROUP_SIZES, parse_kv_bits
@@ -31,6 +30,7 @@ from installer.commands.options import (
     JsonOption,
     RootOption,
     YesOption,
+    duration_seconds,
     examples,
     print_json,
     resolve_root,
@@ -124,11 +124,9 @@ def start_sidecar(
             if max_disk_bytes < 0:
                 raise CommandRefused("--max-disk-bytes must be 0 (no disk cache) or positive")
             updated = dataclasses.replace(updated, max_disk_bytes=max_disk_bytes)
-        if keep_alive is not None:
-            try:
-                updated = dataclasses.replace(updated, keep_alive_s=parse_duration(keep_alive))
-            except DurationError as exc:
-                raise CommandRefused(f"--keep-alive: {exc}") from None
+        keep_alive_s = duration_seconds("--keep-alive", keep_alive)
+        if keep_alive_s is not None:
+            updated = dataclasses.replace(updated, keep_alive_s=keep_alive_s)
         changed = updated != settings
         if changed:
             save_settings(root_path, updated)

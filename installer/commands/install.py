@@ -8,12 +8,11 @@ from typing import Annotated
 
 import typer
 
-from common.durations import DurationError, parse_duration
 from common.settings import DEFAULT_HOST, DEFAULT_PORT
 from installer.commands.options import (
-    CommandRefused,
     RootOption,
     YesOption,
+    duration_seconds,
     examples,
     resolve_root,
     root_flag,
@@ -142,7 +141,7 @@ def _run(
         health_timeout_s=health_timeout,
         kv_bits=kv_bits,
         max_disk_bytes=max_disk_bytes,
-        keep_alive_s=_keep_alive_seconds(keep_alive),
+        keep_alive_s=duration_seconds("--keep-alive", keep_alive),
     )
     install(request, echo=typer.echo, confirm=lambda question: typer.confirm(question, default=False))
     flag = root_flag(root_path)
@@ -252,15 +251,6 @@ def install_sidecar_only(
         max_disk_bytes=max_disk_bytes,
         keep_alive=keep_alive,
     )
-
-
-def _keep_alive_seconds(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        return parse_duration(text)
-    except DurationError as exc:
-        raise CommandRefused(f"--keep-alive: {exc}") from None
 
 
 def register(app: typer.Typer) -> None:

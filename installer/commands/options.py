@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from common.durations import DurationError, parse_duration
 from common.errors import UserError
 from common.layout import default_root
 
@@ -46,3 +47,14 @@ def print_json(data: Any) -> None:
 def root_flag(root: Path) -> str:
     """` --root ROOT` when the root is not the default, for next-step hints."""
     return "" if root == default_root().absolute() else f" --root {root}"
+
+
+def duration_seconds(flag: str, text: str | None) -> float | None:
+    """A duration option's seconds (None when it was not given); a malformed one is refused, naming the flag."""
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except DurationError as exc:
+        raise CommandRefused(f"{flag}: {exc}") from None
+

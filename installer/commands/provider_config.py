@@ -8,8 +8,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from common.durations import DurationError, parse_duration
-from installer.commands.options import CommandRefused, JsonOption, RootOption, examples, print_json, resolve_root
+from installer.commands.options import (
+    JsonOption,
+    RootOption,
+    duration_seconds,
+    examples,
+    print_json,
+    resolve_root,
+)
 from installer.errors import cli_errors
 from plugin_tools.payloads import PluginConfig, ProviderConfigPayload
 
@@ -89,7 +95,7 @@ def provider_config(
         "maxTokens": max_tokens,
     }
     params = check_params({name: value for name, value in given.items() if value is not None})
-    idle_stop_s = _idle_stop_seconds(idle_stop)
+    idle_stop_s = duration_seconds("--idle-stop", idle_stop)
     if not apply:
         payload = build_provider_config(plugin_config, params, idle_stop_s=idle_stop_s)
         if json_output:
@@ -103,15 +109,6 @@ def provider_config(
         print_json(_apply_report(payload, result, set_default))
     else:
         _print_applied(payload, result, set_default)
-
-
-def _idle_stop_seconds(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        return parse_duration(text)
-    except DurationError as exc:
-        raise CommandRefused(f"--idle-stop: {exc}") from None
 
 
 def _apply_report(
