@@ -135,7 +135,11 @@ def test_stop_kills_a_sidecar_that_ignores_sigterm(
 
 
 def test_output_goes_to_the_root_logs(supervisor: ProcessSupervisor, child_code: list[str]) -> None:
-    child_code[0] = "import sys; print('to stdout'); print('to stderr', file=sys.stderr)"
+    # The child stays up: one that exits is restarted, and the keeper's own line about it would follow.
+    child_code[0] = (
+        "import signal, sys; print('to stdout', flush=True); print('to stderr', file=sys.stderr, flush=True); "
+        "signal.pause()"
+    )
     supervisor.start()
     out_log, err_log = supervisor.log_paths()
     _wait_for(lambda: tail_lines(err_log, 1) == ["to stderr"], "stderr in the log")
