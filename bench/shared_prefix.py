@@ -1,17 +1,17 @@
-"""Can sessions share the system prompt's KV instead of copying it? `python -m bench.shared_prefix --json`.
+"""Attention over a shared prefix held once, against per-row contiguous caches. `python -m bench.shared_prefix --json`.
 
-Every active session holds its own copy of the shared prefix's KV (MLX caches are contiguous
-buffers). This measures one decode step's attention over [shared prefix | own tokens] for one
-layer, with the prefix held once and the session's own tokens apart, against the contiguous cache
-it would replace, float and quantized:
+Sessions that start from the shared system prompt reference its K/V (sidecar/delta/
+segment_attention.py). This times one Qwen3-4B attention layer's decode step for R = 1, 2, 4, 8 rows,
+each with the prefix and its own tokens, float and quantized:
 
-- `contiguous`: today, one buffer per session (mx.fast.scaled_dot_product_attention, or mlx-lm's
-  quantized attention for quantized caches);
-- `two_segment`: scores against each segment, one softmax over both, two weighted sums;
-- `concat_per_step` (float only): the segments concatenated for each step (a transient copy).
+- `contiguous`: one buffer per row holding the prefix and its own tokens (a private copy), attended
+  row by row as the batch does (mx.fast.scaled_dot_product_attention, or mlx-lm's quantized
+  attention for quantized caches);
+- `shared`: the sidecar's `decode_over_prefix`: the rows' queries stacked against the prefix's
+  K/V once, each row's own segment apart, one softmax over both.
 
-Ratios are contiguous time / candidate time (≥ 0.9 keeps decode within 10 %), medians of
-alternating pairs. Prints one JSON object.
+Ratios are contiguous time / shared time (> 1: sharing is faster), medians of alternating pairs;
+the largest difference of the outputs is reported beside them. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim},
         "prefix_tokens": args.prefix_tokens,
+        "rows": args.rows,
         "own_tokens": args.own_tokens,
         "device": str(mx.default_device()),
     }
     for bits in (None, 8, 4):
         name = "float" if bits is None else f"{bits}-bit"
         report[name] = _measure(args, bits)
-        _log(f"{name}: {json.dumps(report[name])}")
     print(json.dumps(report, indent=None if args.json else 2))
     return 0
 
@@ -51,74 +51,50 @@ def _measure(args: argparse.Namespace, bits: int | None) -> dict[str, Any]:
     import mlx.core as mx
     from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
-    B, H, Hkv, D = 1, args.heads, args.kv_heads, args.head_dim
+    from sidecar.delta.prefixed_kv import PrefixSegment
+    from sidecar.delta.segment_attention import decode_over_prefix
+
+    H, Hkv, D = args.heads, args.kv_heads, args.head_dim
     P, N, scale = args.prefix_tokens, args.own_tokens, args.head_dim**-0.5
-    keys = mx.random.normal((B, Hkv, P + N, D))
-    values = mx.random.normal((B, Hkv, P + N, D))
-    query = mx.random.normal((B, H, 1, D))
-    prefix_k, prefix_v = keys[:, :, :P], values[:, :, :P]
-    own_k, own_v = keys[:, :, P:], values[:, :, P:]
-    mx.eval(keys, values, query, prefix_k, prefix_v, own_k, own_v)
-
-    if bits is None:
-        contiguous = lambda: mx.fast.scaled_dot_product_attention(query, keys, values, scale=scale, mask=None)  # noqa: E731
-        candidates = {
-            "two_segment": lambda: _two_segment(query, (prefix_k, prefix_v), (own_k, own_v), scale, mx.matmul),
-            "concat_per_step": lambda: mx.fast.scaled_dot_product_attention(
-                query, *(mx.concatenate(pair, 2) for pair in ((prefix_k, own_k), (prefix_v, own_v))), scale=scale
-            ),
-        }
-    else:
-        quantize = lambda x: mx.quantize(x, group_size=64, bits=bits)  # noqa: E731
-        qk, qv, pk, pv, ok, ov = map(quantize, (keys, values, prefix_k, prefix_v, own_k, own_v))
-        mx.eval(qk, qv, pk, pv, ok, ov)
-        # mlx-lm's quantized attention scales the queries in place: it gets a copy each time.
-        contiguous = lambda: quantized_scaled_dot_product_attention(  # noqa: E731
-            mx.array(query), qk, qv, scale=scale, mask=None, group_size=64, bits=bits
-        )
-
-        def qmatmul(a: Any, packed: Any, transpose: bool = True) -> Any:
-            return mx.quantized_matmul(a, *packed, transpose=transpose, group_size=64, bits=bits)
-
-        candidates = {"two_segment": lambda: _two_segment(query, (pk, pv), (ok, ov), scale, qmatmul, quantized=True)}
-
-    reference = contiguous()
+    pack = (lambda x: x) if bits is None else (lambda x: tuple(mx.quantize(x, group_size=64, bits=bits)))  # noqa: E731
+    prefix_k, prefix_v = mx.random.normal((1, Hkv, P, D)), mx.random.normal((1, Hkv, P, D))
     out: dict[str, Any] = {}
-    for name, run in candidates.items():
-        error = float(mx.abs(run() - reference).max())
-        pairs = _pairs(contiguous, run, args.repeats)
-        out[name] = {
-            "ratio": round(statistics.median(c / t for c, t in pairs), 3),
+    for rows in args.rows:
+        own_k = [mx.random.normal((1, Hkv, N, D)) for _ in range(rows)]
+        own_v = [mx.random.normal((1, Hkv, N, D)) for _ in range(rows)]
+        queries = mx.random.normal((rows, H, 1, D))
+        # The per-row copies: prefix and own tokens in one buffer each, as a private cache holds them.
+        copies = [
+            (pack(mx.concatenate([prefix_k, k], 2)), pack(mx.concatenate([prefix_v, v], 2)))
+            for k, v in zip(own_k, own_v)
+        ]
+        segment = PrefixSegment(pack(prefix_k), pack(prefix_v), P, None)
+        own = [(pack(k), pack(v)) for k, v in zip(own_k, own_v)]
+        mx.eval(queries, copies, segment.keys, segment.values, own)
+
+        def contiguous() -> Any:
+            if bits is None:
+                attend = lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)  # noqa: E731
+            else:
+                # mlx-lm's quantized attention scales the queries in place: it gets a copy.
+                attend = lambda q, k, v: quantized_scaled_dot_product_attention(  # noqa: E731
+                    mx.array(q), k, v, scale=scale, mask=None, group_size=64, bits=bits
+                )
+            return mx.concatenate([attend(queries[i : i + 1], *copies[i]) for i in range(rows)])
+
+        def shared() -> Any:
+            return decode_over_prefix(queries, segment, own, scale, None if bits is None else (64, bits))
+
+        error = float(mx.abs(shared() - contiguous()).max())
+        pairs = _pairs(contiguous, shared, args.repeats)
+        out[f"rows_{rows}"] = {
+            "ratio": round(statistics.median(c / s for c, s in pairs), 3),
             "contiguous_ms": round(1000 * statistics.median(c for c, _ in pairs), 3),
-            "candidate_ms": round(1000 * statistics.median(t for _, t in pairs), 3),
+            "shared_ms": round(1000 * statistics.median(s for _, s in pairs), 3),
             "max_abs_error": error,
         }
+        _log(f"{'float' if bits is None else f'{bits}-bit'} rows {rows}: {json.dumps(out[f'rows_{rows}'])}")
     return out
-
-
-def _two_segment(query: Any, prefix: tuple[Any, Any], own: tuple[Any, Any], scale: float, matmul: Callable[..., Any],
-                 quantized: bool = False) -> Any:  # fmt: skip
-    """Attention over [prefix | own] without joining them: one softmax over both segments' scores."""
-    import mlx.core as mx
-
-    B, H, L, D = query.shape
-    Hkv = (prefix[0][0] if quantized else prefix[0]).shape[1]
-    q = (query * scale).reshape(B, Hkv, H // Hkv, L, D)
-
-    def expand(x: Any) -> Any:
-        return tuple(mx.expand_dims(t, 2) for t in x) if quantized else mx.expand_dims(x, 2)
-
-    def scores(keys: Any) -> Any:
-        return matmul(q, expand(keys)) if quantized else matmul(q, expand(keys).swapaxes(-1, -2))
-
-    s1, s2 = scores(prefix[0]), scores(own[0])
-    weights = mx.softmax(mx.concatenate([s1, s2], axis=-1), axis=-1, precise=True)
-    w1, w2 = weights[..., : s1.shape[-1]], weights[..., s1.shape[-1] :]
-    if quantized:
-        out = matmul(w1, expand(prefix[1]), transpose=False) + matmul(w2, expand(own[1]), transpose=False)
-    else:
-        out = matmul(w1, expand(prefix[1])) + matmul(w2, expand(own[1]))
-    return out.reshape(B, H, L, D)
 
 
 def _pairs(first: Callable[[], Any], second: Callable[[], Any], repeats: int) -> list[tuple[float, float]]:
@@ -147,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--heads", type=int, default=32, help="query heads (Qwen3-4B: 32)")
     parser.add_argument("--kv-heads", type=int, default=8, help="KV heads (Qwen3-4B: 8)")
     parser.add_argument("--head-dim", type=int, default=128, help="(Qwen3-4B: 128)")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8], help="sessions decoding together")
+    parser.add_argument("--repeats", type=int, default=9)
     return parser
 
 

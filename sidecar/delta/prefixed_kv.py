@@ -33,7 +33,7 @@ class PrefixSegment:
     @property
     def quantized(self) -> bool:
         """True when the K/V are mlx-lm's quantized triples."""
-        return isinstance(self.keys, tuple)
+        return isinstance(self.keys, (tuple, list))
 
 
 class PrefixedKV:
@@ -118,6 +118,6 @@ def _take(part: KvParts | None, start: int, end: int) -> Any:
 def _join(first: KvParts, second: KvParts | None) -> KvParts:
     if second is None:
         return first
-    if isinstance(first, tuple):
+    if isinstance(first, (tuple, list)):
         return tuple(mx.concatenate([a, b], axis=2) for a, b in zip(first, second))
     return mx.concatenate([first, second], axis=2)

@@ -24,7 +24,7 @@ def prefill_over_prefix(
 ) -> mx.array:
     """Several queries of one row over its whole cache (prefix and own tokens, the new ones included)."""
     keys, values = cache.kv_range(0, cache.offset)
-    if isinstance(keys, tuple):
+    if isinstance(keys, (tuple, list)):
         keys, values = (mx.dequantize(*kv, group_size=cache.group_size, bits=cache.bits) for kv in (keys, values))
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
 
@@ -81,4 +81,4 @@ def _weighted(weights: mx.array, values: KvParts, quantization: Quantization) ->
 
 
 def _kv_heads(keys: KvParts) -> int:
-    return (keys[0] if isinstance(keys, tuple) else keys).shape[1]
+    return (keys[0] if isinstance(keys, (tuple, list)) else keys).shape[1]
