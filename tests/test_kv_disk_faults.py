@@ -24,6 +24,7 @@ from test_kv_disk import TURNS, answer, chunk_files, prompt_done, replayed, star
 from sidecar.engine.interface import Finished
 from sidecar.kvcache import disk_cache, disk_files, disk_restore
 from sidecar.kvcache.disk_files import KvFileError, read_manifest
+from sidecar.kvcache.disk_index import History
 from sidecar.sessions.keys import hash_session_key
 
 TURN_TIMEOUT_S = 60.0
@@ -426,6 +427,25 @@ def test_a_restore_uses_the_newest_chunk_on_disk_as_far_as_it_agrees_with_the_hi
         assert [answer(run(reference, job(t, max_tokens=6))) for t in turns][-1] == answer(events)
     finally:
         stop(reference)
+
+
+AGREEMENT_CASES = {
+    # name: (chunk's writes, history's writes, history's tokens from 7 on differ) -> (agreed, what differs)
+    "all agree": ([(4, "m")], [(4, "m")], False, (12, None)),
+    "tokens differ from 7": ([(4, "m"), (9, "n")], [(4, "m")], True, (7, "tokens")),
+    "a write before 7 only the chunk has": ([(4, "m")], [], True, (2, "memory writes")),
+    "a write at 7 only the chunk has": ([(7, "m")], [], True, (6, "memory writes")),
+    "a write at 7 both have": ([(7, "m")], [(7, "m")], True, (7, "tokens")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AGREEMENT_CASES))
+def test_a_chunk_is_used_as_far_as_its_tokens_and_memory_writes_agree_with_the_history(case: str) -> None:
+    ours, theirs, differ, expected = AGREEMENT_CASES[case]
+    stored = list(range(2, 12))
+    tokens = list(range(12)) if not differ else [*range(7), *(100 + t for t in range(7, 12))]
+    entry = disk_files.ChunkEntry(2, 12, "0.safetensors", "a" * 64, 1, writes=ours)
+    assert disk_restore._agreement(entry, stored, History(tuple(tokens), tuple(theirs)), 12) == expected
 
 
 # ---- F9b: write failures show on /health until a write works again ------------------------------
