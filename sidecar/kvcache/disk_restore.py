@@ -3,9 +3,11 @@
 On the reader thread (`read_session_files`): wait for the session's queued writes (they hold its
 newest turns), read its manifest and, in order, each chunk file it names, each checked against its
 size and sha256; stop at the first that fails. On the generation thread (`check_chunks`): decode
-them, check each against the model's cache layout, its token ids and memory writes against the
-session's history; stop at the first that fails. Whatever stopped it is logged: the engine replays
-from there, so a bad file costs time, never a wrong answer or a failed request.
+them, check each against the model's cache layout; use each as far as its token ids and memory
+writes agree with the session's history (a session's files may be a turn behind it: a kill between
+its save and its chunk write, a failed write), and stop there or at the first that fails. Whatever
+stopped it is logged: the engine replays from there, so a bad file costs time, never a wrong answer
+or a failed request.
 """
 
 from __future__ import annotations
