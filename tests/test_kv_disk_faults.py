@@ -18,12 +18,13 @@ from typing import Any
 
 import mlx.core as mx
 import pytest
-from engine_support import job, run, session_of
+from engine_support import SYSTEM, job, run, session_of
 from test_kv_disk import TURNS, answer, chunk_files, prompt_done, replayed, start, stop, third_turn
 
 from sidecar.engine.interface import Finished
 from sidecar.kvcache import disk_cache, disk_files, disk_restore
 from sidecar.kvcache.disk_files import KvFileError, read_manifest
+from sidecar.kvcache.disk_index import History
 from sidecar.sessions.keys import hash_session_key
 
 TURN_TIMEOUT_S = 60.0
@@ -386,6 +387,67 @@ def test_a_restarted_session_is_a_full_hit_when_its_next_turn_sends_the_real_ans
     assert done.cached_tokens >= before_new_turn - 64
 
 
+def test_a_restore_uses_the_newest_chunk_on_disk_as_far_as_it_agrees_with_the_history(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a kill -9 between a turn's session save and its chunk write leaves (or a failed or skipped
+    write): the session's history is a turn ahead of its files, so the newest chunk on disk holds the
+    turn before with its internal-context message, which the history no longer has. The chunk agrees
+    with the history up to that message: that much is read (before: the whole chunk was refused, and
+    the long question before it replayed)."""
+
+    def lost(path: Path, data: bytes) -> str:
+        raise OSError(errno.EIO, "Input/output error")
+
+    question = ("user", "Please look at these files: " + " ".join(f"notes/{i}.md" for i in range(60)))
+    question_0 = [("system", SYSTEM), question]
+    turns = [[*question_0, ("user", "[internal context 0]")]]
+    engine = start(tiny_model_dir, tiny_adapter_dir, tmp_path / "state")
+    turns.append([*question_0, ("assistant", answer(run(engine, job(turns[0], max_tokens=6)))), ("user", "next")])
+    asyncio.run(engine.save_session(hash_session_key("s1")))  # turn 0's chunks are on disk
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(disk_files, "write_chunk_file", lost)
+        turns.append([*turns[1], ("assistant", answer(run(engine, job(turns[1], max_tokens=6)))), ("user", "last")])
+        stop(engine)  # turn 1 is saved with the session, not on disk
+    engine = start(tiny_model_dir, tiny_adapter_dir, tmp_path / "state")
+    try:
+        with caplog.at_level(logging.INFO, logger="sidecar.kvcache.disk_cache"):
+            events = run(engine, job(turns[2], max_tokens=6))
+        stats, replay_checks = engine.kv_disk.stats(), (engine.replays.checks, engine.replays.mismatches)
+        through_question = len(engine.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in question_0]))
+    finally:
+        stop(engine)
+    assert stats["hits"] == 0 and stats["partial_hits"] == 1  # honest: turn 1 was never on disk
+    # The chunk agrees with the history through the question and the next message's `<|im_start|>`.
+    assert any(f"than the history from token {through_question + 1}" in r.getMessage() for r in caplog.records)
+    assert prompt_done(events).cached_tokens >= through_question - 64  # the question came from disk
+    assert replay_checks[0] >= 1 and replay_checks[1] == 0  # the δ-states as saved after turn 1
+    reference = start(tiny_model_dir, tiny_adapter_dir, tmp_path / "reference", max_disk_bytes=0)
+    try:
+        assert [answer(run(reference, job(t, max_tokens=6))) for t in turns][-1] == answer(events)
+    finally:
+        stop(reference)
+
+
+AGREEMENT_CASES = {
+    # name: (chunk's writes, history's writes, history's tokens from 7 on differ) -> (agreed, what differs)
+    "all agree": ([(4, "m")], [(4, "m")], False, (12, None)),
+    "tokens differ from 7": ([(4, "m"), (9, "n")], [(4, "m")], True, (7, "tokens")),
+    "a write before 7 only the chunk has": ([(4, "m")], [], True, (2, "memory writes")),
+    "a write at 7 only the chunk has": ([(7, "m")], [], True, (6, "memory writes")),
+    "a write at 7 both have": ([(7, "m")], [(7, "m")], True, (7, "tokens")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AGREEMENT_CASES))
+def test_a_chunk_is_used_as_far_as_its_tokens_and_memory_writes_agree_with_the_history(case: str) -> None:
+    ours, theirs, differ, expected = AGREEMENT_CASES[case]
+    stored = list(range(2, 12))
+    tokens = list(range(12)) if not differ else [*range(7), *(100 + t for t in range(7, 12))]
+    entry = disk_files.ChunkEntry(2, 12, "0.safetensors", "a" * 64, 1, writes=ours)
+    assert disk_restore._agreement(entry, stored, History(tuple(tokens), tuple(theirs)), 12) == expected
+
+
 # ---- F9b: write failures show on /health until a write works again ------------------------------
 
 
@@ -401,7 +463,7 @@ def test_write_failures_make_health_degraded_until_a_write_works_again(
         with monkeypatch.context() as patch:
             patch.setattr(disk_files, "write_chunk_file", full)
             run(engine, job(TURNS[0]))
-            asyncio.run(engine.save_session(hash_session_key("s1")))  # returns once its disk writes are done (here: failed)
+            asyncio.run(engine.save_session(hash_session_key("s1")))  # once its disk writes are done (here: failed)
             problems = asyncio.run(engine.health())["problems"]
         failures = engine.kv_disk.stats()["write_failures"]
         assert failures >= 1

@@ -123,7 +123,9 @@ def test_a_stuck_writer_holds_up_no_answer_and_a_full_queue_is_written_with_the_
         assert disk["skipped_writes"] >= 2 and disk["writes"] == 0
     finally:
         stuck.release.set()
-    run(engine, job(TURNS[1], key="b"))  # b's next turn writes what the skipped one did not
+    # Once a's queued chunk is written (a race before: b's next chunk found the queue still full)...
+    asyncio.run(engine.save_session(hash_session_key("a")))
+    run(engine, job(TURNS[1], key="b"))  # ...b's next turn writes what the skipped one did not
     stop(engine)
     restarted = start(tiny_model_dir, tiny_adapter_dir, state)
     try:

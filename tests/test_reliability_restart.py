@@ -111,7 +111,7 @@ def test_after_a_disk_cache_fault_the_restarted_server_answers_as_a_replay(
         assert disk["read_failures"] == (fault == "fifo-chunk")
     else:
         # The disk was used: all of the second turn if its manifest survived, else the first turn's
-        # shared prefix (its own tokens differ from the second turn's history), the rest replayed.
+        # files as far as they agree with the second turn's history, the rest replayed.
         assert disk["fallbacks"] == 0 and disk["restored_tokens"] > 0
         assert (disk["hits"], disk["partial_hits"]) == ((1, 0) if survived > first_end else (0, 1))
 

@@ -3,9 +3,11 @@
 On the reader thread (`read_session_files`): wait for the session's queued writes (they hold its
 newest turns), read its manifest and, in order, each chunk file it names, each checked against its
 size and sha256; stop at the first that fails. On the generation thread (`check_chunks`): decode
-them, check each against the model's cache layout, its token ids and memory writes against the
-session's history; stop at the first that fails. Whatever stopped it is logged: the engine replays
-from there, so a bad file costs time, never a wrong answer or a failed request.
+them, check each against the model's cache layout; use each as far as its token ids and memory
+writes agree with the session's history (a session's files may be a turn behind it: a kill between
+its save and its chunk write, a failed write), and stop there or at the first that fails. Whatever
+stopped it is logged: the engine replays from there, so a bad file costs time, never a wrong answer
+or a failed request.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from sidecar.kvcache.disk_files import (
 from sidecar.kvcache.disk_folders import DiskLayout, is_real_dir
 from sidecar.kvcache.disk_index import DiskIndex, History
 from sidecar.kvcache.disk_writer import DiskWriter
+from sidecar.sessions.state import common_prefix
 
 # How long restoring a session waits for its own queued writes (on the reader thread).
 PENDING_WAIT_S = 30.0
@@ -113,15 +116,29 @@ def check_chunks(
                 raise KvFileError(f"chunk at token {entry.start} holds tokens [{chunk.start}, {chunk.end}) only")
         except KvFileError as exc:
             return chunks, str(exc), prefix_read
-        owned = [w for w in history.writes if entry.start <= w[0] < end]
-        if stored[: end - entry.start] != list(history.tokens[entry.start : end]):
-            return chunks, f"chunk at token {entry.start} holds other tokens than the history", prefix_read
-        if [w for w in entry.writes if w[0] < end] != owned:
-            return chunks, f"chunk at token {entry.start} holds other memory writes than the history", prefix_read
+        agreed, differs = _agreement(entry, stored, history, end)
+        if agreed > entry.start:
+            chunks.append(chunk.cut(agreed))
+        if differs is not None:
+            reason = f"chunk at token {entry.start} holds other {differs} than the history from token {agreed}"
+            return chunks, reason, prefix_read
         if entry.prefix is not None and read.data is not None and end == entry.end == chunk.end:
             prefix_read = chunk
-        chunks.append(chunk.cut(end))
     if files.reason is not None:
         return chunks, files.reason, prefix_read
     reason = None if chunks and chunks[-1].end == len(history.tokens) else "the files end early"
     return chunks, reason, prefix_read
+
+
+def _agreement(entry: ChunkEntry, stored: list[int], history: History, end: int) -> tuple[int, str | None]:
+    """How far a chunk agrees with the history's first `end` tokens, and what differs from there ("tokens",
+    "memory writes"; None: nothing). A chunk written before the history last changed (its turn's
+    internal-context message since dropped, a newer turn's write lost to a kill) agrees up to there,
+    and that much is used."""
+    agreed = entry.start + common_prefix(stored[: end - entry.start], history.tokens[entry.start : end])
+    if [w for w in entry.writes if w[0] < agreed] != [w for w in history.writes if entry.start <= w[0] < agreed]:
+        return entry.start, "memory writes"
+    if any(w[0] == agreed for w in entry.writes) and not any(w[0] == agreed for w in history.writes):
+        # Its δ-state there may hold a memory write the history does not: stop short of it.
+        return max(entry.start, agreed - 1), "memory writes"
+    return agreed, None if agreed == end else "tokens"
