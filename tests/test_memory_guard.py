@@ -20,6 +20,7 @@ from common.kv_budget import (
     MIB,
     KvShape,
     cache_tokens,
+    delta_record_bytes,
     kv_bytes_per_token,
     model_weight_bytes,
 )
@@ -28,6 +29,10 @@ from sidecar.engine import decoding, prompts
 from sidecar.engine.interface import Failed, Finished, PromptDone, TextDelta
 from sidecar.engine.memory_guard import (
     WORKING_BYTES,
+    Holding,
+    KvGuard,
+    KvHoldings,
+    RequestSize,
     answering_bytes,
     effective_budget,
     eviction_plan,
@@ -54,13 +59,49 @@ def _held(engine) -> int:
 # ---- the arithmetic, without a model ----------------------------------------------------------
 
 
-def test_eviction_plan_drops_the_fewest_oldest_holdings_or_refuses() -> None:
-    held = [("a", 40), ("b", 30), ("c", 20)]
+def test_eviction_plan_drops_the_fewest_oldest_holdings_or_all() -> None:
+    held = KvHoldings(0, [Holding("a", 40), Holding("b", 30), Holding("c", 20)], {})
     assert eviction_plan(10, 100, held) == []
     assert eviction_plan(30, 100, held) == ["a"]
     assert eviction_plan(75, 100, held) == ["a", "b"]
     assert eviction_plan(85, 100, held) == ["a", "b", "c"]
-    assert eviction_plan(101, 100, held) is None
+    assert eviction_plan(101, 100, held) == ["a", "b", "c"]  # cannot fit: every idle holding goes
+    assert eviction_plan(20, 100, KvHoldings(70, held.idle, {})) == ["a", "b", "c"]  # the answering stay
+
+
+def test_a_shared_prefix_is_freed_only_when_nothing_references_it() -> None:
+    # P (50 bytes) is referenced by idle sessions a and b and listed by the prefix cache; Q (30) by the
+    # answering session only; R (20) by its entry only.
+    idle = [Holding("a", 10, "P"), Holding("b", 10, "P"), Holding("P entry", 0, "P"), Holding("R entry", 0, "R")]
+    held = KvHoldings(answering=15, idle=idle, prefixes={"P": 50, "Q": 30, "R": 20}, pinned=["Q"])
+    assert held.total == 15 + 20 + 100
+    assert eviction_plan(0, 135, held) == []
+    assert eviction_plan(10, 135, held) == ["a"]  # a's own 10 bytes; P stays for b and the entry
+    assert eviction_plan(25, 135, held) == ["a", "b", "P entry"]  # the entry's drop frees P's 50
+    assert eviction_plan(75, 135, held) == ["a", "b", "P entry", "R entry"]
+    # The answering session's Q and its own bytes stay whatever is needed.
+    assert eviction_plan(1000, 135, held) == ["a", "b", "P entry", "R entry"]
+    # A prefix entry that a session still references frees nothing: it is kept, and the next one goes.
+    entry_first = KvHoldings(0, [Holding("P entry", 0, "P"), Holding("R entry", 0, "R"), Holding("a", 10, "P")],
+                             {"P": 50, "R": 20})  # fmt: skip
+    assert eviction_plan(10, 80, entry_first) == ["R entry"]
+    assert eviction_plan(30, 80, entry_first) == ["R entry", "a"]  # a was P's last reference but the entry
+    pinned = KvHoldings(0, [Holding("P entry", 0, "P"), Holding("a", 10, "P")], {"P": 50}, pinned=["P"])
+    assert eviction_plan(100, 60, pinned) == ["a"]  # an answering session references P: it stays
+
+
+def test_a_request_from_a_shared_prefix_needs_room_for_its_own_tokens_only() -> None:
+    shape = KvShape(layers=2, kv_heads=2, head_dim=16, dtype_bytes=4, delta_layers=2, delta_state_floats=64)
+    guard = KvGuard(shape, 10**9, None, 64)
+    per_token = kv_bytes_per_token(shape)
+    alone = guard.request_bytes(RequestSize(1000, 4))
+    assert alone == cache_tokens(1000) * per_token + delta_record_bytes(shape, 1000, 4)
+    own = guard.request_bytes(RequestSize(1000, 4, shared=600, prefix="P", prefix_bytes=123))
+    assert own == cache_tokens(400) * per_token + delta_record_bytes(shape, 1000, 4)  # the whole δ record
+    assert guard.request_bytes(RequestSize(1000, 4, snapshot=600)) == alone + guard.session_bytes(600)
+    # Growth counts whole cache steps of the own tokens: 600 shared + 256 own fill one step exactly.
+    assert guard.growth(856, 1, shared=600) == 256 * per_token
+    assert guard.growth(856, 1) == 0
 
 
 def test_answering_sessions_count_for_their_admitted_room_or_what_they_hold_if_more() -> None:

@@ -10,7 +10,8 @@ engine.py, and does the evicting itself.
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from common.kv_budget import MIB, KvShape, session_bytes
@@ -44,23 +45,81 @@ class KvGuard:
     kv_bits: int | None
     kv_group_size: int
 
-    def session_bytes(self, tokens: int, messages: int = 0) -> int:
-        """What a session (or a prefix snapshot) of `tokens` tokens will hold."""
-        return session_bytes(self.shape, tokens, self.kv_bits, self.kv_group_size, messages)
+    def session_bytes(self, tokens: int, messages: int = 0, shared: int = 0) -> int:
+        """What a session (or a prefix snapshot) of `tokens` tokens will hold itself: K/V for the tokens
+        after a shared prefix of `shared` tokens it references (counted apart, once), its whole δ record."""
+        return session_bytes(self.shape, tokens, self.kv_bits, self.kv_group_size, messages, shared)
+
+    def request_bytes(self, size: "RequestSize") -> int:
+        """What a request will hold itself: its own tokens, and a shared prefix it brings into memory."""
+        snapshot = self.session_bytes(size.snapshot) if size.snapshot else 0
+        return self.session_bytes(size.tokens, size.messages, size.shared) + snapshot
+
+    def growth(self, tokens: int, added: int, shared: int = 0) -> int:
+        """What a session of `tokens` tokens (`shared` of them a prefix it references) takes to hold `added` more."""
+        return self.session_bytes(tokens + added, 0, shared) - self.session_bytes(tokens, 0, shared)
 
 
-def eviction_plan(needed: int, budget: int, held: Sequence[tuple[Hashable, int]]) -> list[Hashable] | None:
-    """The holdings to drop, first ones first (callers list them least recently used first), so that
-    `needed` more bytes fit in `budget`; None when even dropping all of them is not enough."""
-    if needed > budget:
-        return None
-    total = sum(nbytes for _, nbytes in held)
+@dataclass(frozen=True)
+class RequestSize:
+    """The most a request will hold: its tokens (prompt and whole answer), the δ-states it keeps, the
+    tokens of a new shared-prefix snapshot it brings into memory (0: none), and the shared prefix it
+    will reference: `shared` tokens of `prefix` (compared by identity only here), `prefix_bytes` held
+    once apart from its own bytes."""
+
+    tokens: int
+    messages: int
+    shared: int = 0
+    snapshot: int = 0
+    prefix: object | None = None
+    prefix_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Holding:
+    """Something eviction may drop: an idle session's cache or a prefix cache entry."""
+
+    key: Hashable
+    nbytes: int  # what it holds itself: a session its own K/V and δ record, a prefix entry nothing more
+    prefix: Hashable | None = None  # the shared prefix it references (a prefix entry: its own)
+
+
+@dataclass(frozen=True)
+class KvHoldings:
+    """What holds KV now, each shared prefix counted once however many sessions reference it."""
+
+    answering: int  # the sessions answering now, which are never evicted (see answering_bytes)
+    idle: Sequence[Holding]  # what eviction may drop, in the order to drop it
+    prefixes: Mapping[Hashable, int]  # every shared prefix a session references or the prefix cache lists
+    pinned: Collection[Hashable] = ()  # the prefixes the answering sessions reference
+
+    @property
+    def total(self) -> int:
+        """Bytes held in all."""
+        return self.answering + sum(h.nbytes for h in self.idle) + sum(self.prefixes.values())
+
+
+def eviction_plan(needed: int, budget: int, holdings: KvHoldings) -> list[Hashable]:
+    """The idle holdings to drop, first ones first, so that `needed` more bytes fit in `budget`: the
+    fewest first ones, or every one that frees anything when even that is not enough. Dropping a
+    holding frees its own bytes, and its prefix's once nothing else references it (no other session,
+    no prefix cache entry, no answering session); a holding that frees nothing (a prefix entry that
+    sessions still reference) is never dropped."""
+    refs = Counter(h.prefix for h in holdings.idle if h.prefix is not None)
+    refs.update(holdings.pinned)
+    total = holdings.total
     drop: list[Hashable] = []
-    for key, nbytes in held:
+    for holding in holdings.idle:
         if total + needed <= budget:
             break
-        drop.append(key)
-        total -= nbytes
+        last = holding.prefix is not None and refs[holding.prefix] == 1
+        freed = holding.nbytes + (holdings.prefixes.get(holding.prefix, 0) if last else 0)
+        if freed == 0:
+            continue
+        drop.append(holding.key)
+        total -= freed
+        if holding.prefix is not None:
+            refs[holding.prefix] -= 1
     return drop
 
 
