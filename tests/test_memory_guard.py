@@ -53,7 +53,7 @@ def _assert_states_close(a: list[mx.array], b: list[mx.array]) -> None:
 
 
 def _held(engine) -> int:
-    return engine.store.kv_bytes + engine.prefixes.nbytes
+    return engine.memory.held_bytes()
 
 
 # ---- the arithmetic, without a model ----------------------------------------------------------
@@ -351,17 +351,19 @@ def test_health_reports_kv_per_session_shared_prefix_and_delta_record(
     memory = health["memory"]
     assert memory["kv_bits"] == "4" and memory["kv_group_size"] == 64
     assert {s["session"] for s in memory["sessions"]} == {session_of(engine, k).key_hash[:12] for k in "ab"}
-    # Each figure against what the caches must hold: 4-bit K/V for the tokens and less than one more
-    # 256-token step (a cache that began as a copy of the shared prefix grows from the prefix's
-    # length, not from a multiple of 256), plus δ records.
+    # Each figure against what the caches must hold: 4-bit K/V for the tokens after the shared prefix
+    # each session references (its own) in whole 256-token steps, plus δ records; the prefix once.
     per_token = kv_bytes_per_token(KvShape.from_dirs(tiny_kv_model_dir, tiny_kv_adapter_dir), 4, 64)
+    prefix_tokens = health["prefix_cache"]["tokens"]
     for s in memory["sessions"]:
         session = session_of(engine, "a" if s["session"] == session_of(engine, "a").key_hash[:12] else "b")
         assert s["tokens"] == len(session.tokens) == session.cache[0].offset
+        assert s["shared_prefix_tokens"] == prefix_tokens > 0
         slots = (s["kv_bytes"] - s["delta_record_bytes"]) / per_token
-        assert slots == int(slots) and s["tokens"] <= slots < s["tokens"] + 256
-    prefix_tokens = health["prefix_cache"]["tokens"]
-    assert prefix_tokens > 0 and memory["shared_prefix_bytes"] >= cache_tokens(prefix_tokens) * per_token
+        assert slots == cache_tokens(s["tokens"] - prefix_tokens)
+    [prefix] = memory["shared_prefixes"]
+    assert prefix == {"tokens": prefix_tokens, "bytes": memory["shared_prefix_bytes"], "sessions": 2, "listed": True}
+    assert memory["shared_prefix_bytes"] >= cache_tokens(prefix_tokens) * per_token
     assert memory["kv_bytes"] == sum(s["kv_bytes"] for s in memory["sessions"]) + memory["shared_prefix_bytes"]
     assert 0 < memory["delta_record_bytes"] < memory["kv_bytes"]
     assert all(0 < s["delta_record_bytes"] < s["kv_bytes"] for s in memory["sessions"])
