@@ -145,8 +145,10 @@ class Prefill:
         memory already); `session`: its session, if in memory."""
         prompt, boundary = layout.tokens, layout.boundary
         mode = mode_name(job.delta_enabled and delta_info(self.model) is not None)
-        stored = self.tiers.prefixes.shared_prefix((mode, tuple(prompt[:boundary]))) if boundary else None
-        snapshot = boundary if boundary and stored is None else 0
+        prefixes = self.tiers.prefixes
+        resident = boundary > 0 and prefixes.contains(mode, prompt[:boundary])
+        stored = prefixes.shared_prefix((mode, tuple(prompt[:boundary]))) if resident else None
+        snapshot = boundary if boundary and not resident else 0
         tokens = len(prompt) + min(job.max_tokens, self.settings.context_window - len(prompt))
         kept = min(common_prefix(session.tokens, prompt), len(prompt) - 1) if session is not None else 0
         return self.memory.request_size(session, tokens, layout.kept_states, kept, stored, snapshot)
