@@ -38,6 +38,7 @@ from sidecar.engine.memory_guard import (
     eviction_plan,
     is_allocation_failure,
 )
+from sidecar.engine.prompt_layout import analyse_prompt
 from sidecar.engine.prompts import message_starts, render_prompt
 from sidecar.sessions.state import common_prefix
 
@@ -94,11 +95,17 @@ def test_a_request_from_a_shared_prefix_needs_room_for_its_own_tokens_only() -> 
     shape = KvShape(layers=2, kv_heads=2, head_dim=16, dtype_bytes=4, delta_layers=2, delta_state_floats=64)
     guard = KvGuard(shape, 10**9, None, 64)
     per_token = kv_bytes_per_token(shape)
+    # One step more of K/V (256 tokens) and of δ record (64 states) than whole steps of the tokens: a
+    # cache read back from disk holds them exactly and grows a step at a time from there.
+    delta = delta_record_bytes(shape, 1000 + 256, 4 + 64)
+    assert delta >= delta_record_bytes(shape, 1000, 4) + 64 * 2 * 64 * 4  # 64 more states of 2 layers
     alone = guard.request_bytes(RequestSize(1000, 4))
-    assert alone == cache_tokens(1000) * per_token + delta_record_bytes(shape, 1000, 4)
+    assert alone == (cache_tokens(1000) + 256) * per_token + delta
     own = guard.request_bytes(RequestSize(1000, 4, shared=600, prefix="P", prefix_bytes=123))
-    assert own == cache_tokens(400) * per_token + delta_record_bytes(shape, 1000, 4)  # the whole δ record
-    assert guard.request_bytes(RequestSize(1000, 4, snapshot=600)) == alone + guard.session_bytes(600)
+    assert own == (cache_tokens(400) + 256) * per_token + delta  # the whole δ record
+    snapshot = cache_tokens(600) * per_token + delta_record_bytes(shape, 600)  # a snapshot never grows
+    assert guard.prefix_bytes(600) == snapshot
+    assert guard.request_bytes(RequestSize(1000, 4, snapshot=600)) == alone + snapshot
     # Growth counts whole cache steps of the own tokens: 600 shared + 256 own fill one step exactly.
     assert guard.growth(856, 1, shared=600) == 256 * per_token
     assert guard.growth(856, 1) == 0
@@ -212,14 +219,16 @@ def test_a_cut_inside_a_message_prefills_back_from_the_last_kept_state(engine_fa
 
 
 def _budget_for(engine, sessions: float) -> int:
-    """Bytes for one shared prefix snapshot and `sessions` sessions of the openclaw_turns(1) size."""
-    prompt = render_prompt(engine.tokenizer, job(openclaw_turns(1)[0]).messages, ())
-    return int(engine.guard.session_bytes(len(prompt) // 2) + sessions * engine.guard.session_bytes(len(prompt) + 8, 8))
+    """Bytes for one shared prefix and `sessions` sessions of the openclaw_turns(1) size referencing it, as
+    the memory guard counts them."""
+    layout = analyse_prompt(engine.tokenizer, render_prompt(engine.tokenizer, job(openclaw_turns(1)[0]).messages, ()))
+    own = engine.guard.session_bytes(len(layout.tokens) + 8, layout.kept_states, shared=layout.boundary)
+    return int(engine.guard.prefix_bytes(layout.boundary) + sessions * own)
 
 
 def test_sessions_are_evicted_before_a_prefill_would_exceed_the_budget(engine_factory, monkeypatch) -> None:
     probe = engine_factory()
-    budget = _budget_for(probe, 1.5)
+    budget = _budget_for(probe, 1.2)
     engine = engine_factory(max_kv_bytes=budget)
     seen: list[int] = []
     original = engine.prefiller._run_segment

@@ -5,8 +5,9 @@ Exactness: one scenario runs on an engine with `share_prefix` on and on one with
 own state dir), for the TSW, SSW and MSW adapters on a model with tied embeddings (as Qwen3-4B),
 float and 8-bit K/V. A first engine answers two sessions and stops; a restarted one then answers six
 sessions together: one restored from disk, a new one on the shared prefix writing hidden memory, one
-rolling back into the system prompt (a private copy from then on), one with δ off, one without a
-system prompt, and one joining while the others decode. Every session must end with the same tokens
+rolling back into the system prompt (a private copy, then the edited prompt's own shared prefix: a
+row on another prefix), one with δ off (the base mode's prefix), one without a system prompt (a
+private cache) and one joining while the others decode. Every session must end with the same tokens
 and texts and δ-states within 1e-6 (8-bit: 1e-5, see below) on both engines, and the engine with
 sharing must really have shared (/health says which sessions reference a prefix).
 
@@ -161,7 +162,8 @@ def test_sessions_on_the_shared_prefix_answer_as_with_a_private_copy_in_a_mixed_
     referencing = {s["session"]: s["shared_prefix_tokens"] for s in health["memory"]["sessions"]}
     prefix = {name: referencing[s.key_hash[:12]] for name, s in shared_sessions.items()}
     boundary = prefix["shared"]
-    assert boundary > 0 and prefix == {**prefix, "restored": boundary, "late": boundary, "private": 0, "none": 0}
+    assert boundary > 0 and prefix == {**prefix, "restored": boundary, "late": boundary, "none": 0}
+    assert 0 < prefix["private"] < boundary  # it decoded on the edited prompt's own prefix: another one
     assert prefix["base"] > 0  # δ off: the base mode's own prefix
     copied_health = asyncio.run(copying.health())
     assert all(s["shared_prefix_tokens"] == 0 for s in copied_health["memory"]["sessions"])
@@ -169,7 +171,8 @@ def test_sessions_on_the_shared_prefix_answer_as_with_a_private_copy_in_a_mixed_
         p["sessions"] for p in copied_health["memory"]["shared_prefixes"]
     )
     for engine_health in (health, copied_health):
-        assert engine_health["disk_cache"]["hits"] >= 1  # `restored` came from disk
+        disk = engine_health["disk_cache"]
+        assert disk["hits"] + disk["partial_hits"] >= 1, disk  # `restored` came from disk
         assert engine_health["batch"]["mean_occupancy"] > 1.5
     # The private row rolled back into the system prompt (its second turn reused less than the prefix).
     second = shared_results["private"][1][0]

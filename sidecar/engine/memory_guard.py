@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from common.kv_budget import MIB, KvShape, session_bytes
+from common.kv_budget import CACHE_STEP, DELTA_RECORD_STEP, MIB, KvShape, session_bytes
 
 # MLX memory a forward pass needs beyond the weights and the caches (activations of one step).
 WORKING_BYTES = 512 * MIB
@@ -46,13 +46,22 @@ class KvGuard:
     kv_group_size: int
 
     def session_bytes(self, tokens: int, messages: int = 0, shared: int = 0) -> int:
-        """What a session (or a prefix snapshot) of `tokens` tokens will hold itself: K/V for the tokens
-        after a shared prefix of `shared` tokens it references (counted apart, once), its whole δ record."""
-        return session_bytes(self.shape, tokens, self.kv_bits, self.kv_group_size, messages, shared)
+        """The most a session (or a prefix snapshot) of `tokens` tokens will hold itself: K/V for the tokens
+        after a shared prefix of `shared` tokens it references (counted apart, once), its whole δ record,
+        and one more step of each: a cache read back from disk holds its tokens exactly and grows a step
+        at a time from there, so its buffers can end up to a step past whole steps."""
+        slack_tokens, slack_states = CACHE_STEP, DELTA_RECORD_STEP
+        return session_bytes(
+            self.shape, tokens + slack_tokens, self.kv_bits, self.kv_group_size, messages + slack_states, shared
+        )
+
+    def prefix_bytes(self, tokens: int) -> int:
+        """What a shared-prefix snapshot of `tokens` tokens holds (it never grows: no step more)."""
+        return session_bytes(self.shape, tokens, self.kv_bits, self.kv_group_size)
 
     def request_bytes(self, size: "RequestSize") -> int:
         """What a request will hold itself: its own tokens, and a shared prefix it brings into memory."""
-        snapshot = self.session_bytes(size.snapshot) if size.snapshot else 0
+        snapshot = self.prefix_bytes(size.snapshot) if size.snapshot else 0
         return self.session_bytes(size.tokens, size.messages, size.shared) + snapshot
 
     def growth(self, tokens: int, added: int, shared: int = 0) -> int:

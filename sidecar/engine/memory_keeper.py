@@ -65,17 +65,18 @@ class MemoryKeeper:
     def request_size(
         self, session: Session | None, tokens: int, messages: int, kept: int, stored: SharedPrefix | None, snapshot: int
     ) -> RequestSize:
-        """The size of a request of `tokens` tokens: from the shared prefix its cache references when the
-        cut back to `kept` tokens keeps it, else (no cache: a new or evicted session) from `stored`, the
-        prefix of its prompt in memory, which it will reference; `snapshot`: tokens of a prefix it brings in."""
-        prefix = None
-        if self.settings.share_prefix:
-            if session is not None and session.cache is not None:
-                own = shared_prefix_of(session.cache)
-                prefix = own if own is not None and kept >= own.length else None
-            else:
-                prefix = stored
-        return _size(tokens, messages, prefix, snapshot)
+        """The size of a request of `tokens` tokens when sessions share prefixes: from the shared prefix
+        its cache references when the cut back to `kept` tokens keeps it; with no cache (a new or evicted
+        session), from `stored`, the prefix of its prompt in memory, or else the snapshot of `snapshot`
+        tokens it brings in: either is the prefix it will reference."""
+        if not self.prefixes.share:
+            return RequestSize(tokens, messages, snapshot=snapshot)
+        if session is not None and session.cache is not None:
+            own = shared_prefix_of(session.cache)
+            return _size(tokens, messages, own if own is not None and kept >= own.length else None, snapshot)
+        if stored is None:
+            return RequestSize(tokens, messages, shared=snapshot, snapshot=snapshot)
+        return _size(tokens, messages, stored, snapshot)
 
     def size_of(self, session: Session, tokens: int, messages: int) -> RequestSize:
         """The size of `session` grown to `tokens` tokens from the cache it holds now."""
