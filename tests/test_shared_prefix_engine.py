@@ -278,3 +278,19 @@ def test_a_listed_prefix_goes_only_once_no_session_references_it(
     _eight(engine, key="t")
     [again] = asyncio.run(engine.health())["memory"]["shared_prefixes"]
     assert (again["tokens"], again["sessions"], again["listed"]) == (prefix["tokens"], 8, True)
+
+
+def test_the_prefix_cache_count_bound_keeps_the_prefixes_sessions_reference(
+    engine_factory, tiny_tied_model_dir, tiny_tied_adapter_dir
+) -> None:
+    engine = engine_factory(tiny_tied_adapter_dir, tiny_tied_model_dir)
+    engine.prefixes.max_entries = 1
+    run(engine, job(_chat("first"), "a"))
+    run(engine, job(_chat("second", EDITED_SYSTEM), "b"))
+    # Over the bound: both stay, each referenced by a resident session (dropping one would free nothing,
+    # and the next session on that prompt would build a second copy).
+    assert [p["sessions"] for p in asyncio.run(engine.health())["memory"]["shared_prefixes"]] == [1, 1]
+    assert len(engine.prefixes.entries()) == 2
+    _make_room(engine, engine.guard.budget)  # evicts the sessions and, unreferenced now, their prefixes
+    run(engine, job(_chat("third", "A third system prompt. " * 40), "c"))
+    assert len(engine.prefixes.entries()) == 1

@@ -88,6 +88,7 @@ class Engine:
         self.prefixes = PrefixCache(
             max_entries=PREFIX_ENTRIES if settings.prefix_cache else 0,
             share=settings.share_prefix and attends_segments(model),
+            in_use=lambda: self.memory.prefixes_in_use(),
         )
         self.kv_disk = open_kv_disk(model, settings, self.store.fingerprint)
         self.counters = JobCounters()
