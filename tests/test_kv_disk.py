@@ -125,8 +125,8 @@ def kv_bound_for_one_session(model: Path, adapter: Path, state: Path) -> int:
         for messages in TURNS[:2]:
             run(probe, job(messages))
         session = session_of(probe)
-        own = probe.guard.session_bytes(len(session.tokens), shared=shared_prefix_of(session.cache).length)
-        return probe.memory.shared_bytes() + int(own * 1.2)
+        own = probe.guard.session_bytes(len(session.tokens) + 64, 32, shared=shared_prefix_of(session.cache).length)
+        return probe.memory.shared_bytes() + own + probe.guard.step_bytes()  # a session read back may hold a step more
     finally:
         stop(probe)
 

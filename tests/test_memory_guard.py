@@ -95,17 +95,27 @@ def test_a_request_from_a_shared_prefix_needs_room_for_its_own_tokens_only() -> 
     shape = KvShape(layers=2, kv_heads=2, head_dim=16, dtype_bytes=4, delta_layers=2, delta_state_floats=64)
     guard = KvGuard(shape, 10**9, None, 64)
     per_token = kv_bytes_per_token(shape)
-    # One step more of K/V (256 tokens) and of δ record (64 states) than whole steps of the tokens: a
-    # cache read back from disk holds them exactly and grows a step at a time from there.
-    delta = delta_record_bytes(shape, 1000 + 256, 4 + 64)
-    assert delta >= delta_record_bytes(shape, 1000, 4) + 64 * 2 * 64 * 4  # 64 more states of 2 layers
+    # The δ record counts a step (64 states) more: one read back from disk, or copied from a prefix read
+    # back from disk, holds its states exactly and grows a step at a time from there.
+    delta = delta_record_bytes(shape, 1000, 4 + 64)
     alone = guard.request_bytes(RequestSize(1000, 4))
-    assert alone == (cache_tokens(1000) + 256) * per_token + delta
+    assert alone == cache_tokens(1000) * per_token + delta
     own = guard.request_bytes(RequestSize(1000, 4, shared=600, prefix="P", prefix_bytes=123))
-    assert own == (cache_tokens(400) + 256) * per_token + delta  # the whole δ record
-    snapshot = cache_tokens(600) * per_token + delta_record_bytes(shape, 600)  # a snapshot never grows
-    assert guard.prefix_bytes(600) == snapshot
+    assert own == cache_tokens(400) * per_token + delta  # the whole δ record
+    snapshot = cache_tokens(600) * per_token + delta_record_bytes(shape, 600, 64)
     assert guard.request_bytes(RequestSize(1000, 4, snapshot=600)) == alone + snapshot
+    # Buffers that are not whole steps (read back from disk) may hold one K/V step more.
+    assert guard.request_bytes(RequestSize(1000, 4, unaligned=True)) == alone + 256 * per_token
+    assert guard.step_bytes() == 256 * per_token
+    assert guard.aligned(512 * per_token) and not guard.aligned(300 * per_token)
+    # A cache it keeps holds at least what it holds now (buffers never shrink) and what it grows by.
+    restored = RequestSize(1000, 4, shared=600, held=own + 1000, held_tokens=900)
+    assert guard.request_bytes(restored) == own + 1000 + guard.growth(900, 100, 600)
+    step = guard.step_bytes()
+    assert guard.request_bytes(RequestSize(1000, 4, shared=600, held=own + 10, held_tokens=900, unaligned=True)) == (
+        own + step  # the step is what a cache read back may hold beyond whole steps: not on top of what it holds
+    )
+    assert guard.request_bytes(RequestSize(1000, 4, shared=600, held=10, held_tokens=900)) == own
     # Growth counts whole cache steps of the own tokens: 600 shared + 256 own fill one step exactly.
     assert guard.growth(856, 1, shared=600) == 256 * per_token
     assert guard.growth(856, 1) == 0
@@ -218,17 +228,18 @@ def test_a_cut_inside_a_message_prefills_back_from_the_last_kept_state(engine_fa
 # ---- the budget ---------------------------------------------------------------------------------
 
 
-def _budget_for(engine, sessions: float) -> int:
+def _budget_for(engine, sessions: float, read_back: bool = False) -> int:
     """Bytes for one shared prefix and `sessions` sessions of the openclaw_turns(1) size referencing it, as
-    the memory guard counts them."""
+    the memory guard counts them; `read_back`: and the step more one of them may hold once read back from disk."""
     layout = analyse_prompt(engine.tokenizer, render_prompt(engine.tokenizer, job(openclaw_turns(1)[0]).messages, ()))
     own = engine.guard.session_bytes(len(layout.tokens) + 8, layout.kept_states, shared=layout.boundary)
-    return int(engine.guard.prefix_bytes(layout.boundary) + sessions * own)
+    step = engine.guard.step_bytes() if read_back else 0
+    return int(engine.guard.session_bytes(layout.boundary) + sessions * own + step)
 
 
 def test_sessions_are_evicted_before_a_prefill_would_exceed_the_budget(engine_factory, monkeypatch) -> None:
     probe = engine_factory()
-    budget = _budget_for(probe, 1.2)
+    budget = _budget_for(probe, 1, read_back=True)
     engine = engine_factory(max_kv_bytes=budget)
     seen: list[int] = []
     original = engine.prefiller._run_segment

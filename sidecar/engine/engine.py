@@ -108,7 +108,10 @@ class Engine:
             return self._scheduler.busy_rooms()
 
         self.tiers = CacheTiers(model, settings, self.prefixes, self.kv_disk)
-        self.memory = MemoryKeeper(self.guard, self.store, self.prefixes, settings, self.counters, rooms)
+        def grow_room(key: str, room: int) -> None:
+            self._scheduler.grow_room(key, room)
+
+        self.memory = MemoryKeeper(self.guard, self.store, self.prefixes, settings, self.counters, rooms, grow_room)
         self.admin = SessionAdmin(model, self.store, self.tiers, message_start_id(tokenizer), answering)
         self.prefiller = Prefill(
             model, tokenizer, settings, policy, store=self.store, guard=self.guard, memory=self.memory,

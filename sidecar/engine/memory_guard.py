@@ -9,12 +9,13 @@ engine.py, and does the evicting itself.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from common.kv_budget import CACHE_STEP, DELTA_RECORD_STEP, MIB, KvShape, session_bytes
+from common.kv_budget import CACHE_STEP, DELTA_RECORD_STEP, MIB, KvShape, kv_bytes_per_token, session_bytes
 
 # MLX memory a forward pass needs beyond the weights and the caches (activations of one step).
 WORKING_BYTES = 512 * MIB
@@ -46,23 +47,30 @@ class KvGuard:
     kv_group_size: int
 
     def session_bytes(self, tokens: int, messages: int = 0, shared: int = 0) -> int:
-        """The most a session (or a prefix snapshot) of `tokens` tokens will hold itself: K/V for the tokens
-        after a shared prefix of `shared` tokens it references (counted apart, once), its whole δ record,
-        and one more step of each: a cache read back from disk holds its tokens exactly and grows a step
-        at a time from there, so its buffers can end up to a step past whole steps."""
-        slack_tokens, slack_states = CACHE_STEP, DELTA_RECORD_STEP
-        return session_bytes(
-            self.shape, tokens + slack_tokens, self.kv_bits, self.kv_group_size, messages + slack_states, shared
-        )
-
-    def prefix_bytes(self, tokens: int) -> int:
-        """What a shared-prefix snapshot of `tokens` tokens holds (it never grows: no step more)."""
-        return session_bytes(self.shape, tokens, self.kv_bits, self.kv_group_size)
+        """What a session (or a prefix snapshot) of `tokens` tokens holds itself: K/V for the tokens after
+        a shared prefix of `shared` tokens it references (counted apart, once) in whole buffer steps, and
+        its whole δ record with one more step (64 states): a record read back from disk, or copied from a
+        prefix read back from disk, holds its states exactly and grows a step at a time from there."""
+        return session_bytes(self.shape, tokens, self.kv_bits, self.kv_group_size, messages + DELTA_RECORD_STEP, shared)
 
     def request_bytes(self, size: "RequestSize") -> int:
-        """What a request will hold itself: its own tokens, and a shared prefix it brings into memory."""
-        snapshot = self.prefix_bytes(size.snapshot) if size.snapshot else 0
-        return self.session_bytes(size.tokens, size.messages, size.shared) + snapshot
+        """What a request will hold itself: its own tokens, and a shared prefix it brings into memory. A
+        cache it keeps holds at least what it holds now (buffers never shrink) and what it grows by; a
+        cache whose buffers are not whole steps (read back from disk: exact, then grown a step at a time)
+        may hold a K/V step more than whole steps of its tokens."""
+        snapshot = self.session_bytes(size.snapshot) if size.snapshot else 0
+        step = self.step_bytes() if size.unaligned else 0
+        whole = self.session_bytes(size.tokens, size.messages, size.shared) + step
+        grown = size.held + self.growth(size.held_tokens, max(0, size.tokens - size.held_tokens), size.shared)
+        return max(whole, grown if size.held else 0) + snapshot
+
+    def step_bytes(self) -> int:
+        """One K/V buffer step (256 tokens): what a cache read back from disk may hold beyond whole steps."""
+        return math.ceil(CACHE_STEP * kv_bytes_per_token(self.shape, self.kv_bits, self.kv_group_size))
+
+    def aligned(self, kv_bytes: int) -> bool:
+        """True when a cache whose own K/V take `kv_bytes` holds whole buffer steps, as one grown from empty."""
+        return (kv_bytes / kv_bytes_per_token(self.shape, self.kv_bits, self.kv_group_size)) % CACHE_STEP == 0
 
     def growth(self, tokens: int, added: int, shared: int = 0) -> int:
         """What a session of `tokens` tokens (`shared` of them a prefix it references) takes to hold `added` more."""
@@ -74,7 +82,7 @@ class RequestSize:
     """The most a request will hold: its tokens (prompt and whole answer), the δ-states it keeps, the
     tokens of a new shared-prefix snapshot it brings into memory (0: none), and the shared prefix it
     will reference: `shared` tokens of `prefix` (compared by identity only here), `prefix_bytes` held
-    once apart from its own bytes."""
+    once apart from its own bytes; and what its cache holds now, if it keeps it."""
 
     tokens: int
     messages: int
@@ -82,6 +90,9 @@ class RequestSize:
     snapshot: int = 0
     prefix: object | None = None
     prefix_bytes: int = 0
+    held: int = 0  # what its cache holds now (0: none), for `held_tokens` tokens
+    held_tokens: int = 0
+    unaligned: bool = False  # its buffers may not be whole steps (a cache read back from disk)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Iterable
+from dataclasses import replace
 from typing import Any
 
 import mlx.core as mx
@@ -52,35 +53,41 @@ class MemoryKeeper:
         settings: SidecarSettings,
         counters: JobCounters,
         rooms: Callable[[], dict[str, int]],
+        grow_room: Callable[[str, int], None],
     ) -> None:
         self.guard = guard
         self.store = store
         self.prefixes = prefixes
         self.settings = settings
         self.counters = counters
-        self._rooms = rooms  # the sessions answering now: each one's KV room, as admitted
+        self._rooms = rooms  # the sessions answering now: each one's KV room, as admitted (or grown since)
+        self._grow_room = grow_room  # raises an answering session's room when it will hold more
 
     # ---- what a request needs ----------------------------------------------------------------
 
     def request_size(
         self, session: Session | None, tokens: int, messages: int, kept: int, stored: SharedPrefix | None, snapshot: int
     ) -> RequestSize:
-        """The size of a request of `tokens` tokens when sessions share prefixes: from the shared prefix
-        its cache references when the cut back to `kept` tokens keeps it; with no cache (a new or evicted
+        """The size of a request of `tokens` tokens: from the shared prefix its cache references when the
+        cut back to `kept` tokens keeps it (else a private copy); with no cache (a new or evicted
         session), from `stored`, the prefix of its prompt in memory, or else the snapshot of `snapshot`
-        tokens it brings in: either is the prefix it will reference."""
-        if not self.prefixes.share:
-            return RequestSize(tokens, messages, snapshot=snapshot)
+        tokens it brings in: either is the prefix it will reference when sessions share prefixes."""
         if session is not None and session.cache is not None:
-            own = shared_prefix_of(session.cache)
-            return _size(tokens, messages, own if own is not None and kept >= own.length else None, snapshot)
+            own = shared_prefix_of(session.cache) if self.prefixes.share else None
+            if own is None or kept >= own.length:
+                return self._size(tokens, messages, own, snapshot, session)
+            return RequestSize(tokens, messages, snapshot=snapshot, unaligned=True)  # unshared: grows by the prefix
+        # A session with a history and no cache may come back from disk (buffers not whole steps).
+        unaligned = session is not None and bool(session.tokens)
+        if not self.prefixes.share:
+            return RequestSize(tokens, messages, snapshot=snapshot, unaligned=unaligned)
         if stored is None:
-            return RequestSize(tokens, messages, shared=snapshot, snapshot=snapshot)
-        return _size(tokens, messages, stored, snapshot)
+            return RequestSize(tokens, messages, shared=snapshot, snapshot=snapshot, unaligned=unaligned)
+        return replace(self._size(tokens, messages, stored, snapshot), unaligned=unaligned)
 
     def size_of(self, session: Session, tokens: int, messages: int) -> RequestSize:
         """The size of `session` grown to `tokens` tokens from the cache it holds now."""
-        return _size(tokens, messages, shared_prefix_of(session.cache) if session.cache else None, 0)
+        return self._size(tokens, messages, shared_prefix_of(session.cache) if session.cache else None, 0, session)
 
     def needed(self, size: RequestSize) -> int:
         """Bytes a request will hold itself (its own tokens, and a prefix snapshot it brings in)."""
@@ -105,6 +112,7 @@ class MemoryKeeper:
         needed = self.needed(size)
         if needed + size.prefix_bytes > self.guard.budget:
             raise KvBudgetExceeded(needed + size.prefix_bytes, self.guard.budget, size.tokens)
+        self._grow_room(session.key_hash, needed)
         self.make_room(needed, growing=session, pinned=size.prefix)
 
     def make_room_to_grow(self, growth: Iterable[tuple[Session, int]]) -> None:
@@ -234,6 +242,18 @@ class MemoryKeeper:
             else:
                 self.prefixes.evict(key)
 
+    def _size(
+        self, tokens: int, messages: int, prefix: SharedPrefix | None, snapshot: int, session: Session | None = None
+    ) -> RequestSize:
+        """A request's size referencing `prefix` (None: none), from what `session`'s cache holds now."""
+        held = held_tokens = 0
+        unaligned = False
+        if session is not None and session.cache is not None:
+            held, held_tokens = session.kv_bytes, len(session.tokens)
+            unaligned = not self.guard.aligned(held - delta_record_nbytes(session.cache))
+        shared, nbytes = (0, 0) if prefix is None else (prefix.length, prefix.nbytes)
+        return RequestSize(tokens, messages, shared, snapshot, prefix, nbytes, held, held_tokens, unaligned)
+
     @staticmethod
     def _referenced(sessions: Iterable[Session]) -> list[SharedPrefix]:
         """The shared prefix each session with a cache references (one entry per referencing session)."""
@@ -244,9 +264,3 @@ class MemoryKeeper:
 def _shared_tokens(session: Session) -> int:
     prefix = shared_prefix_of(session.cache) if session.cache else None
     return 0 if prefix is None else prefix.length
-
-
-def _size(tokens: int, messages: int, prefix: SharedPrefix | None, snapshot: int) -> RequestSize:
-    if prefix is None:
-        return RequestSize(tokens, messages, snapshot=snapshot)
-    return RequestSize(tokens, messages, prefix.length, snapshot, prefix, prefix.nbytes)

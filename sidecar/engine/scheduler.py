@@ -206,6 +206,13 @@ class Scheduler:
         """The sessions with a job prefilling or decoding, and the KV room each job was admitted with."""
         return dict(self._busy)
 
+    def grow_room(self, key: str, room: int) -> None:
+        """Raise a running job's KV room to `room` when its pipeline finds that it will hold more than it
+        was admitted with (a cache read back from disk holds exact buffers that then grow a step at a
+        time): the jobs admitted after it are admitted beside what it really takes."""
+        if key in self._busy:
+            self._busy[key] = max(self._busy[key], room)
+
     def _run(self) -> None:
         while True:
             self._start_next()
