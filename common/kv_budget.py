@@ -48,9 +48,12 @@ DELTA_RECORD_INTERVAL = 64
 # The δ record's buffer grows by this many kept states at a time.
 DELTA_RECORD_STEP = 64
 
-# An OpenClaw-sized session: OpenClaw 2026.9.6's first request is 12,280 tokens in Qwen3's
-# vocabulary (measured with a real `openclaw agent` turn), then 4k tokens of its own.
-OPENCLAW_PREFIX_TOKENS = 12_280
+# An OpenClaw-sized session: the system prompt and tools every session shares, then 4k tokens of its
+# own. OpenClaw 2026.9.6's first request is 12,280 tokens in Qwen3's vocabulary (measured with a real
+# `openclaw agent` turn and Qwen's template); its system prompt and tools, the prefix sessions share,
+# are 12,059 of them (12,028 of 12,249 with this project's generated template: the first user and
+# internal-context messages are the other 221, and are the session's own).
+OPENCLAW_PREFIX_TOKENS = 12_059
 OPENCLAW_OWN_TOKENS = 4_096
 # Message starts kept by the δ record in such a session (turns × a few messages): a small margin.
 OPENCLAW_MESSAGES = 64
@@ -133,10 +136,12 @@ def cache_tokens(tokens: int) -> int:
 
 
 def session_bytes(
-    shape: KvShape, tokens: int, bits: int | None = None, group_size: int = 64, messages: int = 0
+    shape: KvShape, tokens: int, bits: int | None = None, group_size: int = 64, messages: int = 0, shared: int = 0
 ) -> int:
-    """What a session (or a shared-prefix snapshot) of `tokens` tokens holds: KV and δ record."""
-    kv = cache_tokens(tokens) * kv_bytes_per_token(shape, bits, group_size)
+    """What a session (or a shared-prefix snapshot) of `tokens` tokens holds itself: KV and δ record.
+    A session that references a shared prefix of `shared` tokens holds K/V only for the tokens after
+    it (its δ record, a private copy, covers all of them); the prefix is counted once, apart."""
+    kv = cache_tokens(tokens - shared) * kv_bytes_per_token(shape, bits, group_size)
     return math.ceil(kv) + delta_record_bytes(shape, tokens, messages)
 
 
@@ -171,21 +176,34 @@ def kv_budget(ram_bytes: int, model_bytes: int) -> Budget:
     return Budget(ram_bytes, model_bytes, os_reserve, OPENCLAW_RESERVE, RUNTIME_RESERVE, gpu_limit(ram_bytes), kv)
 
 
-def openclaw_sessions(budget_bytes: int, shape: KvShape, bits: int | None = None, group_size: int = 64) -> int:
-    """OpenClaw-sized sessions a budget holds next to one shared-prefix snapshot of the system prompt."""
+def openclaw_sessions(
+    budget_bytes: int, shape: KvShape, bits: int | None = None, group_size: int = 64, share_prefix: bool = True
+) -> int:
+    """OpenClaw-sized sessions a budget holds next to one copy of the shared prefix (the system prompt):
+    referencing it (`share_prefix`), or each with a private copy of it."""
     prefix = session_bytes(shape, OPENCLAW_PREFIX_TOKENS, bits, group_size)
-    session = session_bytes(shape, OPENCLAW_PREFIX_TOKENS + OPENCLAW_OWN_TOKENS, bits, group_size, OPENCLAW_MESSAGES)
-    return max(0, (budget_bytes - prefix) // session)
+    return max(0, (budget_bytes - prefix) // openclaw_session_bytes(shape, bits, group_size, share_prefix))
+
+
+def openclaw_session_bytes(shape: KvShape, bits: int | None, group_size: int, share_prefix: bool) -> int:
+    """What one OpenClaw-sized session holds itself: its own tokens (and δ record) when it references the
+    shared prefix, else the prefix's copy too."""
+    shared = OPENCLAW_PREFIX_TOKENS if share_prefix else 0
+    tokens = OPENCLAW_PREFIX_TOKENS + OPENCLAW_OWN_TOKENS
+    return session_bytes(shape, tokens, bits, group_size, OPENCLAW_MESSAGES, shared)
 
 
 def sessions_report(budget_bytes: int, shape: KvShape, group_size: int = 64) -> dict[str, Any]:
-    """Per KV precision: bytes per OpenClaw-sized session and how many the budget holds."""
+    """Per KV precision: the shared prefix's bytes, what an OpenClaw-sized session holds and how many the
+    budget holds, with the prefix shared (`sessions`) and with a private copy per session."""
     out: dict[str, Any] = {}
     for bits in (None, *sorted(KV_BITS, reverse=True)):
-        tokens = OPENCLAW_PREFIX_TOKENS + OPENCLAW_OWN_TOKENS
         out[kv_bits_name(bits)] = {
-            "bytes_per_session": session_bytes(shape, tokens, bits, group_size, OPENCLAW_MESSAGES),
+            "prefix_bytes": session_bytes(shape, OPENCLAW_PREFIX_TOKENS, bits, group_size),
+            "bytes_per_session": openclaw_session_bytes(shape, bits, group_size, share_prefix=True),
             "sessions": openclaw_sessions(budget_bytes, shape, bits, group_size),
+            "bytes_per_session_without_sharing": openclaw_session_bytes(shape, bits, group_size, share_prefix=False),
+            "sessions_without_sharing": openclaw_sessions(budget_bytes, shape, bits, group_size, share_prefix=False),
         }
     return out
 

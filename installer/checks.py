@@ -149,6 +149,7 @@ def check_kv_memory(plan: MemoryPlan) -> Check:
     budget = plan.budget
     report = plan.report()
     sessions = {name: row["sessions"] for name, row in report["openclaw_sessions"].items()}
+    copying = {name: row["sessions_without_sharing"] for name, row in report["openclaw_sessions"].items()}
     terms = (
         f"{human_gib(budget.ram_bytes)} RAM − {human_gib(budget.os_reserve)} macOS and apps − "
         f"{human_gib(budget.openclaw_reserve)} OpenClaw − {human_gib(budget.model_bytes)} model − "
@@ -156,8 +157,9 @@ def check_kv_memory(plan: MemoryPlan) -> Check:
     )
     chosen = kv_bits_name(plan.kv_bits)
     detail = (
-        f"KV budget {human_gib(budget.kv_bytes)} ({terms}); OpenClaw-sized sessions it holds: "
-        f"{sessions['none']} float, {sessions['8']} at 8-bit, {sessions['4']} at 4-bit; the preset uses "
+        f"KV budget {human_gib(budget.kv_bytes)} ({terms}); OpenClaw-sized sessions it holds with the system "
+        f"prompt shared: {sessions['none']} float, {sessions['8']} at 8-bit, {sessions['4']} at 4-bit (copying it "
+        f"per session: {copying['none']}, {copying['8']}, {copying['4']}); the preset uses "
         f"{'float' if plan.kv_bits is None else f'{plan.kv_bits}-bit'} KV here, context window {plan.context_window}"
     )
     if budget.kv_bytes == 0:

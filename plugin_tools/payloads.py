@@ -116,15 +116,19 @@ class HealthReport(TypedDict):
 
 
 class SessionsAtPrecision(TypedDict):
-    """What one OpenClaw-sized session holds at a KV precision, and how many the budget holds."""
+    """What one OpenClaw-sized session holds at a KV precision, and how many the budget holds: referencing
+    the shared prefix (held once, `prefix_bytes`), and with a private copy of it each."""
 
+    prefix_bytes: int
     bytes_per_session: int
     sessions: int
+    bytes_per_session_without_sharing: int
+    sessions_without_sharing: int
 
 
 class MemoryReport(TypedDict):
     """The installed sidecar's KV budget and precision, the formula's terms on this machine, and how
-    many OpenClaw-sized sessions (12,280-token first request + 4,096 own tokens) the budget holds."""
+    many OpenClaw-sized sessions (12,059-token shared system prompt + 4,096 own tokens) the budget holds."""
 
     formula: dict[str, int]
     kv_budget_bytes: int

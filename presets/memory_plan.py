@@ -51,14 +51,16 @@ class MemoryPlan:
 
 
 def describe_memory(report: dict[str, Any]) -> str:
-    """One line for people: the budget, the precision, OpenClaw sessions per precision, the window."""
+    """One line for people: the budget, the precision, OpenClaw sessions per precision (the system prompt
+    shared, and copied per session), the window."""
     names = {"none": "float", "8": "8-bit", "4": "4-bit"}
-    sessions = {names[name]: row["sessions"] for name, row in report["openclaw_sessions"].items()}
+    rows = {names[name]: row for name, row in report["openclaw_sessions"].items()}
     chosen = names[report["kv_bits"]]
-    others = ", ".join(f"{name} {count}" for name, count in sessions.items() if name != chosen)
+    others = ", ".join(f"{name} {row['sessions']}" for name, row in rows.items() if name != chosen)
     return (
-        f"KV budget {human_gib(report['kv_budget_bytes'])}, {chosen} KV: {sessions[chosen]} OpenClaw-sized "
-        f"sessions ({others}); context window {report['context_window']}"
+        f"KV budget {human_gib(report['kv_budget_bytes'])}, {chosen} KV: {rows[chosen]['sessions']} OpenClaw-sized "
+        f"sessions with the system prompt shared ({rows[chosen]['sessions_without_sharing']} copying it; {others}); "
+        f"context window {report['context_window']}"
     )
 
 

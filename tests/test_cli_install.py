@@ -203,11 +203,11 @@ def test_start_sidecar_qmd_and_batching_flags_update_the_settings(
     qmd.chmod(qmd.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     args = ["start-sidecar", "--root", str(root), "--attention-state-source", "qmd", "--qmd-mode", "search"]
-    batching = ["--max-batch", "4", "--prefill-chunk", "128"]
+    batching = ["--max-batch", "4", "--prefill-chunk", "128", "--no-share-prefix"]
     _ok([*args, "--qmd-limit", "3", "--qmd-timeout", "2.5", *batching, "--health-timeout", "120"])
     settings = json.loads(RootLayout.of(root).settings.read_text())
     assert settings["attention_state_source"] == "qmd"
-    assert (settings["max_batch"], settings["prefill_chunk"]) == (4, 128)
+    assert (settings["max_batch"], settings["prefill_chunk"], settings["share_prefix"]) == (4, 128, False)
     assert settings["qmd"] == {
         **settings["qmd"],
         "mode": "search",

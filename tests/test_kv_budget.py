@@ -12,11 +12,13 @@ from common.kv_budget import (
     OPENCLAW_OWN_TOKENS,
     OPENCLAW_PREFIX_TOKENS,
     KvShape,
+    cache_tokens,
     context_window_for,
     delta_record_bytes,
     gpu_limit,
     kv_budget,
     kv_bytes_per_token,
+    openclaw_session_bytes,
     parse_kv_bits,
     session_bytes,
     sessions_report,
@@ -58,7 +60,29 @@ def test_the_budget_on_a_16_gb_mac_is_6_gib_and_every_term_is_accounted_for() ->
     assert budget.kv_bytes + budget.model_bytes + budget.runtime_reserve <= gpu_limit(16 * GIB)
     assert budget.kv_bytes < 8 * GIB  # the old default did not fit
     report = sessions_report(budget.kv_bytes, QWEN3_4B)
-    assert {name: row["sessions"] for name, row in report.items()} == {"none": 1, "8": 4, "4": 8}
+    # Issue 23's target: at least 16 OpenClaw-sized sessions at 8-bit with the system prompt held once.
+    assert {name: row["sessions"] for name, row in report.items()} == {"none": 7, "8": 16, "4": 34}
+    assert {name: row["sessions_without_sharing"] for name, row in report.items()} == {"none": 1, "8": 4, "4": 8}
+
+
+def test_a_session_sharing_the_prefix_holds_its_own_tokens_and_its_whole_delta_record() -> None:
+    tokens, shared = OPENCLAW_PREFIX_TOKENS + OPENCLAW_OWN_TOKENS, OPENCLAW_PREFIX_TOKENS
+    own = session_bytes(QWEN3_4B, tokens, 8, messages=64, shared=shared)
+    assert own == cache_tokens(OPENCLAW_OWN_TOKENS) * kv_bytes_per_token(QWEN3_4B, 8) + delta_record_bytes(
+        QWEN3_4B, tokens, 64
+    )
+    assert own == openclaw_session_bytes(QWEN3_4B, 8, 64, share_prefix=True)
+    private = openclaw_session_bytes(QWEN3_4B, 8, 64, share_prefix=False)
+    assert private == session_bytes(QWEN3_4B, tokens, 8, messages=64)
+    # (budget − one prefix) // own bytes per session, the formula docs/design.md gives.
+    prefix = session_bytes(QWEN3_4B, shared, 8)
+    assert sessions_report(6 * GIB, QWEN3_4B)["8"] == {
+        "prefix_bytes": prefix,
+        "bytes_per_session": own,
+        "sessions": (6 * GIB - prefix) // own,
+        "bytes_per_session_without_sharing": private,
+        "sessions_without_sharing": (6 * GIB - prefix) // private,
+    }
 
 
 @given(ram=st.integers(1 * GIB, 512 * GIB), weights=st.integers(0, 64 * GIB))
@@ -92,15 +116,24 @@ def test_the_window_doubles_while_a_full_window_fits_between_floor_and_ceiling()
 
 
 @pytest.mark.parametrize(
-    ("ram_gb", "budget_gib", "sessions"),
-    [(16, 6.0, (1, 4, 8)), (24, 11.25, (4, 8, 16)), (32, 16.5, (6, 13, 25)), (64, 38.0, (16, 30, 59))],
+    ("ram_gb", "budget_gib", "sessions", "copying"),
+    [
+        (16, 6.0, (7, 16, 34), (1, 4, 8)),
+        (24, 11.25, (16, 34, 66), (4, 8, 16)),
+        (32, 16.5, (26, 51, 99), (6, 13, 25)),
+        (64, 38.0, (64, 123, 233), (16, 30, 59)),
+    ],
 )
-def test_the_ram_table_rows(ram_gb: int, budget_gib: float, sessions: tuple[int, int, int]) -> None:
-    """docs/design.md's RAM table for qwen3-delta: the budget and the OpenClaw-sized sessions per precision."""
+def test_the_ram_table_rows(
+    ram_gb: int, budget_gib: float, sessions: tuple[int, int, int], copying: tuple[int, int, int]
+) -> None:
+    """docs/design.md's RAM table for qwen3-delta: the budget and the OpenClaw-sized sessions per precision,
+    with the system prompt shared and copied per session."""
     budget = kv_budget(ram_gb * GIB, WEIGHTS)
     assert budget.kv_bytes == budget_gib * GIB
     report = sessions_report(budget.kv_bytes, QWEN3_4B)
     assert tuple(report[name]["sessions"] for name in ("none", "8", "4")) == sessions
+    assert tuple(report[name]["sessions_without_sharing"] for name in ("none", "8", "4")) == copying
 
 
 @pytest.mark.parametrize(

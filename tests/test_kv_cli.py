@@ -156,10 +156,12 @@ def test_doctor_shows_the_budget_and_openclaw_sessions(
     check = next(c for c in report["checks"] if c["name"] == "kv budget")
     assert check["state"] == state
     if state == "ok":
-        sessions = {k: v["sessions"] for k, v in report["memory"]["openclaw_sessions"].items()}
-        assert sessions == {"none": 1, "8": 4, "4": 8}
+        rows = report["memory"]["openclaw_sessions"]
+        assert {k: v["sessions"] for k, v in rows.items()} == {"none": 7, "8": 16, "4": 34}  # issue 23: ≥ 16 at 8-bit
+        assert {k: v["sessions_without_sharing"] for k, v in rows.items()} == {"none": 1, "8": 4, "4": 8}
         assert report["memory"]["kv_budget_bytes"] == 6 * GIB and report["memory"]["context_window"] == 65536
-        assert "1 float, 4 at 8-bit, 8 at 4-bit; the preset uses 8-bit KV here" in check["detail"]
+        assert "shared: 7 float, 16 at 8-bit, 34 at 4-bit (copying it per session: 1, 4, 8)" in check["detail"]
+        assert "the preset uses 8-bit KV here" in check["detail"]
 
 
 @pytest.fixture

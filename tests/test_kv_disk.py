@@ -15,6 +15,7 @@ import pytest
 from engine_support import job, openclaw_turns, run, session_of, settings_for
 
 from sidecar.delta.api import delta_states
+from sidecar.delta.shared_prefix import shared_prefix_of
 from sidecar.engine.engine import Engine, load_engine
 from sidecar.engine.interface import Finished, PromptDone, TextDelta
 from sidecar.kvcache import disk_files
@@ -117,12 +118,15 @@ def chunk_files(state: Path) -> list[Path]:
 
 
 def kv_bound_for_one_session(model: Path, adapter: Path, state: Path) -> int:
-    """A --max-kv-bytes that holds the shared prefix and one two-turn session, not two."""
+    """A --max-kv-bytes that holds the shared prefix and one two-turn session referencing it (as the
+    memory guard counts it), not two."""
     probe = start(model, adapter, state)
     try:
         for messages in TURNS[:2]:
             run(probe, job(messages))
-        return probe.prefixes.nbytes + int(session_of(probe).kv_bytes * 1.5)
+        session = session_of(probe)
+        own = probe.guard.session_bytes(len(session.tokens) + 64, 32, shared=shared_prefix_of(session.cache).length)
+        return probe.memory.shared_bytes() + own + probe.guard.step_bytes()  # a session read back may hold a step more
     finally:
         stop(probe)
 

@@ -20,6 +20,7 @@ from common.kv_budget import (
     MIB,
     KvShape,
     cache_tokens,
+    delta_record_bytes,
     kv_bytes_per_token,
     model_weight_bytes,
 )
@@ -28,11 +29,16 @@ from sidecar.engine import decoding, prompts
 from sidecar.engine.interface import Failed, Finished, PromptDone, TextDelta
 from sidecar.engine.memory_guard import (
     WORKING_BYTES,
+    Holding,
+    KvGuard,
+    KvHoldings,
+    RequestSize,
     answering_bytes,
     effective_budget,
     eviction_plan,
     is_allocation_failure,
 )
+from sidecar.engine.prompt_layout import analyse_prompt
 from sidecar.engine.prompts import message_starts, render_prompt
 from sidecar.sessions.state import common_prefix
 
@@ -48,19 +54,71 @@ def _assert_states_close(a: list[mx.array], b: list[mx.array]) -> None:
 
 
 def _held(engine) -> int:
-    return engine.store.kv_bytes + engine.prefixes.nbytes
+    return engine.memory.held_bytes()
 
 
 # ---- the arithmetic, without a model ----------------------------------------------------------
 
 
-def test_eviction_plan_drops_the_fewest_oldest_holdings_or_refuses() -> None:
-    held = [("a", 40), ("b", 30), ("c", 20)]
+def test_eviction_plan_drops_the_fewest_oldest_holdings_or_all() -> None:
+    held = KvHoldings(0, [Holding("a", 40), Holding("b", 30), Holding("c", 20)], {})
     assert eviction_plan(10, 100, held) == []
     assert eviction_plan(30, 100, held) == ["a"]
     assert eviction_plan(75, 100, held) == ["a", "b"]
     assert eviction_plan(85, 100, held) == ["a", "b", "c"]
-    assert eviction_plan(101, 100, held) is None
+    assert eviction_plan(101, 100, held) == ["a", "b", "c"]  # cannot fit: every idle holding goes
+    assert eviction_plan(20, 100, KvHoldings(70, held.idle, {})) == ["a", "b", "c"]  # the answering stay
+
+
+def test_a_shared_prefix_is_freed_only_when_nothing_references_it() -> None:
+    # P (50 bytes) is referenced by idle sessions a and b and listed by the prefix cache; Q (30) by the
+    # answering session only; R (20) by its entry only.
+    idle = [Holding("a", 10, "P"), Holding("b", 10, "P"), Holding("P entry", 0, "P"), Holding("R entry", 0, "R")]
+    held = KvHoldings(answering=15, idle=idle, prefixes={"P": 50, "Q": 30, "R": 20}, pinned=["Q"])
+    assert held.total == 15 + 20 + 100
+    assert eviction_plan(0, 135, held) == []
+    assert eviction_plan(10, 135, held) == ["a"]  # a's own 10 bytes; P stays for b and the entry
+    assert eviction_plan(25, 135, held) == ["a", "b", "P entry"]  # the entry's drop frees P's 50
+    assert eviction_plan(75, 135, held) == ["a", "b", "P entry", "R entry"]
+    # The answering session's Q and its own bytes stay whatever is needed.
+    assert eviction_plan(1000, 135, held) == ["a", "b", "P entry", "R entry"]
+    # A prefix entry that a session still references frees nothing: it is kept, and the next one goes.
+    entry_first = KvHoldings(0, [Holding("P entry", 0, "P"), Holding("R entry", 0, "R"), Holding("a", 10, "P")],
+                             {"P": 50, "R": 20})  # fmt: skip
+    assert eviction_plan(10, 80, entry_first) == ["R entry"]
+    assert eviction_plan(30, 80, entry_first) == ["R entry", "a"]  # a was P's last reference but the entry
+    pinned = KvHoldings(0, [Holding("P entry", 0, "P"), Holding("a", 10, "P")], {"P": 50}, pinned=["P"])
+    assert eviction_plan(100, 60, pinned) == ["a"]  # an answering session references P: it stays
+
+
+def test_a_request_from_a_shared_prefix_needs_room_for_its_own_tokens_only() -> None:
+    shape = KvShape(layers=2, kv_heads=2, head_dim=16, dtype_bytes=4, delta_layers=2, delta_state_floats=64)
+    guard = KvGuard(shape, 10**9, None, 64)
+    per_token = kv_bytes_per_token(shape)
+    # The δ record counts a step (64 states) more: one read back from disk, or copied from a prefix read
+    # back from disk, holds its states exactly and grows a step at a time from there.
+    delta = delta_record_bytes(shape, 1000, 4 + 64)
+    alone = guard.request_bytes(RequestSize(1000, 4))
+    assert alone == cache_tokens(1000) * per_token + delta
+    own = guard.request_bytes(RequestSize(1000, 4, shared=600, prefix="P", prefix_bytes=123))
+    assert own == cache_tokens(400) * per_token + delta  # the whole δ record
+    snapshot = cache_tokens(600) * per_token + delta_record_bytes(shape, 600, 64)
+    assert guard.request_bytes(RequestSize(1000, 4, snapshot=600)) == alone + snapshot
+    # Buffers that are not whole steps (read back from disk) may hold one K/V step more.
+    assert guard.request_bytes(RequestSize(1000, 4, unaligned=True)) == alone + 256 * per_token
+    assert guard.step_bytes() == 256 * per_token
+    assert guard.aligned(512 * per_token) and not guard.aligned(300 * per_token)
+    # A cache it keeps holds at least what it holds now (buffers never shrink) and what it grows by.
+    restored = RequestSize(1000, 4, shared=600, held=own + 1000, held_tokens=900)
+    assert guard.request_bytes(restored) == own + 1000 + guard.growth(900, 100, 600)
+    step = guard.step_bytes()
+    assert guard.request_bytes(RequestSize(1000, 4, shared=600, held=own + 10, held_tokens=900, unaligned=True)) == (
+        own + step  # the step is what a cache read back may hold beyond whole steps: not on top of what it holds
+    )
+    assert guard.request_bytes(RequestSize(1000, 4, shared=600, held=10, held_tokens=900)) == own
+    # Growth counts whole cache steps of the own tokens: 600 shared + 256 own fill one step exactly.
+    assert guard.growth(856, 1, shared=600) == 256 * per_token
+    assert guard.growth(856, 1) == 0
 
 
 def test_answering_sessions_count_for_their_admitted_room_or_what_they_hold_if_more() -> None:
@@ -170,15 +228,18 @@ def test_a_cut_inside_a_message_prefills_back_from_the_last_kept_state(engine_fa
 # ---- the budget ---------------------------------------------------------------------------------
 
 
-def _budget_for(engine, sessions: float) -> int:
-    """Bytes for one shared prefix snapshot and `sessions` sessions of the openclaw_turns(1) size."""
-    prompt = render_prompt(engine.tokenizer, job(openclaw_turns(1)[0]).messages, ())
-    return int(engine.guard.session_bytes(len(prompt) // 2) + sessions * engine.guard.session_bytes(len(prompt) + 8, 8))
+def _budget_for(engine, sessions: float, read_back: bool = False) -> int:
+    """Bytes for one shared prefix and `sessions` sessions of the openclaw_turns(1) size referencing it, as
+    the memory guard counts them; `read_back`: and the step more one of them may hold once read back from disk."""
+    layout = analyse_prompt(engine.tokenizer, render_prompt(engine.tokenizer, job(openclaw_turns(1)[0]).messages, ()))
+    own = engine.guard.session_bytes(len(layout.tokens) + 8, layout.kept_states, shared=layout.boundary)
+    step = engine.guard.step_bytes() if read_back else 0
+    return int(engine.guard.session_bytes(layout.boundary) + sessions * own + step)
 
 
 def test_sessions_are_evicted_before_a_prefill_would_exceed_the_budget(engine_factory, monkeypatch) -> None:
     probe = engine_factory()
-    budget = _budget_for(probe, 1.5)
+    budget = _budget_for(probe, 1, read_back=True)
     engine = engine_factory(max_kv_bytes=budget)
     seen: list[int] = []
     original = engine.prefiller._run_segment
@@ -310,17 +371,19 @@ def test_health_reports_kv_per_session_shared_prefix_and_delta_record(
     memory = health["memory"]
     assert memory["kv_bits"] == "4" and memory["kv_group_size"] == 64
     assert {s["session"] for s in memory["sessions"]} == {session_of(engine, k).key_hash[:12] for k in "ab"}
-    # Each figure against what the caches must hold: 4-bit K/V for the tokens and less than one more
-    # 256-token step (a cache that began as a copy of the shared prefix grows from the prefix's
-    # length, not from a multiple of 256), plus δ records.
+    # Each figure against what the caches must hold: 4-bit K/V for the tokens after the shared prefix
+    # each session references (its own) in whole 256-token steps, plus δ records; the prefix once.
     per_token = kv_bytes_per_token(KvShape.from_dirs(tiny_kv_model_dir, tiny_kv_adapter_dir), 4, 64)
+    prefix_tokens = health["prefix_cache"]["tokens"]
     for s in memory["sessions"]:
         session = session_of(engine, "a" if s["session"] == session_of(engine, "a").key_hash[:12] else "b")
         assert s["tokens"] == len(session.tokens) == session.cache[0].offset
+        assert s["shared_prefix_tokens"] == prefix_tokens > 0
         slots = (s["kv_bytes"] - s["delta_record_bytes"]) / per_token
-        assert slots == int(slots) and s["tokens"] <= slots < s["tokens"] + 256
-    prefix_tokens = health["prefix_cache"]["tokens"]
-    assert prefix_tokens > 0 and memory["shared_prefix_bytes"] >= cache_tokens(prefix_tokens) * per_token
+        assert slots == cache_tokens(s["tokens"] - prefix_tokens)
+    [prefix] = memory["shared_prefixes"]
+    assert prefix == {"tokens": prefix_tokens, "bytes": memory["shared_prefix_bytes"], "sessions": 2, "listed": True}
+    assert memory["shared_prefix_bytes"] >= cache_tokens(prefix_tokens) * per_token
     assert memory["kv_bytes"] == sum(s["kv_bytes"] for s in memory["sessions"]) + memory["shared_prefix_bytes"]
     assert 0 < memory["delta_record_bytes"] < memory["kv_bytes"]
     assert all(0 < s["delta_record_bytes"] < s["kv_bytes"] for s in memory["sessions"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Collection, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ class ScriptedPipeline:
     log: list[tuple[str, ...]] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     rooms: dict[str, int] = field(default_factory=dict)  # KV room per job name (with a KV budget)
+    prefix: int = 0  # bytes of a shared prefix every job references (held once, apart from the rooms)
 
     def prefill(self, admission: Admission) -> Generator[None, None, Any]:
         name = admission.job.messages[0].content
@@ -61,8 +62,8 @@ class ScriptedPipeline:
         self.log.append(("dropped", admission.key))
         admission.stream.emit(Finished("cancelled", 0))
 
-    def room(self, admission: Admission) -> int:
-        return self.rooms[admission.job.messages[0].content]
+    def room(self, admission: Admission, busy: Collection[str]) -> tuple[int, int]:
+        return self.rooms[admission.job.messages[0].content], self.prefix
 
 
 def _job(name: str) -> ChatJob:
@@ -195,6 +196,19 @@ def test_a_job_starts_only_when_its_kv_room_fits_beside_the_running_ones() -> No
     for names in pipeline.together[:-1]:
         assert sum(pipeline.rooms[name] for name in names) <= 10, names
     assert "a" not in pipeline.together[2] or "b" not in pipeline.together[2]  # c waited for one to end
+
+
+def test_a_shared_prefix_counts_once_beside_the_rooms_of_the_jobs_referencing_it() -> None:
+    # Budget 10, a prefix of 4 every job references: three jobs of 2 fit together (4 + 3 × 2), a
+    # fourth waits; with the prefix counted per job (6 each) only one would fit at a time.
+    pipeline = RoomPipeline(prefill_steps=1, tokens=3, rooms={"a": 2, "b": 2, "c": 2, "d": 2}, prefix=4)
+
+    async def scenario(scheduler: Scheduler) -> None:
+        await asyncio.gather(*(_drain(_submit(scheduler, key)) for key in "abcd"))
+
+    _run(pipeline, 8, scenario, kv_budget=10)
+    assert {"a", "b", "c"} in pipeline.together
+    assert all(4 + 2 * len(names) <= 10 for names in pipeline.together), pipeline.together
 
 
 def test_two_jobs_of_one_session_never_run_at_once_and_keep_their_order() -> None:

@@ -48,6 +48,7 @@ def test_flags_build_the_settings(started: list[dict[str, Any]], dirs: tuple[Pat
         "--context-window", "16384", "--max-sessions", "4", "--attention-state-source", "qmd",
         "--qmd-bin", "/opt/qmd", "--qmd-mode", "search", "--qmd-limit", "3", "--qmd-timeout", "2.5",
         "--qmd-collection", "notes", "--write-policy", "skip-system", "--max-batch", "4", "--prefill-chunk", "256",
+        "--no-share-prefix",
     )
     assert result.exit_code == 0, result.output
     [call] = started
@@ -56,7 +57,7 @@ def test_flags_build_the_settings(started: list[dict[str, Any]], dirs: tuple[Pat
     assert settings.model_path == str(model) and settings.adapter_path == str(adapter)
     assert (settings.model_id, settings.context_window, settings.max_sessions) == ("delta-mem-test", 16384, 4)
     assert settings.attention_state_source == "qmd" and settings.write_policy == "skip-system"
-    assert (settings.max_batch, settings.prefill_chunk) == (4, 256)
+    assert (settings.max_batch, settings.prefill_chunk, settings.share_prefix) == (4, 256, False)
     assert settings.qmd == QmdSettings(bin="/opt/qmd", mode="search", limit=3, timeout=2.5, collection="notes")
     assert call["limits"].max_connections > 0 and call["limits"].header_timeout_s > 0
     assert call["shutdown_grace_s"] > 0
@@ -73,6 +74,7 @@ def test_root_settings_with_flags_on_top(
     assert result.exit_code == 0, result.output
     settings = started[0]["settings"]
     assert (settings.model_id, settings.port, settings.adapter_path) == ("from-file", 9200, None)
+    assert settings.share_prefix  # on by default
 
 
 def test_default_root_is_used_without_model_flags(

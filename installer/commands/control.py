@@ -77,6 +77,14 @@ def start_sidecar(
     prefill_chunk: Annotated[
         int | None, typer.Option(help="Prompt tokens prefilled per step between two decode steps.")
     ] = None,
+    share_prefix: Annotated[
+        bool | None,
+        typer.Option(
+            "--share-prefix/--no-share-prefix",
+            help="Sessions reference the shared prefix's KV (held once) instead of copying it.",
+            show_default=False,
+        ),
+    ] = None,
     kv_bits: Annotated[
         str | None, typer.Option(help="KV cache precision: none (float), 8 or 4 bits.", show_default=False)
     ] = None,
@@ -115,6 +123,7 @@ def start_sidecar(
             attention_state_source=attention_state_source,
             max_batch=max_batch,
             prefill_chunk=prefill_chunk,
+            share_prefix=share_prefix,
             qmd=dict(mode=qmd_mode, limit=qmd_limit, timeout=qmd_timeout, bin=qmd_bin, collection=qmd_collection),
         )
         if updated.attention_state_source == "qmd":

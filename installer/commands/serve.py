@@ -100,6 +100,14 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    share_prefix: Annotated[
+        bool | None,
+        typer.Option(
+            "--share-prefix/--no-share-prefix",
+            help="Sessions reference the shared prefix's KV (held once) instead of copying it. Default on.",
+            show_default=False,
+        ),
+    ] = None,
     max_batch: Annotated[
         int | None,
         typer.Option(
@@ -160,6 +168,7 @@ def serve(
         attention_state_source=attention_state_source,
         write_policy=write_policy,
         prefix_cache=prefix_cache,
+        share_prefix=share_prefix,
         max_batch=max_batch,
         prefill_chunk=prefill_chunk,
     )

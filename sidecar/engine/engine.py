@@ -14,6 +14,7 @@ import asyncio
 import logging
 import platform
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from sidecar.engine.write_plan import WritePolicy
 from sidecar.kvcache.prefix_cache import PrefixCache
 from sidecar.sessions.fingerprint import SessionFingerprint
 from sidecar.sessions.replay_check import ReplayChecks
-from sidecar.sessions.state import Session, mode_name
+from sidecar.sessions.state import Session
 from sidecar.sessions.store import SessionStore
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class Engine:
         self.prefixes = PrefixCache(
             max_entries=PREFIX_ENTRIES if settings.prefix_cache else 0,
             share=settings.share_prefix and attends_segments(model),
+            in_use=lambda: self.memory.prefixes_in_use(),
         )
         self.kv_disk = open_kv_disk(model, settings, self.store.fingerprint)
         self.counters = JobCounters()
@@ -106,7 +108,10 @@ class Engine:
             return self._scheduler.busy_rooms()
 
         self.tiers = CacheTiers(model, settings, self.prefixes, self.kv_disk)
-        self.memory = MemoryKeeper(self.guard, self.store, self.prefixes, settings, self.counters, rooms)
+        def grow_room(key: str, room: int) -> None:
+            self._scheduler.grow_room(key, room)
+
+        self.memory = MemoryKeeper(self.guard, self.store, self.prefixes, settings, self.counters, rooms, grow_room)
         self.admin = SessionAdmin(model, self.store, self.tiers, message_start_id(tokenizer), answering)
         self.prefiller = Prefill(
             model, tokenizer, settings, policy, store=self.store, guard=self.guard, memory=self.memory,
@@ -178,7 +183,7 @@ class Engine:
         try:
             if live:
                 # Memory guard: room for the token every row adds in this step.
-                self.memory.make_room_to_grow((len(row.session.tokens), 1) for row in live)
+                self.memory.make_room_to_grow((row.session, 1) for row in live)
                 ended += decoding.step(self.model, live)
         except Exception as exc:
             # The step may have written part of every row's caches: they are rebuilt from their
@@ -203,12 +208,15 @@ class Engine:
                 self._finish(row.session, row.stream, reason, row.generated)
         return [row for row, _ in ended] + failed
 
-    def room(self, admission: Admission) -> int:
-        """Memory guard: the most KV a job will hold (prompt, whole answer, a new shared-prefix snapshot),
-        as its prefill reserves it; the scheduler starts the job once it fits beside the running ones."""
+    def room(self, admission: Admission, busy: Collection[str]) -> tuple[int, int]:
+        """Memory guard: the most KV a job will hold itself (prompt, whole answer, a new shared-prefix
+        snapshot), as its prefill reserves it, and the shared prefixes it and the running jobs (`busy`)
+        reference, each once; the scheduler starts the job once both fit beside the running ones."""
         assert admission.layout is not None  # the scheduler asks for rendered jobs only
-        mode = mode_name(admission.job.delta_enabled and delta_info(self.model) is not None)
-        return self.memory.needed(*self.prefiller.request_size(admission.job, admission.layout, mode))
+        job = admission.job
+        session = self.memory.resident(job.key_hash, job.delta_enabled and delta_info(self.model) is not None)
+        size = self.prefiller.request_size(job, admission.layout, session)
+        return self.memory.needed(size), self.memory.shared_room(size, busy)
 
     def drop(self, admission: Admission) -> None:
         """End a job cancelled before it started."""

@@ -26,7 +26,7 @@ from sidecar.engine.cache_tiers import CacheTiers
 from sidecar.engine.decoding import Row
 from sidecar.engine.failures import JobCounters
 from sidecar.engine.interface import ChatJob, FinishReason, PromptDone
-from sidecar.engine.memory_guard import KvGuard
+from sidecar.engine.memory_guard import KvGuard, RequestSize
 from sidecar.engine.memory_keeper import MemoryKeeper
 from sidecar.engine.prompt_layout import PromptLayout
 from sidecar.engine.prompts import render_text
@@ -42,7 +42,7 @@ from sidecar.engine.write_plan import (
     snippet_offset,
 )
 from sidecar.sessions.replay_check import ReplayChecks, saved_points
-from sidecar.sessions.state import Segment, Session, SnippetWrite, common_prefix
+from sidecar.sessions.state import Segment, Session, SnippetWrite, common_prefix, mode_name
 from sidecar.sessions.store import SessionStore
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Prefill:
         began = time.perf_counter()
         max_tokens = min(job.max_tokens, window - len(prompt))
         # Memory guard: room for the whole request (and a new shared-prefix snapshot) before any prefill.
-        self.memory.reserve(session, *self.request_size(job, layout, session.mode))
+        self.memory.reserve(session, self.request_size(job, layout, session))
         limit = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
         write = None
         if delta:
@@ -123,7 +123,7 @@ class Prefill:
         )
         stream.emit(PromptDone(prompt_tokens=len(prompt), cached_tokens=reused, snippets_written=written))
         # Memory guard: the answer's room again, now that the prompt (and any snapshot) is in.
-        self.memory.reserve(session, len(session.tokens) + max_tokens, layout.kept_states)
+        self.memory.reserve(session, self.memory.size_of(session, len(session.tokens) + max_tokens, layout.kept_states))
         if session.delta:
             # Token writes while decoding, as the reference does; the state where the answer starts
             # is kept, so that a retried request rolls back to it without prefilling again.
@@ -139,13 +139,19 @@ class Prefill:
             input=mx.array([prompt[-1]], dtype=mx.uint32),
         )
 
-    def request_size(self, job: ChatJob, layout: PromptLayout, mode: str) -> tuple[int, int, int]:
-        """The most tokens a request holds (prompt and whole answer), its kept δ-states, and the tokens
-        of the shared-prefix snapshot it will take (0 when its prefix is in memory already)."""
+    def request_size(self, job: ChatJob, layout: PromptLayout, session: Session | None) -> RequestSize:
+        """The most a request holds (prompt and whole answer), its kept δ-states, the shared prefix it will
+        reference, and the tokens of the shared-prefix snapshot it will take (0 when its prefix is in
+        memory already); `session`: its session, if in memory."""
         prompt, boundary = layout.tokens, layout.boundary
-        snapshot = boundary if boundary and not self.tiers.prefixes.contains(mode, prompt[:boundary]) else 0
+        mode = mode_name(job.delta_enabled and delta_info(self.model) is not None)
+        prefixes = self.tiers.prefixes
+        resident = boundary > 0 and prefixes.contains(mode, prompt[:boundary])
+        stored = prefixes.shared_prefix((mode, tuple(prompt[:boundary]))) if resident else None
+        snapshot = boundary if boundary and not resident else 0
         tokens = len(prompt) + min(job.max_tokens, self.settings.context_window - len(prompt))
-        return tokens, layout.kept_states, snapshot
+        kept = min(common_prefix(session.tokens, prompt), len(prompt) - 1) if session is not None else 0
+        return self.memory.request_size(session, tokens, layout.kept_states, kept, stored, snapshot)
 
     def _prepare(self, session: Session, layout: PromptLayout, limit: int, stream: JobChannel) -> Steps[int]:
         """Cut the session back to at most `limit` tokens (-1: nothing kept, not even a memory write at
@@ -261,7 +267,7 @@ class Prefill:
             if stream.cancelled:
                 raise Cancelled
             # Memory guard: room for what this step adds, beside the caches of the other answers.
-            self.memory.make_room_to_grow([(len(session.tokens), b - a)])
+            self.memory.make_room_to_grow([(session, b - a)])
             if session.delta:
                 ids = [list(seg.message_ids[a:b])] if seg.kind == "messages" else None
                 set_delta_controls(cache, write=seg.kind != "read", message_ids=ids, keep=marks)

@@ -2,16 +2,17 @@
 
 Jobs wait in arrival order. A job starts when its prompt is rendered, its session is free (two jobs
 of one session never run at once: the later one waits for the earlier), the batch has room
-(`max_batch` rows, the one prefilling included) and, with a KV budget, the KV room it may take
-(its prompt and its whole answer, as the pipeline counts it) fits beside the rooms of the jobs
-running: memory is reserved at admission, so answering sessions, which are never evicted, cannot
-outgrow the budget together. A job that waits for room holds up the jobs behind it (none overtakes
-it for ever); one that cannot fit even alone starts when nothing else runs (and is refused there).
-Prompts are prefilled one job at a time, one step (a chunk) at a time; between two prefill steps
-every decoding row gets its next token from one batched forward pass, so a long prompt never
-freezes the other streams. A row that finishes or is cancelled leaves at the next step; a job
-cancelled while it waits never starts. Calls (session admin) run between two steps. What a step
-does is the pipeline's business (the engine's); nothing here knows about models or sessions.
+(`max_batch` rows, the one prefilling included) and, with a KV budget, the KV room it may take (its
+prompt and its whole answer, as the pipeline counts it) fits beside the rooms of the jobs running
+and the shared prefixes they all reference, each counted once: memory is reserved at admission, so
+answering sessions, which are never evicted, cannot outgrow the budget together. A job that waits
+for room holds up the jobs behind it (none overtakes it for ever); one that cannot fit even alone
+starts when nothing else runs (and is refused there). Prompts are prefilled one job at a time, one
+step (a chunk) at a time; between two prefill steps every decoding row gets its next token from one
+batched forward pass, so a long prompt never freezes the other streams. A row that finishes or is
+cancelled leaves at the next step; a job cancelled while it waits never starts. Calls (session
+admin) run between two steps. What a step does is the pipeline's business (the engine's); nothing
+here knows about models or sessions.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Collection, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -95,8 +96,10 @@ class Pipeline(Protocol):
         """End a job that never started (cancelled while it waited)."""
         ...
 
-    def room(self, admission: Admission) -> int:
-        """The most KV bytes a rendered job will hold (asked only when the scheduler has a KV budget)."""
+    def room(self, admission: Admission, busy: Collection[str]) -> tuple[int, int]:
+        """The most KV bytes a rendered job will hold itself, and the bytes of the shared prefixes it and
+        the running jobs (`busy`: their session keys) reference, each prefix once (asked only when the
+        scheduler has a KV budget)."""
         ...
 
 
@@ -203,6 +206,13 @@ class Scheduler:
         """The sessions with a job prefilling or decoding, and the KV room each job was admitted with."""
         return dict(self._busy)
 
+    def grow_room(self, key: str, room: int) -> None:
+        """Raise a running job's KV room to `room` when its pipeline finds that it will hold more than it
+        was admitted with (a cache read back from disk holds exact buffers that then grow a step at a
+        time): the jobs admitted after it are admitted beside what it really takes."""
+        if key in self._busy:
+            self._busy[key] = max(self._busy[key], room)
+
     def _run(self) -> None:
         while True:
             self._start_next()
@@ -261,11 +271,12 @@ class Scheduler:
         return room and admission.ready and admission.key not in blocked and admission.key not in self._busy
 
     def _room_for(self, admission: Admission) -> int | None:
-        """The job's KV room when it fits beside the running jobs' rooms (or nothing runs), else None."""
+        """The job's KV room when it fits beside the running jobs' rooms and the shared prefixes they
+        all reference (or nothing runs), else None."""
         if self.kv_budget is None:
             return 0
-        room = self._pipeline.room(admission)
-        return room if not self._busy or sum(self._busy.values()) + room <= self.kv_budget else None
+        room, shared = self._pipeline.room(admission, self._busy.keys())
+        return room if not self._busy or sum(self._busy.values()) + room + shared <= self.kv_budget else None
 
     def _decode(self) -> None:
         began = self._clock()

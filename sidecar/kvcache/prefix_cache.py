@@ -5,19 +5,21 @@ at zero and is a deterministic function of what it writes, the KV cache and the 
 prompt are the same for every session, so one copy is computed and kept here (a `SharedPrefix`); a
 new session references its K/V (with sharing off: starts from a private copy of it). Entries are
 keyed by mode ("delta" or "base"), looked up in mlx-lm's token trie, and evicted least recently used
-first, by count and by bytes.
+first, by count here and by bytes by the memory keeper (sidecar/engine/memory_keeper.py); an entry
+that a resident session references is never evicted (it would free nothing).
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 from mlx_lm.models.cache import PromptTrie
 
-from sidecar.delta.api import delta_record_nbytes, restorable_offset
+from sidecar.delta.api import restorable_offset
 from sidecar.delta.shared_prefix import SharedPrefix
 
 # A longer stored prefix is copied whole and then cut back, so a partial match is used only
@@ -41,9 +43,10 @@ class _Entry:
 class PrefixCache:
     """A bounded set of (mode, prefix tokens) → cache snapshots."""
 
-    def __init__(self, max_entries: int = 8, share: bool = True):
+    def __init__(self, max_entries: int = 8, share: bool = True, in_use: Callable[[], Collection[int]] = frozenset):
         self.max_entries = max_entries
         self.share = share  # sessions reference a stored prefix's K/V, else copy them
+        self._in_use = in_use  # the ids of the stored prefixes that resident sessions reference
         self._trie = PromptTrie()
         self._entries: OrderedDict[tuple[str, tuple[int, ...]], _Entry] = OrderedDict()
         self.lookups = 0
@@ -120,8 +123,8 @@ class PrefixCache:
         self._entries[key] = _Entry(SharedPrefix(copy.deepcopy(cache) if copy_cache else cache))
         for length, _ in self._trie.pop_prefixes(mode, tokens):
             self._entries.pop((mode, tuple(tokens[:length])), None)
-        while len(self._entries) > self.max_entries:
-            self._evict()
+        while len(self._entries) > self.max_entries and self._evict(keep=key):
+            pass
 
     def entries(self) -> list[tuple[tuple[str, tuple[int, ...]], int]]:
         """Every snapshot's key and bytes, least recently used first."""
@@ -131,16 +134,6 @@ class PrefixCache:
         """Drop one snapshot."""
         if self._entries.pop(key, None) is not None:
             self._trie.pop(key[0], list(key[1]))
-
-    @property
-    def delta_nbytes(self) -> int:
-        """Bytes of the snapshots' δ records."""
-        return sum(delta_record_nbytes(e.cache) for e in self._entries.values())
-
-    def trim_to_bytes(self, limit: int) -> None:
-        """Evict least recently used snapshots until at most `limit` bytes remain."""
-        while self._entries and self.nbytes > limit:
-            self._evict()
 
     def stats(self) -> dict[str, Any]:
         """Entries, tokens, bytes and hit rate, for /health."""
@@ -155,8 +148,15 @@ class PrefixCache:
             "tokens_reused": self.hit_tokens,
         }
 
-    def _evict(self) -> None:
-        self.evict(next(iter(self._entries)))
+    def _evict(self, keep: tuple[str, tuple[int, ...]]) -> bool:
+        """Drop the least recently used snapshot that no session references (dropping one that sessions
+        reference would free nothing and lose it for the next session), other than `keep` (the one just
+        stored, which its session is about to reference); False when there is none."""
+        in_use = self._in_use()
+        key = next((k for k, entry in self._entries.items() if k != keep and id(entry.shared) not in in_use), None)
+        if key is not None:
+            self.evict(key)
+        return key is not None
 
     def _cut_length(self, mode: str, found: Any) -> int:
         """How much of a longer stored prefix to use: the shared part, back to a kept δ-state, when worth it."""
