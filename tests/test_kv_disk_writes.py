@@ -186,6 +186,10 @@ def test_a_stuck_writer_holds_up_no_answer_and_a_full_queue_is_written_with_the_
         assert disk["skipped_writes"] >= 2 and disk["writes"] == 0
     finally:
         stuck.release.set()
+    deadline = time.monotonic() + DEADLINE_S  # the disk is back: the writer takes up the waiting chunk
+    while health(engine)["disk_cache"]["queued"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     run(engine, job(TURNS[1], key="b"))  # b's next turn writes what the skipped one did not
     stop(engine)
     restarted = start(tiny_model_dir, tiny_adapter_dir, state)

@@ -9,8 +9,9 @@ manifest, then removes the chunks cut away, so a kill at any moment leaves the o
 new one, both whole. The encoder lets go of the arrays as soon as it has copied them, not after the
 file is written: while anything else holds a slice of a session's K/V buffer, MLX cannot update that
 buffer in place and copies all of it at the session's next step. Writes never hold up an answer:
-both queues are bounded, and a turn that finds one full is written with the next one. A write that
-fails is counted, and /health lists it as a problem until a later write works.
+at most QUEUE_LENGTH chunks wait (to be encoded or written), and a turn that finds no room is written
+with the next one. A write that fails is counted, and /health lists it as a problem until a later
+write works.
 """
 
 from __future__ import annotations
@@ -113,16 +114,17 @@ class _Behind(Exception):
 
 class ChunkEncoder:
     """The encoder thread: turns each queued chunk into safetensors bytes as soon as it arrives (no MLX
-    call: numpy reads MLX's buffers), lets go of its arrays, and hands the write on with `deliver`."""
+    call: numpy reads MLX's buffers), lets go of its arrays, then hands the write on with `deliver`
+    (None once closed, after the last chunk)."""
 
     def __init__(
-        self, fingerprint: Callable[[], str], deliver: Callable[[DiskWrite], None],
+        self, fingerprint: Callable[[], str], deliver: Callable[[DiskWrite | None], None],
         on_failure: Callable[[DiskWrite, str], None],
     ):  # fmt: skip
         self._fingerprint = fingerprint
         self._deliver = deliver
         self._on_failure = on_failure
-        self._queue: queue.Queue[HostWrite | None] = queue.Queue(QUEUE_LENGTH)
+        self._queue: queue.Queue[HostWrite | None] = queue.Queue()  # bounded by the writer's slots
         self._thread = threading.Thread(target=self._loop, name="kv-disk-encoder", daemon=True)
         self._thread.start()
 
@@ -131,22 +133,9 @@ class ChunkEncoder:
         """Chunks waiting to be encoded."""
         return self._queue.qsize()
 
-    def put(self, taken: HostWrite) -> bool:
-        """Queue a chunk to encode; False when the queue is full."""
-        try:
-            self._queue.put_nowait(taken)
-        except queue.Full:
-            return False
-        return True
-
-    def close(self, timeout: float) -> bool:
-        """Encode what is queued and stop, within `timeout` seconds; False if it did not stop in time."""
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            return False
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+    def put(self, taken: HostWrite | None) -> None:
+        """Queue a chunk to encode; None: encode what is queued, then stop."""
+        self._queue.put(taken)
 
     def _loop(self) -> None:
         while (taken := self._queue.get()) is not None:
@@ -161,6 +150,7 @@ class ChunkEncoder:
                 # The last reference to sessions' K/V buffers: none is held while the file is written.
                 del taken
             self._deliver(write)
+        self._deliver(None)
 
 
 class DiskWriter:
@@ -175,10 +165,13 @@ class DiskWriter:
         self.files = threading.Lock()
         self.last_error: str | None = None
         self.failing = False  # the latest write failed
-        self._queue: queue.Queue[DiskWrite | None] = queue.Queue(QUEUE_LENGTH)
+        # A chunk takes a slot when queued and gives it back once the writer takes it up: the room
+        # is decided on the generation thread, so a session's next chunk knows if this one was skipped.
+        self._slots = threading.BoundedSemaphore(QUEUE_LENGTH)
+        self._queue: queue.Queue[DiskWrite | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="kv-disk-writer", daemon=True)
         self._thread.start()
-        self._encoder = ChunkEncoder(fingerprint, self._put, self._encode_failed)
+        self._encoder = ChunkEncoder(fingerprint, self._queue.put, self._encode_failed)
 
     @property
     def queued(self) -> int:
@@ -219,11 +212,16 @@ class DiskWriter:
 
     def queue_write(self, pending: PendingChunk | None) -> None:
         """Make a taken chunk's arrays concrete (on the generation thread, no byte copied) and queue it for
-        the encoder; a full queue defers it to the next turn."""
+        the encoder; when QUEUE_LENGTH chunks wait already, it is written with the session's next turn."""
         if pending is None:
             return
-        if not self._encoder.put(HostWrite(pending.write, chunk_on_host(pending.chunk), pending.tokens)):
-            self._skip(pending.write)
+        taken = HostWrite(pending.write, chunk_on_host(pending.chunk), pending.tokens)
+        if self._slots.acquire(blocking=False):
+            self._encoder.put(taken)
+            return
+        self.counters.add(skipped_writes=1)
+        self._failed(pending.write)
+        self._done(pending.write)
 
     def wait(self, name: str, timeout: float) -> bool:
         """Wait (at most `timeout` seconds) until the writes queued for a session or prefix are done;
@@ -250,37 +248,21 @@ class DiskWriter:
 
     def close(self, timeout: float) -> None:
         """Encode and write what is queued (for at most `timeout` seconds) and stop the threads."""
-        deadline = time.monotonic() + timeout
-        try:
-            if not self._encoder.close(timeout):
-                raise queue.Full  # the writer goes on while the encoder may still hand it chunks
-            self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Full:
+        self._encoder.put(None)  # the encoder hands the writer its last chunk, then None
+        self._thread.join(timeout)
+        if self._thread.is_alive():
             log.warning("disk cache: %d writes still queued at shutdown are dropped", self.queued)
-            return
-        self._thread.join(max(0.0, deadline - time.monotonic()))
 
     # ---- the writer thread -----------------------------------------------------------------
 
-    def _put(self, write: DiskWrite) -> None:
-        """Queue an encoded chunk for the writer (on the encoder thread); a full queue defers it."""
-        try:
-            self._queue.put_nowait(write)
-        except queue.Full:
-            self._skip(write)
-
-    def _skip(self, write: DiskWrite) -> None:
-        """A queue was full: the session's next turn writes this chunk's tokens with its own."""
-        self.counters.add(skipped_writes=1)
-        self._failed(write)
-        self._done(write)
-
     def _encode_failed(self, write: DiskWrite, error: str) -> None:
+        self._slots.release()
         self._count_failure(write, error)
         self._done(write)
 
     def _loop(self) -> None:
         while (write := self._queue.get()) is not None:
+            self._slots.release()
             try:
                 with self.files:
                     if write.record is not None:
