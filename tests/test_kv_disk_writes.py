@@ -1,6 +1,8 @@
-"""The disk cache's writer and its checks, through the engine: a restore rejects a chunk whose memory
-writes differ from the session's history, files are the owner's only, a full write queue defers a
-turn to the next one without holding up any answer, and shutdown waits for the queued chunks.
+"""The disk cache's writer and its checks, through the engine: a turn's chunks are encoded off the
+generation thread (and read back by MLX as they were, in every dtype a cache holds), a restore rejects
+a chunk whose memory writes differ from the session's history, files are the owner's only, a full
+write queue defers a turn to the next one without holding up any answer, and shutdown waits for the
+queued chunks.
 
 A stuck disk is `disk_files.write_chunk_file` (the module-level function the writer calls for every
 chunk file) replaced by one that waits for the test's word.
@@ -9,6 +11,7 @@ chunk file) replaced by one that waits for the test's word.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import queue
@@ -19,11 +22,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from engine_support import job, patch_function, run
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from test_kv_disk import TURNS, answer, replayed, start, stop
 
+from sidecar.delta.cache_chunks import cache_chunk
+from sidecar.engine import decoding
 from sidecar.engine.engine import Engine
 from sidecar.engine.interface import ChatJob, Finished
 from sidecar.kvcache import disk_files, disk_writer
@@ -62,6 +69,62 @@ def run_within_deadline(engine: Engine, request: ChatJob) -> list[Any]:
         return [event async for event in engine.submit(request)]
 
     return asyncio.run(asyncio.wait_for(collect(), DEADLINE_S))
+
+
+def test_a_turns_chunks_are_encoded_off_the_generation_thread_and_restore_exactly(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Encoding copies every byte of a chunk (a first OpenClaw turn is ~1 GB on a Mac): on the
+    # generation thread it would stall every running row and the next turn.
+    encoders: list[threading.Thread] = []
+    steps: set[threading.Thread] = set()
+    real_encode, real_step = disk_files.encode_chunk, decoding.step
+
+    def encode(*args: Any) -> Any:
+        encoders.append(threading.current_thread())
+        return real_encode(*args)
+
+    def step(*args: Any) -> Any:
+        steps.add(threading.current_thread())
+        return real_step(*args)
+
+    patch_function(monkeypatch, disk_files, "encode_chunk", encode)
+    patch_function(monkeypatch, decoding, "step", step)
+    state = tmp_path / "state"
+    engine = start(tiny_model_dir, tiny_adapter_dir, state)
+    for messages in TURNS[:2]:
+        run(engine, job(messages))
+    stop(engine)
+    assert len(steps) == 1 and len(encoders) == 3  # the shared prefix, then one chunk per turn
+    assert steps.isdisjoint(encoders)
+    restarted = start(tiny_model_dir, tiny_adapter_dir, state)
+    try:
+        text = answer(run(restarted, job(TURNS[2])))
+        disk = health(restarted)["disk_cache"]
+    finally:
+        stop(restarted)
+    assert (disk["hits"], disk["partial_hits"], disk["fallbacks"]) == (1, 0, 0)
+    assert text == replayed(tiny_model_dir, tiny_adapter_dir, tmp_path / "reference")[0]
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+@pytest.mark.parametrize("bits", [None, 8])
+def test_an_encoded_chunk_reads_back_as_the_caches_arrays(dtype: mx.Dtype, bits: int | None) -> None:
+    # Every test model is float32; Qwen3's K/V are bfloat16, which numpy has no dtype for.
+    layers = [KVCache() if bits is None else QuantizedKVCache(group_size=32, bits=bits) for _ in range(2)]
+    for layer in layers:
+        for length in (70, 5):  # a buffer with room left, as a session's is between turns
+            keys = mx.random.normal((1, 2, length, 64)).astype(dtype)
+            layer.update_and_fetch(keys, keys * 2)
+    chunk = cache_chunk(layers, 30)  # strided views into the middle of each buffer
+    encoded = disk_files.encode_chunk(disk_files.chunk_on_host(chunk), list(range(30, 75)), "model-a")
+    arrays, metadata = mx.load(io.BytesIO(bytes(encoded)), format="safetensors", return_metadata=True)
+    assert metadata == {"format": "1", "fingerprint": "model-a", "start": "30", "end": "75", "records": "[null, null]"}
+    assert np.array(arrays.pop("tokens")).tolist() == list(range(30, 75))
+    assert sorted(arrays) == sorted(chunk.arrays) and len(arrays) == (4 if bits is None else 12)
+    for name, array in chunk.arrays.items():
+        assert arrays[name].dtype == array.dtype and arrays[name].shape == array.shape
+        assert mx.array_equal(arrays[name], array).item(), name
 
 
 def test_a_chunk_whose_memory_writes_differ_from_the_history_is_not_restored(
@@ -123,9 +186,11 @@ def test_a_stuck_writer_holds_up_no_answer_and_a_full_queue_is_written_with_the_
         assert disk["skipped_writes"] >= 2 and disk["writes"] == 0
     finally:
         stuck.release.set()
-    # Once a's queued chunk is written (a race before: b's next chunk found the queue still full)...
-    asyncio.run(engine.save_session(hash_session_key("a")))
-    run(engine, job(TURNS[1], key="b"))  # ...b's next turn writes what the skipped one did not
+    deadline = time.monotonic() + DEADLINE_S  # the disk is back: the writer takes up the waiting chunk
+    while health(engine)["disk_cache"]["queued"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    run(engine, job(TURNS[1], key="b"))  # b's next turn writes what the skipped one did not
     stop(engine)
     restarted = start(tiny_model_dir, tiny_adapter_dir, state)
     try:

@@ -96,7 +96,8 @@ class CacheTiers:
             self._disk_writes.append(self.kv_disk.take_session(session))
 
     def write_taken_chunks(self) -> None:
-        """Encode and queue the chunks jobs took for the disk cache, once an answer has ended (or failed)."""
+        """Queue the chunks jobs took for the disk cache (encoded and written off this thread), once an answer
+        has ended (or failed)."""
         while self.kv_disk is not None and self._disk_writes:
             self.kv_disk.queue_write(self._disk_writes.pop(0))
 

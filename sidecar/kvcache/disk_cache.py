@@ -2,13 +2,14 @@
 
 Layout under `<state dir>/kv/` (sidecar/kvcache/disk_folders.py): `sessions/<key hash>.<mode>/`
 holds `manifest.json` and that session's chunk files `<n>.safetensors`; `prefixes/<id>.json` +
-`<id>.safetensors`, each shared prefix once. Its parts, one job each: the writer thread and its
-queue (disk_writer.py), the reader thread with a deadline per read (disk_reader.py), reading a
+`<id>.safetensors`, each shared prefix once. Its parts, one job each: the encoder and writer
+threads and their queues (disk_writer.py), the reader thread with a deadline per read (disk_reader.py), reading a
 session back and checking it (disk_restore.py), the tables and the byte budget (disk_index.py), the
 folders and the start-up scan (disk_folders.py), the file formats (disk_files.py).
 
 The generation thread never touches a file: it takes a finished turn's chunk (`take_session`) and
-encodes it (`queue_write`); to restore it hands the read over (`read_session`), goes on with the
+hands it to the writer's encoder thread (`queue_write`: no byte is copied on the generation thread,
+see disk_writer.py); to restore it hands the read over (`read_session`), goes on with the
 other rows while the read runs, then decodes, checks and fills (`restore`). Any failure on the way
 (a file that fails a check, a read that fails or stalls, arrays that do not fit the model's cache)
 ends in a replay from where the good files end, with a log line saying why, never a failed request.
@@ -115,7 +116,7 @@ class KvDisk:
         return self.writer.take_prefix(mode, tokens, cache)
 
     def queue_write(self, pending: PendingChunk | None) -> None:
-        """Encode a taken chunk and queue it for the writer; a full queue defers it to the next turn."""
+        """Queue a taken chunk for the encoder and writer threads; with no room it is written with the next turn."""
         self.writer.queue_write(pending)
 
     # ---- restoring a session ------------------------------------------------------------------

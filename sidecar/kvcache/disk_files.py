@@ -1,12 +1,14 @@
 """The disk cache's files: chunk files (safetensors), session manifests and prefix records (JSON).
 
 A chunk file holds one `CacheChunk` (see sidecar/delta/cache_chunks.py) and the token ids it
-covers; its metadata names the fingerprint it was written under. Files are written to a temporary
-name, fsynced and renamed, so a reader sees a whole file or none; a manifest names each chunk with
-its size and sha256, so a truncated or damaged chunk is seen before MLX reads it, and its arrays
-are checked against the model's cache layout before they are used. Every field read from disk is
-checked (sizes never negative, token ranges in order and contiguous, plain file names, hex ids);
-files are read only if they are regular files, never through a link. Never pickle.
+covers; its metadata names the fingerprint it was written under. It is encoded with numpy from views
+of MLX's buffers (`chunk_on_host`, then `encode_chunk` on another thread) and read back with MLX's
+safetensors reader. Files are written to a temporary name, fsynced and renamed, so a reader sees a
+whole file or none; a manifest names each chunk with its size and sha256, so a truncated or damaged
+chunk is seen before MLX reads it, and its arrays are checked against the model's cache layout
+before they are used. Every field read from disk is checked (sizes never negative, token ranges in
+order and contiguous, plain file names, hex ids); files are read only if they are regular files,
+never through a link. Never pickle.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import io
 import json
 import math
 import re
+import struct
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -98,10 +101,46 @@ class PrefixRecord:
     last_used: float
 
 
-def encode_chunk(chunk: CacheChunk, tokens: list[int], fingerprint: str) -> bytes:
-    """A chunk as safetensors bytes (on the caller's thread: MLX work stays on one thread)."""
-    arrays = dict(chunk.arrays)
-    arrays["tokens"] = mx.array(np.asarray(tokens, dtype=np.int32))
+# Safetensors' name for each dtype a cache chunk holds, and the dtype its bits are read as on the host
+# (numpy has no bfloat16: its bits are read as uint16, a view MLX makes without a copy).
+_SAFETENSORS_DTYPES: dict[mx.Dtype, tuple[str, mx.Dtype]] = {
+    mx.float32: ("F32", mx.float32),
+    mx.float16: ("F16", mx.float16),
+    mx.bfloat16: ("BF16", mx.uint16),
+    mx.uint32: ("U32", mx.uint32),
+    mx.int32: ("I32", mx.int32),
+}
+
+
+@dataclass(frozen=True)
+class HostChunk:
+    """A chunk whose arrays are numpy views of MLX's evaluated buffers, each with its safetensors dtype:
+    what the writer's encoder thread turns into bytes without calling MLX."""
+
+    start: int
+    end: int
+    arrays: dict[str, tuple[str, np.ndarray]]
+    records: list[dict[str, Any] | None]
+
+
+def chunk_on_host(chunk: CacheChunk) -> HostChunk:
+    """The chunk's arrays made concrete and viewed through the buffer protocol, on the generation thread
+    (MLX work stays on one thread). No K/V byte is copied: they are slices of buffers the turn evaluated."""
+    views: dict[str, tuple[str, mx.array]] = {}
+    for name, array in chunk.arrays.items():
+        if array.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"{name} is {array.dtype}: not a dtype the disk cache stores")
+        kind, bits = _SAFETENSORS_DTYPES[array.dtype]
+        views[name] = (kind, array if bits == array.dtype else array.view(bits))
+    mx.eval([view for _, view in views.values()])
+    arrays = {name: (kind, np.asarray(view)) for name, (kind, view) in views.items()}
+    return HostChunk(chunk.start, chunk.end, arrays, chunk.records)
+
+
+def encode_chunk(chunk: HostChunk, tokens: list[int], fingerprint: str) -> bytearray:
+    """A chunk as safetensors bytes, built with numpy alone (on the writer's encoder thread, no MLX call):
+    each array's bytes are copied once, from MLX's buffer into the file's."""
+    arrays = {**chunk.arrays, "tokens": ("I32", np.asarray(tokens, dtype=np.int32))}
     metadata = {
         "format": str(FORMAT),
         "fingerprint": fingerprint,
@@ -109,9 +148,21 @@ def encode_chunk(chunk: CacheChunk, tokens: list[int], fingerprint: str) -> byte
         "end": str(chunk.end),
         "records": json.dumps(chunk.records),
     }
-    buffer = io.BytesIO()
-    mx.save_safetensors(buffer, arrays, metadata=metadata)
-    return buffer.getvalue()
+    header: dict[str, Any] = {"__metadata__": metadata}
+    size = 0
+    for name, (kind, array) in arrays.items():
+        header[name] = {"dtype": kind, "shape": list(array.shape), "data_offsets": [size, size + array.nbytes]}
+        size += array.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the arrays start 8-byte aligned, as safetensors asks
+    data = bytearray(8 + len(head) + size)
+    data[: 8 + len(head)] = struct.pack("<Q", len(head)) + head
+    position = 8 + len(head)
+    for _, array in arrays.values():
+        # numpy copies a strided view into place without holding the GIL.
+        np.ndarray(array.shape, array.dtype.newbyteorder("<"), data, position)[...] = array
+        position += array.nbytes
+    return data
 
 
 def read_chunk_bytes(path: Path, sha256: str, nbytes: int) -> bytes:
@@ -159,7 +210,7 @@ def decode_chunk(data: bytes, name: str, fingerprint: str, layout: CacheLayout) 
     return chunk, tokens
 
 
-def write_chunk_file(path: Path, data: bytes) -> str:
+def write_chunk_file(path: Path, data: bytes | bytearray) -> str:
     """Write chunk bytes atomically (owner-only); returns their sha256."""
     atomic_write_bytes(path, data, mode=0o600)
     return hashlib.sha256(data).hexdigest()

@@ -1,12 +1,17 @@
-"""The disk cache's writer: a thread that writes queued chunks (a session's new chunk, or a shared
-prefix), then keeps the disk within its byte budget.
+"""The disk cache's writer: two threads that encode and write queued chunks (a session's new chunk, or
+a shared prefix), then keep the disk within its byte budget.
 
 A turn adds one chunk to its session: the tokens from where the session last diverged from what is
-on disk (the manifest is cut there) to its end. The generation thread takes the chunk's arrays and
-encodes them; the writer writes the file, then the manifest, then removes the chunks cut away, so a
-kill at any moment leaves the old manifest or the new one, both whole. Writes never hold up an
-answer: the queue is bounded, and a turn that finds it full is written with the next one. A write
-that fails is counted, and /health lists it as a problem until a later write works.
+on disk (the manifest is cut there) to its end. The generation thread only takes the chunk's arrays
+and makes them concrete (slices of buffers the turn evaluated: no byte is copied); the encoder thread
+copies them into safetensors bytes at once, and the writer thread writes the file, then the
+manifest, then removes the chunks cut away, so a kill at any moment leaves the old manifest or the
+new one, both whole. The encoder lets go of the arrays as soon as it has copied them, not after the
+file is written: while anything else holds a slice of a session's K/V buffer, MLX cannot update that
+buffer in place and copies all of it at the session's next step. Writes never hold up an answer:
+at most QUEUE_LENGTH chunks wait (to be encoded or written), and a turn that finds no room is written
+with the next one. A write that fails is counted, and /health lists it as a problem until a later
+write works.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from sidecar.kvcache.disk_files import (
     CHUNK_SUFFIX,
     MANIFEST,
     ChunkEntry,
+    HostChunk,
     KvFileError,
     Manifest,
     PrefixRecord,
-    encode_chunk,
+    chunk_on_host,
     read_manifest,
     tokens_digest,
     write_manifest,
@@ -77,7 +83,7 @@ class DiskWrite:
     prefix: tuple[str, int] | None = None  # sessions: a shared prefix as the first chunk
     record: PrefixRecord | None = None  # prefixes
     generation: int = 0
-    data: bytes = b""
+    data: bytes | bytearray = b""
 
     def label(self) -> str:
         """What the log calls it."""
@@ -86,10 +92,19 @@ class DiskWrite:
 
 @dataclass
 class PendingChunk:
-    """A chunk taken on the generation thread, to be encoded (`queue_write`) once the answer has ended."""
+    """A chunk taken on the generation thread, handed to the encoder (`queue_write`) once the answer has ended."""
 
     write: DiskWrite
     chunk: CacheChunk
+    tokens: list[int]
+
+
+@dataclass
+class HostWrite:
+    """A write whose chunk is on the host, for the encoder thread."""
+
+    write: DiskWrite
+    chunk: HostChunk
     tokens: list[int]
 
 
@@ -97,8 +112,49 @@ class _Behind(Exception):
     """A chunk that cannot go on its session's files: an earlier write failed, so it would leave a gap."""
 
 
+class ChunkEncoder:
+    """The encoder thread: turns each queued chunk into safetensors bytes as soon as it arrives (no MLX
+    call: numpy reads MLX's buffers), lets go of its arrays, then hands the write on with `deliver`
+    (None once closed, after the last chunk)."""
+
+    def __init__(
+        self, fingerprint: Callable[[], str], deliver: Callable[[DiskWrite | None], None],
+        on_failure: Callable[[DiskWrite, str], None],
+    ):  # fmt: skip
+        self._fingerprint = fingerprint
+        self._deliver = deliver
+        self._on_failure = on_failure
+        self._queue: queue.Queue[HostWrite | None] = queue.Queue()  # bounded by the writer's slots
+        self._thread = threading.Thread(target=self._loop, name="kv-disk-encoder", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        """Chunks waiting to be encoded."""
+        return self._queue.qsize()
+
+    def put(self, taken: HostWrite | None) -> None:
+        """Queue a chunk to encode; None: encode what is queued, then stop."""
+        self._queue.put(taken)
+
+    def _loop(self) -> None:
+        while (taken := self._queue.get()) is not None:
+            write = taken.write
+            try:
+                write.data = disk_files.encode_chunk(taken.chunk, taken.tokens, self._fingerprint())
+            except Exception as exc:  # the encoder must outlive any one chunk
+                log.exception("disk cache: could not encode %s", write.label())
+                self._on_failure(write, f"{type(exc).__name__}: {exc}")
+                continue
+            finally:
+                # The last reference to sessions' K/V buffers: none is held while the file is written.
+                del taken
+            self._deliver(write)
+        self._deliver(None)
+
+
 class DiskWriter:
-    """The writer thread, its bounded queue, and the budget it enforces after every write."""
+    """The encoder and writer threads, their bounded queues, and the budget enforced after every write."""
 
     def __init__(self, layout: DiskLayout, index: DiskIndex, counters: DiskCounters, fingerprint: Callable[[], str]):
         self.layout = layout
@@ -109,14 +165,18 @@ class DiskWriter:
         self.files = threading.Lock()
         self.last_error: str | None = None
         self.failing = False  # the latest write failed
-        self._queue: queue.Queue[DiskWrite | None] = queue.Queue(QUEUE_LENGTH)
+        # A chunk takes a slot when queued and gives it back once the writer takes it up: the room
+        # is decided on the generation thread, so a session's next chunk knows if this one was skipped.
+        self._slots = threading.BoundedSemaphore(QUEUE_LENGTH)
+        self._queue: queue.Queue[DiskWrite | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="kv-disk-writer", daemon=True)
         self._thread.start()
+        self._encoder = ChunkEncoder(fingerprint, self._queue.put, self._encode_failed)
 
     @property
     def queued(self) -> int:
-        """Writes waiting in the queue."""
-        return self._queue.qsize()
+        """Writes waiting in the queues (to be encoded, to be written)."""
+        return self._encoder.queued + self._queue.qsize()
 
     def take_session(self, session: Session) -> PendingChunk | None:
         """The chunk a finished turn adds to the session's files (its arrays are taken, not yet encoded)."""
@@ -151,17 +211,17 @@ class DiskWriter:
         return PendingChunk(write, cache_chunk(cache, 0), list(tokens))
 
     def queue_write(self, pending: PendingChunk | None) -> None:
-        """Encode a taken chunk (on the generation thread) and queue it; a full queue defers it to the next turn."""
+        """Make a taken chunk's arrays concrete (on the generation thread, no byte copied) and queue it for
+        the encoder; when QUEUE_LENGTH chunks wait already, it is written with the session's next turn."""
         if pending is None:
             return
-        write = pending.write
-        write.data = encode_chunk(pending.chunk, pending.tokens, self._fingerprint())
-        try:
-            self._queue.put_nowait(write)
-        except queue.Full:
-            self.counters.add(skipped_writes=1)
-            self._failed(write)
-            self._done(write)
+        taken = HostWrite(pending.write, chunk_on_host(pending.chunk), pending.tokens)
+        if self._slots.acquire(blocking=False):
+            self._encoder.put(taken)
+            return
+        self.counters.add(skipped_writes=1)
+        self._failed(pending.write)
+        self._done(pending.write)
 
     def wait(self, name: str, timeout: float) -> bool:
         """Wait (at most `timeout` seconds) until the writes queued for a session or prefix are done;
@@ -187,18 +247,22 @@ class DiskWriter:
             self.index.touch_session(name)
 
     def close(self, timeout: float) -> None:
-        """Write what is queued (for at most `timeout` seconds) and stop the thread."""
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            log.warning("disk cache: %d writes still queued at shutdown are dropped", self._queue.qsize())
-            return
+        """Encode and write what is queued (for at most `timeout` seconds) and stop the threads."""
+        self._encoder.put(None)  # the encoder hands the writer its last chunk, then None
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("disk cache: %d writes still queued at shutdown are dropped", self.queued)
 
     # ---- the writer thread -----------------------------------------------------------------
 
+    def _encode_failed(self, write: DiskWrite, error: str) -> None:
+        self._slots.release()
+        self._count_failure(write, error)
+        self._done(write)
+
     def _loop(self) -> None:
         while (write := self._queue.get()) is not None:
+            self._slots.release()
             try:
                 with self.files:
                     if write.record is not None:
