@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,7 +37,7 @@ from typing import Any, Iterator
 import psutil
 
 from bench.concurrency import Endpoint, Streamed, chat, decoding_time, get_json, mlx_lm_server, run_threads
-from bench.memory import QUICK_SYSTEM_CHARS, session_requests, vocab_model
+from bench.memory import QUICK_SYSTEM_CHARS, serve_has_sharing_flag, session_requests, vocab_model
 from bench.models import describe_model
 from bench.runtime import Shape
 from bench.sessions import API_KEY, MODEL_ID, serve_sidecar, system_prompt, tokenizer_of
@@ -112,14 +110,6 @@ def run_openclaw(args: argparse.Namespace) -> int:
     }
     print(json.dumps(report, indent=None if args.json else 2))
     return 0
-
-
-def serve_has_sharing_flag() -> bool:
-    """Whether this checkout's `serve` can turn the shared prefix off (`--no-share-prefix`)."""
-    env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1"}
-    argv = [sys.executable, "-m", "installer", "serve", "--help"]
-    shown = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120, check=True).stdout
-    return "--no-share-prefix" in shown
 
 
 @contextmanager
