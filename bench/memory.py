@@ -7,9 +7,9 @@ more turns, each dropping the previous internal-context message as OpenClaw does
 precision (`--kv-bits` none, 8 and 4). Per precision: KV bytes in all and per session, shared-prefix
 and δ-record bytes (from /health), the server's peak RSS, prefill and decode tokens/s.
 
-Once `serve` has `--no-share-prefix` (the system prompt's K/V held once and referenced by every
-session, the default), each precision also runs with it (per-session copies; `--copies-bits`), and
-`sessions_per_budget` compares the two: measured resident bytes against the arithmetic, and the
+Where `serve` shares the system prompt's K/V by default (held once, referenced by every session)
+and has `--no-share-prefix`, each precision also runs with it (per-session copies; `--copies-bits`),
+and `sessions_per_budget` compares the two: measured resident bytes against the arithmetic, and the
 sessions a 16 GB Mac's budget holds each way (common/kv_budget.py's arithmetic for Qwen3-4B).
 
 Then, in this process, greedy agreement with the float cache: each session's first request is
@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -86,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         model_dir, adapter_dir = chosen_model(args, work)
         requests = [session_requests(captured, s, turns, system_chars, args.tools) for s in range(sessions)]
-        sharing_flag = serve_has_sharing_flag()
+        sharing = sharing_modes()
         copies_bits = set(args.copies_bits.split(",")) if args.copies_bits else set()
         runs = {}
         for bits in SETTINGS:
             name = "none" if bits is None else str(bits)
             # serve's default (sharing the prefix once it can), then per-session copies when it can choose.
             for run_name, flags in ((name, ()), (f"{name}-copies", ("--no-share-prefix",))):
-                if flags and not (sharing_flag and name in copies_bits):
+                if flags and not (sharing.default and sharing.flag and name in copies_bits):
                     continue
                 run = _serve_run(
                     model_dir, adapter_dir, work / f"kv-{run_name}", bits, requests, args.max_tokens, *flags
@@ -109,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         "system_prompt_chars": system_chars or "all",
         "first_request_tokens": runs["none"]["requests"][0]["prompt_tokens"],
         "settings": {name: {**run, **agreement.get(name, {})} for name, run in runs.items()},
-        "sharing_flag": sharing_flag,
-        "sessions_per_budget": sessions_per_budget(runs, model_dir, adapter_dir, sharing_flag),
+        "sharing": sharing.to_dict(),
+        "sessions_per_budget": sessions_per_budget(runs, model_dir, adapter_dir, sharing.default),
         "ratios": _ratios(runs),
         "quick": args.quick,
         "elapsed_s": round(time.perf_counter() - started, 1),
@@ -312,16 +313,31 @@ def _prefill(model: Any, cache: list[Any], tokens: list[int], step: int = 512) -
         mx.eval([c.state for c in cache])
 
 
-def serve_has_sharing_flag() -> bool:
-    """Whether this checkout's `serve` can turn the shared prefix off (`--no-share-prefix`)."""
+@dataclass(frozen=True)
+class Sharing:
+    """What this checkout's `serve` does with the shared system prompt's K/V."""
+
+    default: bool  # sessions reference it unless told otherwise (SidecarSettings.share_prefix)
+    flag: bool  # `serve --no-share-prefix` gives each session its own copy
+
+    def to_dict(self) -> dict[str, bool]:
+        """The JSON form used in reports."""
+        return {"default": self.default, "flag": self.flag}
+
+
+def sharing_modes() -> Sharing:
+    """Read from this checkout: the settings' default and `serve --help` (the flag may land later)."""
+    from common.settings import SidecarSettings
+
+    default = next((f.default for f in fields(SidecarSettings) if f.name == "share_prefix"), False)
     env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1"}
     argv = [sys.executable, "-m", "installer", "serve", "--help"]
     shown = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120, check=True).stdout
-    return "--no-share-prefix" in shown
+    return Sharing(default=bool(default), flag="--no-share-prefix" in shown)
 
 
 def sessions_per_budget(
-    runs: dict[str, dict[str, Any]], model_dir: Path, adapter_dir: Path, sharing_flag: bool
+    runs: dict[str, dict[str, Any]], model_dir: Path, adapter_dir: Path, shared_by_default: bool
 ) -> dict[str, Any]:
     """Sessions held with the prefix shared and copied: measured here, and the 16 GB profile's arithmetic.
 
@@ -340,7 +356,7 @@ def sessions_per_budget(
         name = "none" if bits is None else str(bits)
         tokens_budget = budget / kv_bytes_per_token(preset.kv_shape, bits)
         measured = {}
-        for run_name, shared in ((name, sharing_flag), (f"{name}-copies", False)):
+        for run_name, shared in ((name, shared_by_default), (f"{name}-copies", False)):
             if run_name in runs:
                 measured["sharing" if shared else "copies"] = _measured_held(
                     runs[run_name], shape, bits, shared, tokens_budget * kv_bytes_per_token(shape, bits)

@@ -105,7 +105,8 @@ def test_memory_bench_reports_every_kv_setting(
     assert memory.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     held = report["sessions_per_budget"]
-    layouts = ["sharing", "copies"] if report["sharing_flag"] else ["copies"]
+    sharing = report["sharing"]
+    layouts = (["sharing", "copies"] if sharing["flag"] else ["sharing"]) if sharing["default"] else ["copies"]
     # --copies-bits none: float runs both ways, 8 and 4 bits only as serve runs by default.
     assert sorted(held["none"]["measured"]) == sorted(layouts) and list(held["8"]["measured"]) == layouts[:1]
     for layout in layouts:

@@ -21,7 +21,9 @@ def test_openclaw_rows_report_every_server_per_n(
             "--model", str(tiny_kv_model_dir), "--adapter", str(tiny_kv_adapter_dir)]  # fmt: skip
     assert concurrency.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    sidecars = ["share", "copies"] if report["sharing_flag"] else ["copies"]
+    sharing = report["sharing"]
+    # serve as it is (sharing, or copies before sharing), and --no-share-prefix once serve has it.
+    sidecars = (["share", "copies"] if sharing["flag"] else ["share"]) if sharing["default"] else ["copies"]
     assert sorted(report["servers"]) == sorted([*sidecars, "mlx_lm_server"])
     assert report["prefix_tokens"] > 0 and all(t > report["prefix_tokens"] for t in report["session_tokens"])
     for name, server in report["servers"].items():
@@ -33,10 +35,13 @@ def test_openclaw_rows_report_every_server_per_n(
         last = report["servers"][name]["rounds"][-1]
         # Both sessions and the warm-up one are resident; no layout holds less than one prompt + their own tokens.
         assert last["resident_sessions"] == 3 and last["kv_over_ideal"] >= 0.99, last
-    assert report["copies_vs_peer_decode_max_n"] > 0
-    if report["sharing_flag"]:
-        assert set(report["targets"]) == {"share_vs_copies_decode_at_least_1_5", "share_vs_peer_decode_at_least_1_8",
-                                          "share_kv_within_5_percent_of_ideal", "share_n1_decode_at_least_0_95"}
+    assert all(report[f"{name}_vs_peer_decode_max_n"] > 0 for name in sidecars)
+    expected = set()
+    if sharing["default"]:
+        expected = {"share_vs_peer_decode_at_least_1_8", "share_kv_within_5_percent_of_ideal"}
+    if len(sidecars) == 2:
+        expected |= {"share_vs_copies_decode_at_least_1_5", "share_n1_decode_at_least_0_95"}
+    assert set(report["targets"]) == expected
 
 
 def test_decode_rate_counts_only_the_time_every_row_streams() -> None:
@@ -47,4 +52,3 @@ def test_decode_rate_counts_only_the_time_every_row_streams() -> None:
     assert all_rows_rate([a, b]) == pytest.approx((10 + 5) / 5)
     c = Streamed(sent=0.0, arrivals=[11.0, 12.0], completion_tokens=2)
     assert all_rows_rate([a, c]) is None  # never both at once
-
