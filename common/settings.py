@@ -72,6 +72,8 @@ class SidecarSettings:
     attention_state_source: AttentionStateSource = "request"
     write_policy: WritePolicy = "all"
     prefix_cache: bool = True
+    # Sessions reference the shared prefix's K/V (held once) instead of holding a private copy of it.
+    share_prefix: bool = True
     max_batch: int = 8
     prefill_chunk: int = 512
     # Seconds with no request in flight after which the model and its KV are unloaded (sessions stay

@@ -53,14 +53,34 @@ def tiny_qwen2_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_
 
 @pytest.fixture(scope="session")
 def tiny_tied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny float32 Qwen3 model whose output projection is its embedding (no lm_head), as Qwen3-4B's."""
-    return write_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-tied"), tie_word_embeddings=True)
+    """A tiny float32 Qwen3 model whose output projection is its embedding (no lm_head), as Qwen3-4B's;
+    head_dim 64, so that mlx-lm's KV quantization can group it."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-tied"), tie_word_embeddings=True, head_dim=64)
 
 
 @pytest.fixture(scope="session")
 def tiny_tied_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tied_model_dir: Path) -> Path:
     """A TSW adapter for `tiny_tied_model_dir`."""
     return write_tiny_adapter(tmp_path_factory.mktemp("tiny-tied-tsw"), tiny_tied_model_dir, seed=6)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_ssw_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tied_model_dir: Path) -> Path:
+    """An SSW adapter for `tiny_tied_model_dir`."""
+    return write_tiny_adapter(tmp_path_factory.mktemp("tiny-tied-ssw"), tiny_tied_model_dir, variant="ssw", seed=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_msw_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tied_model_dir: Path) -> Path:
+    """An MSW adapter for `tiny_tied_model_dir`."""
+    return write_tiny_adapter(tmp_path_factory.mktemp("tiny-tied-msw"), tiny_tied_model_dir, variant="msw", seed=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_one_layer_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tied_model_dir: Path) -> Path:
+    """A TSW adapter on the second layer only of `tiny_tied_model_dir`: the first stays a plain layer."""
+    dest = tmp_path_factory.mktemp("tiny-tied-layer1")
+    return write_tiny_adapter(dest, tiny_tied_model_dir, seed=9, target_layers=(1,))
 
 
 @pytest.fixture(scope="session")

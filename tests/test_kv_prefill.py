@@ -16,7 +16,7 @@ from mlx_lm.utils import load_model
 
 from sidecar.delta import attach_delta_mem
 from sidecar.delta import attention as delta_attention
-from sidecar.delta.api import attend_quantized_in_float, make_cache, set_delta_controls
+from sidecar.delta.api import wrap_plain_attention, make_cache, set_delta_controls
 from sidecar.delta.attention import PlainAttention
 from sidecar.delta.batch import decode_rows
 from sidecar.testing.tiny_model import write_tiny_adapter
@@ -110,7 +110,7 @@ def test_a_model_without_adapter_prefills_in_float_with_the_same_tokens(
 ) -> None:
     plain = load_model(tiny_kv_model_dir)[0]
     old_tokens, old_logits = _generate(plain, bits, delta=False)  # mlx-lm's own modules
-    model = attend_quantized_in_float(load_model(tiny_kv_model_dir)[0])
+    model = wrap_plain_attention(load_model(tiny_kv_model_dir)[0])
     assert all(type(block.self_attn) is PlainAttention for block in model.layers)
     new_tokens, new_logits = _generate(model, bits, delta=False)
     assert new_tokens == old_tokens
@@ -121,7 +121,7 @@ def test_a_model_without_adapter_prefills_in_float_with_the_same_tokens(
 def test_plain_attention_is_the_modules_own_forward_bit_for_bit(request: pytest.FixtureRequest, fixture: str) -> None:
     model_dir = request.getfixturevalue(fixture)
     plain = load_model(model_dir)[0]
-    wrapped = attend_quantized_in_float(load_model(model_dir)[0])
+    wrapped = wrap_plain_attention(load_model(model_dir)[0])
     plain_cache, wrapped_cache = make_cache(plain), make_cache(wrapped)
     for a, b in CHUNKS + ((150, 151),):
         tokens = mx.array([_tokens(151)[a:b]])
@@ -154,7 +154,7 @@ def test_prefill_chunks_skip_mlx_lm_quantized_attention_and_decoding_uses_it(
     model = load_model(tiny_kv_model_dir)[0]
     if adapter:
         attach_delta_mem(model, tiny_kv_adapter_dir)
-    attend_quantized_in_float(model)
+    wrap_plain_attention(model)
     caches = [make_cache(model, 8) for _ in range(2)]
     for cache in caches:
         model(mx.array([_tokens(30)]), cache=cache)

@@ -14,6 +14,7 @@ from common.kv_budget import KvShape, cache_tokens, delta_record_bytes, kv_bytes
 from sidecar.delta import attach_delta_mem, delta_states
 from sidecar.delta.api import load_prompt_cache, make_cache, restorable_offset, set_delta_controls
 from sidecar.delta.cache import QuantizedDeltaKVCache
+from sidecar.delta.prefixed_kv import PrefixedQuantizedKVCache
 from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 
 BITS = [None, 8, 4]
@@ -143,6 +144,8 @@ def test_a_group_size_the_head_dim_cannot_take_is_refused(tiny_model_dir, tiny_a
 def test_a_plain_model_gets_mlx_lm_quantized_caches(tiny_kv_model_dir) -> None:
     model, _ = load_model(tiny_kv_model_dir)
     cache = make_cache(model, 4, 32)
-    assert all(type(c) is QuantizedKVCache and (c.bits, c.group_size) == (4, 32) for c in cache)
+    # mlx-lm's format, in the subclass that can start from a shared prefix
+    assert all(type(c) is PrefixedQuantizedKVCache and isinstance(c, QuantizedKVCache) for c in cache)
+    assert all((c.bits, c.group_size) == (4, 32) for c in cache)
     _run(model, cache, _tokens(20))
     assert cache[0].offset == 20

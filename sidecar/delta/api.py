@@ -13,13 +13,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_unflatten
 from mlx_lm.models import cache as mlx_cache
-from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from common.kv_budget import KV_BITS, KV_GROUP_SIZES
 from sidecar.delta.adapter_files import ModelDims, load_adapter, model_dims, validate_adapter
 from sidecar.delta.attention import DeltaAttention, PlainAttention
 from sidecar.delta.cache import DeltaControls, DeltaKVCache, DeltaLayerCache, QuantizedDeltaKVCache
 from sidecar.delta.config import AdapterConfigError, DeltaMemConfig, tensor_key
+from sidecar.delta.prefixed_kv import PrefixedKVCache, PrefixedQuantizedKVCache
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2")
 
@@ -74,15 +74,21 @@ def attach_tensors(
     return model
 
 
-def attend_quantized_in_float(model: nn.Module) -> nn.Module:
-    """Run every plain attention layer through `PlainAttention`, so that prefill chunks over quantized
-    caches attend in float there too (δ layers already do); call it after attaching any adapter."""
+def wrap_plain_attention(model: nn.Module) -> nn.Module:
+    """Run every plain attention layer through `PlainAttention` (call it after attaching any adapter),
+    so that every layer attends the sidecar's way: prefill chunks over quantized caches in float, and
+    caches that start from a shared prefix over both segments (δ layers already do both)."""
     if getattr(getattr(model, "args", None), "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        return model  # other model types keep mlx-lm's own attention, quantized prefill included
+        return model  # other model types keep mlx-lm's own attention (and no shared prefixes)
     for block in model.layers:
         if not isinstance(block.self_attn, (DeltaAttention, PlainAttention)):
             block.self_attn = PlainAttention(block.self_attn)
     return model
+
+
+def attends_segments(model: nn.Module) -> bool:
+    """True when every layer runs the sidecar's attention, so caches may start from a shared prefix."""
+    return all(isinstance(block.self_attn, (DeltaAttention, PlainAttention)) for block in model.layers)
 
 
 def make_cache(model: nn.Module, kv_bits: int | None = None, kv_group_size: int = 64) -> list[Any]:
@@ -100,9 +106,9 @@ def make_cache(model: nn.Module, kv_bits: int | None = None, kv_group_size: int 
         elif delta:
             caches.append(QuantizedDeltaKVCache(block.self_attn.state_shape, controls, kv_group_size, kv_bits))
         elif kv_bits is None:
-            caches.append(KVCache())
+            caches.append(PrefixedKVCache())
         else:
-            caches.append(QuantizedKVCache(group_size=kv_group_size, bits=kv_bits))
+            caches.append(PrefixedQuantizedKVCache(group_size=kv_group_size, bits=kv_bits))
     return caches
 
 
@@ -129,7 +135,12 @@ def load_prompt_cache(path: str | Path) -> list[Any]:
     _, classes, scalars = tree_unflatten(list(metadata.items()))
     for position, kind in scalars[1:]:  # the caches' scalars are numbers or None
         arrays[position] = None if kind == "none" else arrays[position].item()
-    known = {"DeltaKVCache": DeltaKVCache, "QuantizedDeltaKVCache": QuantizedDeltaKVCache}
+    known = {
+        "DeltaKVCache": DeltaKVCache,
+        "QuantizedDeltaKVCache": QuantizedDeltaKVCache,
+        "PrefixedKVCache": PrefixedKVCache,
+        "PrefixedQuantizedKVCache": PrefixedQuantizedKVCache,
+    }
     states = tree_unflatten(list(arrays.items()))
     cache = [(known.get(name) or getattr(mlx_cache, name)).from_state(state) for name, state in zip(classes, states)]
     controls = DeltaControls()

@@ -19,6 +19,7 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from sidecar.delta.cache import DeltaControls, DeltaLayerCache
 from sidecar.delta.config import DeltaMemConfig
 from sidecar.delta.scan import scan
+from sidecar.delta.segment_attention import decode_over_prefix, prefill_over_prefix
 
 _STATELESS = DeltaControls()
 
@@ -270,8 +271,13 @@ def attention(queries: mx.array, keys: Any, values: Any, cache: Any, scale: floa
     A prefill chunk dequantizes the layer's packed K/V (a transient the size of one layer's float
     K/V) and runs the fused float kernel: mlx-lm's quantized attention costs several times more for
     the same product there. One query (decode) keeps reading the packed bytes, the point of the
-    format on Metal, where decoding is bound by memory bandwidth.
+    format on Metal, where decoding is bound by memory bandwidth. A cache that starts from a shared
+    prefix (`keys`, `values`: its own tokens only) attends over both segments (segment_attention.py).
     """
+    if getattr(cache, "prefix", None) is not None:
+        if queries.shape[2] > 1:
+            return prefill_over_prefix(queries, cache, scale, mask)
+        return decode_over_prefix(queries, cache.prefix, [(keys, values)], scale, _quantization(cache))
     if hasattr(cache, "bits") and queries.shape[2] > 1:
         keys, values = (mx.dequantize(*kv, group_size=cache.group_size, bits=cache.bits) for kv in (keys, values))
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
@@ -280,7 +286,8 @@ def attention(queries: mx.array, keys: Any, values: Any, cache: Any, scale: floa
 
 class PlainAttention(nn.Module):
     """A layer's own attention module run by `_attend` with no Δ terms: the same forward, bit for bit,
-    with `attention`'s float prefill over quantized caches (installed by `api.attend_quantized_in_float`)."""
+    with `attention`'s float prefill over quantized caches and its shared prefixes (installed by
+    `api.wrap_plain_attention`)."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -296,14 +303,29 @@ def attend_rows(
     """Attention for B rows of one token each (x: [B, 1, d]), every row on its own cache.
 
     Projections and RoPE (at each row's own offset) run batched; each row then attends to exactly
-    its own keys and values, so rows of different lengths need no padding and no mask.
+    its own keys and values, so rows of different lengths need no padding and no mask. Rows that start
+    from the same shared prefix read its keys and values once, together.
     """
     queries, keys, values = _project_qkv(base, x, offsets, deltas)
-    outputs = []
+    own = [cache.update_and_fetch(keys[i : i + 1], values[i : i + 1]) for i, cache in enumerate(caches)]
+    outputs: list[mx.array | None] = [None] * len(caches)
+    sharing: dict[int, list[int]] = {}  # rows that start from the same prefix segment
     for i, cache in enumerate(caches):
-        row_keys, row_values = cache.update_and_fetch(keys[i : i + 1], values[i : i + 1])
-        outputs.append(attention(queries[i : i + 1], row_keys, row_values, cache, base.scale, None))
+        if getattr(cache, "prefix", None) is None:
+            outputs[i] = attention(queries[i : i + 1], *own[i], cache, base.scale, None)
+        else:
+            sharing.setdefault(id(cache.prefix), []).append(i)
+    for rows in sharing.values():
+        first = caches[rows[0]]
+        stacked = queries[mx.array(rows)] if len(rows) > 1 else queries[rows[0] : rows[0] + 1]
+        out = decode_over_prefix(stacked, first.prefix, [own[i] for i in rows], base.scale, _quantization(first))
+        for n, i in enumerate(rows):
+            outputs[i] = out[n : n + 1]
     return _project_out(base, mx.concatenate(outputs), deltas)
+
+
+def _quantization(cache: Any) -> tuple[int, int] | None:
+    return (cache.group_size, cache.bits) if hasattr(cache, "bits") else None
 
 
 def _project_qkv(

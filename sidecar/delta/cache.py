@@ -17,6 +17,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from common.kv_budget import DELTA_RECORD_INTERVAL, DELTA_RECORD_STEP
+from sidecar.delta.prefixed_kv import PrefixedKV
 
 
 class MissingDeltaState(RuntimeError):
@@ -229,8 +230,8 @@ class DeltaLayerCache:
         return self.record.nbytes
 
 
-class DeltaKVCache(DeltaLayerCache, KVCache):
-    """mlx-lm's KVCache plus the layer's δ record."""
+class DeltaKVCache(DeltaLayerCache, PrefixedKV, KVCache):
+    """mlx-lm's KVCache plus the layer's δ record; it can start from a shared prefix."""
 
     def __init__(self, state_shape: tuple[int, ...], controls: DeltaControls):
         KVCache.__init__(self)
@@ -238,7 +239,7 @@ class DeltaKVCache(DeltaLayerCache, KVCache):
         self.record = DeltaRecord(state_shape)
 
     def trim(self, n: int) -> int:
-        trimmed = KVCache.trim(self, n)
+        trimmed = PrefixedKV.trim(self, n)
         self.record.trim(self.offset)
         return trimmed
 
@@ -259,6 +260,7 @@ class DeltaKVCache(DeltaLayerCache, KVCache):
 
     def to_quantized(self, group_size: int = 64, bits: int = 4) -> "QuantizedDeltaKVCache":
         """The same cache with K/V in mlx-lm's quantized format; the δ record moves over unchanged."""
+        self.unshare()  # the quantized cache holds every token itself
         quantized = QuantizedDeltaKVCache(self.state_shape, self.controls, group_size=group_size, bits=bits)
         plain = KVCache.to_quantized(self, group_size=group_size, bits=bits)
         quantized.keys, quantized.values, quantized.offset = plain.keys, plain.values, plain.offset
@@ -266,8 +268,9 @@ class DeltaKVCache(DeltaLayerCache, KVCache):
         return quantized
 
 
-class QuantizedDeltaKVCache(DeltaLayerCache, QuantizedKVCache):
-    """mlx-lm's QuantizedKVCache plus the layer's δ record (which stays float32)."""
+class QuantizedDeltaKVCache(DeltaLayerCache, PrefixedKV, QuantizedKVCache):
+    """mlx-lm's QuantizedKVCache plus the layer's δ record (which stays float32); it can start from a
+    shared prefix."""
 
     def __init__(self, state_shape: tuple[int, ...], controls: DeltaControls, group_size: int = 64, bits: int = 8):
         QuantizedKVCache.__init__(self, group_size=group_size, bits=bits)
@@ -275,7 +278,7 @@ class QuantizedDeltaKVCache(DeltaLayerCache, QuantizedKVCache):
         self.record = DeltaRecord(state_shape)
 
     def trim(self, n: int) -> int:
-        trimmed = QuantizedKVCache.trim(self, n)
+        trimmed = PrefixedKV.trim(self, n)
         self.record.trim(self.offset)
         return trimmed
 

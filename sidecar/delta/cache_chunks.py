@@ -38,9 +38,9 @@ def cache_chunk(cache: list[Any], start: int) -> CacheChunk:
     arrays: dict[str, mx.array] = {}
     records: list[dict[str, Any] | None] = []
     for i, layer in enumerate(cache):
-        for name, part in (("k", layer.keys), ("v", layer.values)):
+        for name, part in zip("kv", _kv_range(layer, start, end)):
             for j, array in enumerate(_parts(part)):
-                arrays[f"{name}{i}.{j}"] = array[..., start:end, :]
+                arrays[f"{name}{i}.{j}"] = array
         if not isinstance(layer, DeltaLayerCache):
             records.append(None)
             continue
@@ -126,15 +126,21 @@ def _check_record(chunk: CacheChunk, i: int, meta: Any, state: tuple[int, ...] |
 
 
 def fill_cache(cache: list[Any], chunks: list[CacheChunk]) -> None:
-    """Put consecutive chunks (the first from offset 0, each possibly cut) into an empty cache."""
+    """Put consecutive chunks (the first from offset 0, each possibly cut) into an empty cache, or into
+    one that starts from a shared prefix: then the first chunk is that prefix's, already referenced."""
     if not chunks:
         return
+    start = cache[0].offset
+    own = [chunk for chunk in chunks if chunk.start >= start]
+    if start and (chunks[0].end != start or len(own) != len(chunks) - 1):
+        raise ValueError(f"the first chunk must be the {start}-token shared prefix the cache starts from")
     for i, layer in enumerate(cache):
-        pieces = [_layer_kv(chunk, i) for chunk in chunks]
-        keys = [_concat([p[0][j] for p in pieces]) for j in range(len(pieces[0][0]))]
-        values = [_concat([p[1][j] for p in pieces]) for j in range(len(pieces[0][1]))]
-        layer.keys = keys[0] if len(keys) == 1 else tuple(keys)
-        layer.values = values[0] if len(values) == 1 else tuple(values)
+        if own:
+            pieces = [_layer_kv(chunk, i) for chunk in own]
+            keys = [_concat([p[0][j] for p in pieces]) for j in range(len(pieces[0][0]))]
+            values = [_concat([p[1][j] for p in pieces]) for j in range(len(pieces[0][1]))]
+            layer.keys = keys[0] if len(keys) == 1 else tuple(keys)
+            layer.values = values[0] if len(values) == 1 else tuple(values)
         layer.offset = chunks[-1].end
         if isinstance(layer, DeltaLayerCache):
             layer.record = _record(layer.record.state_shape, chunks, i)
@@ -183,6 +189,16 @@ def _record(shape: tuple[int, ...], chunks: list[CacheChunk], i: int) -> DeltaRe
     record = DeltaRecord.from_state((stacked, runs_array, latest, meta["recorded"], meta["known"], mx.array(shape)))
     record.trim(last.end)  # the last chunk may be cut: the state there is a kept one, or unknown
     return record
+
+
+def _kv_range(layer: Any, start: int, end: int) -> tuple[Any, Any]:
+    if hasattr(layer, "kv_range"):
+        return layer.kv_range(start, end)
+    return tuple(_slice(part, start, end) for part in (layer.keys, layer.values))  # type: ignore[return-value]
+
+
+def _slice(part: Any, start: int, end: int) -> Any:
+    return tuple(p[..., start:end, :] for p in part) if isinstance(part, (tuple, list)) else part[..., start:end, :]
 
 
 def _bar_tokens(shape: tuple[int, ...]) -> tuple[int, ...]:

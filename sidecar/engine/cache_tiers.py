@@ -16,7 +16,7 @@ import mlx.core as mx
 from common.kv_budget import kv_bits_name
 from common.settings import SidecarSettings
 from sidecar.delta.api import delta_info, make_cache, set_delta_controls
-from sidecar.delta.cache_chunks import cache_layout, fill_cache
+from sidecar.delta.cache_chunks import CacheChunk, cache_layout, fill_cache
 from sidecar.kvcache.disk_cache import KvDisk, Restored, until_read
 from sidecar.kvcache.disk_writer import PendingChunk
 from sidecar.kvcache.prefix_cache import PrefixCache
@@ -55,7 +55,7 @@ class CacheTiers:
             yield from until_read(read)
             loaded = self.kv_disk.load_prefix(read, lambda: self.new_cache(mode == "delta")) if read else None
             if loaded is not None:
-                self.prefixes.insert(mode, tokens[: loaded[0]], loaded[1])
+                self.prefixes.insert(mode, tokens[: loaded[0]], loaded[1], copy_cache=False)
                 hit = self.prefixes.fetch(mode, tokens)
         return hit
 
@@ -67,18 +67,28 @@ class CacheTiers:
         mode = history.mode
         read = self.kv_disk.read_session(history, lambda tokens: self.prefixes.peek(mode, tokens))
         yield from until_read(read)
-        restored = self.kv_disk.restore(read, lambda: self.new_cache(history.delta))
-        if restored is not None and restored.prefix_read is not None and self.prefixes.max_entries:
-            prefix = self.new_cache(history.delta)
-            fill_cache(prefix, [restored.prefix_read])
-            self.prefixes.insert(mode, history.tokens[: restored.prefix_read.end], prefix)
-        return restored
+        return self.kv_disk.restore(read, lambda prefix: self._restore_into(history, prefix))
 
-    def keep_prefix(self, mode: str, tokens: list[int], cache: list[Any]) -> None:
-        """Keep a snapshot of a shared prefix in memory, and take its chunks for the disk cache."""
-        self.prefixes.insert(mode, tokens, cache)
+    def _restore_into(self, history: Session, prefix: CacheChunk | None) -> list[Any]:
+        """The empty cache a restore fills: one that references the shared prefix the files start with
+        (kept in memory from now on, if it was read from disk), else a private one."""
+        if prefix is None or not self.prefixes.max_entries:
+            return self.new_cache(history.delta)
+        tokens = history.tokens[: prefix.end]
+        if not self.prefixes.contains(history.mode, tokens):
+            snapshot = self.new_cache(history.delta)
+            fill_cache(snapshot, [prefix])
+            self.prefixes.insert(history.mode, tokens, snapshot, copy_cache=False)
+        return self.prefixes.start_from(history.mode, tokens) or self.new_cache(history.delta)
+
+    def keep_prefix(self, mode: str, tokens: list[int], cache: list[Any]) -> list[Any]:
+        """Keep a shared prefix in memory, and take its chunks for the disk cache; returns the cache the
+        session goes on with. When sharing, `cache` itself is kept (no copy) and the session goes on
+        with a cache that references it; otherwise a copy is kept and the session keeps `cache`."""
+        self.prefixes.insert(mode, tokens, cache, copy_cache=not self.prefixes.share)
         if self.kv_disk is not None:
             self._disk_writes.append(self.kv_disk.take_prefix(mode, tokens, cache))
+        return self.prefixes.start_from(mode, tokens) or cache
 
     def take_session(self, session: Session) -> None:
         """Take a session's new chunks for the disk cache (before the limits may evict its cache)."""

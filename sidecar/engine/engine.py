@@ -22,7 +22,13 @@ import mlx_lm
 
 from common.kv_budget import KvShape
 from common.settings import SidecarSettings
-from sidecar.delta.api import attach_delta_mem, attend_quantized_in_float, check_kv_quantization, delta_info
+from sidecar.delta.api import (
+    attach_delta_mem,
+    attends_segments,
+    check_kv_quantization,
+    delta_info,
+    wrap_plain_attention,
+)
 from sidecar.engine import decoding
 from sidecar.engine.cache_tiers import CacheTiers, open_kv_disk
 from sidecar.engine.decoding import Row
@@ -57,7 +63,6 @@ def load_engine(settings: SidecarSettings) -> "Engine":
         attach_delta_mem(model, settings.adapter_path)
     if settings.kv_bits is not None:
         check_kv_quantization(model, settings.kv_bits, settings.kv_group_size)
-        attend_quantized_in_float(model)
     return Engine(model, tokenizer, settings)
 
 
@@ -65,7 +70,7 @@ class Engine:
     """Runs chat jobs (answers decoded together in one batch) and session admin calls on one generation thread."""
 
     def __init__(self, model: Any, tokenizer: Any, settings: SidecarSettings):
-        self.model = model
+        self.model = wrap_plain_attention(model)  # every layer attends the sidecar's way
         self.tokenizer = tokenizer
         self.settings = settings
         adapter = delta_info(model)
@@ -79,7 +84,10 @@ class Engine:
         state_dir = Path(settings.state_dir) if settings.state_dir else None
         self.guard = _kv_guard(model, settings)
         self.store = SessionStore(settings.max_sessions, self.guard.budget, state_dir, _fingerprint(settings))
-        self.prefixes = PrefixCache(max_entries=PREFIX_ENTRIES if settings.prefix_cache else 0)
+        self.prefixes = PrefixCache(
+            max_entries=PREFIX_ENTRIES if settings.prefix_cache else 0,
+            share=settings.share_prefix and attends_segments(model),
+        )
         self.kv_disk = open_kv_disk(model, settings, self.store.fingerprint)
         self.counters = JobCounters()
         self.replays = ReplayChecks()

@@ -164,7 +164,7 @@ class Prefill:
         if len(session.tokens) < boundary and not session.snippet_writes:
             reused = max(reused, (yield from self._start_from_shared_prefix(session, layout)))
             yield from self._prefill_to(session, layout, boundary, stream)
-            self.tiers.keep_prefix(session.mode, prompt[:boundary], session.cache)
+            session.cache = self.tiers.keep_prefix(session.mode, prompt[:boundary], session.cache)
         session.reused_tokens += reused
         return reused
 

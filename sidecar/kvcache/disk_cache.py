@@ -46,19 +46,19 @@ log = logging.getLogger("sidecar.kvcache.disk_cache")
 READ_POLL_S = 0.005
 
 NewCache = Callable[[], list[Any]]
+# An empty cache for a restore, given the shared prefix chunk the files start with (None: none whole).
+RestoreStart = Callable[[CacheChunk | None], list[Any]]
 # A shared prefix kept in memory for exactly these tokens (not to be changed), or None.
-SharedPrefix = Callable[[list[int]], list[Any] | None]
+HeldPrefix = Callable[[list[int]], list[Any] | None]
 
 
 @dataclass(frozen=True)
 class Restored:
-    """A session's cache read back from disk: the tokens it holds, the memory writes among them, and
-    the shared prefix it starts with if that was read from disk (None when it came from memory)."""
+    """A session's cache read back from disk: the tokens it holds and the memory writes among them."""
 
     length: int
     cache: list[Any]
     snippet_writes: list[SnippetWrite]
-    prefix_read: CacheChunk | None
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class KvDisk:
 
     # ---- restoring a session ------------------------------------------------------------------
 
-    def read_session(self, session: Session, in_memory: SharedPrefix) -> SessionRead:
+    def read_session(self, session: Session, in_memory: HeldPrefix) -> SessionRead:
         """Start reading a session's files back (on the reader thread); `in_memory` gives the shared
         prefixes held in memory, which are not read again."""
         history, fingerprint = history_of(session), self._fingerprint()
@@ -138,7 +138,7 @@ class KvDisk:
         )
         return SessionRead(session, history, held, pending)
 
-    def restore(self, read: SessionRead, new_cache: NewCache) -> Restored | None:
+    def restore(self, read: SessionRead, new_cache: RestoreStart) -> Restored | None:
         """The session's cache, once its read has ended, for as much of its history as the files hold
         and pass every check, or None; logs why it stopped early. Never raises."""
         session, history = read.session, read.history
@@ -149,7 +149,11 @@ class KvDisk:
             loaded = sum(1 for c in files.chunks if c.entry.prefix is not None and c.data is not None)
             self.counters.add(prefix_loads=loaded)
             chunks, reason, prefix_read = check_chunks(files, history, read.held, self._fingerprint(), self.layout)
-            cache, length = new_cache(), 0
+            # A shared prefix the files start with, whole (held in memory, or read with them): the
+            # new cache may reference it instead of holding a copy.
+            first = files.chunks[0] if chunks else None
+            held = chunks[0] if first is not None and first.data is None and chunks[0].end == first.entry.end else None
+            cache, length = new_cache(prefix_read or held), 0
             if chunks:
                 fill_cache(cache, chunks)
                 length = _restorable_point(cache, chunks[-1].end, history.writes, session.safe_offset)
@@ -162,7 +166,7 @@ class KvDisk:
         self.writer.restored(session.file_stem, History(history.tokens[:length], _writes_before(history, length)))
         if length == 0:
             return None
-        return Restored(length, cache, [w for w in session.snippet_writes if w.offset < length], prefix_read)
+        return Restored(length, cache, [w for w in session.snippet_writes if w.offset < length])
 
     # ---- shared prefixes ------------------------------------------------------------------
 

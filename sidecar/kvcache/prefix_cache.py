@@ -2,9 +2,10 @@
 
 Every OpenClaw session opens with the same long system prompt. Because a session's δ-state starts
 at zero and is a deterministic function of what it writes, the KV cache and the δ-state after that
-prompt are the same for every session, so one copy is computed and kept here; a new session starts
-from a copy of it. Entries are keyed by mode ("delta" or "base"), looked up in mlx-lm's token trie,
-and evicted least recently used first, by count and by bytes.
+prompt are the same for every session, so one copy is computed and kept here (a `SharedPrefix`); a
+new session references its K/V (with sharing off: starts from a private copy of it). Entries are
+keyed by mode ("delta" or "base"), looked up in mlx-lm's token trie, and evicted least recently used
+first, by count and by bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from mlx_lm.models.cache import PromptTrie
 
 from sidecar.delta.api import delta_record_nbytes, restorable_offset
+from sidecar.delta.shared_prefix import SharedPrefix
 
 # A longer stored prefix is copied whole and then cut back, so a partial match is used only
 # when it saves enough: at least this many tokens and a quarter of the stored prefix.
@@ -25,15 +27,23 @@ PARTIAL_MIN_TOKENS = 256
 
 @dataclass
 class _Entry:
-    cache: list[Any]
-    nbytes: int
+    shared: SharedPrefix
+
+    @property
+    def cache(self) -> list[Any]:
+        return self.shared.snapshot
+
+    @property
+    def nbytes(self) -> int:
+        return self.shared.nbytes
 
 
 class PrefixCache:
     """A bounded set of (mode, prefix tokens) → cache snapshots."""
 
-    def __init__(self, max_entries: int = 8):
+    def __init__(self, max_entries: int = 8, share: bool = True):
         self.max_entries = max_entries
+        self.share = share  # sessions reference a stored prefix's K/V, else copy them
         self._trie = PromptTrie()
         self._entries: OrderedDict[tuple[str, tuple[int, ...]], _Entry] = OrderedDict()
         self.lookups = 0
@@ -54,8 +64,13 @@ class PrefixCache:
         entry = self._entries.get((mode, tuple(tokens)))
         return None if entry is None else entry.cache
 
+    def shared_prefix(self, key: tuple[str, tuple[int, ...]]) -> SharedPrefix:
+        """The stored prefix of one entry."""
+        return self._entries[key].shared
+
     def fetch(self, mode: str, tokens: list[int]) -> tuple[int, list[Any]] | None:
-        """A private copy of the cache for the longest stored prefix of `tokens`, and its length."""
+        """A cache for the longest stored prefix of `tokens`, and its length: referencing the stored
+        K/V when sharing (a longer stored prefix cut back is always a private copy)."""
         if self.max_entries == 0:
             return None
         self.lookups += 1
@@ -73,25 +88,36 @@ class PrefixCache:
             return None
         key = (mode, tuple(stored))
         self._entries.move_to_end(key)
-        cache = copy.deepcopy(self._entries[key].cache)
-        if len(stored) > length:
+        if self.share and len(stored) == length:
+            cache = self._entries[key].shared.start_from()
+        else:
+            cache = copy.deepcopy(self._entries[key].cache)
             for layer in cache:
                 layer.trim(len(stored) - length)
         self.hits += 1
         self.hit_tokens += length
         return length, cache
 
-    def insert(self, mode: str, tokens: list[int], cache: list[Any]) -> None:
-        """Keep a snapshot of `cache`, which holds exactly `tokens`; shorter stored prefixes of it go."""
+    def start_from(self, mode: str, tokens: list[int]) -> list[Any] | None:
+        """A new cache referencing the stored prefix of exactly `tokens`; None when sharing is off or
+        there is none (not counted as a lookup: a restore's, not a new session's)."""
+        entry = self._entries.get((mode, tuple(tokens)))
+        if not self.share or entry is None:
+            return None
+        self._entries.move_to_end((mode, tuple(tokens)))
+        return entry.shared.start_from()
+
+    def insert(self, mode: str, tokens: list[int], cache: list[Any], copy_cache: bool = True) -> None:
+        """Keep a snapshot of `cache`, which holds exactly `tokens` (the cache itself when `copy_cache` is
+        False: the caller no longer uses it); shorter stored prefixes of it go."""
         key = (mode, tuple(tokens))
         if self.max_entries == 0:
             return
         if key in self._entries:
             self._entries.move_to_end(key)
             return
-        snapshot = copy.deepcopy(cache)
         self._trie.add(mode, tokens, key)
-        self._entries[key] = _Entry(snapshot, sum(c.nbytes for c in snapshot))
+        self._entries[key] = _Entry(SharedPrefix(copy.deepcopy(cache) if copy_cache else cache))
         for length, _ in self._trie.pop_prefixes(mode, tokens):
             self._entries.pop((mode, tuple(tokens[:length])), None)
         while len(self._entries) > self.max_entries:

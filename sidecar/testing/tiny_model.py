@@ -261,8 +261,10 @@ def write_tiny_adapter(
     rankwise_gates: bool = True,
     write_npz: bool = True,
     write_pt: bool = False,
+    target_layers: tuple[int, ...] = (),
 ) -> Path:
-    """Write a random δ-mem adapter dir for the model in `model_dir`; returns `dest`."""
+    """Write a random δ-mem adapter dir for the model in `model_dir` (δ on `target_layers`, all layers
+    when empty); returns `dest`."""
     if variant not in _VARIANTS:
         raise ValueError(f"variant must be one of {_VARIANTS} (got {variant!r})")
     dest = Path(dest)
@@ -275,6 +277,7 @@ def write_tiny_adapter(
         rankwise_gates=rankwise_gates,
         num_state_heads=4 if variant == "msw" else 1,
         memory_write_granularity="message_mean" if variant == "ssw" else "token",
+        target_layers=target_layers,
     )
     config.check()
     tensors = random_adapter_tensors(config, dims, seed)
