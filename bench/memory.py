@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 _log(f"kv-bits {run_name}: {json.dumps({k: v for k, v in run.items() if k != 'requests'})}")
         agreement = _agreement(model_dir, adapter_dir, requests[:agreement_sessions], agreement_tokens)
         model = describe_model(model_dir)
+        held = sessions_per_budget(runs, model_dir, adapter_dir, sharing.default)  # reads the model's config
     report = {
         "model": model,
         "sessions": sessions,
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "first_request_tokens": runs["none"]["requests"][0]["prompt_tokens"],
         "settings": {name: {**run, **agreement.get(name, {})} for name, run in runs.items()},
         "sharing": sharing.to_dict(),
-        "sessions_per_budget": sessions_per_budget(runs, model_dir, adapter_dir, sharing.default),
+        "sessions_per_budget": held,
         "ratios": _ratios(runs),
         "quick": args.quick,
         "elapsed_s": round(time.perf_counter() - started, 1),
