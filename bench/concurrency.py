@@ -20,6 +20,10 @@ request, then for N = 1, 2, 4, 8:
   decode steps (the longest wait between two tokens).
 
 Prints one JSON object; the figures depend on the machine's load (compare servers of one run).
+
+`--openclaw` measures OpenClaw-shaped rows instead (the real system prompt and tools, 1k–4k tokens
+of each session's own): the sidecar sharing the prompt's K/V, with per-row copies, and mlx-lm's
+server (bench/openclaw_rows.py says how).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bench.models import describe_model
+from bench.repo_files import OPENCLAW_TURNS, QWEN_VOCAB_CACHE
 from bench.sessions import (
     API_KEY,
     MODEL_ID,
@@ -87,6 +92,10 @@ class Streamed:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print its JSON report."""
     args = _parser().parse_args(argv)
+    if args.openclaw:
+        from bench.openclaw_rows import run_openclaw
+
+        return run_openclaw(args)
     system_tokens = args.system_tokens or (2000 if args.quick else 10000)
     long_tokens = args.long_tokens or (8192 if args.quick else 12288)
     sessions = tuple(int(n) for n in args.sessions.split(","))
@@ -128,18 +137,25 @@ def _server(
     name: str, model_dir: Path, adapter_dir: Path, work: Path, window: int, prefill_chunk: int
 ) -> Iterator[Endpoint]:
     if name == "mlx_lm_server":
-        work.mkdir(parents=True)
-        port = free_port()
-        argv = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir), "--port", str(port),
-                "--log-level", "WARNING"]  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        with server_process(argv, work / "server.log", lambda: _get(f"{url}/v1/models") == 200):
-            yield Endpoint(name, url, "default_model", None, MLX_LM_PREFILL_STEP)
+        with mlx_lm_server(model_dir, work) as (endpoint, _):
+            yield endpoint
         return
     batch = "8" if name == "max_batch_8" else "1"
     extra = ("--max-batch", batch, "--prefill-chunk", str(prefill_chunk))
     with serve_sidecar(model_dir, adapter_dir, work, window, *extra) as running:
         yield Endpoint(name, running.client.base_url, MODEL_ID, API_KEY, prefill_chunk)
+
+
+@contextmanager
+def mlx_lm_server(model_dir: Path, work: Path) -> Iterator[tuple[Endpoint, int]]:
+    """mlx-lm's own batched server on the plain model (with its defaults), and its process id."""
+    work.mkdir(parents=True)
+    port = free_port()
+    argv = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir), "--port", str(port),
+            "--log-level", "WARNING"]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with server_process(argv, work / "server.log", lambda: _get(f"{url}/v1/models") == 200) as process:
+        yield Endpoint("mlx_lm_server", url, "default_model", None, MLX_LM_PREFILL_STEP), process.pid
 
 
 def _measure(
@@ -154,7 +170,7 @@ def _measure(
     """A warm-up each, then for each N a session and decode round (and a gap round) on every server in turn."""
     rows: dict[str, list[dict[str, Any]]] = {e.name: [] for e in endpoints}
     for endpoint in endpoints:
-        _chat(endpoint, Conversation(system, seed=999).request(1), "warm-up", args.max_tokens)
+        chat(endpoint, Conversation(system, seed=999).request(1), "warm-up", args.max_tokens)
     for turn, n in enumerate(sessions):
         # Each N starts with another server, so that none is always first: in three runs with a fixed
         # order, --max-batch 8 measured first at N = 1 was slower than the same code path measured second.
@@ -163,7 +179,7 @@ def _measure(
             if n in gap_sessions:
                 row.update(_gap_round(endpoint, tokenizer, long_tokens, n, args.max_tokens, seed=n))
                 if endpoint.api_key:  # the sidecar's own step figures (the long prompt's steps are the longest)
-                    row.update(_step_figures(_get_json(endpoint, "/health")["batch"], row["max_stream_gap_s"]))
+                    row.update(_step_figures(get_json(endpoint, "/health")["batch"], row["max_stream_gap_s"]))
             rows[endpoint.name].append(row)
             _log(f"{endpoint.name}: {row}")
     return {e.name: {"rounds": rows[e.name], "prefill_step_tokens": e.prefill_step} for e in endpoints}
@@ -190,26 +206,26 @@ def _session_round(endpoint: Endpoint, system: str, n: int, args: Any, seed: int
         conversation = Conversation(system, seed=1000 * seed + index)
         for turn in (1, 2):
             messages = conversation.request(turn)
-            reply = _chat(endpoint, messages, f"round{n}-{index}", args.max_tokens)
+            reply = chat(endpoint, messages, f"round{n}-{index}", args.max_tokens)
             conversation.answered("(answer)")
             with lock:
                 answers.append(reply)
                 second_turns[index] = messages
 
     began = time.perf_counter()
-    _run_threads(converse, n)
+    run_threads(converse, n)
     elapsed = time.perf_counter() - began
     decode_rates = []
     for _ in range(args.decode_rounds):
         again: list[Streamed] = []
 
         def decode(index: int) -> None:
-            reply = _chat(endpoint, second_turns[index], f"round{n}-{index}", args.max_tokens)
+            reply = chat(endpoint, second_turns[index], f"round{n}-{index}", args.max_tokens)
             with lock:
                 again.append(reply)
 
-        _run_threads(decode, n)
-        decode_rates.append(sum(a.completion_tokens - 1 for a in again) / _decoding_time(again))
+        run_threads(decode, n)
+        decode_rates.append(sum(a.completion_tokens - 1 for a in again) / decoding_time(again))
     ttfts = [a.ttft for a in answers]
     return {
         "tok_s": round(statistics.median(decode_rates), 2),
@@ -229,7 +245,7 @@ def _gap_round(
 
     def decode(index: int) -> None:
         messages = [Message("user", f"Stream {seed}.{index}: tell a long story.")]
-        reply = _chat(endpoint, messages, f"gap{n}-{index}", 2 * max_tokens, started[index])
+        reply = chat(endpoint, messages, f"gap{n}-{index}", 2 * max_tokens, started[index])
         with lock:
             streams.append(reply)
 
@@ -238,7 +254,7 @@ def _gap_round(
         thread.start()
     for event in started:  # the long prompt comes once every stream is decoding (one by one for --max-batch 1)
         event.wait()
-    long = _chat(endpoint, [Message("user", _text(tokenizer, long_tokens, seed))], f"gap{n}-long", 8)
+    long = chat(endpoint, [Message("user", _text(tokenizer, long_tokens, seed))], f"gap{n}-long", 8)
     for thread in threads:
         thread.join()
     gaps = [
@@ -289,12 +305,17 @@ def _worst(server: dict[str, Any], key: str) -> float | None:
     return max((r[key] for r in server["rounds"] if key in r), default=None)
 
 
-def _chat(
-    endpoint: Endpoint, messages: list[Message], session: str, max_tokens: int, first: threading.Event | None = None
+def chat(
+    endpoint: Endpoint,
+    messages: list[Message],
+    session: str,
+    max_tokens: int,
+    first: threading.Event | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Streamed:
     """One greedy streamed answer, read to its end, with the arrival time of every content chunk
     (`first` is set at the first one)."""
-    body = {
+    body: dict[str, Any] = {
         "model": endpoint.model,
         "messages": [{"role": m.role, "content": m.content} for m in messages],
         "stream": True,
@@ -302,6 +323,8 @@ def _chat(
         "max_completion_tokens": max_tokens,
         "temperature": 0,
     }
+    if tools:
+        body["tools"] = tools
     headers = {"Content-Type": "application/json", SESSION_HEADER: session}
     if endpoint.api_key:
         headers["Authorization"] = f"Bearer {endpoint.api_key}"
@@ -329,7 +352,7 @@ def _chat(
     return streamed
 
 
-def _decoding_time(answers: list[Streamed]) -> float:
+def decoding_time(answers: list[Streamed]) -> float:
     """How long at least one answer was decoding: the union of first-to-last-chunk intervals."""
     total, end = 0.0, float("-inf")
     for first, last in sorted((a.arrivals[0], a.arrivals[-1]) for a in answers):
@@ -347,7 +370,7 @@ def _text(tokenizer: Any, tokens: int, seed: int) -> str:
     return tokenizer.decode(ids)
 
 
-def _run_threads(target: Any, n: int) -> None:
+def run_threads(target: Any, n: int) -> None:
     threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
     for thread in threads:
         thread.start()
@@ -360,7 +383,7 @@ def _get(url: str) -> int:
         return response.status
 
 
-def _get_json(endpoint: Endpoint, path: str) -> dict[str, Any]:
+def get_json(endpoint: Endpoint, path: str) -> dict[str, Any]:
     request = urllib.request.Request(f"{endpoint.url}{path}", headers={"Authorization": f"Bearer {endpoint.api_key}"})
     with open_local(request, 30) as response:
         return json.loads(response.read())
@@ -384,6 +407,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-rounds", type=int, default=3, help="decode rounds per N (their median)")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="the sidecar's --prefill-chunk")
     add_model_options(parser)
+    openclaw = parser.add_argument_group("--openclaw: OpenClaw's captured requests, sharing the prefix or not")
+    openclaw.add_argument("--openclaw", action="store_true", help="the OpenClaw-shaped mode (bench/openclaw_rows.py)")
+    openclaw.add_argument("--own-tokens", default=None, help="each session's own history, MIN,MAX tokens (1000,4000)")
+    openclaw.add_argument("--system-chars", type=int, default=None, help="cut OpenClaw's system prompt to this length")
+    openclaw.add_argument("--tools", type=int, default=None, help="send only OpenClaw's first N tools (default all)")
+    openclaw.add_argument("--turns-file", default=str(OPENCLAW_TURNS), help="OpenClaw's captured requests")
+    openclaw.add_argument("--vocab-dir", default=str(QWEN_VOCAB_CACHE), help="Qwen's vocabulary (bench.memory)")
     return parser
 
 

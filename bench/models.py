@@ -1,4 +1,4 @@
-"""The benchmarks' generated model: bench.runtime's quick shape in float32, with a random TSW adapter."""
+"""The benchmarks' generated model: bench.runtime's quick shape (or another) in float32, with a random TSW adapter."""
 
 from __future__ import annotations
 
@@ -6,21 +6,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.runtime import QUICK
+from bench.runtime import QUICK, Shape
 
 
-def write_quick_model(work: Path, **tokenizer: Any) -> tuple[Path, Path]:
-    """Write the quick-shaped model and its adapter under `work`; `tokenizer` options go to write_tiny_model."""
+def write_quick_model(work: Path, shape: Shape = QUICK, **tokenizer: Any) -> tuple[Path, Path]:
+    """Write a model of `shape` (the quick one unless told) and its adapter under `work`; `tokenizer`
+    options go to write_tiny_model."""
     from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 
     model_dir = write_tiny_model(
         work / "model",
-        hidden_size=QUICK.hidden_size,
-        num_layers=QUICK.num_layers,
-        num_heads=QUICK.num_heads,
-        num_kv_heads=QUICK.num_kv_heads,
-        head_dim=QUICK.head_dim,
-        intermediate_size=QUICK.intermediate_size,
+        hidden_size=shape.hidden_size,
+        num_layers=shape.num_layers,
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        intermediate_size=shape.intermediate_size,
         **tokenizer,
     )
     return model_dir, write_tiny_adapter(work / "adapter", model_dir)

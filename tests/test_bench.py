@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,11 +99,19 @@ def test_memory_bench_reports_every_kv_setting(
 ) -> None:
     argv = [
         "--json", "--sessions", "2", "--turns", "2", "--max-tokens", "3", "--system-chars", "1500", "--tools", "0",
-        "--agreement-sessions", "1", "--agreement-tokens", "4",
+        "--agreement-sessions", "1", "--agreement-tokens", "4", "--copies-bits", "none",
         "--model", str(tiny_kv_model_dir), "--adapter", str(tiny_kv_adapter_dir),
     ]  # fmt: skip
     assert memory.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
+    held = report["sessions_per_budget"]
+    sharing = report["sharing"]
+    layouts = (["sharing", "copies"] if sharing["flag"] else ["sharing"]) if sharing["default"] else ["copies"]
+    # --copies-bits none: float runs both ways, 8 and 4 bits only as serve runs by default.
+    assert sorted(held["none"]["measured"]) == sorted(layouts) and list(held["8"]["measured"]) == layouts[:1]
+    for layout in layouts:
+        # The resident bytes are what the arithmetic says for these sessions (allocation steps aside).
+        assert 0.9 <= held["none"]["measured"][layout]["kv_over_predicted"] <= 1.1, held["none"]["measured"]
     for name in ("none", "8", "4"):
         setting = report["settings"][name]
         for key in ("kv_bytes", "bytes_per_session", "delta_record_bytes", "rss_peak_bytes", "prefill_tok_s"):
@@ -118,6 +127,23 @@ def test_memory_bench_reports_every_kv_setting(
     assert set(report["targets"]) >= {"kv8_bytes_at_most_0_55", "delta_record_at_most_1_percent"}
     record = report["settings"]["none"]["sparse_record"]
     assert record["record_bytes"] < record["every_token_record_bytes"] and record["trim_refill_tokens"] == 63
+
+
+def test_memory_bench_arithmetic_for_the_16gb_profile() -> None:
+    # The figures: a 16 GB Mac's 6 GiB holds 4 OpenClaw-sized 8-bit sessions as copies; sharing
+    # the prompt holds 16 (17 without the δ records, 2.9 MB a session).
+    shape, budget = _qwen3_delta_shape_and_budget()
+    plan = memory.profile_sessions(shape, 8, budget)
+    assert (plan["copies"]["sessions"], plan["sharing"]["sessions"]) == (4, 16)
+
+
+def _qwen3_delta_shape_and_budget() -> tuple[Any, int]:
+    from common.kv_budget import kv_budget
+    from presets.catalog import load_preset
+
+    preset = load_preset("qwen3-delta")
+    assert preset.kv_shape is not None and preset.weights_bytes is not None
+    return preset.kv_shape, kv_budget(memory.PROFILE_RAM_BYTES, preset.weights_bytes).kv_bytes
 
 
 @pytest.mark.e2e
