@@ -62,6 +62,7 @@ from installer.sidecar_client import SESSION_HEADER, Message
 SESSIONS = (1, 2, 4, 8)
 MLX_LM_PREFILL_STEP = 2048  # mlx_lm.server's --prefill-step-size default
 SERVERS = ("max_batch_8", "max_batch_1", "mlx_lm_server")
+DECODE_ONLY_SERVERS = ("max_batch_8", "mlx_lm_server")
 
 
 @dataclass(frozen=True)
@@ -112,19 +113,25 @@ def main(argv: list[str] | None = None) -> int:
         system = system_prompt(tokenizer, system_tokens, args.seed)
         window = max(system_tokens, long_tokens) + 4096
         endpoints = [
-            stack.enter_context(_server(name, model_dir, adapter_dir, work / name, window, args.prefill_chunk))
-            for name in SERVERS
+            stack.enter_context(start_server(name, model_dir, adapter_dir, work / name, window, args.prefill_chunk))
+            for name in (DECODE_ONLY_SERVERS if args.decode_only else SERVERS)
         ]
-        servers = _measure(endpoints, tokenizer, system, long_tokens, sessions, gap_sessions, args)
+        if args.decode_only:
+            figures = _decode_only(endpoints, system, max(sessions), args)
+        else:
+            servers = _measure(endpoints, tokenizer, system, long_tokens, sessions, gap_sessions, args)
+            figures = {
+                "long_prompt_tokens": long_tokens,
+                "prefill_chunk": args.prefill_chunk,
+                "gap_sessions": list(gap_sessions),
+                "servers": servers,
+                **_comparisons(servers, max(sessions)),
+            }
     report = {
         "model": model,
         "system_prompt_tokens": system_tokens,
-        "long_prompt_tokens": long_tokens,
         "answer_tokens": args.max_tokens,
-        "prefill_chunk": args.prefill_chunk,
-        "gap_sessions": list(gap_sessions),
-        "servers": servers,
-        **_comparisons(servers, max(sessions)),
+        **figures,
         "quick": args.quick,
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
@@ -133,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextmanager
-def _server(
+def start_server(
     name: str, model_dir: Path, adapter_dir: Path, work: Path, window: int, prefill_chunk: int
 ) -> Iterator[Endpoint]:
+    """One of SERVERS running on the bench model, as an endpoint."""
     if name == "mlx_lm_server":
         with mlx_lm_server(model_dir, work) as (endpoint, _):
             yield endpoint
@@ -198,6 +206,21 @@ def _step_figures(batch: dict[str, Any], gap: float | None) -> dict[str, Any]:
 
 def _session_round(endpoint: Endpoint, system: str, n: int, args: Any, seed: int) -> dict[str, Any]:
     """N sessions at once, two OpenClaw-shaped turns each; then their turn 2 again, to decode only."""
+    answers, second_turns, elapsed = _open_sessions(endpoint, system, n, args, seed)
+    decode_rates = [_decode_round(endpoint, second_turns, args) for _ in range(args.decode_rounds)]
+    ttfts = [a.ttft for a in answers]
+    return {
+        "tok_s": round(statistics.median(decode_rates), 2),
+        "throughput_tok_s": round(sum(a.completion_tokens for a in answers) / elapsed, 2),
+        "ttft_p50_s": round(statistics.median(ttfts), 3),
+        "ttft_max_s": round(max(ttfts), 3),
+    }
+
+
+def _open_sessions(
+    endpoint: Endpoint, system: str, n: int, args: Any, seed: int
+) -> tuple[list[Streamed], dict[int, list[Message]], float]:
+    """N concurrent sessions of two turns each: every answer, each session's turn 2, and the time taken."""
     answers: list[Streamed] = []
     second_turns: dict[int, list[Message]] = {}
     lock = threading.Lock()
@@ -214,24 +237,44 @@ def _session_round(endpoint: Endpoint, system: str, n: int, args: Any, seed: int
 
     began = time.perf_counter()
     run_threads(converse, n)
-    elapsed = time.perf_counter() - began
-    decode_rates = []
-    for _ in range(args.decode_rounds):
-        again: list[Streamed] = []
+    return answers, second_turns, time.perf_counter() - began
 
-        def decode(index: int) -> None:
-            reply = chat(endpoint, second_turns[index], f"round{n}-{index}", args.max_tokens)
-            with lock:
-                again.append(reply)
 
-        run_threads(decode, n)
-        decode_rates.append(sum(a.completion_tokens - 1 for a in again) / decoding_time(again))
-    ttfts = [a.ttft for a in answers]
+def _decode_round(endpoint: Endpoint, second_turns: dict[int, list[Message]], args: Any) -> float:
+    """The sessions send their turn 2 again, all at once: aggregate decode tokens/s."""
+    again: list[Streamed] = []
+    lock = threading.Lock()
+    n = len(second_turns)
+
+    def decode(index: int) -> None:
+        reply = chat(endpoint, second_turns[index], f"round{n}-{index}", args.max_tokens)
+        with lock:
+            again.append(reply)
+
+    run_threads(decode, n)
+    return sum(a.completion_tokens - 1 for a in again) / decoding_time(again)
+
+
+def _decode_only(endpoints: list[Endpoint], system: str, n: int, args: Any) -> dict[str, Any]:
+    """`--decode-only`: N sessions opened on each server, then `--decode-rounds` decode rounds on each,
+    the servers alternating which goes first; every round's tok/s, the medians and their ratio."""
+    turns = {}
+    for endpoint in endpoints:
+        chat(endpoint, Conversation(system, seed=999).request(1), "warm-up", args.max_tokens)
+        turns[endpoint.name] = _open_sessions(endpoint, system, n, args, seed=n)[1]
+    rates: dict[str, list[float]] = {e.name: [] for e in endpoints}
+    for repeat in range(args.decode_rounds):
+        for endpoint in endpoints[repeat % 2 :] + endpoints[: repeat % 2]:
+            rates[endpoint.name].append(round(_decode_round(endpoint, turns[endpoint.name], args), 2))
+            _log(f"{endpoint.name} decode round {repeat}: {rates[endpoint.name][-1]} tok/s")
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    sidecar, peer = (e.name for e in endpoints)
     return {
-        "tok_s": round(statistics.median(decode_rates), 2),
-        "throughput_tok_s": round(sum(a.completion_tokens for a in answers) / elapsed, 2),
-        "ttft_p50_s": round(statistics.median(ttfts), 3),
-        "ttft_max_s": round(max(ttfts), 3),
+        "n": n,
+        "decode_tok_s": rates,
+        "median_tok_s": medians,
+        "median_vs_peer": round(medians[sidecar] / medians[peer], 3),
+        "round_ratios": [round(a / b, 3) for a, b in zip(rates[sidecar], rates[peer])],
     }
 
 
@@ -405,6 +448,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-tokens", type=int, default=48, help="answer length per turn")
     parser.add_argument("--decode-rounds", type=int, default=3, help="decode rounds per N (their median)")
+    parser.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="only decode rounds at the largest N, --max-batch 8 against mlx_lm.server, alternating",
+    )
     parser.add_argument("--prefill-chunk", type=int, default=512, help="the sidecar's --prefill-chunk")
     add_model_options(parser)
     openclaw = parser.add_argument_group("--openclaw: OpenClaw's captured requests, sharing the prefix or not")

@@ -36,7 +36,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from bench.concurrency import Endpoint, Streamed, _chat, _get_json, _server
+from bench.concurrency import Endpoint, Streamed, chat, get_json, start_server
 from bench.models import describe_model
 from bench.sessions import Conversation, add_model_options, model_dirs, system_prompt, tokenizer_of
 from installer.sidecar_client import Message
@@ -60,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         system = system_prompt(tokenizer, system_tokens, args.seed)
         window = system_tokens + 4096
         sidecar, peer = (
-            stack.enter_context(_server(name, model_dir, adapter_dir, work / name, window, args.prefill_chunk))
+            stack.enter_context(start_server(name, model_dir, adapter_dir, work / name, window, args.prefill_chunk))
             for name in ("max_batch_8", "mlx_lm_server")
         )
         report["gap"] = _gap(sidecar, tokenizer, system_tokens, args)
         _log(f"gap: {report['gap']}")
-        _chat(peer, [Message("user", "Warm up.")], "warm-up", args.max_tokens)
+        chat(peer, [Message("user", "Warm up.")], "warm-up", args.max_tokens)
         report["ttft"] = _ttft([sidecar, peer], system, args)
         report["model"] = describe_model(model_dir)
     report.update(system_prompt_tokens=system_tokens, quick=args.quick)
@@ -143,7 +143,7 @@ def _take(tokens: int) -> dict[str, Any]:
 def _gap(sidecar: Endpoint, tokenizer: Any, system_tokens: int, args: Any) -> dict[str, Any]:
     """Rounds of: W's long first turn (a new system prompt each round: the first turn's write is the
     largest, the shared prefix with W's own chunk), S's long answer beside W's end."""
-    warm = _chat(sidecar, [Message("user", "Warm up: count slowly.")], "gap-warm", args.answer_tokens)
+    warm = chat(sidecar, [Message("user", "Warm up: count slowly.")], "gap-warm", args.answer_tokens)
     step_s = (warm.arrivals[-1] - warm.arrivals[0]) / max(1, warm.completion_tokens - 1)
     rounds = []
     for r in range(args.gap_rounds):
@@ -160,7 +160,7 @@ def _gap(sidecar: Endpoint, tokenizer: Any, system_tokens: int, args: Any) -> di
             "other_gaps_max_s": round(others[-1], 4),
         })  # fmt: skip
         _log(f"gap round {r}: {rounds[-1]}")
-    health = _get_json(sidecar, "/health")
+    health = get_json(sidecar, "/health")
     longest = health["batch"]["longest_decode_interval_s"]
     return {
         "decode_step_s": round(step_s, 4),
@@ -178,12 +178,12 @@ def _written_beside_a_stream(sidecar: Endpoint, system: str, name: str, answer: 
     replies: dict[str, Streamed] = {}
 
     def first_turn() -> None:
-        replies["w"] = _chat(sidecar, Conversation(system, seed=7).request(1), f"{name}-w", 32, decoding)
+        replies["w"] = chat(sidecar, Conversation(system, seed=7).request(1), f"{name}-w", 32, decoding)
 
     thread = threading.Thread(target=first_turn)
     thread.start()
     decoding.wait()
-    replies["s"] = _chat(sidecar, [Message("user", f"{name}: a long story, please.")], f"{name}-s", answer)
+    replies["s"] = chat(sidecar, [Message("user", f"{name}: a long story, please.")], f"{name}-s", answer)
     thread.join()
     return replies["w"], replies["s"]
 
@@ -200,10 +200,10 @@ def _ttft(endpoints: list[Endpoint], system: str, args: Any) -> dict[str, Any]:
             conversation = Conversation(system, seed=100 + r)
             ttfts = []
             for turn in range(1, TURNS + 1):
-                reply = _chat(endpoint, conversation.request(turn), f"ttft-{r}", args.max_tokens)
+                reply = chat(endpoint, conversation.request(turn), f"ttft-{r}", args.max_tokens)
                 conversation.answered("(answer)")
                 ttfts.append(reply.ttft)
-            fresh = _chat(endpoint, Conversation(system, seed=900 + r).request(1), f"ttft-new-{r}", args.max_tokens)
+            fresh = chat(endpoint, Conversation(system, seed=900 + r).request(1), f"ttft-new-{r}", args.max_tokens)
             samples[endpoint.name].append([*ttfts, fresh.ttft])
             _log(f"ttft round {r} {endpoint.name}: {[round(t, 3) for t in samples[endpoint.name][-1]]}")
     medians = {name: [round(statistics.median(c), 3) for c in zip(*rounds)] for name, rounds in samples.items()}

@@ -13,7 +13,7 @@ import pytest
 
 from sidecar.engine.interface import ChatJob, ChatMessage, Finished, TextDelta
 from sidecar.engine.prompt_layout import PromptLayout
-from sidecar.engine.scheduler import Admission, JobChannel, Scheduler
+from sidecar.engine.scheduler import Admission, JobChannel, Scheduler, emit_all
 
 DEADLINE_S = 30
 
@@ -302,3 +302,31 @@ def test_a_streams_longest_wait_is_one_decode_step_and_one_prefill_step_and_idle
     stats = _run(pipeline, 8, scenario, clock=pipeline.clock)
     assert stats["longest_prefill_step_s"] == 1.0
     assert stats["longest_decode_interval_s"] == 1.25
+
+
+def test_a_steps_events_reach_their_channels_in_order_with_one_wake_up_per_loop() -> None:
+    async def scenario() -> tuple[int, list[Any], list[Any]]:
+        loop = asyncio.get_running_loop()
+        wake_ups = 0
+        real = loop.call_soon_threadsafe
+
+        def counting(*args: Any) -> Any:
+            nonlocal wake_ups
+            wake_ups += 1
+            return real(*args)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        first, second = JobChannel(loop), JobChannel(loop)
+        step = [(first, TextDelta("a")), (second, TextDelta("b")), (first, TextDelta("c"))]
+        emitter = threading.Thread(target=emit_all, args=(step,))  # from the generation thread, as a step does
+        emitter.start()
+        emitter.join()
+        first.emit(Finished("stop", 2))
+        firsts = [event async for event in first]
+        seconds = [await asyncio.wait_for(second.__anext__(), DEADLINE_S)]
+        return wake_ups, firsts, seconds
+
+    wake_ups, firsts, seconds = asyncio.run(scenario())
+    assert wake_ups == 2  # the step's three events in one wake-up, then the Finished
+    assert firsts == [TextDelta("a"), TextDelta("c"), Finished("stop", 2)]
+    assert seconds == [TextDelta("b")]

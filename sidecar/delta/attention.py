@@ -108,9 +108,9 @@ class DeltaAttention(nn.Module):
         """
         states = mx.concatenate([cache.state_at(cache.offset, 1) for cache in caches])
         deltas, new_states = self._step(x, states)
-        for i, (cache, on) in enumerate(zip(caches, enabled)):
+        for cache, on, state in zip(caches, enabled, mx.split(new_states, len(caches))):
             if on:
-                cache.push_state(cache.offset, new_states[i : i + 1])
+                cache.push_state(cache.offset, state)
         if all(enabled):
             return deltas
         on_rows = mx.array(enabled, dtype=x.dtype)[:, None, None]

@@ -16,9 +16,9 @@ import mlx.core as mx
 from mlx_lm.generate import generation_stream
 
 from sidecar.delta.batch import decode_rows
-from sidecar.engine.interface import FinishReason, TextDelta
+from sidecar.engine.interface import EngineEvent, FinishReason, TextDelta
 from sidecar.engine.sampling import RowSampler, sample_rows
-from sidecar.engine.scheduler import JobChannel
+from sidecar.engine.scheduler import JobChannel, emit_all
 from sidecar.engine.stop_strings import StopScanner
 from sidecar.sessions.state import Session
 
@@ -39,24 +39,19 @@ class Row:
     generated: int = 0
     prompt_tail: bool = field(default=True)  # the input is still the prompt's last token
 
-    def take(self, token: int) -> FinishReason | None:
-        """Stream one generated token; the finish reason when it ends the answer."""
+    def take(self, token: int) -> tuple[str, FinishReason | None]:
+        """One generated token: the text it lets the row send now, and the finish reason when it ends the answer."""
         self.generated += 1
         if token in self.eos:
-            return "stop"
+            return "", "stop"
         self.detokenizer.add_token(token)
         text = self.scanner.feed(self.detokenizer.last_segment)
-        if text:
-            self.stream.emit(TextDelta(text))
         if self.scanner.stopped:
-            return "stop"
+            return text, "stop"
         if self.generated >= self.max_tokens:
             self.detokenizer.finalize()
-            tail = self.scanner.feed(self.detokenizer.last_segment) + self.scanner.flush()
-            if tail:
-                self.stream.emit(TextDelta(tail))
-            return "length"
-        return None
+            return text + self.scanner.feed(self.detokenizer.last_segment) + self.scanner.flush(), "length"
+        return text, None
 
 
 def step(model: Any, rows: list[Row]) -> list[tuple[Row, FinishReason]]:
@@ -68,13 +63,17 @@ def step(model: Any, rows: list[Row]) -> list[tuple[Row, FinishReason]]:
         sampled = sample_rows(logits, [row.sampler for row in rows])
     mx.async_eval(sampled)
     finished: list[tuple[Row, FinishReason]] = []
+    texts: list[tuple[JobChannel, EngineEvent]] = []
     for i, (row, token) in enumerate(zip(rows, inputs.tolist())):
         row.session.record([token], "write" if row.session.delta else "plain")
         row.input = sampled[i : i + 1]
         if row.prompt_tail:
             row.prompt_tail = False
             continue
-        reason = row.take(token)
+        text, reason = row.take(token)
+        if text:
+            texts.append((row.stream, TextDelta(text)))
         if reason is not None:
             finished.append((row, reason))
+    emit_all(texts)
     return finished

@@ -67,6 +67,21 @@ class JobChannel:
         self._loop.call_soon_threadsafe(self._events.put_nowait, event)
 
 
+def emit_all(events: list[tuple[JobChannel, EngineEvent]]) -> None:
+    """Hand many events to their coroutines with one wake-up per event loop, in order (a decode step's
+    text for every row): each wake-up takes the event loop's thread, and the GIL, from the step."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[JobChannel, EngineEvent]]] = {}
+    for channel, event in events:
+        by_loop.setdefault(channel._loop, []).append((channel, event))
+    for loop, batch in by_loop.items():
+        loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(batch: list[tuple[JobChannel, EngineEvent]]) -> None:
+    for channel, event in batch:
+        channel._events.put_nowait(event)
+
+
 @dataclass(eq=False)
 class Admission:
     """A job from submission until it starts: its session, its stream, and its prompt's layout once rendered."""
