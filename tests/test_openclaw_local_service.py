@@ -39,20 +39,24 @@ MAX_TOKENS = 8
 IDLE_STOP = "3s"
 DEADLINE_S = 120.0
 # OpenClaw's system prompt is ~32k tokens with the tiny tokenizer; one trained on OpenClaw's own docs
-# makes it less than half of that, and its prefill (quadratic in the length) several times faster.
+# makes it less than half of that (~13k), which fits the context window the install announces.
 VOCAB_SIZE = 16384
 _CACHED = re.compile(r"(\d+) prompt tokens \((\d+) cached\)")
 
 
 @pytest.fixture(scope="module")
 def docs_model(openclaw: OpenClaw, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
-    """A tiny model whose tokenizer was trained on the installed OpenClaw's docs, and its adapter."""
+    """A one-layer tiny model whose tokenizer was trained on the installed OpenClaw's docs, and its adapter.
+
+    One layer, because then a prefill step evaluates only K/V and the δ-state: attention runs for the
+    last chunk of the ~13k-token prompt alone (see `tiny_one_layer_model_dir`), seconds instead of a minute.
+    """
     base = tmp_path_factory.mktemp("docs-model")
     docs = openclaw.entry.parent / "docs"
     lines = [line for path in sorted(docs.rglob("*.md")) for line in path.read_text(errors="replace").splitlines(True)]
     tokenizer = base / "tokenizer.json"
     tokenizer.write_text(train_tokenizer(lines, VOCAB_SIZE).to_str(), encoding="utf-8")
-    model = write_tiny_model(base / "model", tokenizer_json=tokenizer)
+    model = write_tiny_model(base / "model", tokenizer_json=tokenizer, num_layers=1)
     return {"model": model, "adapter": write_tiny_adapter(base / "adapter", model)}
 
 
