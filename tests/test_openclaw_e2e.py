@@ -166,9 +166,10 @@ def openclaw() -> OpenClaw:
     if not _version_of([str(node), "--version"]).startswith(f"v{NODE_MAJOR}."):
         _npm_install(CACHE / "node", f"{package}@{NODE_MAJOR}", None)
     entry = CACHE / "openclaw" / "node_modules" / "openclaw" / "openclaw.mjs"
-    if OPENCLAW_VERSION not in _version_of([str(node), str(entry), "--version"]):
+    version = _version_of([str(node), str(entry), "--version"])  # each start of OpenClaw costs seconds
+    if OPENCLAW_VERSION not in version:
         _npm_install(CACHE / "openclaw", f"openclaw@{OPENCLAW_VERSION}", node.parent)
-    version = _version_of([str(node), str(entry), "--version"])
+        version = _version_of([str(node), str(entry), "--version"])
     assert OPENCLAW_VERSION in version, f"expected OpenClaw {OPENCLAW_VERSION}, got {version!r}"
     return OpenClaw(node, entry)
 
