@@ -22,6 +22,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_one_layer_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen3 model with one layer, for tests that prefill a long real prompt (OpenClaw's).
+
+    Its prefill costs time linear in the prompt: a step evaluates only the cache (K/V and the δ-state
+    come from the layer's input), so attention runs for the last chunk alone, where a second layer
+    makes every chunk attend to all the tokens before it (quadratic: minutes for OpenClaw's prompt).
+    """
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-1layer"), num_layers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_one_layer_adapter_dir(tmp_path_factory: pytest.TempPathFactory, tiny_one_layer_model_dir: Path) -> Path:
+    """A TSW adapter for `tiny_one_layer_model_dir`."""
+    return write_tiny_adapter(tmp_path_factory.mktemp("tiny-1layer-tsw"), tiny_one_layer_model_dir, seed=7)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny float32 Qwen2 model (q/k/v biases, no q_norm/k_norm), same dims as the Qwen3 one."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), model_type="qwen2")

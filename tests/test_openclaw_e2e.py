@@ -166,9 +166,10 @@ def openclaw() -> OpenClaw:
     if not _version_of([str(node), "--version"]).startswith(f"v{NODE_MAJOR}."):
         _npm_install(CACHE / "node", f"{package}@{NODE_MAJOR}", None)
     entry = CACHE / "openclaw" / "node_modules" / "openclaw" / "openclaw.mjs"
-    if OPENCLAW_VERSION not in _version_of([str(node), str(entry), "--version"]):
+    version = _version_of([str(node), str(entry), "--version"])  # each start of OpenClaw costs seconds
+    if OPENCLAW_VERSION not in version:
         _npm_install(CACHE / "openclaw", f"openclaw@{OPENCLAW_VERSION}", node.parent)
-    version = _version_of([str(node), str(entry), "--version"])
+        version = _version_of([str(node), str(entry), "--version"])
     assert OPENCLAW_VERSION in version, f"expected OpenClaw {OPENCLAW_VERSION}, got {version!r}"
     return OpenClaw(node, entry)
 
@@ -328,16 +329,17 @@ def _wait_healthy(url: str, server: subprocess.Popen[bytes], log: Path, deadline
 
 
 @pytest.fixture()
-def sidecar(tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path) -> Iterator[str]:
-    """`delta-mem-mlx serve` on the tiny model and adapter, a real uvicorn process; yields its /v1 URL."""
+def sidecar(tiny_one_layer_model_dir: Path, tiny_one_layer_adapter_dir: Path, tmp_path: Path) -> Iterator[str]:
+    """`delta-mem-mlx serve` on the one-layer tiny model (OpenClaw's prompt is ~32k of its tokens) and its
+    adapter, a real uvicorn process; yields its /v1 URL."""
     port = _free_port()
     log = tmp_path / "sidecar.log"
     with log.open("wb") as sink:
         server = subprocess.Popen(
             [
                 *CLI, "serve",
-                "--model", str(tiny_model_dir),
-                "--adapter", str(tiny_adapter_dir),
+                "--model", str(tiny_one_layer_model_dir),
+                "--adapter", str(tiny_one_layer_adapter_dir),
                 "--model-id", TINY_MODEL_ID,
                 "--port", str(port),
                 "--context-window", str(TINY_CONTEXT_WINDOW),

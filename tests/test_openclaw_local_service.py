@@ -29,7 +29,8 @@ from common.layout import RootLayout
 from common.ports import free_port
 from installer.cli import app
 from plugin_tools.payloads import PROVIDER_ID
-from sidecar.testing.tiny_model import train_tokenizer, write_tiny_adapter, write_tiny_model
+from sidecar.testing.qwen_vocab import QWEN_VOCAB_SIZE
+from sidecar.testing.tiny_model import write_tiny_adapter, write_tiny_model
 from supervisors import supervisor_for_root
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
@@ -38,31 +39,32 @@ MODEL_ID = "tiny-delta"
 MAX_TOKENS = 8
 IDLE_STOP = "3s"
 DEADLINE_S = 120.0
-# OpenClaw's system prompt is ~32k tokens with the tiny tokenizer; one trained on OpenClaw's own docs
-# makes it less than half of that, and its prefill (quadratic in the length) several times faster.
-VOCAB_SIZE = 16384
 _CACHED = re.compile(r"(\d+) prompt tokens \((\d+) cached\)")
 
 
 @pytest.fixture(scope="module")
-def docs_model(openclaw: OpenClaw, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:  # noqa: F811
-    """A tiny model whose tokenizer was trained on the installed OpenClaw's docs, and its adapter."""
-    base = tmp_path_factory.mktemp("docs-model")
-    docs = openclaw.entry.parent / "docs"
-    lines = [line for path in sorted(docs.rglob("*.md")) for line in path.read_text(errors="replace").splitlines(True)]
-    tokenizer = base / "tokenizer.json"
-    tokenizer.write_text(train_tokenizer(lines, VOCAB_SIZE).to_str(), encoding="utf-8")
-    model = write_tiny_model(base / "model", tokenizer_json=tokenizer)
+def qwen_model(qwen_vocab_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A one-layer tiny model with Qwen's real vocabulary, and its adapter.
+
+    Qwen's vocabulary makes OpenClaw's system prompt ~13k tokens, as for the real model (the tiny
+    tokenizer's ~32k would not fit the context window the install announces). One layer, because then
+    a prefill step evaluates only K/V and the δ-state: attention runs for the prompt's last chunk alone
+    (see `tiny_one_layer_model_dir`), seconds where two layers take a minute.
+    """
+    base = tmp_path_factory.mktemp("qwen-vocab-model")
+    model = write_tiny_model(
+        base / "model", tokenizer_json=qwen_vocab_tokenizer, vocab_size=QWEN_VOCAB_SIZE, num_layers=1
+    )
     return {"model": model, "adapter": write_tiny_adapter(base / "adapter", model)}
 
 
 @pytest.fixture
-def root(tmp_path: Path, docs_model: dict[str, Path]) -> Iterator[Path]:
+def root(tmp_path: Path, qwen_model: dict[str, Path]) -> Iterator[Path]:
     """A root installed with --supervisor openclaw (nothing started); any sidecar of it stopped after the test."""
     path = tmp_path / "root"
     result = CliRunner().invoke(app, [
-        "install-sidecar", "--root", str(path), "--preset", "custom", "--model-path", str(docs_model["model"]),
-        "--adapter-path", str(docs_model["adapter"]), "--model-id", MODEL_ID, "--min-memory-gb", "1",
+        "install-sidecar", "--root", str(path), "--preset", "custom", "--model-path", str(qwen_model["model"]),
+        "--adapter-path", str(qwen_model["adapter"]), "--model-id", MODEL_ID, "--min-memory-gb", "1",
         "--port", str(free_port()), "--supervisor", "openclaw", "--yes",
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
