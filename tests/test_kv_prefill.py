@@ -16,7 +16,7 @@ from mlx_lm.utils import load_model
 
 from sidecar.delta import attach_delta_mem
 from sidecar.delta import attention as delta_attention
-from sidecar.delta.api import wrap_plain_attention, make_cache, set_delta_controls
+from sidecar.delta.api import make_cache, set_delta_controls, wrap_plain_attention
 from sidecar.delta.attention import PlainAttention
 from sidecar.delta.batch import decode_rows
 from sidecar.testing.tiny_model import write_tiny_adapter
