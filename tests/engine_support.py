@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from common.settings import SidecarSettings
 from sidecar.delta.api import delta_states, make_cache, write_context
+from sidecar.engine import decoding, prompts
 from sidecar.engine.engine import Engine, load_engine
 from sidecar.engine.interface import ChatJob, ChatMessage
 from sidecar.sessions.keys import hash_session_key
@@ -93,3 +95,25 @@ def patch_function(patch: pytest.MonkeyPatch, module: Any, name: str, replacemen
     for loaded in list(sys.modules.values()):
         if getattr(loaded, "__name__", "").startswith("sidecar.") and getattr(loaded, name, None) is original:
             patch.setattr(loaded, name, replacement)
+
+
+def hold_until_late_renders(patch: pytest.MonkeyPatch, streams: dict[str, Any], running: str) -> None:
+    """Once the row of `streams[running]` has 3 tokens, decode steps wait until a prompt whose message
+    starts with "late:" is rendered, so that late joins while that row decodes however the threads run
+    (hooks decoding.step and prompts.render_prompt)."""
+    rendered = threading.Event()
+    real_render, real_step = prompts.render_prompt, decoding.step
+
+    def render(tokenizer: Any, messages: Any, tools: Any) -> list[int]:
+        prompt = real_render(tokenizer, messages, tools)
+        if any(m.content.startswith("late:") for m in messages):
+            rendered.set()
+        return prompt
+
+    def step(model: Any, rows: list[Any]) -> Any:
+        if any(row.stream is streams.get(running) and row.generated >= 3 for row in rows):
+            assert rendered.wait(60), "late's prompt was never rendered"
+        return real_step(model, rows)
+
+    patch_function(patch, prompts, "render_prompt", render)
+    patch_function(patch, decoding, "step", step)

@@ -12,17 +12,15 @@ same, its δ-state (read from its session file) equal within 1e-4 and its answer
 from __future__ import annotations
 
 import asyncio
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from engine_support import SYSTEM, job, patch_function
+from engine_support import SYSTEM, hold_until_late_renders, job
 from mlx_lm.models.cache import QuantizedKVCache
 
-from sidecar.engine import decoding, prompts
 from sidecar.engine.engine import Engine
 from sidecar.engine.interface import ChatJob, Finished, PromptDone, TextDelta
 from sidecar.engine.scheduler import JobChannel
@@ -77,30 +75,8 @@ def _snapshot(engine: Engine, request: ChatJob, events: list[Any]) -> TurnResult
     return TurnResult(text, events, tokens, states)
 
 
-def _hold_long_for_late(patch: pytest.MonkeyPatch, streams: dict[str, JobChannel]) -> None:
-    """Once long has 3 tokens, decode steps wait until late's prompt is rendered (late is sent once long's
-    prompt is in), so that late joins while long decodes however the threads run (hooks decoding.step
-    and engine.render_prompt)."""
-    rendered = threading.Event()
-    real_render, real_step = prompts.render_prompt, decoding.step
-
-    def render(tokenizer: Any, messages: Any, tools: Any) -> list[int]:
-        prompt = real_render(tokenizer, messages, tools)
-        if any(m.content.startswith("late:") for m in messages):
-            rendered.set()
-        return prompt
-
-    def step(model: Any, rows: list[Any]) -> Any:
-        if any(row.stream is streams.get("long") and row.generated >= 3 for row in rows):
-            assert rendered.wait(60), "late's prompt was never rendered"
-        return real_step(model, rows)
-
-    patch_function(patch, prompts, "render_prompt", render)
-    patch_function(patch, decoding, "step", step)
-
-
 async def _together(engine: Engine, plan: dict[str, list[ChatJob]], log: list[tuple[str, Any]]) -> dict[str, Any]:
-    long_is_decoding = asyncio.Event()  # late comes then; the decode steps wait for it (see _hold_long_for_late)
+    long_is_decoding = asyncio.Event()  # late comes then; the decode steps wait for it (see hold_until_late_renders)
     streams: dict[str, JobChannel] = {}
 
     async def turn(name: str, request: ChatJob, leave_after: int | None = None) -> list[Any]:
@@ -131,7 +107,7 @@ async def _together(engine: Engine, plan: dict[str, list[ChatJob]], log: list[tu
 
     names = list(plan)
     with pytest.MonkeyPatch.context() as patch:
-        _hold_long_for_late(patch, streams)
+        hold_until_late_renders(patch, streams, "long")
         results = await asyncio.gather(*(session(name) for name in names))
     health = await engine.health()
     await engine.close()

@@ -371,12 +371,13 @@ def test_seeded_sampling_is_the_rows_own(engine_factory, monkeypatch: pytest.Mon
     alone = asyncio.run(answers([job([("user", "pick words")], key="a", seed=7, **sampled)]))[0]
     crowd = [
         job([("user", "pick words")], key="b", seed=7, **sampled),
-        job([("user", "something else")], key="c", seed=8, **sampled),
+        job([("user", "something else")], key="c", seed=9, **sampled),  # a seed whose answer is no bare EOS
         job([("user", "greedy here")], key="d", max_tokens=16),
     ]
     alone_steps[0] = len(batch_sizes)
     together = asyncio.run(answers(crowd))
     # Same seed, same prompt: the same text, whatever else shares the batch (and rows did share it).
+    assert all(len(text) > 0 for text in together)  # no row left at its first token: all three overlap
     assert max(batch_sizes[: alone_steps[0]]) == 1 and max(batch_sizes[alone_steps[0] :]) == 3
     assert together[0] == alone
     other_seed = asyncio.run(answers([job([("user", "pick words")], key="e", seed=8, **sampled)]))[0]

@@ -40,6 +40,7 @@ from sidecar.engine.memory_guard import (
 )
 from sidecar.engine.prompt_layout import analyse_prompt
 from sidecar.engine.prompts import message_starts, render_prompt
+from sidecar.sessions.keys import hash_session_key
 from sidecar.sessions.state import common_prefix
 
 
@@ -343,6 +344,10 @@ def test_a_failed_allocation_fails_one_request_and_leaves_the_engine_healthy(eng
     engine = engine_factory()
     turns = openclaw_turns(3)
     run(engine, job(turns[0], snippets=("the user keeps bees",)))
+    # Turn 0's chunks for the disk cache (the shared prefix's, then the session's) are encoded on another
+    # thread, whose MLX views are freed (into MLX's buffer cache) when it is done: wait for the session's
+    # (queued last), so that only the failing turn allocates.
+    asyncio.run(engine.save_session(hash_session_key("s1")))
     failing = _FailingAttention(engine.model.layers[1].self_attn)
     engine.model.layers[1].self_attn = failing
     failing.armed = True  # layer 0 has written its cache when layer 1 fails: a half-written cache

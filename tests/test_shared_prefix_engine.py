@@ -19,16 +19,14 @@ prefix while one references it, and the prefix goes once none does.
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from engine_support import SYSTEM, job, patch_function, run, session_of
+from engine_support import SYSTEM, hold_until_late_renders, job, run, session_of
 
 from sidecar.delta.api import delta_states
-from sidecar.engine import decoding, prompts
 from sidecar.engine.engine import Engine
 from sidecar.engine.interface import ChatJob, Finished, PromptDone, TextDelta
 from sidecar.engine.prompt_layout import analyse_prompt
@@ -69,27 +67,6 @@ def _batch() -> dict[str, list[ChatJob]]:
     }  # fmt: skip
 
 
-def _hold_shared_for_late(patch: pytest.MonkeyPatch, streams: dict[str, JobChannel]) -> None:
-    """Once `shared` has 3 tokens, decode steps wait until late's prompt is rendered, so that late joins
-    while shared decodes however the threads run."""
-    rendered = threading.Event()
-    real_render, real_step = prompts.render_prompt, decoding.step
-
-    def render(tokenizer: Any, messages: Any, tools: Any) -> list[int]:
-        prompt = real_render(tokenizer, messages, tools)
-        if any(m.content.startswith("late:") for m in messages):
-            rendered.set()
-        return prompt
-
-    def step(model: Any, rows: list[Any]) -> Any:
-        if any(row.stream is streams.get("shared") and row.generated >= 3 for row in rows):
-            assert rendered.wait(60), "late's prompt was never rendered"
-        return real_step(model, rows)
-
-    patch_function(patch, prompts, "render_prompt", render)
-    patch_function(patch, decoding, "step", step)
-
-
 async def _together(engine: Engine, plan: dict[str, list[ChatJob]]) -> dict[str, list[list[Any]]]:
     shared_is_decoding = asyncio.Event()
     streams: dict[str, JobChannel] = {}
@@ -110,7 +87,7 @@ async def _together(engine: Engine, plan: dict[str, list[ChatJob]]) -> dict[str,
         return turns
 
     with pytest.MonkeyPatch.context() as patch:
-        _hold_shared_for_late(patch, streams)
+        hold_until_late_renders(patch, streams, "shared")
         results = await asyncio.gather(*(session(name) for name in plan))
     return dict(zip(plan, results))
 
