@@ -17,7 +17,6 @@ import logging
 import queue
 import stat
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 from engine_support import job, patch_function, run
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
+from server_process import wait_until
 from test_kv_disk import TURNS, answer, replayed, start, stop
 
 from sidecar.delta.cache_chunks import cache_chunk
@@ -186,10 +186,8 @@ def test_a_stuck_writer_holds_up_no_answer_and_a_full_queue_is_written_with_the_
         assert disk["skipped_writes"] >= 2 and disk["writes"] == 0
     finally:
         stuck.release.set()
-    deadline = time.monotonic() + DEADLINE_S  # the disk is back: the writer takes up the waiting chunk
-    while health(engine)["disk_cache"]["queued"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    # The disk is back: the writer takes up the waiting chunk.
+    wait_until(lambda: not health(engine)["disk_cache"]["queued"], "the waiting chunk's write", DEADLINE_S)
     run(engine, job(TURNS[1], key="b"))  # b's next turn writes what the skipped one did not
     stop(engine)
     restarted = start(tiny_model_dir, tiny_adapter_dir, state)
@@ -303,10 +301,8 @@ def test_writes_queued_for_a_deleted_session_are_dropped(
     engine = start(tiny_model_dir, tiny_adapter_dir, state)
     try:
         run(engine, job(TURNS[0]))
-        deadline = time.monotonic() + DEADLINE_S  # queued once the answer has ended: just after its last event
-        while health(engine)["disk_cache"]["queued"] < 2:  # the shared prefix and the session's chunk
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        # Queued once the answer has ended, just after its last event: the shared prefix and the session's chunk.
+        wait_until(lambda: health(engine)["disk_cache"]["queued"] >= 2, "both chunks queued", DEADLINE_S)
         assert asyncio.run(engine.reset_session(hash_session_key("s1")))
     finally:
         held.opened.set()
