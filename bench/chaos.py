@@ -51,7 +51,7 @@ from common.health import base_url, probe_health
 from common.ports import free_port
 from common.settings import SidecarSettings, load_settings
 from installer.sidecar_client import Message, SidecarClient, SidecarError
-from supervisors.process import ProcessSupervisor
+from supervisors.process import ProcessSupervisor, live_children
 
 MODEL_ID = "delta-mem-chaos"
 FAULT_KINDS = ("kill9", "sigterm", "read_only_state_dir", "full_disk_budget")
@@ -174,11 +174,8 @@ def serve_pid(root: Path) -> int | None:
     keeper = ProcessSupervisor(root).running_process()
     if keeper is None:
         return None
-    try:
-        live = [c.pid for c in keeper.children() if c.status() != psutil.STATUS_ZOMBIE]
-    except psutil.NoSuchProcess:
-        return None
-    return live[0] if live else None
+    live = live_children(keeper)
+    return live[0].pid if live else None
 
 
 def wait_healthy(root: Path, settings: SidecarSettings, deadline_s: float, not_pid: int | None = None) -> int:

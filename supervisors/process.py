@@ -218,6 +218,16 @@ def _recorded_pid(pidfile: Path) -> int | None:
     return None if record is None else record["pid"]
 
 
+def live_children(process: psutil.Process, recursive: bool = False) -> list[psutil.Process]:
+    """The process's children (all descendants if recursive) that still run: neither gone nor zombies."""
+    try:
+        children = process.children(recursive=recursive)
+    except psutil.NoSuchProcess:
+        return []
+    # A child can exit between the listing and the look at its status: it counts as gone.
+    return [child for child in children if not _is_zombie(child)]
+
+
 def _is_zombie(process: psutil.Process) -> bool:
     try:
         return process.status() == psutil.STATUS_ZOMBIE

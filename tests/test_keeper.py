@@ -23,7 +23,7 @@ from supervisors.keeper import (
     keeper_command,
     last_exit_of,
 )
-from supervisors.process import ProcessSupervisor
+from supervisors.process import ProcessSupervisor, live_children
 
 DEADLINE_S = 30.0
 
@@ -98,13 +98,6 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def live_children(keeper: psutil.Process) -> list[psutil.Process]:
-    try:
-        return [c for c in keeper.children() if c.status() != psutil.STATUS_ZOMBIE]
-    except psutil.NoSuchProcess:
-        return []
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])

@@ -37,7 +37,7 @@ from common.settings import QmdSettings
 from sidecar.server.qmd import MAX_OUTPUT_BYTES, qmd_lookup
 from sidecar.sessions.keys import hash_session_key
 from supervisors import process as process_module
-from supervisors.process import ProcessSupervisor
+from supervisors.process import ProcessSupervisor, live_children
 
 pytestmark = pytest.mark.e2e
 
@@ -100,7 +100,7 @@ def _healthy(base_url: str) -> bool:
 
 def _sidecar_pid(supervisor: ProcessSupervisor) -> int | None:
     keeper = supervisor.running_process()
-    live = [c for c in keeper.children() if c.status() != psutil.STATUS_ZOMBIE] if keeper else []
+    live = live_children(keeper) if keeper else []
     return live[0].pid if live else None
 
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from installer.cli import app
 from installer.commands import selftest as selftest_module
 from installer.sidecar_client import ChatReply
+from supervisors.process import live_children
 
 runner = CliRunner()
 
@@ -25,7 +26,7 @@ def temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _alive_children() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    return live_children(psutil.Process(), recursive=True)
 
 
 @pytest.mark.e2e
