@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["model_fixtures", "engine_support"]
+pytest_plugins = ["model_fixtures", "engine_support", "fake_launchctl"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import plistlib
 import stat
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fake_launchctl import UID, fail_next, launchctl_calls
 from typer.testing import CliRunner
 
 from common.receipt import new_receipt, write_receipt
@@ -17,86 +17,7 @@ from installer.cli import app
 from supervisors import LastExit, sidecar_command, supervisor_for_root
 from supervisors.launchd import LaunchctlError, LaunchdSupervisor, parse_last_exit, parse_print
 
-UID = 501
 runner = CliRunner()
-
-# The fake keeps which labels are loaded in a JSON state file, so `print` answers like launchd.
-FAKE_LAUNCHCTL = f"""#!{sys.executable}
-import json, os, plistlib, sys
-args = sys.argv[1:]
-with open(os.environ["FAKE_LAUNCHCTL_LOG"], "a") as log:
-    log.write(json.dumps(args) + "\\n")
-state_path = os.environ["FAKE_LAUNCHCTL_STATE"]
-state = json.load(open(state_path)) if os.path.exists(state_path) else {{"loaded": {{}}, "fail": {{}}}}
-def save():
-    json.dump(state, open(state_path, "w"))
-verb = args[0]
-label = args[-1].rsplit("/", 1)[-1]
-if verb in state["fail"]:
-    code, message = state["fail"].pop(verb)
-    if verb == "bootout" and code == 36:  # launchd keeps unloading in the background
-        state["unloading"] = {{label: 1}}
-    save()
-    sys.stderr.write(message + "\\n")
-    sys.exit(code)
-if verb == "print" and label in state.get("unloading", {{}}):
-    if state["unloading"][label] == 0:
-        del state["unloading"][label]
-        state["loaded"].pop(label, None)
-    else:
-        state["unloading"][label] -= 1
-    save()
-if verb == "bootstrap":
-    label = plistlib.load(open(args[2], "rb"))["Label"]
-    if label in state["loaded"]:
-        sys.stderr.write("Bootstrap failed: 5: Input/output error\\n"); sys.exit(5)
-    state["loaded"][label] = 4242
-elif verb == "bootout":
-    if state["loaded"].pop(label, None) is None:
-        sys.stderr.write("Boot-out failed: 3: No such process\\n"); sys.exit(3)
-elif verb in ("kickstart", "print") and label not in state["loaded"]:
-    sys.stderr.write(f"Could not find service {{label}} in domain for user gui: {UID}\\n")
-    sys.exit(113)
-elif verb == "print":
-    pid = state["loaded"][label]
-    print(f"gui/{UID}/{{label}} = {{{{")
-    print("\\tactive count = 1")
-    print("\\tstate = running")
-    print("\\tendpoints = {{")
-    print("\\t\\tstate = active")
-    print("\\t\\tpid = 1")
-    print("\\t}}")
-    print(f"\\tpid = {{pid}}")
-    print("\\tlast exit code = (never exited)")
-    print("}}")
-save()
-"""
-
-
-@pytest.fixture
-def fake_launchctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Put the fake `launchctl` first on PATH; returns the JSON-lines log of its calls."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "launchctl"
-    script.write_text(FAKE_LAUNCHCTL)
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    log = tmp_path / "launchctl.log"
-    monkeypatch.setenv("FAKE_LAUNCHCTL_LOG", str(log))
-    monkeypatch.setenv("FAKE_LAUNCHCTL_STATE", str(tmp_path / "launchctl.state"))
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    return log
-
-
-def _calls(log: Path) -> list[list[str]]:
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-
-
-def _fail_next(tmp_path: Path, verb: str, code: int, message: str) -> None:
-    state_path = tmp_path / "launchctl.state"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"loaded": {}, "fail": {}}
-    state["fail"][verb] = [code, message]
-    state_path.write_text(json.dumps(state))
 
 
 def _supervisor(tmp_path: Path) -> LaunchdSupervisor:
@@ -136,7 +57,7 @@ def test_start_runs_bootout_enable_bootstrap_kickstart_in_order(tmp_path: Path, 
     supervisor.install()
     supervisor.start()
     target = f"gui/{UID}/{supervisor.label}"
-    assert _calls(fake_launchctl) == [
+    assert launchctl_calls(fake_launchctl) == [
         ["print", target],  # start checks whether it already runs
         ["bootout", target],
         ["enable", target],
@@ -153,10 +74,10 @@ def test_start_is_a_no_op_when_running_and_restart_reloads(tmp_path: Path, fake_
     supervisor.start()  # installs the plist itself when missing
     fake_launchctl.unlink()
     supervisor.start()
-    assert [call[0] for call in _calls(fake_launchctl)] == ["print"]
+    assert [call[0] for call in launchctl_calls(fake_launchctl)] == ["print"]
     fake_launchctl.unlink()
     supervisor.restart()
-    assert [call[0] for call in _calls(fake_launchctl)] == ["bootout", "enable", "bootstrap", "kickstart"]
+    assert [call[0] for call in launchctl_calls(fake_launchctl)] == ["bootout", "enable", "bootstrap", "kickstart"]
 
 
 def test_stop_boots_out_and_disables(tmp_path: Path, fake_launchctl: Path) -> None:
@@ -165,7 +86,7 @@ def test_stop_boots_out_and_disables(tmp_path: Path, fake_launchctl: Path) -> No
     fake_launchctl.unlink()
     supervisor.stop()
     target = f"gui/{UID}/{supervisor.label}"
-    assert _calls(fake_launchctl) == [["bootout", target], ["disable", target]]
+    assert launchctl_calls(fake_launchctl) == [["bootout", target], ["disable", target]]
     assert supervisor.status().state == "stopped"
     assert supervisor.plist_path.exists()
 
@@ -176,24 +97,24 @@ def test_uninstall_removes_the_plist(tmp_path: Path, fake_launchctl: Path) -> No
     supervisor.uninstall()
     assert not supervisor.plist_path.exists()
     assert supervisor.status().state == "not-installed"
-    assert _calls(fake_launchctl)[-1] == ["bootout", f"gui/{UID}/{supervisor.label}"]
+    assert launchctl_calls(fake_launchctl)[-1] == ["bootout", f"gui/{UID}/{supervisor.label}"]
 
 
 def test_bootout_in_progress_waits_until_the_job_is_gone(tmp_path: Path, fake_launchctl: Path) -> None:
     supervisor = _supervisor(tmp_path)
     supervisor.start()
     fake_launchctl.unlink()
-    _fail_next(tmp_path, "bootout", 36, "Boot-out failed: 36: Operation now in progress")
+    fail_next(tmp_path, "bootout", 36, "Boot-out failed: 36: Operation now in progress")
     supervisor.restart()
     # The fake still shows the job to the first print after the 36, and not to the second.
-    verbs = [call[0] for call in _calls(fake_launchctl)]
+    verbs = [call[0] for call in launchctl_calls(fake_launchctl)]
     assert verbs == ["bootout", "print", "print", "enable", "bootstrap", "kickstart"]
     assert supervisor.status().state == "running"
 
 
 def test_a_failing_launchctl_call_raises_with_code_and_output(tmp_path: Path, fake_launchctl: Path) -> None:
     supervisor = _supervisor(tmp_path)
-    _fail_next(tmp_path, "bootstrap", 5, "Bootstrap failed: 5: Input/output error")
+    fail_next(tmp_path, "bootstrap", 5, "Bootstrap failed: 5: Input/output error")
     with pytest.raises(
         LaunchctlError, match="bootstrap .* failed with exit code 5: Bootstrap failed"
     ) as info:
@@ -252,4 +173,4 @@ def test_cli_commands_drive_launchd_from_the_receipt(
     assert stopped.exit_code == 0, stopped.output
     uninstalled = runner.invoke(app, ["uninstall", "--root", str(root)])
     assert uninstalled.exit_code == 0, uninstalled.output
-    assert ["bootout", supervisor.target] in _calls(fake_launchctl)
+    assert ["bootout", supervisor.target] in launchctl_calls(fake_launchctl)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_launchd import _calls, fake_launchctl  # noqa: F401 - the fixture is used by name
+from fake_launchctl import launchctl_calls
 from typer.testing import CliRunner
 
 from common.ports import free_port
@@ -31,7 +31,7 @@ def test_a_failed_start_boots_the_launchd_job_out(
     done = runner.invoke(app, ["start-sidecar", "--root", str(root), "--health-timeout", "1"])
     assert done.exit_code == 1
     assert "was not healthy within 1 s" in done.output and "nothing retries it in the background" in done.output
-    verbs = [call[0] for call in _calls(fake_launchctl)]
+    verbs = [call[0] for call in launchctl_calls(fake_launchctl)]
     assert verbs[-2:] == ["bootout", "disable"], verbs
     state = json.loads((tmp_path / "launchctl.state").read_text())
     assert state["loaded"] == {}
