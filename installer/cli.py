@@ -18,7 +18,16 @@ app = typer.Typer(
 )
 
 # Each command module exposes register(app); add new modules to this list.
-_COMMAND_MODULES: list[str] = ["serve", "doctor", "presets_cmd", "install", "control", "selftest", "provider_config", "eval_cmd"]
+_COMMAND_MODULES: list[str] = [
+    "serve",
+    "doctor",
+    "presets_cmd",
+    "install",
+    "control",
+    "selftest",
+    "provider_config",
+    "eval_cmd",
+]
 
 
 def _register_commands() -> None:

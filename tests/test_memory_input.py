@@ -76,7 +76,8 @@ def test_count_bound_keeps_the_first_items() -> None:
 
 
 def test_item_and_total_size_bounds() -> None:
-    parsed = parse_memory_input([["x" * (MAX_SNIPPET_CHARS * 3)] * 1 + [f"{i}" * MAX_SNIPPET_CHARS for i in range(9)]], None)
+    snippets = ["x" * (MAX_SNIPPET_CHARS * 3)] + [f"{i}" * MAX_SNIPPET_CHARS for i in range(9)]
+    parsed = parse_memory_input([snippets], None)
     sizes = [len(text) for text in parsed.texts]
     assert max(sizes) <= MAX_SNIPPET_CHARS
     assert sum(sizes) <= MAX_TOTAL_CHARS

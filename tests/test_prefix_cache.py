@@ -17,6 +17,7 @@ from sidecar.engine.engine import Engine
 from sidecar.engine.prompts import message_spans, render_prompt
 
 QUESTION = [("user", "what did we decide about the garden?")]
+ROSES = ("the garden needs roses",)
 
 
 def _answer(events: list[Any]) -> str:
@@ -29,15 +30,15 @@ def _states(engine: Engine, key: str) -> list[np.ndarray]:
 
 def test_a_new_session_starts_from_the_shared_system_prompt_and_matches_a_full_prefill(engine_factory) -> None:
     warm = engine_factory()
-    first = run(warm, job([("system", SYSTEM), *QUESTION], key="first", snippets=("the garden needs roses",)))
-    second = run(warm, job([("system", SYSTEM), *QUESTION], key="second", snippets=("the garden needs roses",), temperature=0.0))
+    first = run(warm, job([("system", SYSTEM), *QUESTION], key="first", snippets=ROSES))
+    second = run(warm, job([("system", SYSTEM), *QUESTION], key="second", snippets=ROSES, temperature=0.0))
     assert first[0].cached_tokens == 0
     boundary = warm.prefixes.stats()["tokens"]
     assert boundary > 0 and second[0].cached_tokens == boundary
     assert warm.prefixes.stats()["hits"] == 1
 
     cold = engine_factory(max_disk_bytes=0)  # same state dir: without its disk cache, nothing to start from
-    alone = run(cold, job([("system", SYSTEM), *QUESTION], key="second", snippets=("the garden needs roses",), temperature=0.0))
+    alone = run(cold, job([("system", SYSTEM), *QUESTION], key="second", snippets=ROSES, temperature=0.0))
     assert alone[0].cached_tokens == 0
     assert _answer(second) == _answer(alone)  # same logits, greedy decoding: same text
     for a, b in zip(_states(warm, "second"), _states(cold, "second")):

@@ -18,7 +18,13 @@ from sidecar.engine.write_plan import (
 from sidecar.sessions.state import Segment, SnippetWrite, common_prefix
 
 # system [0, 10), user [10, 16), assistant [16, 20), user [20, 25), generation prompt [25, 28)
-SPANS = [Span(0, 10, "system"), Span(10, 16, "user"), Span(16, 20, "assistant"), Span(20, 25, "user"), Span(25, 28, "assistant")]
+SPANS = [
+    Span(0, 10, "system"),
+    Span(10, 16, "user"),
+    Span(16, 20, "assistant"),
+    Span(20, 25, "user"),
+    Span(25, 28, "assistant"),
+]
 
 
 def _write(offset: int) -> SnippetWrite:

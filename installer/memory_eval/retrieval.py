@@ -95,7 +95,8 @@ class QmdRetriever:
         from sidecar.server.qmd import qmd_lookup
 
         result = asyncio.run(qmd_lookup(replace(self._settings, limit=k), query))
-        snippets = _distinct((Snippet(item.text, item.source or "qmd", item.score or 0.0) for item in result.snippets), k)
+        found = (Snippet(item.text, item.source or "qmd", item.score or 0.0) for item in result.snippets)
+        snippets = _distinct(found, k)
         return Retrieved(snippets, None if snippets else result.reason)
 
 

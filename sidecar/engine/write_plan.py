@@ -51,7 +51,9 @@ def plan_writes(policy: WritePolicy, spans: Sequence[Span], start: int, end: int
         return segments
     ids = message_ids(spans, start, end)
     return [
-        Segment(seg.start, seg.end, "messages", ids[seg.start - start : seg.end - start]) if seg.kind == "write" else seg
+        Segment(seg.start, seg.end, "messages", ids[seg.start - start : seg.end - start])
+        if seg.kind == "write"
+        else seg
         for seg in segments
     ]
 

@@ -147,4 +147,5 @@ def _bound(snippets: list[MemorySnippet], parsed: ParsedMemory) -> None:
         total += len(text)
         parsed.snippets.append(MemorySnippet(text, snippet.source, snippet.score))
     if cut:
-        parsed.problems.append(f"{cut} snippet(s) cut to fit {MAX_SNIPPET_CHARS} characters each, {MAX_TOTAL_CHARS} in all")
+        limits = f"{MAX_SNIPPET_CHARS} characters each, {MAX_TOTAL_CHARS} in all"
+        parsed.problems.append(f"{cut} snippet(s) cut to fit {limits}")
