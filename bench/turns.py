@@ -83,7 +83,7 @@ def _take(tokens: int) -> dict[str, Any]:
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache
 
-    from sidecar.delta.cache_chunks import cache_chunk
+    from sidecar.delta.cache_chunks import CacheLayout, cache_chunk, kv_layout
     from sidecar.kvcache import disk_files
 
     cache = [KVCache() for _ in range(QWEN3_4B_LAYERS)]
@@ -104,10 +104,13 @@ def _take(tokens: int) -> dict[str, Any]:
     take_s = time.perf_counter() - began
     megabytes = sum(array.nbytes for _, array in host.arrays.values()) / 1e6
     began = time.perf_counter()
-    encoder = threading.Thread(target=disk_files.encode_chunk, args=(host, list(range(tokens)), "bench"))
+    encoded: list[bytearray] = []
+    ids = list(range(cache[0].offset))  # the session's tokens and the step's
+    encoder = threading.Thread(target=lambda c: encoded.append(disk_files.encode_chunk(c, ids, "bench")), args=(host,))
     encoder.start()
     encoder.join()
     encode_s = time.perf_counter() - began
+    restore = _restore(bytes(encoded.pop()), CacheLayout(kv_layout(cache_chunk(cache, 0)), (None,) * len(cache)))
     chunk = cache_chunk(cache, 0)
     began = time.perf_counter()
     buffer = io.BytesIO()
@@ -134,6 +137,35 @@ def _take(tokens: int) -> dict[str, Any]:
         "step_while_held_extra_mb": round(max(0, held_extra) / 1e6, 1),
         "step_released_ms": round(released_s * 1e3, 1),
         "step_released_extra_mb": round(max(0, released_extra) / 1e6, 1),
+        **restore,
+    }
+
+
+def _restore(data: bytes, layout: Any) -> dict[str, float]:
+    """Reading the chunk back into a new cache: the reader thread's parse, then what the generation
+    thread does (views, checks, filling the cache), against MLX's safetensors reader there (before)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    from sidecar.delta.cache_chunks import fill_cache
+    from sidecar.kvcache import disk_files
+
+    parsed: list[Any] = []
+    began = time.perf_counter()
+    reader = threading.Thread(target=lambda: parsed.append(disk_files.parse_chunk(data, "bench", "bench")))
+    reader.start()
+    reader.join()
+    parse_s = time.perf_counter() - began
+    began = time.perf_counter()
+    fill_cache([KVCache() for _ in layout.states], [disk_files.decode_chunk(parsed.pop(), "bench", layout)])
+    restore_s = time.perf_counter() - began
+    began = time.perf_counter()
+    mx.eval(list(mx.load(io.BytesIO(data), format="safetensors").values()))
+    mlx_load_s = time.perf_counter() - began
+    return {
+        "reader_thread_parse_ms": round(parse_s * 1e3, 1),
+        "generation_thread_restore_ms": round(restore_s * 1e3, 2),
+        "mlx_load_ms": round(mlx_load_s * 1e3, 1),
     }
 
 

@@ -1,5 +1,6 @@
 """The disk cache's writer and its checks, through the engine: a turn's chunks are encoded off the
-generation thread (and read back by MLX as they were, in every dtype a cache holds), a restore rejects
+generation thread (and read back as they were, by MLX and by the reader thread's parser, in every dtype
+a cache holds; a file that lies about its arrays is refused), a restore rejects
 a chunk whose memory writes differ from the session's history, files are the owner's only, a full
 write queue defers a turn to the next one without holding up any answer, and shutdown waits for the
 queued chunks.
@@ -16,6 +17,7 @@ import json
 import logging
 import queue
 import stat
+import struct
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,7 +31,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from server_process import wait_until
 from test_kv_disk import TURNS, answer, replayed, start, stop
 
-from sidecar.delta.cache_chunks import cache_chunk
+from sidecar.delta.cache_chunks import CacheLayout, cache_chunk, kv_layout
 from sidecar.engine import decoding
 from sidecar.engine.engine import Engine
 from sidecar.engine.interface import ChatJob, Finished
@@ -125,6 +127,57 @@ def test_an_encoded_chunk_reads_back_as_the_caches_arrays(dtype: mx.Dtype, bits:
     for name, array in chunk.arrays.items():
         assert arrays[name].dtype == array.dtype and arrays[name].shape == array.shape
         assert mx.array_equal(arrays[name], array).item(), name
+    # The sidecar's own reader: parsed on another thread (as the reader thread does), viewed here.
+    parsed: dict[str, disk_files.ParsedChunk] = {}
+    reader = threading.Thread(target=lambda: parsed.update(p=disk_files.parse_chunk(bytes(encoded), "1", "model-a")))
+    reader.start()
+    reader.join()
+    assert parsed["p"].tokens == list(range(30, 75)) and (parsed["p"].start, parsed["p"].end) == (30, 75)
+    layout = CacheLayout(kv_layout(chunk), (None, None))
+    decoded = disk_files.decode_chunk(parsed["p"], "1", layout)
+    for name, array in chunk.arrays.items():
+        assert decoded.arrays[name].dtype == array.dtype and mx.array_equal(decoded.arrays[name], array).item(), name
+
+
+def _chunk_bytes(header: dict[str, Any], payload: bytes = bytes(8)) -> bytes:
+    head = json.dumps(header).encode()
+    return struct.pack("<Q", len(head)) + head + payload
+
+
+_METADATA = {"format": "1", "fingerprint": "model-a", "start": "0", "end": "2", "records": "[]"}
+_TOKENS = {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}
+
+
+def _lying(tokens: dict[str, Any] | None = None, metadata: dict[str, Any] | None = None) -> bytes:
+    return _chunk_bytes({"__metadata__": {**_METADATA, **(metadata or {})}, "tokens": {**_TOKENS, **(tokens or {})}})
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(struct.pack("<Q", 1 << 40) + b"{}", id="header-past-the-end"),
+        pytest.param(b"\x01\x02", id="shorter-than-its-size-field"),
+        pytest.param(struct.pack("<Q", 5) + b"{not}" + bytes(8), id="header-not-json"),
+        pytest.param(_chunk_bytes({"tokens": _TOKENS}), id="no-metadata"),
+        pytest.param(_lying(tokens={"dtype": "F64"}), id="dtype"),
+        pytest.param(_lying(tokens={"data_offsets": [0, 80]}), id="offsets-past-the-end"),
+        pytest.param(_lying(tokens={"shape": [3]}), id="shape-not-its-bytes"),
+        pytest.param(_lying(tokens={"shape": [-2]}), id="negative-shape"),
+        pytest.param(_lying(tokens={"shape": [1, 2]}), id="tokens-not-a-list"),
+        pytest.param(_lying(metadata={"end": "3"}), id="token-count"),
+        pytest.param(_lying(metadata={"records": "{}"}), id="records"),
+    ],
+)
+def test_a_chunk_file_that_lies_about_its_arrays_is_refused(data: bytes) -> None:
+    with pytest.raises(disk_files.KvFileError):
+        disk_files.parse_chunk(data, "1", "model-a")
+
+
+def test_a_well_formed_chunk_file_of_another_model_is_refused() -> None:
+    data = _chunk_bytes({"__metadata__": _METADATA, "tokens": _TOKENS}, struct.pack("<2i", 7, 8))
+    assert disk_files.parse_chunk(data, "1", "model-a").tokens == [7, 8]
+    with pytest.raises(disk_files.KvFileError, match="another model"):
+        disk_files.parse_chunk(data, "1", "model-b")
 
 
 def test_a_chunk_whose_memory_writes_differ_from_the_history_is_not_restored(

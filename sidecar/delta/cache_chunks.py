@@ -71,10 +71,13 @@ _KV_NAME = re.compile(r"[kv](\d+)\.(\d+)")
 def cache_layout(model: Any, cache: list[Any]) -> CacheLayout:
     """The layout of `model`'s caches, read off a one-token pass over `cache` (a new one, thrown away)."""
     model(mx.array([[0]]), cache=cache)
-    chunk = cache_chunk(cache, 0)
-    kv = {name: (_bar_tokens(a.shape), a.dtype) for name, a in chunk.arrays.items() if _KV_NAME.fullmatch(name)}
     states = tuple(layer.record.state_shape if isinstance(layer, DeltaLayerCache) else None for layer in cache)
-    return CacheLayout(kv, states)
+    return CacheLayout(kv_layout(cache_chunk(cache, 0)), states)
+
+
+def kv_layout(chunk: CacheChunk) -> dict[str, tuple[tuple[int, ...], mx.Dtype]]:
+    """Each of the chunk's K/V arrays: its shape without the token axis, and its dtype."""
+    return {name: (_bar_tokens(a.shape), a.dtype) for name, a in chunk.arrays.items() if _KV_NAME.fullmatch(name)}
 
 
 def check_chunk(chunk: CacheChunk, layout: CacheLayout) -> None:

@@ -29,8 +29,10 @@ from sidecar.delta.cache_chunks import CacheChunk, CacheLayout, fill_cache
 from sidecar.kvcache.disk_files import (
     KvFileError,
     KvReadError,
+    ParsedChunk,
     PrefixRecord,
     decode_chunk,
+    parse_chunk,
     read_chunk_bytes,
     tokens_digest,
 )
@@ -78,7 +80,7 @@ class PrefixRead:
 
     length: int
     tokens: list[int]
-    pending: PendingRead[bytes]
+    pending: PendingRead[ParsedChunk]
 
 
 def until_read(read: SessionRead | PrefixRead | None) -> Generator[None, None, None]:
@@ -147,13 +149,14 @@ class KvDisk:
             files = self._ended(read.pending)
             if files.read_error is not None:
                 self._read_failed(files.read_error, stalled=False)
-            loaded = sum(1 for c in files.chunks if c.entry.prefix is not None and c.data is not None)
+            loaded = sum(1 for c in files.chunks if c.entry.prefix is not None and c.parsed is not None)
             self.counters.add(prefix_loads=loaded)
-            chunks, reason, prefix_read = check_chunks(files, history, read.held, self._fingerprint(), self.layout)
+            chunks, reason, prefix_read = check_chunks(files, history, read.held, self.layout)
             # A shared prefix the files start with, whole (held in memory, or read with them): the
             # new cache may reference it instead of holding a copy.
             first = files.chunks[0] if chunks else None
-            held = chunks[0] if first is not None and first.data is None and chunks[0].end == first.entry.end else None
+            whole = first is not None and first.parsed is None and chunks[0].end == first.entry.end
+            held = chunks[0] if whole else None
             cache, length = new_cache(prefix_read or held), 0
             if chunks:
                 fill_cache(cache, chunks)
@@ -178,23 +181,24 @@ class KvDisk:
             record = self.index.touch_prefix(found[0]) if found is not None else None
         if found is None:
             return None
-        prefix_id = found[0]
+        prefix_id, fingerprint = found[0], self._fingerprint()
         path = self.folders.prefix_file(prefix_id)
 
-        def read() -> bytes:
+        def read() -> ParsedChunk:
             if not self.writer.wait(prefix_id, PENDING_WAIT_S):
                 raise KvFileError("its write did not end in time")
             written = record or self._written_prefix(prefix_id)
-            return read_chunk_bytes(path, written.sha256, written.nbytes)
+            data = read_chunk_bytes(path, written.sha256, written.nbytes)
+            return parse_chunk(data, "of a shared prefix", fingerprint)
 
         return PrefixRead(found[1].length, tokens[: found[1].length], self.reader.read(read))
 
     def load_prefix(self, read: PrefixRead, new_cache: NewCache) -> tuple[int, list[Any]] | None:
         """The shared prefix's cache once its read has ended, or None (logged)."""
         try:
-            data = self._ended(read.pending)
-            chunk, stored = decode_chunk(data, "of a shared prefix", self._fingerprint(), self.layout)
-            if stored != read.tokens or chunk.start != 0 or chunk.end != read.length:
+            parsed = self._ended(read.pending)
+            chunk = decode_chunk(parsed, "of a shared prefix", self.layout)
+            if parsed.tokens != read.tokens or chunk.start != 0 or chunk.end != read.length:
                 raise KvFileError("it holds other tokens than its record")
             cache = new_cache()
             fill_cache(cache, [chunk])

@@ -2,8 +2,9 @@
 
 A chunk file holds one `CacheChunk` (see sidecar/delta/cache_chunks.py) and the token ids it
 covers; its metadata names the fingerprint it was written under. It is encoded with numpy from views
-of MLX's buffers (`chunk_on_host`, then `encode_chunk` on another thread) and read back with MLX's
-safetensors reader. Files are written to a temporary name, fsynced and renamed, so a reader sees a
+of MLX's buffers (`chunk_on_host`, then `encode_chunk` on another thread) and read back the same
+way round: parsed with numpy on the reader thread (`parse_chunk`), viewed and checked on the
+generation thread (`decode_chunk`). Files are written to a temporary name, fsynced and renamed, so a reader sees a
 whole file or none; a manifest names each chunk with its size and sha256, so a truncated or damaged
 chunk is seen before MLX reads it, and its arrays are checked against the model's cache layout
 before they are used. Every field read from disk is checked (sizes never negative, token ranges in
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import math
 import re
@@ -112,6 +112,18 @@ _SAFETENSORS_DTYPES: dict[mx.Dtype, tuple[str, mx.Dtype]] = {
 }
 
 
+# Each safetensors dtype read back: the numpy dtype its bits are read as on the host (little-endian, as
+# written), and the MLX dtype they are viewed as.
+_HOST_DTYPES: dict[str, np.dtype[Any]] = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"),
+}
+_MLX_DTYPES: dict[str, mx.Dtype] = {kind: dtype for dtype, (kind, _) in _SAFETENSORS_DTYPES.items()}
+
+
 @dataclass(frozen=True)
 class HostChunk:
     """A chunk whose arrays are numpy views of MLX's evaluated buffers, each with its safetensors dtype:
@@ -182,32 +194,75 @@ def read_chunk_bytes(path: Path, sha256: str, nbytes: int) -> bytes:
     return data
 
 
-def decode_chunk(data: bytes, name: str, fingerprint: str, layout: CacheLayout) -> tuple[CacheChunk, list[int]]:
-    """A chunk and its token ids from checked bytes, its arrays checked against the model's cache
-    layout (on the generation thread: MLX work stays there); raises KvFileError."""
+@dataclass(frozen=True)
+class ParsedChunk:
+    """A chunk file's contents, parsed on the reader thread: each array's bits already in an MLX array
+    (with its safetensors dtype), its token ids and metadata."""
+
+    start: int
+    end: int
+    arrays: dict[str, tuple[str, mx.array]]
+    records: list[Any]
+    tokens: list[int]
+
+
+def parse_chunk(data: bytes, name: str, fingerprint: str) -> ParsedChunk:
+    """A chunk from checked bytes, parsed with numpy and its arrays' bits copied into MLX arrays (on the
+    reader thread: an array built from host memory is evaluated already, so nothing of MLX's streams
+    is involved, and the copy leaves the generation thread); raises KvFileError."""
     try:
-        arrays, metadata = mx.load(io.BytesIO(data), format="safetensors", return_metadata=True)
+        (head_size,) = struct.unpack_from("<Q", data, 0)
+        if head_size > MAX_JSON_BYTES or 8 + head_size > len(data):
+            raise ValueError(f"its header of {head_size} bytes overruns the file")
+        header = _of_type(json.loads(data[8 : 8 + head_size]), dict)
+        metadata = _of_type(header.pop("__metadata__"), dict)
+        host = {key: _host_array(data, 8 + head_size, key, spec) for key, spec in header.items()}
+        kind, tokens_array = host.pop("tokens")
+        if kind != "I32" or tokens_array.ndim != 1:
+            raise ValueError(f"its token ids are {kind} {tokens_array.shape}")
         records = json.loads(metadata["records"])
         start, end = int(metadata["start"]), int(metadata["end"])
         written_under = metadata["fingerprint"]
-        tokens_array = arrays.pop("tokens")
-        if tokens_array.ndim != 1 or tokens_array.dtype != mx.int32:
-            raise ValueError(f"its token ids are {tokens_array.dtype} {tokens_array.shape}")
-        tokens = np.array(tokens_array).tolist()
-    except (ValueError, KeyError, RuntimeError, TypeError, json.JSONDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, struct.error) as exc:  # JSONDecodeError is a ValueError
         raise KvFileError(f"chunk {name} cannot be decoded: {exc}") from exc
     if written_under != fingerprint:
         raise KvFileError(f"chunk {name} was written for another model, adapter or KV format")
-    if not 0 <= start < end or len(tokens) != end - start:
-        raise KvFileError(f"chunk {name} holds {len(tokens)} tokens, not [{start}, {end})")
+    if not 0 <= start < end or len(tokens_array) != end - start:
+        raise KvFileError(f"chunk {name} holds {len(tokens_array)} tokens, not [{start}, {end})")
     if not isinstance(records, list):
         raise KvFileError(f"chunk {name} cannot be decoded: its δ records are not a list")
-    chunk = CacheChunk(start, end, arrays, records)
+    arrays = {key: (kind, mx.array(bits)) for key, (kind, bits) in host.items()}
+    return ParsedChunk(start, end, arrays, records, tokens_array.tolist())
+
+
+def decode_chunk(parsed: ParsedChunk, name: str, layout: CacheLayout) -> CacheChunk:
+    """The parsed chunk's arrays viewed as their dtypes (no copy) and checked against the model's cache
+    layout (on the generation thread, where the views are evaluated); raises KvFileError."""
+    arrays = {key: _as_dtype(bits, _MLX_DTYPES[kind]) for key, (kind, bits) in parsed.arrays.items()}
+    chunk = CacheChunk(parsed.start, parsed.end, arrays, parsed.records)
     try:
         check_chunk(chunk, layout)
     except ValueError as exc:
         raise KvFileError(f"chunk {name} does not fit this model's cache: {exc}") from None
-    return chunk, tokens
+    return chunk
+
+
+def _as_dtype(bits: mx.array, dtype: mx.Dtype) -> mx.array:
+    return bits if bits.dtype == dtype else bits.view(dtype)
+
+
+def _host_array(data: bytes, base: int, key: str, spec: Any) -> tuple[str, np.ndarray]:
+    """One array of a safetensors file as a numpy view of its bits; raises ValueError unless it fits."""
+    kind, shape, (begin, stop) = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if kind not in _HOST_DTYPES:
+        raise ValueError(f"{key} is {kind}: not a dtype the disk cache stores")
+    if not all(isinstance(n, int) and n >= 0 for n in [*shape, begin, stop]):
+        raise ValueError(f"{key} has a malformed shape or offsets")
+    dtype = _HOST_DTYPES[kind]
+    count = math.prod(shape)
+    if not begin <= stop <= len(data) - base or stop - begin != count * dtype.itemsize:
+        raise ValueError(f"{key}'s {count} values do not fit its offsets [{begin}, {stop})")
+    return kind, np.frombuffer(data, dtype, count, base + begin).reshape(shape)
 
 
 def write_chunk_file(path: Path, data: bytes | bytearray) -> str:

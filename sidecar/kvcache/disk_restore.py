@@ -2,12 +2,12 @@
 
 On the reader thread (`read_session_files`): wait for the session's queued writes (they hold its
 newest turns), read its manifest and, in order, each chunk file it names, each checked against its
-size and sha256; stop at the first that fails. On the generation thread (`check_chunks`): decode
-them, check each against the model's cache layout; use each as far as its token ids and memory
-writes agree with the session's history (a session's files may be a turn behind it: a kill between
-its save and its chunk write, a failed write), and stop there or at the first that fails. Whatever
-stopped it is logged: the engine replays from there, so a bad file costs time, never a wrong answer
-or a failed request.
+size and sha256 and parsed into MLX arrays; stop at the first that fails. On the generation thread
+(`check_chunks`): view them as their dtypes, check each against the model's cache layout; use each
+as far as its token ids and memory writes agree with the session's history (a session's files may
+be a turn behind it: a kill between its save and its chunk write, a failed write), and stop there
+or at the first that fails. Whatever stopped it is logged: the engine replays from there, so a bad
+file costs time, never a wrong answer or a failed request.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from sidecar.kvcache.disk_files import (
     ChunkEntry,
     KvFileError,
     KvReadError,
+    ParsedChunk,
     decode_chunk,
+    parse_chunk,
     read_chunk_bytes,
     read_manifest,
 )
@@ -38,10 +40,10 @@ ANOTHER_MODEL = "written for another model, adapter or KV format"
 
 @dataclass(frozen=True)
 class ReadChunk:
-    """A chunk entry and its file's checked bytes (None: a shared prefix held in memory)."""
+    """A chunk entry and its file's checked and parsed contents (None: a shared prefix held in memory)."""
 
     entry: ChunkEntry
-    data: bytes | None
+    parsed: ParsedChunk | None
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def read_session_files(
         if entry.start >= wanted:
             break
         try:
-            chunks.append(ReadChunk(entry, _read_entry(layout, index, folder, entry, held)))
+            chunks.append(ReadChunk(entry, _read_entry(layout, index, folder, entry, held, fingerprint)))
         except KvReadError as exc:
             return SessionFiles(chunks, str(exc), read_error=str(exc))
         except KvFileError as exc:
@@ -84,21 +86,23 @@ def read_session_files(
 
 
 def _read_entry(
-    layout: DiskLayout, index: DiskIndex, folder: Path, entry: ChunkEntry, held: frozenset[str]
-) -> bytes | None:
+    layout: DiskLayout, index: DiskIndex, folder: Path, entry: ChunkEntry, held: frozenset[str], fingerprint: str
+) -> ParsedChunk | None:
     if entry.prefix is None:
-        return read_chunk_bytes(folder / (entry.file or ""), entry.sha256 or "", entry.nbytes)
+        data = read_chunk_bytes(folder / (entry.file or ""), entry.sha256 or "", entry.nbytes)
+        return parse_chunk(data, entry.file or "", fingerprint)
     if entry.prefix in held:
         return None
     with index.lock:
         record = index.touch_prefix(entry.prefix)
     if record is None:
         raise KvFileError(f"shared prefix {entry.prefix[:12]} is no longer on disk")
-    return read_chunk_bytes(layout.prefix_file(entry.prefix), record.sha256, record.nbytes)
+    data = read_chunk_bytes(layout.prefix_file(entry.prefix), record.sha256, record.nbytes)
+    return parse_chunk(data, f"of prefix {entry.prefix}", fingerprint)
 
 
 def check_chunks(
-    files: SessionFiles, history: History, held: dict[str, list[Any]], fingerprint: str, layout: CacheLayout
+    files: SessionFiles, history: History, held: dict[str, list[Any]], layout: CacheLayout
 ) -> tuple[list[CacheChunk], str | None, CacheChunk | None]:
     """The chunks that match the history, in order (on the generation thread); why they stop before its
     end; the shared prefix, if it was read from disk whole (worth keeping in memory)."""
@@ -108,10 +112,11 @@ def check_chunks(
         entry = read.entry
         end = min(entry.end, len(history.tokens))
         try:
-            if read.data is None:
+            if read.parsed is None:
                 chunk, stored = cache_chunk(held[entry.prefix or ""], 0), list(history.tokens[: entry.end])
             else:
-                chunk, stored = decode_chunk(read.data, entry.file or f"of prefix {entry.prefix}", fingerprint, layout)
+                chunk = decode_chunk(read.parsed, entry.file or f"of prefix {entry.prefix}", layout)
+                stored = read.parsed.tokens
             if chunk.start != entry.start or chunk.end < end:
                 raise KvFileError(f"chunk at token {entry.start} holds tokens [{chunk.start}, {chunk.end}) only")
         except KvFileError as exc:
@@ -122,7 +127,7 @@ def check_chunks(
         if differs is not None:
             reason = f"chunk at token {entry.start} holds other {differs} than the history from token {agreed}"
             return chunks, reason, prefix_read
-        if entry.prefix is not None and read.data is not None and end == entry.end == chunk.end:
+        if entry.prefix is not None and read.parsed is not None and end == entry.end == chunk.end:
             prefix_read = chunk
     if files.reason is not None:
         return chunks, files.reason, prefix_read
