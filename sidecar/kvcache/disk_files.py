@@ -4,12 +4,12 @@ A chunk file holds one `CacheChunk` (see sidecar/delta/cache_chunks.py) and the 
 covers; its metadata names the fingerprint it was written under. It is encoded with numpy from views
 of MLX's buffers (`chunk_on_host`, then `encode_chunk` on another thread) and read back the same
 way round: parsed with numpy on the reader thread (`parse_chunk`), viewed and checked on the
-generation thread (`decode_chunk`). Files are written to a temporary name, fsynced and renamed, so a reader sees a
-whole file or none; a manifest names each chunk with its size and sha256, so a truncated or damaged
-chunk is seen before MLX reads it, and its arrays are checked against the model's cache layout
-before they are used. Every field read from disk is checked (sizes never negative, token ranges in
-order and contiguous, plain file names, hex ids); files are read only if they are regular files,
-never through a link. Never pickle.
+generation thread (`decode_chunk`). Files are written to a temporary name, fsynced and renamed, so a
+reader sees a whole file or none; a manifest names each chunk with its size and sha256, so a
+truncated or damaged chunk is seen before it is parsed, and its arrays are checked against the
+model's cache layout before they are used. Every field read from disk is checked (sizes never
+negative, token ranges in order and contiguous, plain file names, hex ids); files are read only if
+they are regular files, never through a link. Never pickle.
 """
 
 from __future__ import annotations
