@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import stat
 import sys
 from pathlib import Path
 
 import pytest
+from fake_commands import command_on_path
 
 UID = 501
 
@@ -68,15 +67,10 @@ save()
 @pytest.fixture
 def fake_launchctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Put the fake `launchctl` first on PATH; returns the JSON-lines log of its calls."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "launchctl"
-    script.write_text(FAKE_LAUNCHCTL)
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    command_on_path(monkeypatch, tmp_path / "bin", "launchctl", FAKE_LAUNCHCTL)
     log = tmp_path / "launchctl.log"
     monkeypatch.setenv("FAKE_LAUNCHCTL_LOG", str(log))
     monkeypatch.setenv("FAKE_LAUNCHCTL_STATE", str(tmp_path / "launchctl.state"))
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return log
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from fake_commands import command_on_path
 from typer.testing import CliRunner
 
 from common.layout import RootLayout
@@ -196,12 +196,7 @@ def test_start_sidecar_qmd_and_batching_flags_update_the_settings(
     root: Path, tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _ok(_install(root, tiny))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    qmd = bin_dir / "qmd"
-    qmd.write_text("#!/bin/sh\necho '[]'\n")
-    qmd.chmod(qmd.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    qmd = command_on_path(monkeypatch, tmp_path / "bin", "qmd", "#!/bin/sh\necho '[]'\n")
     args = ["start-sidecar", "--root", str(root), "--attention-state-source", "qmd", "--qmd-mode", "search"]
     batching = ["--max-batch", "4", "--prefill-chunk", "128", "--no-share-prefix"]
     _ok([*args, "--qmd-limit", "3", "--qmd-timeout", "2.5", *batching, "--health-timeout", "120"])

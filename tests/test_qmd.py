@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from fake_commands import command_on_path
 
 from common.settings import QmdSettings
 from sidecar.server.qmd import MAX_OUTPUT_BYTES, QmdResult, qmd_argv, qmd_lookup, qmd_query, strip_hunk_header
@@ -45,13 +45,8 @@ elif behaviour == "megabytes":
 @pytest.fixture
 def fake_qmd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A `qmd` on PATH; returns the file where each call's argv is logged as a JSON line."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "qmd"
-    script.write_text(FAKE_QMD, encoding="utf-8")
-    script.chmod(0o755)
+    command_on_path(monkeypatch, tmp_path / "bin", "qmd", FAKE_QMD)
     log = tmp_path / "qmd-argv.jsonl"
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_QMD_LOG", str(log))
     return log
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -12,6 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from fake_commands import command_on_path
 
 import supervisors
 from supervisors import (
@@ -180,14 +179,9 @@ if "show" in sys.argv:
 
 @pytest.fixture
 def fake_systemctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "systemctl"
-    script.write_text(FAKE_SYSTEMCTL)
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    command_on_path(monkeypatch, tmp_path / "bin", "systemctl", FAKE_SYSTEMCTL)
     log = tmp_path / "systemctl.log"
     monkeypatch.setenv("FAKE_SYSTEMCTL_LOG", str(log))
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     return log
 
 
